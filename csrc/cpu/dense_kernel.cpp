@@ -1,0 +1,563 @@
+// CPU kernels for the dense op family: the largest singular value of each matrix in a batch by
+// Lanczos on WᵀW, warm-startable power iteration, and the certified bracket.
+//
+// Shapes: W (..., m, n) is flattened to B = prod(...) matrices; vectors are (B, n) or (B, m).
+// Parallel axis: the batch (at::parallel_for, one matrix per task) when there are at least as many
+// matrices as threads or the matrices are small; otherwise the rows of each matrix, with one
+// accumulation buffer per thread reduced after each pass.
+// Memory: every product with WᵀW is ONE pass over W, row by row (s_i = w_i·x, then y += s_i w_i,
+// four rows at a time so that the loads of x and of y are shared), so an iteration reads W once
+// instead of twice as W x followed by Wᵀ(W x) would.
+// Numerical contract: sigma = ‖W v‖ for the returned unit v, so it never exceeds sigma_max beyond
+// rounding; rel_err bounds |sigma - sigma_max| / sigma once the iteration has found the top
+// eigenvalue (residual bound for Lanczos); half types are computed in float32.
+#include "dense.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+// Compile the hot loops twice, for AVX2+FMA (x86-64-v3) and for the baseline, and let the CPU pick
+// at load time: a plain -O3 build on x86-64 emits SSE2 only, which halves the throughput of the
+// fused pass.  No -march=native: the wheel must run on any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LIPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LIPFAST_SIMD_CLONES
+#endif
+
+namespace lipfast {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Vector kernels.  The bodies are templates; the entry points below are non-template overloads so
+// that each can carry target_clones.
+
+// acc += sum over `rows` rows w_i of (w_i · x) w_i.
+template <typename T>
+inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
+                                                          const T* __restrict__ x, T* __restrict__ acc) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const T* __restrict__ w0 = W + i * n;
+    const T* __restrict__ w1 = w0 + n;
+    const T* __restrict__ w2 = w1 + n;
+    const T* __restrict__ w3 = w2 + n;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = 0; j < n; ++j) {
+      const T xj = x[j];
+      s0 += w0[j] * xj;
+      s1 += w1[j] * xj;
+      s2 += w2[j] * xj;
+      s3 += w3[j] * xj;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
+  }
+  for (; i < rows; ++i) {
+    const T* __restrict__ w0 = W + i * n;
+    T s0 = 0;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
+  }
+}
+
+// y_i = w_i · x for `rows` rows.
+template <typename T>
+inline __attribute__((always_inline)) void matvec_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
+                                                            const T* __restrict__ x, T* __restrict__ y) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict__ w = W + i * n;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += w[j] * x[j];
+    y[i] = s;
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) double dot_body(const T* __restrict__ a, const T* __restrict__ b,
+                                                      int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+  return s;
+}
+
+// y += a x
+template <typename T>
+inline __attribute__((always_inline)) void axpy_body(double a, const T* __restrict__ x, T* __restrict__ y,
+                                                     int64_t n) {
+  const T at = static_cast<T>(a);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += at * x[j];
+}
+
+#define LIPFAST_VECTOR_KERNELS(T)                                                                    \
+  LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc) {     \
+    gram_rows_body<T>(W, n, rows, x, acc);                                                          \
+  }                                                                                                  \
+  LIPFAST_SIMD_CLONES void matvec_rows(const T* W, int64_t n, int64_t rows, const T* x, T* y) {     \
+    matvec_rows_body<T>(W, n, rows, x, y);                                                          \
+  }                                                                                                  \
+  LIPFAST_SIMD_CLONES double dot(const T* a, const T* b, int64_t n) { return dot_body<T>(a, b, n); } \
+  LIPFAST_SIMD_CLONES void axpy(double a, const T* x, T* y, int64_t n) { axpy_body<T>(a, x, y, n); }
+
+LIPFAST_VECTOR_KERNELS(float)
+LIPFAST_VECTOR_KERNELS(double)
+#undef LIPFAST_VECTOR_KERNELS
+
+template <typename T>
+double norm(const T* a, int64_t n) {
+  return std::sqrt(dot(a, a, n));
+}
+
+template <typename T>
+void scale(T* a, double c, int64_t n) {
+  const T ct = static_cast<T>(c);
+  for (int64_t j = 0; j < n; ++j) a[j] *= ct;
+}
+
+// The fixed pseudo-random start vector (splitmix64, entries uniform in [-1, 1)): deterministic, and
+// with probability one not orthogonal to the top singular vector.
+template <typename T>
+void default_start_vector(T* v, int64_t n) {
+  uint64_t state = 0x6c69706661737401ULL;
+  for (int64_t j = 0; j < n; ++j) {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    v[j] = static_cast<T>(static_cast<double>(z >> 11) * 0x1p-52 - 1.0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Applying WᵀW: serially (one matrix per task) or split over the rows of one large matrix.
+
+template <typename T>
+struct SerialGram {
+  const T* W;
+  int64_t m, n;
+  void operator()(const T* x, T* y) const {
+    std::fill(y, y + n, T(0));
+    gram_rows(W, n, m, x, y);
+  }
+  void matvec(const T* x, T* y) const { matvec_rows(W, n, m, x, y); }
+};
+
+template <typename T>
+struct RowParallelGram {
+  const T* W;
+  int64_t m, n;
+  int64_t chunks;
+  mutable std::vector<T> partial;  // chunks x n accumulators, one per row block
+
+  RowParallelGram(const T* W_, int64_t m_, int64_t n_) : W(W_), m(m_), n(n_) {
+    chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / 4));
+    partial.resize(chunks * n);
+  }
+  void operator()(const T* x, T* y) const {
+    T* buffers = partial.data();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
+        T* acc = buffers + c * n;
+        std::fill(acc, acc + n, T(0));
+        gram_rows(W + r0 * n, n, r1 - r0, x, acc);
+      }
+    });
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        T s = 0;
+        for (int64_t c = 0; c < chunks; ++c) s += buffers[c * n + j];
+        y[j] = s;
+      }
+    });
+  }
+  void matvec(const T* x, T* y) const {
+    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / n), [&](int64_t begin, int64_t end) {
+      matvec_rows(W + begin * n, n, end - begin, x, y + begin);
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The largest eigenpair of a symmetric tridiagonal matrix T_k (diagonal a[0..k), off-diagonal
+// b[0..k-1)): eigenvalue by bisection on Sturm counts, eigenvector by two steps of inverse
+// iteration (tridiagonal LU with partial pivoting).  O(k) per bisection step.
+
+struct TridiagonalWork {
+  std::vector<double> dl, d, du, du2, y;
+  std::vector<char> swapped;
+  void resize(int64_t k) {
+    dl.resize(k); d.resize(k); du.resize(k); du2.resize(k); y.resize(k); swapped.resize(k);
+  }
+};
+
+// Number of eigenvalues of T_k below x.
+int64_t eigenvalues_below(const double* a, const double* b, int64_t k, double x, double pivot_min) {
+  int64_t count = 0;
+  double d = 1.0;
+  for (int64_t i = 0; i < k; ++i) {
+    d = (a[i] - x) - (i > 0 ? b[i - 1] * b[i - 1] / d : 0.0);
+    if (std::abs(d) < pivot_min) d = -pivot_min;
+    if (d < 0) ++count;
+  }
+  return count;
+}
+
+double tridiagonal_top_eigenpair(const double* a, const double* b, int64_t k, double* s, TridiagonalWork& work) {
+  if (k == 1) {
+    s[0] = 1.0;
+    return a[0];
+  }
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo, scale = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double r = (i > 0 ? std::abs(b[i - 1]) : 0.0) + (i + 1 < k ? std::abs(b[i]) : 0.0);
+    lo = std::min(lo, a[i] - r);
+    hi = std::max(hi, a[i] + r);
+    scale = std::max(scale, std::abs(a[i]) + r);
+  }
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double pivot_min = eps * scale + std::numeric_limits<double>::min();
+  hi += 2 * eps * scale + pivot_min;  // all k eigenvalues now lie strictly below hi
+  for (int iter = 0; iter < 200; ++iter) {
+    const double mid = 0.5 * (lo + hi);
+    if (mid <= lo || mid >= hi || hi - lo <= 2 * eps * std::max(std::abs(lo), std::abs(hi))) break;
+    if (eigenvalues_below(a, b, k, mid, pivot_min) == k) hi = mid; else lo = mid;
+  }
+  const double theta = 0.5 * (lo + hi);
+
+  // Inverse iteration on T - theta I: factor once (dgttrf's scheme), solve twice.
+  auto& dl = work.dl; auto& d = work.d; auto& du = work.du; auto& du2 = work.du2; auto& y = work.y;
+  auto& swapped = work.swapped;
+  for (int64_t i = 0; i < k; ++i) d[i] = a[i] - theta;
+  for (int64_t i = 0; i + 1 < k; ++i) dl[i] = du[i] = b[i];
+  for (int64_t i = 0; i + 1 < k; ++i) {
+    du2[i] = 0.0;
+    if (std::abs(d[i]) >= std::abs(dl[i])) {
+      swapped[i] = 0;
+      if (std::abs(d[i]) < pivot_min) d[i] = pivot_min;
+      const double f = dl[i] / d[i];
+      dl[i] = f;
+      d[i + 1] -= f * du[i];
+    } else {
+      swapped[i] = 1;
+      const double f = d[i] / dl[i];
+      d[i] = dl[i];
+      dl[i] = f;
+      const double t = du[i];
+      du[i] = d[i + 1];
+      d[i + 1] = t - f * d[i + 1];
+      if (i + 2 < k) {
+        du2[i] = du[i + 1];
+        du[i + 1] = -f * du[i + 1];
+      }
+    }
+  }
+  if (std::abs(d[k - 1]) < pivot_min) d[k - 1] = pivot_min;
+  for (int64_t i = 0; i < k; ++i) y[i] = 1.0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t i = 0; i + 1 < k; ++i) {
+      if (!swapped[i]) {
+        y[i + 1] -= dl[i] * y[i];
+      } else {
+        const double t = y[i] - dl[i] * y[i + 1];
+        y[i] = y[i + 1];
+        y[i + 1] = t;
+      }
+    }
+    y[k - 1] /= d[k - 1];
+    y[k - 2] = (y[k - 2] - du[k - 2] * y[k - 1]) / d[k - 2];
+    for (int64_t i = k - 3; i >= 0; --i) y[i] = (y[i] - du[i] * y[i + 1] - du2[i] * y[i + 2]) / d[i];
+    double nrm = 0.0, big = 0.0;
+    for (int64_t i = 0; i < k; ++i) big = std::max(big, std::abs(y[i]));
+    for (int64_t i = 0; i < k; ++i) nrm += (y[i] / big) * (y[i] / big);
+    nrm = big * std::sqrt(nrm);
+    for (int64_t i = 0; i < k; ++i) y[i] /= nrm;
+  }
+  std::copy(y.begin(), y.begin() + k, s);
+  return theta;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanczos on A = WᵀW with full reorthogonalization (classical Gram–Schmidt, repeated when it
+// removed a large part of the vector) and explicit restarts from the Ritz vector when the basis is
+// full.  Each step costs one pass over W.  On return v holds the unit Ritz vector of the largest
+// Ritz value theta; the return value is the residual bound ‖A y - theta y‖ / (2 theta), which bounds
+// the relative error of sqrt(theta) as an approximation of the singular value it converged to.
+
+constexpr int64_t kMaxBasis = 256;
+
+template <typename T>
+struct LanczosWork {
+  std::vector<T> basis, w;
+  std::vector<double> alpha, beta, s, h;
+  TridiagonalWork tri;
+};
+
+template <typename T, typename Gram>
+double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double rtol, LanczosWork<T>& work) {
+  const int64_t cap = std::min<int64_t>(kMaxBasis, n);
+  work.basis.resize((cap + 1) * n);
+  work.w.resize(n);
+  work.alpha.resize(cap); work.beta.resize(cap); work.s.resize(cap); work.h.resize(cap);
+  work.tri.resize(cap);
+  T* Q = work.basis.data();
+  T* w = work.w.data();
+  double* alpha = work.alpha.data();
+  double* beta = work.beta.data();
+  double* s = work.s.data();
+  const double eps = std::numeric_limits<T>::epsilon();
+
+  double start_norm = norm(v, n);
+  if (!(start_norm > 0) || !std::isfinite(start_norm)) {
+    default_start_vector(v, n);
+    start_norm = norm(v, n);
+  }
+  std::copy(v, v + n, Q);
+  scale(Q, 1.0 / start_norm, n);
+
+  int64_t passes = 0;
+  for (;;) {  // one sweep per (re)start, Q[0] holding the start vector
+    for (int64_t k = 0;; ++k) {
+      const T* q = Q + k * n;
+      gram(q, w);
+      ++passes;
+      const double a = dot(q, w, n);
+      axpy(-a, q, w, n);
+      if (k > 0) axpy(-beta[k - 1], Q + (k - 1) * n, w, n);
+      double b = norm(w, n);
+      for (int round = 0; round < 2; ++round) {
+        const double before = b;
+        for (int64_t j = 0; j <= k; ++j) work.h[j] = dot(Q + j * n, w, n);
+        for (int64_t j = 0; j <= k; ++j) axpy(-work.h[j], Q + j * n, w, n);
+        b = norm(w, n);
+        if (b > 0.7071 * before) break;  // little was removed: w is orthogonal to working accuracy
+      }
+      alpha[k] = a;
+      const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, work.tri);
+      const double residual = b * std::abs(s[k]);
+      double rel_err = theta > 0 ? residual / (2.0 * theta) : (residual > 0 ? INFINITY : 0.0);
+      // The Krylov space is invariant (b ~ 0) or is the whole space: theta is exact.
+      const bool exhausted = b <= eps * theta || b == 0.0 || k + 1 == n;
+      const bool done = rel_err <= rtol || exhausted || passes >= max_passes;
+      if (done || k + 1 == cap) {
+        std::fill(v, v + n, T(0));
+        for (int64_t j = 0; j <= k; ++j) axpy(s[j], Q + j * n, v, n);
+        const double nv = norm(v, n);
+        scale(v, 1.0 / nv, n);
+        if (done) return rel_err;
+        break;
+      }
+      beta[k] = b;
+      std::copy(w, w + n, Q + (k + 1) * n);
+      scale(Q + (k + 1) * n, 1.0 / b, n);
+    }
+    std::copy(v, v + n, Q);  // restart from the Ritz vector
+  }
+}
+
+// u = W v / ‖W v‖ (zero when W v = 0); returns ‖W v‖ for the unit vector v.
+template <typename T, typename Gram>
+double left_vector(const Gram& gram, int64_t m, const T* v, T* u) {
+  gram.matvec(v, u);
+  const double sigma = norm(u, m);
+  if (sigma > 0) scale(u, 1.0 / sigma, m); else std::fill(u, u + m, T(0));
+  return sigma;
+}
+
+// Runs `solve(gram, matrix index)` for every matrix, choosing the parallel axis.
+template <typename T, typename Solve>
+void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const Solve& solve) {
+  const bool split_rows = B < at::get_num_threads() && m * n >= (int64_t(1) << 16) && m >= 8;
+  if (split_rows) {
+    for (int64_t b = 0; b < B; ++b) solve(RowParallelGram<T>(W + b * m * n, m, n), b);
+  } else {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) solve(SerialGram<T>{W + b * m * n, m, n}, b);
+    });
+  }
+}
+
+// Flat index of the first matrix holding a NaN or Inf, or B when all are finite.
+template <typename T>
+int64_t first_nonfinite_matrix(const T* data, int64_t B, int64_t m, int64_t n) {
+  std::atomic<int64_t> first{B};
+  at::parallel_for(0, B * m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = data + r * n;
+      T probe = 0;  // x * 0 is NaN exactly when x is NaN or Inf
+#pragma omp simd reduction(+ : probe)
+      for (int64_t j = 0; j < n; ++j) probe += row[j] * T(0);
+      if (probe != probe) {
+        int64_t b = r / m, seen = first.load();
+        while (b < seen && !first.compare_exchange_weak(seen, b)) {
+        }
+        return;
+      }
+    }
+  });
+  return first.load();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points.
+
+struct Flattened {
+  std::vector<int64_t> batch_shape;
+  int64_t B, m, n;
+  at::ScalarType compute;  // float32 for the half types
+  at::Tensor W;            // (B, m, n), contiguous, compute dtype (a copy only when needed)
+};
+
+Flattened flatten_matrices(const at::Tensor& W) {
+  Flattened f;
+  f.batch_shape = W.sizes().slice(0, W.dim() - 2).vec();
+  f.m = W.size(-2);
+  f.n = W.size(-1);
+  f.B = c10::multiply_integers(f.batch_shape);
+  const auto t = W.scalar_type();
+  f.compute = (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+  f.W = W.reshape({f.B, f.m, f.n}).to(f.compute).contiguous();
+  return f;
+}
+
+std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
+  shape.push_back(last);
+  return shape;
+}
+
+void check_finite(const char* op, const at::Tensor& W, const Flattened& f) {
+  int64_t first_bad = f.B;
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_check_finite", [&] {
+    first_bad = first_nonfinite_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n);
+  });
+  raise_if_nonfinite(op, W, first_bad);
+}
+
+// Start vectors (B, n) in the compute dtype, always a fresh buffer the kernel may overwrite.
+at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f, bool required) {
+  if (!v0.has_value()) {
+    TORCH_CHECK_VALUE(!required, "lipfast.", op, ": v is required");
+    auto v = at::empty({f.B, f.n}, f.W.options());
+    // An all-zero start tells lanczos_top to use its fixed default start vector.
+    v.zero_();
+    return v;
+  }
+  const auto& v = *v0;
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), "lipfast.", op, ": v must be floating point, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.sizes().vec() == with_last(f.batch_shape, f.n), "lipfast.", op,
+                    ": v must have shape W.shape[:-2] + (n,) = ", at::IntArrayRef(with_last(f.batch_shape, f.n)),
+                    ", got ", v.sizes());
+  return v.reshape({f.B, f.n}).to(f.compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_cpu(
+    const at::Tensor& W, const std::optional<at::Tensor>& v0, int64_t max_iters, double rtol) {
+  check_matrix_batch("spectral_norm", W);
+  TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.spectral_norm: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm: rtol must be positive, got ", rtol);
+  const Flattened f = flatten_matrices(W);
+  auto v = start_vectors("spectral_norm", v0, f, false);
+  check_finite("spectral_norm", W, f);
+  auto u = at::empty({f.B, f.m}, f.W.options());
+  auto sigma = at::empty({f.B}, f.W.options());
+  auto rel_err = at::empty({f.B}, f.W.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_spectral_norm", [&] {
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* sp = sigma.data_ptr<scalar_t>();
+    double* ep = rel_err.data_ptr<double>();
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
+      LanczosWork<scalar_t> work;
+      ep[b] = lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol, work);
+      sp[b] = static_cast<scalar_t>(left_vector(gram, f.m, vp + b * f.n, up + b * f.m));
+    });
+  });
+  const auto dtype = W.scalar_type();
+  return {sigma.to(dtype).reshape(f.batch_shape), u.to(dtype).reshape(with_last(f.batch_shape, f.m)),
+          v.to(dtype).reshape(with_last(f.batch_shape, f.n)), rel_err.reshape(f.batch_shape)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cpu(const at::Tensor& W, const at::Tensor& v0,
+                                                                         int64_t iters) {
+  check_matrix_batch("power_iteration", W);
+  TORCH_CHECK_VALUE(iters >= 0, "lipfast.power_iteration: iters must be >= 0, got ", iters);
+  const Flattened f = flatten_matrices(W);
+  auto v = start_vectors("power_iteration", v0, f, true);
+  auto u = at::empty({f.B, f.m}, f.W.options());
+  auto sigma = at::empty({f.B}, f.W.options());
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_power_iteration", [&] {
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* sp = sigma.data_ptr<scalar_t>();
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
+      scalar_t* x = vp + b * f.n;
+      std::vector<scalar_t> y(f.n);
+      double nx = norm(x, f.n);
+      if (nx > 0) scale(x, 1.0 / nx, f.n);
+      for (int64_t it = 0; it < iters && nx > 0; ++it) {
+        gram(x, y.data());
+        nx = norm(y.data(), f.n);
+        if (nx > 0) {  // WᵀW x = 0: x is in the null space; keep it
+          std::copy(y.begin(), y.end(), x);
+          scale(x, 1.0 / nx, f.n);
+        }
+      }
+      sp[b] = static_cast<scalar_t>(left_vector(gram, f.m, x, up + b * f.m));
+    });
+  });
+  const auto dtype = W.scalar_type();
+  return {sigma.to(dtype).reshape(f.batch_shape), u.to(dtype).reshape(with_last(f.batch_shape, f.m)),
+          v.to(dtype).reshape(with_last(f.batch_shape, f.n))};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tensor& W, double rtol, int64_t max_iters,
+                                                                  int64_t max_gram_steps) {
+  check_matrix_batch("spectral_norm_bounds", W);
+  TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm_bounds: rtol must be positive, got ", rtol);
+  TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.spectral_norm_bounds: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK_VALUE(max_gram_steps >= 1, "lipfast.spectral_norm_bounds: max_gram_steps must be >= 1, got ",
+                    max_gram_steps);
+  const Flattened f = flatten_matrices(W);
+  check_finite("spectral_norm_bounds", W, f);
+  // Lower end: a Rayleigh quotient at a Lanczos vector converged well inside the requested gap.
+  auto v = start_vectors("spectral_norm_bounds", std::nullopt, f, false);
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_spectral_norm_bounds", [&] {
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
+      LanczosWork<scalar_t> work;
+      lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol / 8, work);
+    });
+  });
+  auto lower = certified_rayleigh_lower(f.W, v);
+  auto upper = gram_upper_bound(f.W, lower * (1.0 + rtol), max_gram_steps);
+  const auto dtype = W.scalar_type();
+  return {round_directed(lower, dtype, /*up=*/false).reshape(f.batch_shape),
+          round_directed(upper, dtype, /*up=*/true).reshape(f.batch_shape)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
+  m.impl("dense_spectral_norm", &dense_spectral_norm_cpu);
+  m.impl("dense_spectral_norm_bounds", &dense_spectral_norm_bounds_cpu);
+  m.impl("dense_power_iteration", &dense_power_iteration_cpu);
+}
+
+}  // namespace lipfast

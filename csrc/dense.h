@@ -1,0 +1,37 @@
+// Shared declarations for the dense (matrix) op family: argument checks and the device-agnostic
+// pieces of the certified bracket, used by the CPU and CUDA kernels alike.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace lipfast {
+
+// Checks the shape and dtype of a (..., m, n) batch of matrices for op `op`; throws the errors the
+// Python layer documents (TypeError for a non-floating dtype, ValueError for a bad shape).
+void check_matrix_batch(const char* op, const at::Tensor& W);
+
+// "[i, j]": the batch index of flat matrix number `flat` in a batch of shape W.shape[:-2].
+std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat);
+
+// Throws ValueError naming the first matrix (by batch index) that holds a NaN or Inf entry.
+// `first_bad` is the flat index of that matrix, or a value >= the batch size when all are finite.
+void raise_if_nonfinite(const char* op, const at::Tensor& W, int64_t first_bad);
+
+// Certified lower bound on sigma_max(W) for each matrix of W (B, m, n) from vectors v (B, n):
+// ‖W v‖ / ‖v‖ evaluated in float64 and decreased by a bound on its rounding error.  Returns (B,) float64.
+at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v);
+
+// Certified upper bound on sigma_max(W) for each matrix of W (B, m, n) by Gram iteration in float64
+// (Delattre et al., ICML 2023), with every rounding error of every step bounded and carried through.
+// Stops once every matrix has upper <= target (B,) float64, or after max_steps squarings.  Returns
+// (B,) float64; never below the true sigma_max of the matrix as stored.
+at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64_t max_steps);
+
+// Rounds non-negative float64 values to `dtype`, upwards (up=true) or downwards, so that the rounded
+// value still bounds the float64 one on the same side.
+at::Tensor round_directed(const at::Tensor& x, at::ScalarType dtype, bool up);
+
+}  // namespace lipfast

@@ -1,0 +1,170 @@
+// Device-agnostic pieces of the dense op family, written with ATen operators so that the CPU and
+// CUDA kernels share one certified implementation.
+//
+// Rounding model (IEEE binary64, round to nearest): every operation's result is the exact value
+// times (1 + d) with |d| <= u = 2^-53, plus an absolute error of at most 2^-1074 where the result
+// underflows.  A dot product of length k, in any summation order, is off by at most
+// gamma(k) * sum |x_i y_i| with gamma(k) = k u / (1 - k u).  Every bound below follows from these two
+// facts; where a computed quantity enters a bound, it is first pushed outwards by its own error.
+#include "dense.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+namespace lipfast {
+namespace {
+
+constexpr double kUnit = 0x1p-53;        // unit roundoff of float64
+constexpr double kTiny = 0x1p-1074;      // smallest positive float64 (underflow granularity)
+
+double gamma(double k) {
+  TORCH_CHECK(k * kUnit < 0.5, "lipfast: matrix too large for the rounding-error bound");
+  return k * kUnit / (1.0 - k * kUnit);
+}
+
+// Exact powers of two 2^k (k int64 tensor, any values): built from the exponent bits, split into two
+// factors so that every k in the float64 exponent range is reachable.  x * pow2 is exact unless the
+// product underflows or overflows.
+at::Tensor times_pow2(const at::Tensor& x, const at::Tensor& k) {
+  auto k1 = at::clamp(at::floor_divide(k, 2), -1022, 1023);
+  auto k2 = at::clamp(k - k1, -1022, 1023);
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[0] = k.size(0);  // one exponent per matrix, broadcast over its entries
+  auto p1 = at::bitwise_left_shift(k1 + 1023, 52).view(at::kDouble).view(shape);
+  auto p2 = at::bitwise_left_shift(k2 + 1023, 52).view(at::kDouble).view(shape);
+  return x * p1 * p2;
+}
+
+// Binary exponent e of each value, with x = f * 2^e, f in [0.5, 1) (0 for x = 0), as int64.
+at::Tensor binary_exponent(const at::Tensor& x) {
+  return std::get<1>(at::frexp(x)).to(at::kLong);
+}
+
+// Upper bound on the Frobenius norm of each matrix of X (B, r, c), float64.
+at::Tensor frobenius_upper(const at::Tensor& X) {
+  const double entries = static_cast<double>(X.size(1)) * static_cast<double>(X.size(2));
+  // sum of squares: relative error gamma(entries) (all terms >= 0), sqrt adds u; underflowing
+  // squares lose at most entries * 2^-1074 in the sum.
+  auto norm = at::linalg_vector_norm(X, 2, {1, 2});
+  return norm * (1.0 + 2.0 * gamma(entries + 4)) + std::sqrt(entries * kTiny) + kTiny;
+}
+
+}  // namespace
+
+void check_matrix_batch(const char* op, const at::Tensor& W) {
+  TORCH_CHECK_TYPE(at::isFloatingType(W.scalar_type()), "lipfast.", op,
+                   ": W must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+                   W.scalar_type());
+  TORCH_CHECK_VALUE(W.dim() >= 2, "lipfast.", op, ": W must have at least 2 dims (..., m, n), got shape ",
+                    W.sizes());
+  for (int64_t d = 0; d < W.dim(); ++d) {
+    TORCH_CHECK_VALUE(W.size(d) > 0, "lipfast.", op, ": W must not have a zero-size dim, got shape ",
+                      W.sizes());
+  }
+}
+
+std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat) {
+  std::vector<int64_t> index(batch_shape.size());
+  for (int64_t d = static_cast<int64_t>(batch_shape.size()) - 1; d >= 0; --d) {
+    index[d] = flat % batch_shape[d];
+    flat /= batch_shape[d];
+  }
+  std::ostringstream out;
+  out << "[";
+  for (size_t d = 0; d < index.size(); ++d) out << (d ? ", " : "") << index[d];
+  out << "]";
+  return out.str();
+}
+
+void raise_if_nonfinite(const char* op, const at::Tensor& W, int64_t first_bad) {
+  const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+  const int64_t batch = c10::multiply_integers(batch_shape);
+  TORCH_CHECK_VALUE(first_bad >= batch, "lipfast.", op, ": W has a NaN or Inf entry in matrix W",
+                    format_batch_index(batch_shape, first_bad), " (batch shape ", batch_shape, ")");
+}
+
+at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v) {
+  const int64_t m = W.size(1), n = W.size(2);
+  auto Wd = W.to(at::kDouble);
+  auto vd = v.to(at::kDouble);
+  auto y = at::bmm(Wd, vd.unsqueeze(-1)).squeeze(-1);
+  auto norm_y = at::linalg_vector_norm(y, 2, {1});
+  auto norm_v = at::linalg_vector_norm(vd, 2, {1});
+  auto norm_W = at::linalg_vector_norm(Wd, 2, {1, 2});
+  // ‖W v‖ >= ‖fl(W v)‖ - ‖fl(W v) - W v‖ and ‖fl(W v) - W v‖ <= gamma(n) ‖|W| |v|‖ <= gamma(n) ‖W‖_F ‖v‖
+  // (plus m n 2^-1074 for underflow).  The computed norms are pushed the safe way by their own error.
+  const double dm = static_cast<double>(m), dn = static_cast<double>(n);
+  auto product_error = gamma(dn) * norm_W * norm_v * (1.0 + 2.0 * gamma(dm * dn + dn + 8)) + dm * dn * kTiny;
+  auto numerator = norm_y * (1.0 - 2.0 * gamma(dm + 4)) - product_error;
+  auto lower = numerator / (norm_v * (1.0 + 2.0 * gamma(dn + 4)));
+  return at::clamp_min(lower * (1.0 - 8.0 * kUnit), 0.0);
+}
+
+at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64_t max_steps) {
+  // G_0 = W (or Wᵀ when W is wide, so that the first product is the smaller Gram matrix), scaled by
+  // an exact power of two 2^-k0 to Frobenius norm in [0.5, 1).  Each step forms P_t = fl(G_tᵀ G_t)
+  // and G_{t+1} = P_t 2^-k_t, again of Frobenius norm in [0.5, 1).  With E_t = P_t - G_tᵀ G_t,
+  //   sigma(G_t)^2 = sigma(G_tᵀ G_t) <= sigma(P_t) + ‖E_t‖_2 <= 2^k_t sigma(G_{t+1}) + e_t,
+  //   e_t = gamma(inner) ‖G_t‖_F^2 (+ underflow terms) >= ‖E_t‖_F,
+  // and sigma(G_T) <= ‖G_T‖_F.  Running the chain back from T gives U_0 >= sigma(G_0), and
+  // sigma(W) <= 2^k0 (U_0 + sqrt(N) 2^-1074), the last term covering underflow in the first scaling.
+  // Without rounding, ‖G_T‖_F^(1/2^T) -> sigma(W) quadratically (Delattre et al., ICML 2023).
+  TORCH_CHECK(W.dim() == 3, "lipfast: gram_upper_bound expects (B, m, n)");
+  const int64_t batch = W.size(0);
+  auto G = W.to(at::kDouble);
+  if (W.size(1) < W.size(2)) G = G.transpose(1, 2);
+  const double entries = static_cast<double>(W.size(1)) * static_cast<double>(W.size(2));
+
+  auto k0 = binary_exponent(at::linalg_vector_norm(G, 2, {1, 2}));
+  G = times_pow2(G, -k0).contiguous();
+
+  std::vector<at::Tensor> exponents;  // k_t
+  std::vector<at::Tensor> errors;     // e_t
+  auto upper = at::full({batch}, std::numeric_limits<double>::infinity(), G.options());
+  for (int64_t step = 0; step < max_steps; ++step) {
+    const double inner = static_cast<double>(G.size(1));
+    const double cols = static_cast<double>(G.size(2));
+    auto fro = frobenius_upper(G);
+    auto P = at::bmm(G.transpose(1, 2), G);
+    // Underflow: each of the cols^2 entries of P is off by at most inner * 2^-1074 beyond the
+    // relative bound, and the scaling below loses at most 2^-1074 per entry (2^k_t <= 1).
+    errors.push_back(gamma(inner) * fro * fro * (1.0 + 4.0 * kUnit) + cols * (inner + 1.0) * kTiny);
+    auto k = binary_exponent(at::linalg_vector_norm(P, 2, {1, 2}));
+    exponents.push_back(k);
+    G = times_pow2(P, -k);
+
+    auto bound = frobenius_upper(G);
+    for (int64_t j = step; j >= 0; --j) {
+      // 2 * 2^-1074 covers a product that underflows; (1 + 8u) covers the add and the sqrt.
+      bound = at::sqrt(times_pow2(bound, exponents[j]) + 2.0 * kTiny + errors[j]) * (1.0 + 8.0 * kUnit);
+    }
+    auto candidate =
+        times_pow2((bound + std::sqrt(entries) * kTiny) * (1.0 + 4.0 * kUnit), k0) * (1.0 + 4.0 * kUnit);
+    upper = at::minimum(upper, candidate);
+    if (at::le(upper, target).all().item<bool>()) break;
+  }
+  return upper;
+}
+
+at::Tensor round_directed(const at::Tensor& x, at::ScalarType dtype, bool up) {
+  TORCH_CHECK(x.scalar_type() == at::kDouble, "lipfast: round_directed expects float64");
+  if (dtype == at::kDouble) return x;
+  auto y = x.to(dtype);
+  auto back = y.to(at::kDouble);
+  // For non-negative IEEE values the neighbours of y are its bit pattern plus or minus one.
+  auto off = up ? at::lt(back, x) : at::gt(back, x);
+  at::ScalarType bits_type;
+  switch (c10::elementSize(dtype)) {
+    case 2: bits_type = at::kShort; break;
+    case 4: bits_type = at::kInt; break;
+    default: TORCH_CHECK(false, "lipfast: round_directed: unsupported dtype ", dtype);
+  }
+  auto bits = y.view(bits_type);
+  auto moved = up ? bits + 1 : bits - 1;
+  return at::where(off, moved, bits).view(dtype);
+}
+
+}  // namespace lipfast

@@ -1,0 +1,39 @@
+// lipfast's operator library: every op's schema, and the stub that makes `import lipfast._C` load
+// this shared object (which runs the TORCH_LIBRARY registrations below and in the kernel files).
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: Python only needs to load the library; the ops are reached via torch.ops.lipfast.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "lipfast's compiled kernels, registered as torch.ops.lipfast.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lipfast, m) {
+  // Largest singular value of each matrix W[..., :, :] by Lanczos on WᵀW (full reorthogonalization,
+  // explicit restarts), to relative accuracy rtol or max_iters passes over W.  v0 (..., n) is the
+  // start vector (None: a fixed pseudo-random one).  Returns sigma (...), the top singular vectors
+  // u (..., m) and v (..., n) with sigma = ‖W v‖, and rel_err (...), float64: the accuracy reached.
+  m.def(
+      "dense_spectral_norm(Tensor W, Tensor? v0, int max_iters, float rtol) "
+      "-> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
+  // Certified bracket lower <= sigma_max(W) <= upper for each matrix, rounded outwards to W's dtype:
+  // lower is a Rayleigh quotient with a rounding margin, upper comes from Gram iteration in float64
+  // with every rounding error bounded.  Stops when upper <= lower * (1 + rtol) or after
+  // max_gram_steps squarings.
+  m.def(
+      "dense_spectral_norm_bounds(Tensor W, float rtol, int max_iters, int max_gram_steps) "
+      "-> (Tensor lower, Tensor upper)");
+  // `iters` steps of power iteration on WᵀW from v (..., n), each one fused pass over W.  Returns
+  // sigma = ‖W v‖ (...), u = W v / sigma (..., m) and the new unit iterate v (..., n).
+  m.def("dense_power_iteration(Tensor W, Tensor v, int iters) -> (Tensor sigma, Tensor u, Tensor v)");
+}

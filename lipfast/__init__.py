@@ -1,0 +1,19 @@
+"""lipfast: fast, certified Lipschitz constants of neural-network layers for PyTorch.
+
+>>> import torch, lipfast
+>>> W = torch.randn(8, 256, 128)
+>>> sigma = lipfast.spectral_norm(W)                # (8,): largest singular value of each matrix
+>>> lower, upper = lipfast.spectral_norm_bounds(W)  # certified: lower <= sigma_max <= upper
+"""
+from lipfast._ext import backend, set_backend
+from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "power_iteration",
+    "set_backend",
+    "spectral_norm",
+    "spectral_norm_bounds",
+]

@@ -1,0 +1,172 @@
+"""Spectral norms of dense matrices: estimates, certified brackets and warm-started power iteration.
+
+Every function takes a batch of matrices ``W`` of shape ``(..., m, n)`` (any number of leading
+batch dims; float32, float64, float16 or bfloat16) and works on each matrix independently.  Inputs
+are never modified; non-contiguous inputs give the same results as contiguous copies.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from lipfast import _ext, ops, reference
+
+__all__ = ["spectral_norm", "spectral_norm_bounds", "power_iteration"]
+
+#: Default cap on passes over W (each Lanczos or power step reads W once).
+DEFAULT_MAX_ITERS = 1000
+#: Default cap on Gram-iteration squarings for the certified upper bound.
+DEFAULT_MAX_GRAM_STEPS = 16
+
+
+def _check_matrices(fn: str, W: object, name: str = "W") -> None:
+    if not isinstance(W, Tensor):
+        raise TypeError(f"lipfast.{fn}: {name} must be a torch.Tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(
+            f"lipfast.{fn}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+            f"got {W.dtype}"
+        )
+    if W.dim() < 2:
+        raise ValueError(f"lipfast.{fn}: {name} must have at least 2 dims (..., m, n), got shape {tuple(W.shape)}")
+    if 0 in W.shape:
+        raise ValueError(f"lipfast.{fn}: {name} must not have a zero-size dim, got shape {tuple(W.shape)}")
+
+
+def _check_rtol(fn: str, rtol: object) -> float:
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"lipfast.{fn}: rtol must be a positive finite number, got {rtol!r}")
+    return float(rtol)
+
+
+def _check_count(fn: str, name: str, value: object, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"lipfast.{fn}: {name} must be an int >= {minimum} or None, got {value!r}")
+    return value
+
+
+def _check_finite(fn: str, W: Tensor) -> None:
+    # The compiled kernels run this check themselves, in the same pass that copies W.
+    bad = reference.first_nonfinite_matrix(W)
+    if bad is not None:
+        batch = list(W.shape[:-2])
+        index = list(torch.unravel_index(torch.tensor(bad), W.shape[:-2])) if batch else []
+        raise ValueError(
+            f"lipfast.{fn}: W has a NaN or Inf entry in matrix W[{', '.join(str(int(i)) for i in index)}] "
+            f"(batch shape {batch})"
+        )
+
+
+def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None) -> Tensor:
+    """Largest singular value of each matrix: ``W (..., m, n) -> (...)``.
+
+    Lanczos on WᵀW with full reorthogonalization (each step one pass over W), stopped when the
+    residual bound says the relative error is at most ``rtol``.  Close top singular values, where
+    power iteration crawls like (sigma_2/sigma_1)^(2k), cost Lanczos only about the square root of
+    the steps.  Differentiable: d sigma / d W = u vᵀ (the top singular vectors).
+
+    Args:
+        W: matrices (..., m, n), float32/float64/float16/bfloat16 (half types accumulate in float32).
+        rtol: relative accuracy to reach.
+        max_iters: cap on passes over W (default 1000); if it stops the iteration before ``rtol``,
+            a RuntimeWarning gives the accuracy reached.
+
+    This is an estimate (a Rayleigh quotient ‖W v‖, never above sigma_max beyond rounding); use
+    :func:`spectral_norm_bounds` for a certified bracket.
+    """
+    _check_matrices("spectral_norm", W)
+    rtol = _check_rtol("spectral_norm", rtol)
+    max_iters = _check_count("spectral_norm", "max_iters", max_iters, DEFAULT_MAX_ITERS)
+    if _ext.use_kernel("dense_spectral_norm", W.device):
+        sigma, _, _, rel_err = ops.dense_spectral_norm(W, None, max_iters, rtol)
+    else:
+        _check_finite("spectral_norm", W)
+        with torch.no_grad():
+            _, u, v, rel_err = reference.dense_spectral_norm(W, None, max_iters, rtol)
+        # sigma = uᵀ W v carries the gradient u vᵀ; its value is ‖W v‖ to rounding.
+        sigma = torch.einsum("...i,...ij,...j->...", u, W, v)
+    if not torch.compiler.is_compiling():
+        worst = float(rel_err.max())
+        if not worst <= rtol:
+            warnings.warn(
+                f"lipfast.spectral_norm: max_iters={max_iters} passes ended the iteration before rtol={rtol:g}; "
+                f"relative accuracy reached: {worst:.3g}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return sigma
+
+
+def spectral_norm_bounds(
+    W: Tensor,
+    *,
+    rtol: float = 1e-3,
+    max_iters: int | None = None,
+    max_gram_steps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Certified bracket ``lower <= sigma_max(W) <= upper`` for each matrix, each shaped like W.shape[:-2].
+
+    ``lower`` is a Rayleigh quotient ‖W v‖/‖v‖ at a Lanczos vector, evaluated in float64 and
+    decreased by a bound on its rounding error.  ``upper`` comes from Gram iteration
+    (G_{t+1} = G_tᵀ G_t, sigma_max <= ‖G_t‖_F^(1/2^t); Delattre et al., ICML 2023) in float64, with
+    the rounding error of every product bounded and carried into the result, so rounding cannot
+    push it below sigma_max.  Both ends are rounded outwards to W's dtype.  The iteration stops when
+    ``upper <= lower * (1 + rtol)`` or after ``max_gram_steps`` squarings (default 16; each costs
+    one batched min(m, n)-sized matrix product); the bracket is valid either way, and a
+    RuntimeWarning reports a gap wider than rtol.  For float16/bfloat16 the outward rounding of the
+    result may widen the gap by up to two units in the last place.
+
+    The bracket is not differentiable.
+    """
+    _check_matrices("spectral_norm_bounds", W)
+    rtol = _check_rtol("spectral_norm_bounds", rtol)
+    max_iters = _check_count("spectral_norm_bounds", "max_iters", max_iters, DEFAULT_MAX_ITERS)
+    max_gram_steps = _check_count("spectral_norm_bounds", "max_gram_steps", max_gram_steps, DEFAULT_MAX_GRAM_STEPS)
+    W = W.detach()
+    if _ext.use_kernel("dense_spectral_norm_bounds", W.device):
+        lower, upper = ops.dense_spectral_norm_bounds(W, rtol, max_iters, max_gram_steps)
+    else:
+        _check_finite("spectral_norm_bounds", W)
+        lower, upper = reference.dense_spectral_norm_bounds(W, rtol, max_iters, max_gram_steps)
+    if not torch.compiler.is_compiling() and W.dtype in (torch.float32, torch.float64):
+        gap = float((upper.double() / lower.double().clamp_min(torch.finfo(torch.float64).tiny) - 1).max())
+        widest = float((upper - lower).max())
+        if widest > 0 and not gap <= rtol:
+            warnings.warn(
+                f"lipfast.spectral_norm_bounds: the bracket is valid but wider than rtol={rtol:g} "
+                f"(upper/lower - 1 = {gap:.3g}); raise max_gram_steps or max_iters to tighten it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return lower, upper
+
+
+def power_iteration(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """``iters`` steps of power iteration on WᵀW from the iterate ``v (..., n)``; returns (sigma, u, v).
+
+    For training loops that refine an estimate a little at every step: pass the returned ``v``
+    back in next time.  Each step is one fused pass over W.  ``sigma = ‖W v‖`` for the new unit
+    ``v`` (a lower bound on sigma_max, up to rounding) and ``u = W v / sigma``.  sigma is
+    differentiable with d sigma / d W = u vᵀ (v treated as a constant).  Entries of W are not
+    checked for NaN/Inf here (that would be a second read of W on every step).
+    """
+    _check_matrices("power_iteration", W)
+    if not isinstance(v, Tensor):
+        raise TypeError(f"lipfast.power_iteration: v must be a torch.Tensor, got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"lipfast.power_iteration: v must be a floating-point tensor, got {v.dtype}")
+    expected = (*W.shape[:-2], W.shape[-1])
+    if tuple(v.shape) != expected:
+        raise ValueError(f"lipfast.power_iteration: v must have shape W.shape[:-2] + (n,) = {expected}, got {tuple(v.shape)}")
+    iters = _check_count("power_iteration", "iters", iters, 1, minimum=0)
+    v = v.detach()
+    if _ext.use_kernel("dense_power_iteration", W.device):
+        return ops.dense_power_iteration(W, v, iters)
+    with torch.no_grad():
+        _, u, v_new = reference.dense_power_iteration(W, v, iters)
+    return torch.einsum("...i,...ij,...j->...", u, W, v_new), u, v_new

@@ -1,0 +1,74 @@
+"""Thin wrappers over ``torch.ops.lipfast.*``, with their fake kernels and autograd formulas.
+
+The fakes (shape and dtype propagation) let the ops run under ``torch.compile`` and
+``torch.library.opcheck``; the autograd formulas make sigma differentiable.  Everything here is
+registered only when the compiled library loaded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lipfast import _ext
+
+
+def dense_spectral_norm(W: Tensor, v0: Tensor | None, max_iters: int, rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.dense_spectral_norm``: (sigma, u, v, rel_err); see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.dense_spectral_norm.default(W, v0, max_iters, rtol)
+
+
+def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_steps: int) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lipfast.dense_spectral_norm_bounds``: certified (lower, upper)."""
+    return torch.ops.lipfast.dense_spectral_norm_bounds.default(W, rtol, max_iters, max_gram_steps)
+
+
+def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.dense_power_iteration``: (sigma, u, v) after ``iters`` fused steps."""
+    return torch.ops.lipfast.dense_power_iteration.default(W, v, iters)
+
+
+def _sigma_backward(ctx, grad_sigma: Tensor, *unused: Tensor):
+    # sigma = uᵀ W v with unit singular vectors u, v: d sigma / d W = u vᵀ.  The vectors are treated
+    # as constants (they are iterates, as in torch's spectral norm), so no gradient flows to v0 / v.
+    u, v = ctx.saved_tensors
+    grad_W = grad_sigma[..., None, None] * u[..., :, None] * v[..., None, :]
+    return (grad_W,) + (None,) * (ctx.num_inputs - 1)
+
+
+def _save_singular_vectors(num_inputs: int):
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.num_inputs = num_inputs
+        ctx.save_for_backward(output[1], output[2])
+        ctx.mark_non_differentiable(*output[1:])
+
+    return setup_context
+
+
+if _ext.HAS_EXT:
+
+    @torch.library.register_fake("lipfast::dense_spectral_norm")
+    def _dense_spectral_norm_fake(W, v0, max_iters, rtol):
+        batch, (m, n) = W.shape[:-2], W.shape[-2:]
+        return (
+            W.new_empty(batch),
+            W.new_empty((*batch, m)),
+            W.new_empty((*batch, n)),
+            W.new_empty(batch, dtype=torch.float64),
+        )
+
+    @torch.library.register_fake("lipfast::dense_spectral_norm_bounds")
+    def _dense_spectral_norm_bounds_fake(W, rtol, max_iters, max_gram_steps):
+        batch = W.shape[:-2]
+        return W.new_empty(batch), W.new_empty(batch)
+
+    @torch.library.register_fake("lipfast::dense_power_iteration")
+    def _dense_power_iteration_fake(W, v, iters):
+        batch, (m, n) = W.shape[:-2], W.shape[-2:]
+        return W.new_empty(batch), W.new_empty((*batch, m)), W.new_empty((*batch, n))
+
+    torch.library.register_autograd(
+        "lipfast::dense_spectral_norm", _sigma_backward, setup_context=_save_singular_vectors(4)
+    )
+    torch.library.register_autograd(
+        "lipfast::dense_power_iteration", _sigma_backward, setup_context=_save_singular_vectors(3)
+    )

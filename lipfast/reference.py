@@ -1,0 +1,242 @@
+"""Pure-PyTorch implementations of every lipfast op: the fallback where the compiled kernels are
+not loaded, and an independent implementation for the tests.
+
+Each function takes and returns what the op of the same name in ``torch.ops.lipfast`` does (see
+csrc/lipfast.cpp), runs on any device, and works on a whole batch at once.  The certified pieces
+follow the same rounding-error analysis as csrc/dense_common.cpp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "dense_spectral_norm",
+    "dense_spectral_norm_bounds",
+    "dense_power_iteration",
+    "first_nonfinite_matrix",
+]
+
+_UNIT = 2.0**-53  # unit roundoff of float64
+_TINY = 2.0**-1074  # smallest positive float64
+_MAX_BASIS = 256
+
+
+def _gamma(k: float) -> float:
+    if k * _UNIT >= 0.5:
+        raise ValueError("lipfast: matrix too large for the rounding-error bound")
+    return k * _UNIT / (1.0 - k * _UNIT)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _flatten(W: Tensor) -> tuple[Tensor, torch.Size]:
+    batch = W.shape[:-2]
+    return W.reshape(-1, *W.shape[-2:]).to(_compute_dtype(W.dtype)), batch
+
+
+def first_nonfinite_matrix(W: Tensor) -> int | None:
+    """Flat index of the first matrix of W (..., m, n) holding a NaN or Inf, or None."""
+    bad = ~torch.isfinite(W).reshape(-1, W.shape[-2] * W.shape[-1]).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
+
+
+def _default_start(B: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    generator = torch.Generator().manual_seed(0x6C6970)
+    return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1).to(dtype).to(device).expand(B, n).clone()
+
+
+def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x.double(), dim=-1)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return (x / safe.to(x.dtype)[..., None]), norm
+
+
+def _gram(A: Tensor, x: Tensor) -> Tensor:
+    return (A.mT @ (A @ x[..., None]))[..., 0]
+
+
+def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Tensor, Tensor]:
+    """Batched Lanczos on AᵀA with full reorthogonalization, all matrices in lock step.
+
+    Returns the unit Ritz vectors (B, n) of the largest Ritz values and the residual bounds
+    ‖AᵀA y - theta y‖ / (2 theta), as dense_spectral_norm's rel_err.
+    """
+    B, _, n = A.shape
+    ct, f64 = A.dtype, torch.float64
+    eps = torch.finfo(ct).eps
+    cap = min(_MAX_BASIS, n)
+    v, norm = _normalized(v)
+    v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, A.device))[0])
+    passes = 0
+    while True:
+        Q = A.new_zeros(B, cap + 1, n)
+        Q[:, 0] = v
+        alpha = torch.zeros(B, cap, dtype=f64, device=A.device)
+        beta = torch.zeros(B, cap, dtype=f64, device=A.device)
+        for k in range(cap):
+            q = Q[:, k]
+            w = _gram(A, q)
+            passes += 1
+            a = (q.double() * w.double()).sum(-1)
+            w = w - a.to(ct)[:, None] * q
+            if k > 0:
+                w = w - beta[:, k - 1].to(ct)[:, None] * Q[:, k - 1]
+            basis = Q[:, : k + 1]
+            for _ in range(2):  # classical Gram–Schmidt, twice
+                w = w - (basis.mT @ (basis @ w[..., None]))[..., 0]
+            b = torch.linalg.vector_norm(w.double(), dim=-1)
+            alpha[:, k] = a
+            T = torch.diag_embed(alpha[:, : k + 1]) + torch.diag_embed(beta[:, :k], 1) + torch.diag_embed(beta[:, :k], -1)
+            evals, evecs = torch.linalg.eigh(T)
+            theta, s = evals[:, -1], evecs[:, :, -1]
+            residual = b * s[:, k].abs()
+            rel_err = torch.where(
+                theta > 0,
+                residual / (2 * theta).clamp_min(torch.finfo(f64).tiny),
+                torch.where(residual > 0, math.inf, 0.0),
+            )
+            exhausted = (b <= eps * theta) | (b == 0) | (k + 1 == n)
+            done = bool(((rel_err <= rtol) | exhausted).all()) or passes >= max_passes
+            if done or k + 1 == cap:
+                ritz = (s.to(ct)[:, :, None] * basis).sum(1)
+                ritz, ritz_norm = _normalized(ritz)
+                v = torch.where((ritz_norm > 0)[:, None], ritz, Q[:, 0])
+                if done:
+                    return v, rel_err
+                break
+            beta[:, k] = torch.where(exhausted, 0.0, b)
+            # A matrix whose Krylov space is exhausted continues with zero vectors: its T only gains
+            # a zero block, which leaves the top Ritz pair as it is.
+            safe_b = torch.where(exhausted | (b == 0), math.inf, b)
+            Q[:, k + 1] = w / safe_b.to(ct)[:, None]
+
+
+def _left_vector(A: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    u, sigma = _normalized((A @ v[..., None])[..., 0])
+    return torch.where((sigma > 0)[:, None], u, torch.zeros_like(u)), sigma
+
+
+def _start_vectors(v0: Tensor | None, B: int, n: int, ct: torch.dtype, device: torch.device) -> Tensor:
+    if v0 is None:
+        return torch.zeros(B, n, dtype=ct, device=device)
+    return v0.reshape(B, n).to(ct)
+
+
+def dense_spectral_norm(W: Tensor, v0: Tensor | None, max_iters: int, rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    A, batch = _flatten(W)
+    B, m, n = A.shape
+    v, rel_err = _lanczos_top(A, _start_vectors(v0, B, n, A.dtype, A.device), max_iters, rtol)
+    u, sigma = _left_vector(A, v)
+    dt = W.dtype
+    return (
+        sigma.to(dt).reshape(batch),
+        u.to(dt).reshape(*batch, m),
+        v.to(dt).reshape(*batch, n),
+        rel_err.reshape(batch),
+    )
+
+
+def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    A, batch = _flatten(W)
+    B, m, n = A.shape
+    x, norm = _normalized(v.reshape(B, n).to(A.dtype))
+    for _ in range(iters):
+        y, norm_y = _normalized(_gram(A, x))
+        x = torch.where((norm_y > 0)[:, None], y, x)  # W x = 0: x is in the null space; keep it
+    u, sigma = _left_vector(A, x)
+    dt = W.dtype
+    return sigma.to(dt).reshape(batch), u.to(dt).reshape(*batch, m), x.to(dt).reshape(*batch, n)
+
+
+# --- the certified bracket -----------------------------------------------------------------------
+
+
+def _times_pow2(x: Tensor, k: Tensor) -> Tensor:
+    """x * 2^k, exactly unless the product under- or overflows (k: int64, one per matrix)."""
+    k1 = torch.div(k, 2, rounding_mode="floor").clamp(-1022, 1023)
+    k2 = (k - k1).clamp(-1022, 1023)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    p1 = ((k1 + 1023) << 52).view(torch.float64).reshape(shape)
+    p2 = ((k2 + 1023) << 52).view(torch.float64).reshape(shape)
+    return x * p1 * p2
+
+
+def _binary_exponent(x: Tensor) -> Tensor:
+    return torch.frexp(x).exponent.to(torch.int64)
+
+
+def _frobenius_upper(X: Tensor) -> Tensor:
+    entries = float(X.shape[-2] * X.shape[-1])
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1))
+    return norm * (1.0 + 2.0 * _gamma(entries + 4)) + math.sqrt(entries * _TINY) + _TINY
+
+
+def certified_rayleigh_lower(A: Tensor, v: Tensor) -> Tensor:
+    """‖A v‖ / ‖v‖ in float64, decreased by a bound on its rounding error (A: (B, m, n), v: (B, n))."""
+    m, n = A.shape[-2:]
+    Ad, vd = A.double(), v.double()
+    norm_y = torch.linalg.vector_norm((Ad @ vd[..., None])[..., 0], dim=-1)
+    norm_v = torch.linalg.vector_norm(vd, dim=-1)
+    norm_A = torch.linalg.vector_norm(Ad, dim=(-2, -1))
+    product_error = _gamma(n) * norm_A * norm_v * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
+    lower = (norm_y * (1.0 - 2.0 * _gamma(m + 4)) - product_error) / (norm_v * (1.0 + 2.0 * _gamma(n + 4)))
+    return (lower * (1.0 - 8.0 * _UNIT)).clamp_min(0.0)
+
+
+def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
+    """Certified upper bound on sigma_max by Gram iteration in float64; see csrc/dense_common.cpp."""
+    G = A.double()
+    if A.shape[-2] < A.shape[-1]:
+        G = G.mT
+    entries = float(A.shape[-2] * A.shape[-1])
+    k0 = _binary_exponent(torch.linalg.vector_norm(G, dim=(-2, -1)))
+    G = _times_pow2(G, -k0)
+    exponents: list[Tensor] = []
+    errors: list[Tensor] = []
+    upper = torch.full(A.shape[:1], math.inf, dtype=torch.float64, device=A.device)
+    for step in range(max_steps):
+        inner, cols = float(G.shape[-2]), float(G.shape[-1])
+        fro = _frobenius_upper(G)
+        P = G.mT @ G
+        errors.append(_gamma(inner) * fro * fro * (1.0 + 4.0 * _UNIT) + cols * (inner + 1.0) * _TINY)
+        k = _binary_exponent(torch.linalg.vector_norm(P, dim=(-2, -1)))
+        exponents.append(k)
+        G = _times_pow2(P, -k)
+        bound = _frobenius_upper(G)
+        for j in range(step, -1, -1):
+            bound = torch.sqrt(_times_pow2(bound, exponents[j]) + 2.0 * _TINY + errors[j]) * (1.0 + 8.0 * _UNIT)
+        candidate = _times_pow2((bound + math.sqrt(entries) * _TINY) * (1.0 + 4.0 * _UNIT), k0) * (1.0 + 4.0 * _UNIT)
+        upper = torch.minimum(upper, candidate)
+        if bool((upper <= target).all()):
+            break
+    return upper
+
+
+def round_directed(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """Rounds non-negative float64 values to ``dtype`` upwards (or downwards), never across x."""
+    if dtype == torch.float64:
+        return x
+    y = x.to(dtype)
+    back = y.double()
+    off = back < x if up else back > x
+    bits = y.view({2: torch.int16, 4: torch.int32}[y.element_size()])
+    return torch.where(off, bits + 1 if up else bits - 1, bits).view(dtype)
+
+
+def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_steps: int) -> tuple[Tensor, Tensor]:
+    A, batch = _flatten(W)
+    B, _, n = A.shape
+    v, _ = _lanczos_top(A, torch.zeros(B, n, dtype=A.dtype, device=A.device), max_iters, rtol / 8)
+    lower = certified_rayleigh_lower(A, v)
+    upper = gram_upper_bound(A, lower * (1.0 + rtol), max_gram_steps)
+    return (
+        round_directed(lower, W.dtype, up=False).reshape(batch),
+        round_directed(upper, W.dtype, up=True).reshape(batch),
+    )
