@@ -118,7 +118,8 @@ at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64
   if (W.size(1) < W.size(2)) G = G.transpose(1, 2);
   const double entries = static_cast<double>(W.size(1)) * static_cast<double>(W.size(2));
 
-  auto k0 = binary_exponent(at::linalg_vector_norm(G, 2, {1, 2}));
+  const auto norm_W = at::linalg_vector_norm(G, 2, {1, 2});
+  auto k0 = binary_exponent(norm_W);
   G = times_pow2(G, -k0).contiguous();
 
   std::vector<at::Tensor> exponents;  // k_t
@@ -143,7 +144,7 @@ at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64
     }
     auto candidate =
         times_pow2((bound + std::sqrt(entries) * kTiny) * (1.0 + 4.0 * kUnit), k0) * (1.0 + 4.0 * kUnit);
-    upper = at::minimum(upper, candidate);
+    upper = at::minimum(upper, at::where(norm_W > 0, candidate, 0.0));  // W = 0: sigma = 0 exactly
     if (at::le(upper, target).all().item<bool>()) break;
   }
   return upper;

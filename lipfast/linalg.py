@@ -89,7 +89,7 @@ def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None
         with torch.no_grad():
             _, u, v, rel_err = reference.dense_spectral_norm(W, None, max_iters, rtol)
         # sigma = uᵀ W v carries the gradient u vᵀ; its value is ‖W v‖ to rounding.
-        sigma = torch.einsum("...i,...ij,...j->...", u, W, v)
+        sigma = torch.einsum("...i,...ij,...j->...", u, W.contiguous(), v)
     if not torch.compiler.is_compiling():
         worst = float(rel_err.max())
         if not worst <= rtol:
@@ -169,4 +169,4 @@ def power_iteration(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tenso
         return ops.dense_power_iteration(W, v, iters)
     with torch.no_grad():
         _, u, v_new = reference.dense_power_iteration(W, v, iters)
-    return torch.einsum("...i,...ij,...j->...", u, W, v_new), u, v_new
+    return torch.einsum("...i,...ij,...j->...", u, W.contiguous(), v_new), u, v_new

@@ -36,7 +36,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _flatten(W: Tensor) -> tuple[Tensor, torch.Size]:
     batch = W.shape[:-2]
-    return W.reshape(-1, *W.shape[-2:]).to(_compute_dtype(W.dtype)), batch
+    # contiguous: the same summation order, so the same result, for every memory layout of W
+    return W.reshape(-1, *W.shape[-2:]).to(_compute_dtype(W.dtype)).contiguous(), batch
 
 
 def first_nonfinite_matrix(W: Tensor) -> int | None:
@@ -71,6 +72,10 @@ def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Te
     B, _, n = A.shape
     ct, f64 = A.dtype, torch.float64
     eps = torch.finfo(ct).eps
+    # Scale each matrix by about 1 / max|A| so that AᵀA x stays in range; the Ritz vectors are the same.
+    big = A.abs().amax(dim=(-2, -1))
+    exponent = torch.frexp(torch.where(big > 0, big, torch.ones_like(big))).exponent
+    A = torch.ldexp(A, -exponent.to(ct)[:, None, None])
     cap = min(_MAX_BASIS, n)
     v, norm = _normalized(v)
     v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, A.device))[0])
@@ -196,7 +201,8 @@ def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
     if A.shape[-2] < A.shape[-1]:
         G = G.mT
     entries = float(A.shape[-2] * A.shape[-1])
-    k0 = _binary_exponent(torch.linalg.vector_norm(G, dim=(-2, -1)))
+    norm_W = torch.linalg.vector_norm(G, dim=(-2, -1))
+    k0 = _binary_exponent(norm_W)
     G = _times_pow2(G, -k0)
     exponents: list[Tensor] = []
     errors: list[Tensor] = []
@@ -213,7 +219,7 @@ def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
         for j in range(step, -1, -1):
             bound = torch.sqrt(_times_pow2(bound, exponents[j]) + 2.0 * _TINY + errors[j]) * (1.0 + 8.0 * _UNIT)
         candidate = _times_pow2((bound + math.sqrt(entries) * _TINY) * (1.0 + 4.0 * _UNIT), k0) * (1.0 + 4.0 * _UNIT)
-        upper = torch.minimum(upper, candidate)
+        upper = torch.minimum(upper, torch.where(norm_W > 0, candidate, 0.0))  # W = 0: sigma = 0 exactly
         if bool((upper <= target).all()):
             break
     return upper

@@ -42,10 +42,11 @@ namespace {
 // Vector kernels.  The bodies are templates; the entry points below are non-template overloads so
 // that each can carry target_clones.
 
-// acc += sum over `rows` rows w_i of (w_i · x) w_i.
+// acc += c * sum over `rows` rows w_i of (w_i · x) w_i.  c, a power of two near 1 / max|W|, keeps
+// the result near sigma rather than sigma^2, so that it neither underflows nor overflows.
 template <typename T>
 inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
-                                                          const T* __restrict__ x, T* __restrict__ acc) {
+                                                          const T* __restrict__ x, T* __restrict__ acc, T c) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* __restrict__ w0 = W + i * n;
@@ -61,6 +62,7 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
       s2 += w2[j] * xj;
       s3 += w3[j] * xj;
     }
+    s0 *= c; s1 *= c; s2 *= c; s3 *= c;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
   }
@@ -69,6 +71,7 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
     T s0 = 0;
 #pragma omp simd reduction(+ : s0)
     for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
+    s0 *= c;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
   }
@@ -106,8 +109,8 @@ inline __attribute__((always_inline)) void axpy_body(double a, const T* __restri
 }
 
 #define LIPFAST_VECTOR_KERNELS(T)                                                                    \
-  LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc) {     \
-    gram_rows_body<T>(W, n, rows, x, acc);                                                          \
+  LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc, T c) { \
+    gram_rows_body<T>(W, n, rows, x, acc, c);                                                       \
   }                                                                                                  \
   LIPFAST_SIMD_CLONES void matvec_rows(const T* W, int64_t n, int64_t rows, const T* x, T* y) {     \
     matvec_rows_body<T>(W, n, rows, x, y);                                                          \
@@ -147,13 +150,16 @@ void default_start_vector(T* v, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Applying WᵀW: serially (one matrix per task) or split over the rows of one large matrix.
 
+// Both apply c WᵀW for a power of two c (see gram_rows_body): Lanczos and power iteration only see
+// it as a scale of their Ritz values, and sigma is always taken as ‖W v‖.
 template <typename T>
 struct SerialGram {
   const T* W;
   int64_t m, n;
+  T c;
   void operator()(const T* x, T* y) const {
     std::fill(y, y + n, T(0));
-    gram_rows(W, n, m, x, y);
+    gram_rows(W, n, m, x, y, c);
   }
   void matvec(const T* x, T* y) const { matvec_rows(W, n, m, x, y); }
 };
@@ -162,27 +168,28 @@ template <typename T>
 struct RowParallelGram {
   const T* W;
   int64_t m, n;
+  T c;
   int64_t chunks;
   mutable std::vector<T> partial;  // chunks x n accumulators, one per row block
 
-  RowParallelGram(const T* W_, int64_t m_, int64_t n_) : W(W_), m(m_), n(n_) {
+  RowParallelGram(const T* W_, int64_t m_, int64_t n_, T c_) : W(W_), m(m_), n(n_), c(c_) {
     chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / 4));
     partial.resize(chunks * n);
   }
   void operator()(const T* x, T* y) const {
     T* buffers = partial.data();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t r0 = c * m / chunks, r1 = (c + 1) * m / chunks;
-        T* acc = buffers + c * n;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t r0 = chunk * m / chunks, r1 = (chunk + 1) * m / chunks;
+        T* acc = buffers + chunk * n;
         std::fill(acc, acc + n, T(0));
-        gram_rows(W + r0 * n, n, r1 - r0, x, acc);
+        gram_rows(W + r0 * n, n, r1 - r0, x, acc, c);
       }
     });
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         T s = 0;
-        for (int64_t c = 0; c < chunks; ++c) s += buffers[c * n + j];
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) s += buffers[chunk * n + j];
         y[j] = s;
       }
     });
@@ -195,23 +202,28 @@ struct RowParallelGram {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The largest eigenpair of a symmetric tridiagonal matrix T_k (diagonal a[0..k), off-diagonal
-// b[0..k-1)): eigenvalue by bisection on Sturm counts, eigenvector by two steps of inverse
-// iteration (tridiagonal LU with partial pivoting).  O(k) per bisection step.
+// The largest eigenpair of a symmetric tridiagonal matrix T_K (diagonal a[0..K), off-diagonal
+// b[0..K-1)), as Lanczos needs it after every step.  Fast path: Rayleigh quotient iteration from
+// the previous step's top eigenvector (padded with a zero), which converges in two or three O(K)
+// solves, then one Sturm count to verify that no eigenvalue lies above the one found.  Fallback
+// (no guess, tiny K, or a failed verification): bisection on Sturm counts, O(K) per halving, and
+// inverse iteration for the eigenvector.  All of it on T / ‖T‖, so that squares of off-diagonal
+// entries neither overflow nor underflow whatever the scale of W.
 
 struct TridiagonalWork {
-  std::vector<double> dl, d, du, du2, y;
+  std::vector<double> a, b, dl, d, du, du2, y;
   std::vector<char> swapped;
-  void resize(int64_t k) {
-    dl.resize(k); d.resize(k); du.resize(k); du2.resize(k); y.resize(k); swapped.resize(k);
+  void resize(int64_t K) {
+    for (auto* v : {&a, &b, &dl, &d, &du, &du2, &y}) v->resize(K);
+    swapped.resize(K);
   }
 };
 
-// Number of eigenvalues of T_k below x.
-int64_t eigenvalues_below(const double* a, const double* b, int64_t k, double x, double pivot_min) {
+// Number of eigenvalues of T_K below x.
+int64_t eigenvalues_below(const double* a, const double* b, int64_t K, double x, double pivot_min) {
   int64_t count = 0;
   double d = 1.0;
-  for (int64_t i = 0; i < k; ++i) {
+  for (int64_t i = 0; i < K; ++i) {
     d = (a[i] - x) - (i > 0 ? b[i - 1] * b[i - 1] / d : 0.0);
     if (std::abs(d) < pivot_min) d = -pivot_min;
     if (d < 0) ++count;
@@ -219,78 +231,130 @@ int64_t eigenvalues_below(const double* a, const double* b, int64_t k, double x,
   return count;
 }
 
-double tridiagonal_top_eigenpair(const double* a, const double* b, int64_t k, double* s, TridiagonalWork& work) {
-  if (k == 1) {
-    s[0] = 1.0;
-    return a[0];
-  }
-  double lo = std::numeric_limits<double>::infinity(), hi = -lo, scale = 0.0;
-  for (int64_t i = 0; i < k; ++i) {
-    const double r = (i > 0 ? std::abs(b[i - 1]) : 0.0) + (i + 1 < k ? std::abs(b[i]) : 0.0);
-    lo = std::min(lo, a[i] - r);
-    hi = std::max(hi, a[i] + r);
-    scale = std::max(scale, std::abs(a[i]) + r);
-  }
-  const double eps = std::numeric_limits<double>::epsilon();
-  const double pivot_min = eps * scale + std::numeric_limits<double>::min();
-  hi += 2 * eps * scale + pivot_min;  // all k eigenvalues now lie strictly below hi
-  for (int iter = 0; iter < 200; ++iter) {
-    const double mid = 0.5 * (lo + hi);
-    if (mid <= lo || mid >= hi || hi - lo <= 2 * eps * std::max(std::abs(lo), std::abs(hi))) break;
-    if (eigenvalues_below(a, b, k, mid, pivot_min) == k) hi = mid; else lo = mid;
-  }
-  const double theta = 0.5 * (lo + hi);
-
-  // Inverse iteration on T - theta I: factor once (dgttrf's scheme), solve twice.
-  auto& dl = work.dl; auto& d = work.d; auto& du = work.du; auto& du2 = work.du2; auto& y = work.y;
-  auto& swapped = work.swapped;
-  for (int64_t i = 0; i < k; ++i) d[i] = a[i] - theta;
-  for (int64_t i = 0; i + 1 < k; ++i) dl[i] = du[i] = b[i];
-  for (int64_t i = 0; i + 1 < k; ++i) {
+// LU factorization of T_K - mu I with partial pivoting (LAPACK dgttrf's scheme) into `w`; tiny
+// pivots are replaced by pivot_min, as inverse iteration wants.
+void factor_shifted(const double* a, const double* b, int64_t K, double mu, double pivot_min, TridiagonalWork& w) {
+  double *dl = w.dl.data(), *d = w.d.data(), *du = w.du.data(), *du2 = w.du2.data();
+  for (int64_t i = 0; i < K; ++i) d[i] = a[i] - mu;
+  for (int64_t i = 0; i + 1 < K; ++i) dl[i] = du[i] = b[i];
+  for (int64_t i = 0; i + 1 < K; ++i) {
     du2[i] = 0.0;
     if (std::abs(d[i]) >= std::abs(dl[i])) {
-      swapped[i] = 0;
+      w.swapped[i] = 0;
       if (std::abs(d[i]) < pivot_min) d[i] = pivot_min;
       const double f = dl[i] / d[i];
       dl[i] = f;
       d[i + 1] -= f * du[i];
     } else {
-      swapped[i] = 1;
+      w.swapped[i] = 1;
       const double f = d[i] / dl[i];
       d[i] = dl[i];
       dl[i] = f;
       const double t = du[i];
       du[i] = d[i + 1];
       d[i + 1] = t - f * d[i + 1];
-      if (i + 2 < k) {
+      if (i + 2 < K) {
         du2[i] = du[i + 1];
         du[i + 1] = -f * du[i + 1];
       }
     }
   }
-  if (std::abs(d[k - 1]) < pivot_min) d[k - 1] = pivot_min;
-  for (int64_t i = 0; i < k; ++i) y[i] = 1.0;
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int64_t i = 0; i + 1 < k; ++i) {
-      if (!swapped[i]) {
-        y[i + 1] -= dl[i] * y[i];
-      } else {
-        const double t = y[i] - dl[i] * y[i + 1];
-        y[i] = y[i + 1];
-        y[i + 1] = t;
-      }
+  if (std::abs(d[K - 1]) < pivot_min) d[K - 1] = pivot_min;
+}
+
+// y <- (T_K - mu I)^-1 y with the factors of factor_shifted, then y <- y / ‖y‖.
+void solve_shifted_normalized(int64_t K, double* y, const TridiagonalWork& w) {
+  const double *dl = w.dl.data(), *d = w.d.data(), *du = w.du.data(), *du2 = w.du2.data();
+  for (int64_t i = 0; i + 1 < K; ++i) {
+    if (!w.swapped[i]) {
+      y[i + 1] -= dl[i] * y[i];
+    } else {
+      const double t = y[i] - dl[i] * y[i + 1];
+      y[i] = y[i + 1];
+      y[i + 1] = t;
     }
-    y[k - 1] /= d[k - 1];
-    y[k - 2] = (y[k - 2] - du[k - 2] * y[k - 1]) / d[k - 2];
-    for (int64_t i = k - 3; i >= 0; --i) y[i] = (y[i] - du[i] * y[i + 1] - du2[i] * y[i + 2]) / d[i];
-    double nrm = 0.0, big = 0.0;
-    for (int64_t i = 0; i < k; ++i) big = std::max(big, std::abs(y[i]));
-    for (int64_t i = 0; i < k; ++i) nrm += (y[i] / big) * (y[i] / big);
-    nrm = big * std::sqrt(nrm);
-    for (int64_t i = 0; i < k; ++i) y[i] /= nrm;
   }
-  std::copy(y.begin(), y.begin() + k, s);
-  return theta;
+  y[K - 1] /= d[K - 1];
+  if (K > 1) y[K - 2] = (y[K - 2] - du[K - 2] * y[K - 1]) / d[K - 2];
+  for (int64_t i = K - 3; i >= 0; --i) y[i] = (y[i] - du[i] * y[i + 1] - du2[i] * y[i + 2]) / d[i];
+  double big = 0.0, sum = 0.0;
+  for (int64_t i = 0; i < K; ++i) big = std::max(big, std::abs(y[i]));
+  for (int64_t i = 0; i < K; ++i) sum += (y[i] / big) * (y[i] / big);
+  const double norm = big * std::sqrt(sum);
+  for (int64_t i = 0; i < K; ++i) y[i] /= norm;
+}
+
+double rayleigh_quotient(const double* a, const double* b, int64_t K, const double* y) {
+  double q = 0.0;
+  for (int64_t i = 0; i < K; ++i) q += a[i] * y[i] * y[i];
+  for (int64_t i = 0; i + 1 < K; ++i) q += 2.0 * b[i] * y[i] * y[i + 1];
+  return q;
+}
+
+// Returns theta = lambda_max(T_K) and its unit eigenvector in s.  When have_guess, s[0..K-1) holds
+// on entry the top eigenvector of T_{K-1}.
+double tridiagonal_top_eigenpair(const double* a_in, const double* b_in, int64_t K, double* s, bool have_guess,
+                                 TridiagonalWork& work) {
+  if (K == 1) {
+    s[0] = 1.0;
+    return a_in[0];
+  }
+  double norm_T = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    norm_T = std::max(norm_T, std::abs(a_in[i]) + (i > 0 ? std::abs(b_in[i - 1]) : 0.0) +
+                                  (i + 1 < K ? std::abs(b_in[i]) : 0.0));
+  }
+  if (!(norm_T > 0)) {  // T = 0
+    std::fill(s, s + K, 0.0);
+    s[0] = 1.0;
+    return 0.0;
+  }
+  double* a = work.a.data();
+  double* b = work.b.data();
+  for (int64_t i = 0; i < K; ++i) a[i] = a_in[i] / norm_T;
+  for (int64_t i = 0; i + 1 < K; ++i) b[i] = b_in[i] / norm_T;
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double pivot_min = eps + std::numeric_limits<double>::min();  // ‖T‖ = 1 from here on
+  double* y = work.y.data();
+
+  if (have_guess && K > 4) {
+    std::copy(s, s + K - 1, y);
+    y[K - 1] = 0.0;
+    double mu = rayleigh_quotient(a, b, K, y);
+    for (int iter = 0; iter < 6; ++iter) {
+      factor_shifted(a, b, K, mu, pivot_min, work);
+      solve_shifted_normalized(K, y, work);
+      const double next = rayleigh_quotient(a, b, K, y);
+      const bool settled = std::abs(next - mu) <= 8 * eps;
+      mu = next;
+      if (settled) break;
+    }
+    // Accept mu only if no eigenvalue of T lies above it (beyond a relative 1e-10).
+    if (eigenvalues_below(a, b, K, mu + 1e-10, pivot_min) == K) {
+      std::copy(y, y + K, s);
+      return mu * norm_T;
+    }
+  }
+
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < K; ++i) {
+    const double r = (i > 0 ? std::abs(b[i - 1]) : 0.0) + (i + 1 < K ? std::abs(b[i]) : 0.0);
+    lo = std::min(lo, a[i] - r);
+    hi = std::max(hi, a[i] + r);
+  }
+  hi += 2 * eps + pivot_min;  // all K eigenvalues now lie strictly below hi
+  for (int iter = 0; iter < 200; ++iter) {
+    const double mid = 0.5 * (lo + hi);
+    if (mid <= lo || mid >= hi || hi - lo <= 2 * eps * std::max(std::abs(lo), std::abs(hi))) break;
+    if (eigenvalues_below(a, b, K, mid, pivot_min) == K) hi = mid; else lo = mid;
+  }
+  const double theta = 0.5 * (lo + hi);
+  factor_shifted(a, b, K, theta, pivot_min, work);
+  for (int64_t i = 0; i < K; ++i) y[i] = 1.0;
+  solve_shifted_normalized(K, y, work);
+  solve_shifted_normalized(K, y, work);
+  std::copy(y, y + K, s);
+  return theta * norm_T;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,7 +413,7 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
         if (b > 0.7071 * before) break;  // little was removed: w is orthogonal to working accuracy
       }
       alpha[k] = a;
-      const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, work.tri);
+      const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, /*have_guess=*/k > 0, work.tri);
       const double residual = b * std::abs(s[k]);
       double rel_err = theta > 0 ? residual / (2.0 * theta) : (residual > 0 ? INFINITY : 0.0);
       // The Krylov space is invariant (b ~ 0) or is the whole space: theta is exact.
@@ -380,37 +444,51 @@ double left_vector(const Gram& gram, int64_t m, const T* v, T* u) {
   return sigma;
 }
 
-// Runs `solve(gram, matrix index)` for every matrix, choosing the parallel axis.
+// Runs `solve(gram, matrix index, work)` for every matrix, choosing the parallel axis; `work` is
+// scratch space reused by the matrices of one task.  scales[b] is the factor c of matrix b
+// (nullptr: 1).
 template <typename T, typename Solve>
-void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const Solve& solve) {
+void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const T* scales, const Solve& solve) {
   const bool split_rows = B < at::get_num_threads() && m * n >= (int64_t(1) << 16) && m >= 8;
+  auto c = [&](int64_t b) { return scales ? scales[b] : T(1); };
   if (split_rows) {
-    for (int64_t b = 0; b < B; ++b) solve(RowParallelGram<T>(W + b * m * n, m, n), b);
+    LanczosWork<T> work;
+    for (int64_t b = 0; b < B; ++b) solve(RowParallelGram<T>(W + b * m * n, m, n, c(b)), b, work);
   } else {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) solve(SerialGram<T>{W + b * m * n, m, n}, b);
+      LanczosWork<T> work;
+      for (int64_t b = begin; b < end; ++b) solve(SerialGram<T>{W + b * m * n, m, n, c(b)}, b, work);
     });
   }
 }
 
-// Flat index of the first matrix holding a NaN or Inf, or B when all are finite.
+// One read of every matrix: returns the flat index of the first matrix holding a NaN or Inf (B when
+// all are finite), and fills scales[b] with the power of two nearest 1 / max|W_b| (1 for W_b = 0).
 template <typename T>
-int64_t first_nonfinite_matrix(const T* data, int64_t B, int64_t m, int64_t n) {
+int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales) {
   std::atomic<int64_t> first{B};
+  std::vector<T> row_max(B * m);
   at::parallel_for(0, B * m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = data + r * n;
-      T probe = 0;  // x * 0 is NaN exactly when x is NaN or Inf
-#pragma omp simd reduction(+ : probe)
-      for (int64_t j = 0; j < n; ++j) probe += row[j] * T(0);
+      T probe = 0, big = 0;  // x * 0 is NaN exactly when x is NaN or Inf
+#pragma omp simd reduction(+ : probe) reduction(max : big)
+      for (int64_t j = 0; j < n; ++j) {
+        probe += row[j] * T(0);
+        big = std::max(big, std::abs(row[j]));
+      }
+      row_max[r] = big;
       if (probe != probe) {
         int64_t b = r / m, seen = first.load();
         while (b < seen && !first.compare_exchange_weak(seen, b)) {
         }
-        return;
       }
     }
   });
+  for (int64_t b = 0; b < B; ++b) {
+    const T big = *std::max_element(row_max.begin() + b * m, row_max.begin() + (b + 1) * m);
+    scales[b] = big > 0 && std::isfinite(big) ? std::ldexp(T(1), -std::ilogb(big)) : T(1);
+  }
   return first.load();
 }
 
@@ -441,12 +519,15 @@ std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
   return shape;
 }
 
-void check_finite(const char* op, const at::Tensor& W, const Flattened& f) {
+// Raises ValueError on NaN/Inf entries; returns the per-matrix scales c (B,) of the Gram passes.
+at::Tensor scan_and_check(const char* op, const at::Tensor& W, const Flattened& f) {
+  auto scales = at::empty({f.B}, f.W.options());
   int64_t first_bad = f.B;
-  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_check_finite", [&] {
-    first_bad = first_nonfinite_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n);
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_scan_matrices", [&] {
+    first_bad = scan_matrices(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>());
   });
   raise_if_nonfinite(op, W, first_bad);
+  return scales;
 }
 
 // Start vectors (B, n) in the compute dtype, always a fresh buffer the kernel may overwrite.
@@ -474,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_c
   TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm: rtol must be positive, got ", rtol);
   const Flattened f = flatten_matrices(W);
   auto v = start_vectors("spectral_norm", v0, f, false);
-  check_finite("spectral_norm", W, f);
+  const auto scales = scan_and_check("spectral_norm", W, f);
   auto u = at::empty({f.B, f.m}, f.W.options());
   auto sigma = at::empty({f.B}, f.W.options());
   auto rel_err = at::empty({f.B}, f.W.options().dtype(at::kDouble));
@@ -483,8 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_c
     scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* sp = sigma.data_ptr<scalar_t>();
     double* ep = rel_err.data_ptr<double>();
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
-      LanczosWork<scalar_t> work;
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>(), [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       ep[b] = lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol, work);
       sp[b] = static_cast<scalar_t>(left_vector(gram, f.m, vp + b * f.n, up + b * f.m));
     });
@@ -506,9 +586,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cpu(const a
     scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* sp = sigma.data_ptr<scalar_t>();
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
+    // No scan here (it would be a second read of W per step): c = 1, so WᵀW x must stay in range.
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, static_cast<const scalar_t*>(nullptr),
+                    [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       scalar_t* x = vp + b * f.n;
-      std::vector<scalar_t> y(f.n);
+      auto& y = work.w;
+      y.resize(f.n);
       double nx = norm(x, f.n);
       if (nx > 0) scale(x, 1.0 / nx, f.n);
       for (int64_t it = 0; it < iters && nx > 0; ++it) {
@@ -535,13 +618,12 @@ std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tens
   TORCH_CHECK_VALUE(max_gram_steps >= 1, "lipfast.spectral_norm_bounds: max_gram_steps must be >= 1, got ",
                     max_gram_steps);
   const Flattened f = flatten_matrices(W);
-  check_finite("spectral_norm_bounds", W, f);
+  const auto scales = scan_and_check("spectral_norm_bounds", W, f);
   // Lower end: a Rayleigh quotient at a Lanczos vector converged well inside the requested gap.
   auto v = start_vectors("spectral_norm_bounds", std::nullopt, f, false);
   AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_spectral_norm_bounds", [&] {
     scalar_t* vp = v.data_ptr<scalar_t>();
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b) {
-      LanczosWork<scalar_t> work;
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>(), [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol / 8, work);
     });
   });

@@ -1,0 +1,3 @@
+from lipfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""lipfast.spectral_norm, spectral_norm_bounds and power_iteration against exact float64 answers."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import lipfast
+from conftest import KINDS, exact_spectral_norm, make_matrix, with_singular_values
+
+DTYPES = [torch.float32, torch.float64]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+# The float64 SVD we compare with is itself only accurate to a few units of roundoff.
+SVD_SLACK = 1e-12
+
+
+def half_slack(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype in HALF_DTYPES else 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_spectral_norm_matches_svd(backend, device, kind, dtype):
+    W = make_matrix(kind).to(device=device, dtype=dtype)
+    exact = exact_spectral_norm(W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults must reach rtol without a warning
+        sigma = lipfast.spectral_norm(W)
+    assert sigma.shape == W.shape[:-2]
+    assert sigma.dtype == dtype and sigma.device == W.device
+    rel = ((sigma.cpu().double() - exact) / exact).abs().max().item()
+    assert rel <= 1e-5 + half_slack(dtype), rel
+
+
+@pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bounds_bracket_sigma(backend, device, kind, dtype):
+    W = make_matrix(kind).to(device=device, dtype=dtype)
+    exact = exact_spectral_norm(W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lower, upper = lipfast.spectral_norm_bounds(W)
+    assert lower.shape == upper.shape == W.shape[:-2]
+    assert lower.dtype == upper.dtype == dtype
+    lower, upper = lower.cpu().double(), upper.cpu().double()
+    assert (lower <= exact * (1 + SVD_SLACK)).all(), (lower, exact)
+    assert (upper >= exact * (1 - SVD_SLACK)).all(), (upper, exact)
+    gap = (upper / lower - 1).max().item()
+    assert gap <= 1e-3 + 4 * half_slack(dtype), gap
+
+
+@pytest.mark.parametrize("rtol", [1e-2, 1e-6])
+def test_bounds_honour_rtol(backend, rtol):
+    W = make_matrix("close_gap")
+    exact = exact_spectral_norm(W)
+    lower, upper = lipfast.spectral_norm_bounds(W, rtol=rtol)
+    assert lower <= exact * (1 + SVD_SLACK) and upper >= exact * (1 - SVD_SLACK)
+    assert upper / lower - 1 <= rtol
+
+
+def test_bounds_stay_valid_when_capped(backend):
+    # One Gram step is far too few for a tight bracket: it must still be a valid one, with a warning.
+    W = make_matrix("close_gap")
+    exact = exact_spectral_norm(W)
+    with pytest.warns(RuntimeWarning, match="wider than rtol"):
+        lower, upper = lipfast.spectral_norm_bounds(W, max_gram_steps=1)
+    assert lower <= exact * (1 + SVD_SLACK) and upper >= exact * (1 - SVD_SLACK)
+    assert upper / lower - 1 > 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e150])
+def test_bounds_extreme_scales(backend, scale):
+    W = make_matrix("square") * scale
+    exact = exact_spectral_norm(W)
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert lower <= exact * (1 + SVD_SLACK) and upper >= exact * (1 - SVD_SLACK)
+    assert upper / lower - 1 <= 1e-3
+
+
+@pytest.mark.parametrize("rtol", [1e-3, 1e-8])
+def test_spectral_norm_rtol(backend, rtol):
+    W = make_matrix("close_gap")
+    exact = exact_spectral_norm(W)
+    sigma = lipfast.spectral_norm(W, rtol=rtol)
+    assert abs(sigma - exact) / exact <= rtol
+
+
+def test_max_iters_warns_with_accuracy(backend):
+    W = make_matrix("close_gap")
+    with pytest.warns(RuntimeWarning, match="accuracy reached"):
+        sigma = lipfast.spectral_norm(W, max_iters=3)
+    assert sigma <= exact_spectral_norm(W) * (1 + SVD_SLACK)  # still a Rayleigh quotient
+
+
+def test_gradient_is_top_singular_pair(backend):
+    W = make_matrix("batched").requires_grad_()
+    sigma = lipfast.spectral_norm(W, rtol=1e-12)
+    weights = torch.arange(1.0, 1.0 + sigma.numel(), dtype=torch.float64).reshape(sigma.shape)
+    (sigma * weights).sum().backward()
+    U, S, Vh = torch.linalg.svd(W.detach())
+    expected = weights[..., None, None] * U[..., :, :1] @ Vh[..., :1, :]
+    torch.testing.assert_close(W.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_gradcheck(backend):
+    W = make_matrix("tall")[:12, :7].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: lipfast.spectral_norm(w, rtol=1e-13), (W,))
+    # With iters=0, sigma = ‖W v‖ / ‖v‖ for a v that does not depend on W: u vᵀ is its exact gradient.
+    # (With iters > 0 the iterate is treated as a constant, as in torch's spectral norm.)
+    v = torch.linspace(-1.0, 2.0, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda w: lipfast.power_iteration(w, v, 0)[0], (W,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
+def test_zero_matrix(backend, dtype):
+    W = torch.zeros(2, 5, 4, dtype=dtype, requires_grad=True)
+    sigma = lipfast.spectral_norm(W)
+    assert torch.equal(sigma, torch.zeros(2, dtype=dtype))
+    sigma.sum().backward()
+    assert torch.equal(W.grad, torch.zeros_like(W))
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert torch.equal(lower, torch.zeros(2, dtype=dtype))
+    assert (upper >= 0).all() and (upper.double() < 1e-100).all()
+
+
+def test_non_contiguous_inputs(backend):
+    base = make_matrix("batched").to(torch.float32)
+    views = [base.mT, base[..., ::2, :], base[:, 1:, ::3, 1:]]
+    for view in views:
+        assert not view.is_contiguous()
+        assert torch.equal(lipfast.spectral_norm(view), lipfast.spectral_norm(view.contiguous()))
+        for a, b in zip(lipfast.spectral_norm_bounds(view), lipfast.spectral_norm_bounds(view.contiguous())):
+            assert torch.equal(a, b)
+
+
+def test_deterministic(backend):
+    W = make_matrix("large").float()
+    assert torch.equal(lipfast.spectral_norm(W), lipfast.spectral_norm(W))
+
+
+def test_batch_and_single_matrix_paths_agree(backend):
+    # A batch of one large matrix takes the row-parallel path; a batch of several, the per-matrix one.
+    W = make_matrix("large")
+    batch = torch.stack([W, 2 * W, W.flip(0)])
+    single = torch.stack([lipfast.spectral_norm(x) for x in batch])
+    torch.testing.assert_close(lipfast.spectral_norm(batch), single, rtol=1e-9, atol=0)
+
+
+def test_inputs_not_modified(backend):
+    W = make_matrix("batched")
+    W.requires_grad_()
+    before = W.detach().clone()
+    v = torch.randn(*W.shape[:-2], W.shape[-1], dtype=W.dtype)
+    v_before = v.clone()
+    lipfast.spectral_norm(W)
+    lipfast.spectral_norm_bounds(W)
+    lipfast.power_iteration(W, v, 2)
+    assert torch.equal(W.detach(), before) and torch.equal(v, v_before)
+
+
+# --- power iteration ----------------------------------------------------------------------------
+
+
+def test_power_iteration_converges_on_gapped_matrix(backend):
+    s = torch.tensor([3.0, 1.5, 1.0, 0.5, 0.1], dtype=torch.float64)
+    W = with_singular_values(8, 5, s, seed=3)
+    v = torch.ones(5, dtype=torch.float64)
+    sigma, u, v_new = lipfast.power_iteration(W, v, iters=60)
+    assert abs(sigma.item() - 3.0) < 1e-12
+    torch.testing.assert_close(W @ v_new, sigma * u)
+    assert abs(torch.linalg.vector_norm(v_new).item() - 1) < 1e-12
+
+
+def test_power_iteration_warm_start(backend):
+    W = make_matrix("batched")
+    v0 = torch.ones(*W.shape[:-2], W.shape[-1], dtype=W.dtype)
+    sigma_all, _, v_all = lipfast.power_iteration(W, v0, iters=5)
+    v = v0
+    for _ in range(5):
+        sigma, _, v = lipfast.power_iteration(W, v, iters=1)
+    torch.testing.assert_close(sigma, sigma_all, rtol=1e-12, atol=0)
+    torch.testing.assert_close(v, v_all, rtol=1e-10, atol=1e-12)
+    exact = exact_spectral_norm(W)
+    assert (sigma <= exact * (1 + SVD_SLACK)).all()
+    assert (sigma > 0.5 * exact).all()
+
+
+def test_power_iteration_zero_iters_is_rayleigh_quotient(backend):
+    W = make_matrix("tall")
+    v = torch.randn(30, dtype=torch.float64)
+    sigma, u, v_new = lipfast.power_iteration(W, v, iters=0)
+    torch.testing.assert_close(v_new, v / v.norm())
+    torch.testing.assert_close(sigma, torch.linalg.vector_norm(W @ v) / v.norm())
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [lipfast.spectral_norm, lipfast.spectral_norm_bounds])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_entries_name_the_matrix(backend, fn, bad):
+    W = torch.randn(3, 4, 5, 6)
+    W[1, 2, 3, 4] = bad
+    W[2, 0, 0, 0] = bad
+    before = W.clone()
+    with pytest.raises(ValueError, match=r"NaN or Inf entry in matrix W\[1, 2\]"):
+        fn(W)
+    assert torch.equal(W, before) if bad == bad else True
+
+
+@pytest.mark.parametrize("fn", [lipfast.spectral_norm, lipfast.spectral_norm_bounds])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8])
+def test_non_floating_dtypes_raise_type_error(backend, fn, dtype):
+    W = torch.ones(3, 3, dtype=dtype)
+    with pytest.raises(TypeError, match="W must be a floating-point tensor"):
+        fn(W)
+
+
+@pytest.mark.parametrize("fn", [lipfast.spectral_norm, lipfast.spectral_norm_bounds])
+@pytest.mark.parametrize("shape", [(), (5,), (0, 3), (3, 0), (0, 2, 2)])
+def test_bad_shapes_raise_value_error(backend, fn, shape):
+    with pytest.raises(ValueError, match=r"W must (have at least 2 dims|not have a zero-size dim)"):
+        fn(torch.ones(shape))
+
+
+def test_not_a_tensor(backend):
+    with pytest.raises(TypeError, match="W must be a torch.Tensor"):
+        lipfast.spectral_norm([[1.0, 2.0], [3.0, 4.0]])
+
+
+@pytest.mark.parametrize("rtol", [0, -1e-3, math.nan, math.inf, "1e-3", True])
+def test_bad_rtol(backend, rtol):
+    with pytest.raises(ValueError, match="rtol must be a positive finite number"):
+        lipfast.spectral_norm(torch.ones(2, 2), rtol=rtol)
+    with pytest.raises(ValueError, match="rtol must be a positive finite number"):
+        lipfast.spectral_norm_bounds(torch.ones(2, 2), rtol=rtol)
+
+
+@pytest.mark.parametrize("max_iters", [0, -5, 2.5, True])
+def test_bad_max_iters(backend, max_iters):
+    with pytest.raises(ValueError, match="max_iters must be an int >= 1"):
+        lipfast.spectral_norm(torch.ones(2, 2), max_iters=max_iters)
+
+
+def test_power_iteration_bad_iterate(backend):
+    W = torch.ones(2, 3, 4)
+    with pytest.raises(ValueError, match=r"v must have shape W.shape\[:-2\] \+ \(n,\) = \(2, 4\)"):
+        lipfast.power_iteration(W, torch.ones(4))
+    with pytest.raises(TypeError, match="v must be a floating-point tensor"):
+        lipfast.power_iteration(W, torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="iters must be an int >= 0"):
+        lipfast.power_iteration(W, torch.ones(2, 4), iters=-1)
