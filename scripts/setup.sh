@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned: an unpinned torch pulls a several-GB CUDA build.
 .venv/bin/python -m pip install --quiet --upgrade "setuptools>=64" wheel
-.venv/bin/python -m pip install --quiet torch==2.13.0 pytest ninja
+.venv/bin/python -m pip install --quiet torch==2.13.0 numpy pytest ninja
 # --no-build-isolation: build against the torch just installed (an isolated build would download
 # another, multi-GB torch into a throwaway environment and compile against that one).
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .
