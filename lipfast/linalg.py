@@ -160,6 +160,8 @@ def power_iteration(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tenso
         raise TypeError(f"lipfast.power_iteration: v must be a torch.Tensor, got {type(v).__name__}")
     if not v.is_floating_point():
         raise TypeError(f"lipfast.power_iteration: v must be a floating-point tensor, got {v.dtype}")
+    if v.device != W.device:
+        raise ValueError(f"lipfast.power_iteration: v must be on W's device ({W.device}), got {v.device}")
     expected = (*W.shape[:-2], W.shape[-1])
     if tuple(v.shape) != expected:
         raise ValueError(f"lipfast.power_iteration: v must have shape W.shape[:-2] + (n,) = {expected}, got {tuple(v.shape)}")

@@ -87,6 +87,23 @@ def test_spectral_norm_rtol(backend, rtol):
     assert abs(sigma - exact) / exact <= rtol
 
 
+def test_repeated_top_singular_value(backend):
+    s = torch.tensor([2.0, 2.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    W = with_singular_values(9, 6, s, seed=11)
+    assert abs(lipfast.spectral_norm(W).item() - 2.0) <= 1e-5 * 2.0
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert lower <= 2.0 * (1 + SVD_SLACK) and upper >= 2.0 * (1 - SVD_SLACK) and upper / lower - 1 <= 1e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 50_000), (3, 20_000), (20_000, 2)])
+def test_very_wide_and_tall(backend, shape):
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    exact = exact_spectral_norm(W)
+    assert abs(lipfast.spectral_norm(W).double() - exact) <= 1e-5 * exact
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert lower.double() <= exact * (1 + SVD_SLACK) and upper.double() >= exact * (1 - SVD_SLACK)
+
+
 def test_max_iters_warns_with_accuracy(backend):
     W = make_matrix("close_gap")
     with pytest.warns(RuntimeWarning, match="accuracy reached"):
@@ -250,5 +267,7 @@ def test_power_iteration_bad_iterate(backend):
         lipfast.power_iteration(W, torch.ones(4))
     with pytest.raises(TypeError, match="v must be a floating-point tensor"):
         lipfast.power_iteration(W, torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="v must be on W's device"):
+        lipfast.power_iteration(W, torch.ones(2, 4, device="meta"))
     with pytest.raises(ValueError, match="iters must be an int >= 0"):
         lipfast.power_iteration(W, torch.ones(2, 4), iters=-1)

@@ -376,7 +376,9 @@ struct LanczosWork {
 template <typename T, typename Gram>
 double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double rtol, LanczosWork<T>& work) {
   const int64_t cap = std::min<int64_t>(kMaxBasis, n);
-  work.basis.resize((cap + 1) * n);
+  // The basis grows as the iteration needs it: a matrix of rank r breaks down after r + 1 steps,
+  // so a wide or low-rank matrix never pays for cap vectors of length n.
+  if (work.basis.size() < static_cast<size_t>(2 * n)) work.basis.resize(2 * n);
   work.w.resize(n);
   work.alpha.resize(cap); work.beta.resize(cap); work.s.resize(cap); work.h.resize(cap);
   work.tri.resize(cap);
@@ -428,6 +430,10 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
         break;
       }
       beta[k] = b;
+      if (work.basis.size() < static_cast<size_t>((k + 2) * n)) {
+        work.basis.resize(std::min<int64_t>(2 * (k + 2), cap + 1) * n);
+        Q = work.basis.data();
+      }
       std::copy(w, w + n, Q + (k + 1) * n);
       scale(Q + (k + 1) * n, 1.0 / b, n);
     }
@@ -540,6 +546,8 @@ at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, co
     return v;
   }
   const auto& v = *v0;
+  TORCH_CHECK_VALUE(v.device() == f.W.device(), "lipfast.", op, ": v must be on W's device (", f.W.device(),
+                    "), got ", v.device());
   TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), "lipfast.", op, ": v must be floating point, got ",
                    v.scalar_type());
   TORCH_CHECK_VALUE(v.sizes().vec() == with_last(f.batch_shape, f.n), "lipfast.", op,
