@@ -30,6 +30,11 @@ at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v);
 // (B,) float64; never below the true sigma_max of the matrix as stored.
 at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64_t max_steps);
 
+// Gram iteration stops once upper <= lower * this factor: 1 + rtol, shrunk by the outward rounding
+// of both ends to `dtype` where that rounding is small against rtol (float32), so that the
+// returned bracket still has upper / lower - 1 <= rtol.
+double bracket_stop_factor(double rtol, at::ScalarType dtype);
+
 // Rounds non-negative float64 values to `dtype`, upwards (up=true) or downwards, so that the rounded
 // value still bounds the float64 one on the same side.
 at::Tensor round_directed(const at::Tensor& x, at::ScalarType dtype, bool up);

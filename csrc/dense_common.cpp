@@ -150,6 +150,17 @@ at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64
   return upper;
 }
 
+double bracket_stop_factor(double rtol, at::ScalarType dtype) {
+  double eps = 0.0;
+  switch (dtype) {
+    case at::kFloat: eps = 0x1p-24; break;
+    case at::kHalf: eps = 0x1p-11; break;
+    case at::kBFloat16: eps = 0x1p-8; break;
+    default: break;
+  }
+  return 4.0 * eps <= rtol / 4.0 ? (1.0 + rtol) * (1.0 - 4.0 * eps) : 1.0 + rtol;
+}
+
 at::Tensor round_directed(const at::Tensor& x, at::ScalarType dtype, bool up) {
   TORCH_CHECK(x.scalar_type() == at::kDouble, "lipfast: round_directed expects float64");
   if (dtype == at::kDouble) return x;

@@ -225,6 +225,12 @@ def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
     return upper
 
 
+def bracket_stop_factor(rtol: float, dtype: torch.dtype) -> float:
+    """1 + rtol, shrunk by the outward rounding of both ends to ``dtype`` where that is small against rtol."""
+    eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(dtype, 0.0)
+    return (1.0 + rtol) * (1.0 - 4.0 * eps) if 4.0 * eps <= rtol / 4.0 else 1.0 + rtol
+
+
 def round_directed(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     """Rounds non-negative float64 values to ``dtype`` upwards (or downwards), never across x."""
     if dtype == torch.float64:
@@ -241,7 +247,7 @@ def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_
     B, _, n = A.shape
     v, _ = _lanczos_top(A, torch.zeros(B, n, dtype=A.dtype, device=A.device), max_iters, rtol / 8)
     lower = certified_rayleigh_lower(A, v)
-    upper = gram_upper_bound(A, lower * (1.0 + rtol), max_gram_steps)
+    upper = gram_upper_bound(A, lower * bracket_stop_factor(rtol, W.dtype), max_gram_steps)
     return (
         round_directed(lower, W.dtype, up=False).reshape(batch),
         round_directed(upper, W.dtype, up=True).reshape(batch),

@@ -636,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tens
     });
   });
   auto lower = certified_rayleigh_lower(f.W, v);
-  auto upper = gram_upper_bound(f.W, lower * (1.0 + rtol), max_gram_steps);
+  auto upper = gram_upper_bound(f.W, lower * bracket_stop_factor(rtol, W.scalar_type()), max_gram_steps);
   const auto dtype = W.scalar_type();
   return {round_directed(lower, dtype, /*up=*/false).reshape(f.batch_shape),
           round_directed(upper, dtype, /*up=*/true).reshape(f.batch_shape)};
