@@ -122,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--rtol", type=float, default=1e-5, help="relative accuracy of the estimates (default 1e-5)")
     demo_parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if not getattr(args, "rtol", 1.0) > 0:
-            parser.error("--rtol must be positive")
-        demo(model=getattr(args, "model", "resnet50"), rtol=getattr(args, "rtol", 1e-5), seed=getattr(args, "seed", 0))
+    if args.command is None:  # the main job on its built-in default
+        args = parser.parse_args(["demo"])
+    if args.command == "demo":
+        if not (math.isfinite(args.rtol) and args.rtol > 0):
+            parser.error("--rtol must be a positive number")
+        demo(model=args.model, rtol=args.rtol, seed=args.seed)
     return 0
 
 
