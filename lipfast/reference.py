@@ -72,10 +72,6 @@ def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Te
     B, _, n = A.shape
     ct, f64 = A.dtype, torch.float64
     eps = torch.finfo(ct).eps
-    # Scale each matrix by about 1 / max|A| so that AᵀA x stays in range; the Ritz vectors are the same.
-    big = A.abs().amax(dim=(-2, -1))
-    exponent = torch.frexp(torch.where(big > 0, big, torch.ones_like(big))).exponent
-    A = torch.ldexp(A, -exponent.to(ct)[:, None, None])
     cap = min(_MAX_BASIS, n)
     v, norm = _normalized(v)
     v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, A.device))[0])
@@ -123,6 +119,17 @@ def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Te
             Q[:, k + 1] = w / safe_b.to(ct)[:, None]
 
 
+def _in_range(A: Tensor) -> tuple[Tensor, Tensor]:
+    """A copy of A (B, m, n) with each matrix whose max|A| lies outside [2^-32, 2^32] multiplied by
+    the power of two that brings it into [1, 2), and those factors (B,): the iterations form AᵀA x,
+    of the order of sigma^2, which must neither underflow nor overflow."""
+    big = A.abs().amax(dim=(-2, -1)).double()
+    exponent = torch.frexp(torch.where(big > 0, big, torch.ones_like(big))).exponent - 1
+    exponent = torch.where(exponent.abs() > 32, -exponent, 0).clamp(max=int(math.log2(torch.finfo(A.dtype).max)))
+    scales = torch.ldexp(torch.ones_like(big), exponent.double()).to(A.dtype)
+    return A * scales[:, None, None], scales
+
+
 def _left_vector(A: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     u, sigma = _normalized((A @ v[..., None])[..., 0])
     return torch.where((sigma > 0)[:, None], u, torch.zeros_like(u)), sigma
@@ -137,11 +144,12 @@ def _start_vectors(v0: Tensor | None, B: int, n: int, ct: torch.dtype, device: t
 def dense_spectral_norm(W: Tensor, v0: Tensor | None, max_iters: int, rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     A, batch = _flatten(W)
     B, m, n = A.shape
+    A, scales = _in_range(A)
     v, rel_err = _lanczos_top(A, _start_vectors(v0, B, n, A.dtype, A.device), max_iters, rtol)
     u, sigma = _left_vector(A, v)
     dt = W.dtype
     return (
-        sigma.to(dt).reshape(batch),
+        (sigma / scales.double()).to(dt).reshape(batch),
         u.to(dt).reshape(*batch, m),
         v.to(dt).reshape(*batch, n),
         rel_err.reshape(batch),
@@ -245,7 +253,7 @@ def round_directed(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
 def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_steps: int) -> tuple[Tensor, Tensor]:
     A, batch = _flatten(W)
     B, _, n = A.shape
-    v, _ = _lanczos_top(A, torch.zeros(B, n, dtype=A.dtype, device=A.device), max_iters, rtol / 8)
+    v, _ = _lanczos_top(_in_range(A)[0], torch.zeros(B, n, dtype=A.dtype, device=A.device), max_iters, rtol / 8)
     lower = certified_rayleigh_lower(A, v)
     upper = gram_upper_bound(A, lower * bracket_stop_factor(rtol, W.dtype), max_gram_steps)
     return (

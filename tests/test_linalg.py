@@ -70,13 +70,31 @@ def test_bounds_stay_valid_when_capped(backend):
     assert upper / lower - 1 > 1e-3
 
 
-@pytest.mark.parametrize("scale", [1e-150, 1e150])
-def test_bounds_extreme_scales(backend, scale):
-    W = make_matrix("square") * scale
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float64, 1e-150), (torch.float64, 1e150), (torch.float32, 1e-30), (torch.float32, 1e30)],
+)
+def test_extreme_scales(backend, dtype, scale):
+    # sigma^2 under- or overflows the dtype here: nothing may square W unscaled.
+    W = (make_matrix("square") * scale).to(dtype)
     exact = exact_spectral_norm(W)
+    sigma = lipfast.spectral_norm(W).double()
+    assert abs(sigma - exact) <= 1e-5 * exact
     lower, upper = lipfast.spectral_norm_bounds(W)
+    lower, upper = lower.double(), upper.double()
     assert lower <= exact * (1 + SVD_SLACK) and upper >= exact * (1 - SVD_SLACK)
     assert upper / lower - 1 <= 1e-3
+
+
+def test_subnormal_matrix(backend):
+    # Every entry subnormal in float32: sigma itself has only ~17 significant bits there, but the
+    # bracket must hold and nothing may turn into NaN.
+    W = (make_matrix("square") * 1e-41).float()
+    exact = exact_spectral_norm(W)
+    sigma = lipfast.spectral_norm(W, rtol=1e-3).double()
+    assert abs(sigma - exact) <= 1e-3 * exact
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert 0 < lower.double() <= exact * (1 + SVD_SLACK) and upper.double() >= exact * (1 - SVD_SLACK)
 
 
 @pytest.mark.parametrize("rtol", [1e-3, 1e-8])

@@ -42,11 +42,10 @@ namespace {
 // Vector kernels.  The bodies are templates; the entry points below are non-template overloads so
 // that each can carry target_clones.
 
-// acc += c * sum over `rows` rows w_i of (w_i · x) w_i.  c, a power of two near 1 / max|W|, keeps
-// the result near sigma rather than sigma^2, so that it neither underflows nor overflows.
+// acc += sum over `rows` rows w_i of (w_i · x) w_i.
 template <typename T>
 inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
-                                                          const T* __restrict__ x, T* __restrict__ acc, T c) {
+                                                          const T* __restrict__ x, T* __restrict__ acc) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* __restrict__ w0 = W + i * n;
@@ -62,7 +61,6 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
       s2 += w2[j] * xj;
       s3 += w3[j] * xj;
     }
-    s0 *= c; s1 *= c; s2 *= c; s3 *= c;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
   }
@@ -71,7 +69,6 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
     T s0 = 0;
 #pragma omp simd reduction(+ : s0)
     for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
-    s0 *= c;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
   }
@@ -109,8 +106,8 @@ inline __attribute__((always_inline)) void axpy_body(double a, const T* __restri
 }
 
 #define LIPFAST_VECTOR_KERNELS(T)                                                                    \
-  LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc, T c) { \
-    gram_rows_body<T>(W, n, rows, x, acc, c);                                                       \
+  LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc) {     \
+    gram_rows_body<T>(W, n, rows, x, acc);                                                          \
   }                                                                                                  \
   LIPFAST_SIMD_CLONES void matvec_rows(const T* W, int64_t n, int64_t rows, const T* x, T* y) {     \
     matvec_rows_body<T>(W, n, rows, x, y);                                                          \
@@ -127,10 +124,10 @@ double norm(const T* a, int64_t n) {
   return std::sqrt(dot(a, a, n));
 }
 
+// a *= c, in double: c may be out of T's range (1 / a norm that is nearly subnormal).
 template <typename T>
 void scale(T* a, double c, int64_t n) {
-  const T ct = static_cast<T>(c);
-  for (int64_t j = 0; j < n; ++j) a[j] *= ct;
+  for (int64_t j = 0; j < n; ++j) a[j] = static_cast<T>(static_cast<double>(a[j]) * c);
 }
 
 // The fixed pseudo-random start vector (splitmix64, entries uniform in [-1, 1)): deterministic, and
@@ -150,16 +147,13 @@ void default_start_vector(T* v, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Applying WᵀW: serially (one matrix per task) or split over the rows of one large matrix.
 
-// Both apply c WᵀW for a power of two c (see gram_rows_body): Lanczos and power iteration only see
-// it as a scale of their Ritz values, and sigma is always taken as ‖W v‖.
 template <typename T>
 struct SerialGram {
   const T* W;
   int64_t m, n;
-  T c;
   void operator()(const T* x, T* y) const {
     std::fill(y, y + n, T(0));
-    gram_rows(W, n, m, x, y, c);
+    gram_rows(W, n, m, x, y);
   }
   void matvec(const T* x, T* y) const { matvec_rows(W, n, m, x, y); }
 };
@@ -168,11 +162,10 @@ template <typename T>
 struct RowParallelGram {
   const T* W;
   int64_t m, n;
-  T c;
   int64_t chunks;
   mutable std::vector<T> partial;  // chunks x n accumulators, one per row block
 
-  RowParallelGram(const T* W_, int64_t m_, int64_t n_, T c_) : W(W_), m(m_), n(n_), c(c_) {
+  RowParallelGram(const T* W_, int64_t m_, int64_t n_) : W(W_), m(m_), n(n_) {
     chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / 4));
     partial.resize(chunks * n);
   }
@@ -183,7 +176,7 @@ struct RowParallelGram {
         const int64_t r0 = chunk * m / chunks, r1 = (chunk + 1) * m / chunks;
         T* acc = buffers + chunk * n;
         std::fill(acc, acc + n, T(0));
-        gram_rows(W + r0 * n, n, r1 - r0, x, acc, c);
+        gram_rows(W + r0 * n, n, r1 - r0, x, acc);
       }
     });
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
@@ -451,25 +444,25 @@ double left_vector(const Gram& gram, int64_t m, const T* v, T* u) {
 }
 
 // Runs `solve(gram, matrix index, work)` for every matrix, choosing the parallel axis; `work` is
-// scratch space reused by the matrices of one task.  scales[b] is the factor c of matrix b
-// (nullptr: 1).
+// scratch space reused by the matrices of one task.
 template <typename T, typename Solve>
-void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const T* scales, const Solve& solve) {
+void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const Solve& solve) {
   const bool split_rows = B < at::get_num_threads() && m * n >= (int64_t(1) << 16) && m >= 8;
-  auto c = [&](int64_t b) { return scales ? scales[b] : T(1); };
   if (split_rows) {
     LanczosWork<T> work;
-    for (int64_t b = 0; b < B; ++b) solve(RowParallelGram<T>(W + b * m * n, m, n, c(b)), b, work);
+    for (int64_t b = 0; b < B; ++b) solve(RowParallelGram<T>(W + b * m * n, m, n), b, work);
   } else {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       LanczosWork<T> work;
-      for (int64_t b = begin; b < end; ++b) solve(SerialGram<T>{W + b * m * n, m, n, c(b)}, b, work);
+      for (int64_t b = begin; b < end; ++b) solve(SerialGram<T>{W + b * m * n, m, n}, b, work);
     });
   }
 }
 
 // One read of every matrix: returns the flat index of the first matrix holding a NaN or Inf (B when
-// all are finite), and fills scales[b] with the power of two nearest 1 / max|W_b| (1 for W_b = 0).
+// all are finite), and fills scales[b] with 1, or, where max|W_b| lies outside [2^-32, 2^32], with
+// the power of two that brings it into [1, 2): the iterations form WᵀW x, whose entries are of the
+// order of sigma^2, and that must neither underflow nor overflow.
 template <typename T>
 int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales) {
   std::atomic<int64_t> first{B};
@@ -493,7 +486,12 @@ int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales)
   });
   for (int64_t b = 0; b < B; ++b) {
     const T big = *std::max_element(row_max.begin() + b * m, row_max.begin() + (b + 1) * m);
-    scales[b] = big > 0 && std::isfinite(big) ? std::ldexp(T(1), -std::ilogb(big)) : T(1);
+    scales[b] = T(1);
+    if (big > 0 && std::isfinite(big) && std::abs(std::ilogb(big)) > 32) {
+      // (capped so that the factor itself stays finite when every entry is subnormal)
+      const int exponent = std::min(-std::ilogb(big), std::numeric_limits<T>::max_exponent - 1);
+      scales[b] = std::ldexp(T(1), exponent);
+    }
   }
   return first.load();
 }
@@ -525,15 +523,18 @@ std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
   return shape;
 }
 
-// Raises ValueError on NaN/Inf entries; returns the per-matrix scales c (B,) of the Gram passes.
-at::Tensor scan_and_check(const char* op, const at::Tensor& W, const Flattened& f) {
+// Raises ValueError on NaN/Inf entries.  Returns the matrices to iterate on: f.W itself, or, when
+// some matrix is extremely large or small, a copy with matrix b multiplied by scales[b], an exact
+// power of two (scales: (B,), the compute dtype; all ones when no copy was needed).
+std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tensor& W, const Flattened& f) {
   auto scales = at::empty({f.B}, f.W.options());
   int64_t first_bad = f.B;
   AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_scan_matrices", [&] {
     first_bad = scan_matrices(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>());
   });
   raise_if_nonfinite(op, W, first_bad);
-  return scales;
+  if (at::ne(scales, 1).any().item<bool>()) return {f.W * scales.view({-1, 1, 1}), scales};
+  return {f.W, scales};
 }
 
 // Start vectors (B, n) in the compute dtype, always a fresh buffer the kernel may overwrite.
@@ -563,7 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_c
   TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm: rtol must be positive, got ", rtol);
   const Flattened f = flatten_matrices(W);
   auto v = start_vectors("spectral_norm", v0, f, false);
-  const auto scales = scan_and_check("spectral_norm", W, f);
+  const auto scanned = scan_and_check("spectral_norm", W, f);
+  const at::Tensor& Wk = scanned.first;
   auto u = at::empty({f.B, f.m}, f.W.options());
   auto sigma = at::empty({f.B}, f.W.options());
   auto rel_err = at::empty({f.B}, f.W.options().dtype(at::kDouble));
@@ -572,11 +574,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_c
     scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* sp = sigma.data_ptr<scalar_t>();
     double* ep = rel_err.data_ptr<double>();
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>(), [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
+    for_each_matrix(Wk.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       ep[b] = lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol, work);
       sp[b] = static_cast<scalar_t>(left_vector(gram, f.m, vp + b * f.n, up + b * f.m));
     });
   });
+  sigma.div_(scanned.second);  // exact: powers of two
   const auto dtype = W.scalar_type();
   return {sigma.to(dtype).reshape(f.batch_shape), u.to(dtype).reshape(with_last(f.batch_shape, f.m)),
           v.to(dtype).reshape(with_last(f.batch_shape, f.n)), rel_err.reshape(f.batch_shape)};
@@ -594,9 +597,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cpu(const a
     scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* sp = sigma.data_ptr<scalar_t>();
-    // No scan here (it would be a second read of W per step): c = 1, so WᵀW x must stay in range.
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, static_cast<const scalar_t*>(nullptr),
-                    [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
+    // No scan here (it would be a second read of W per step): sigma^2 must be in the dtype's range.
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       scalar_t* x = vp + b * f.n;
       auto& y = work.w;
       y.resize(f.n);
@@ -626,12 +628,12 @@ std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tens
   TORCH_CHECK_VALUE(max_gram_steps >= 1, "lipfast.spectral_norm_bounds: max_gram_steps must be >= 1, got ",
                     max_gram_steps);
   const Flattened f = flatten_matrices(W);
-  const auto scales = scan_and_check("spectral_norm_bounds", W, f);
+  const at::Tensor Wk = scan_and_check("spectral_norm_bounds", W, f).first;  // only v is taken from it
   // Lower end: a Rayleigh quotient at a Lanczos vector converged well inside the requested gap.
   auto v = start_vectors("spectral_norm_bounds", std::nullopt, f, false);
   AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_spectral_norm_bounds", [&] {
     scalar_t* vp = v.data_ptr<scalar_t>();
-    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, scales.data_ptr<scalar_t>(), [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
+    for_each_matrix(Wk.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
       lanczos_top(gram, f.n, vp + b * f.n, max_iters, rtol / 8, work);
     });
   });
