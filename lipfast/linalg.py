@@ -62,6 +62,14 @@ def _check_finite(fn: str, W: Tensor) -> None:
         )
 
 
+def _with_singular_gradient(sigma: Tensor, W: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """sigma, carrying the gradient u vᵀ with respect to W (the fallback's autograd formula)."""
+    if not W.requires_grad:
+        return sigma
+    bilinear = torch.einsum("...i,...ij,...j->...", u, W, v)  # uᵀ W v: its gradient is u vᵀ
+    return sigma + (bilinear - bilinear.detach())
+
+
 def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None) -> Tensor:
     """Largest singular value of each matrix: ``W (..., m, n) -> (...)``.
 
@@ -87,9 +95,8 @@ def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None
     else:
         _check_finite("spectral_norm", W)
         with torch.no_grad():
-            _, u, v, rel_err = reference.dense_spectral_norm(W, None, max_iters, rtol)
-        # sigma = uᵀ W v carries the gradient u vᵀ; its value is ‖W v‖ to rounding.
-        sigma = torch.einsum("...i,...ij,...j->...", u, W.contiguous(), v)
+            sigma, u, v, rel_err = reference.dense_spectral_norm(W, None, max_iters, rtol)
+        sigma = _with_singular_gradient(sigma, W, u, v)
     if not torch.compiler.is_compiling():
         worst = float(rel_err.max())
         if not worst <= rtol:
@@ -170,5 +177,5 @@ def power_iteration(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tenso
     if _ext.use_kernel("dense_power_iteration", W.device):
         return ops.dense_power_iteration(W, v, iters)
     with torch.no_grad():
-        _, u, v_new = reference.dense_power_iteration(W, v, iters)
-    return torch.einsum("...i,...ij,...j->...", u, W.contiguous(), v_new), u, v_new
+        sigma, u, v_new = reference.dense_power_iteration(W, v, iters)
+    return _with_singular_gradient(sigma, W, u, v_new), u, v_new
