@@ -101,7 +101,7 @@ def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None
         worst = float(rel_err.max())
         if not worst <= rtol:
             warnings.warn(
-                f"lipfast.spectral_norm: max_iters={max_iters} passes ended the iteration before rtol={rtol:g}; "
+                f"lipfast.spectral_norm: stopped before reaching rtol={rtol:g} (max_iters={max_iters} passes); "
                 f"relative accuracy reached: {worst:.3g}",
                 RuntimeWarning,
                 stacklevel=2,

@@ -22,6 +22,9 @@ __all__ = [
 _UNIT = 2.0**-53  # unit roundoff of float64
 _TINY = 2.0**-1074  # smallest positive float64
 _MAX_BASIS = 256
+# Below this rank bound min(m, n) the residual test is not trusted; see csrc/cpu/dense_kernel.cpp.
+_FULL_KRYLOV_RANK = 16
+_MIN_CONFIRMATION = 16
 
 
 def _gamma(k: float) -> float:
@@ -69,12 +72,19 @@ def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Te
     Returns the unit Ritz vectors (B, n) of the largest Ritz values and the residual bounds
     ‖AᵀA y - theta y‖ / (2 theta), as dense_spectral_norm's rel_err.
     """
-    B, _, n = A.shape
+    B, m, n = A.shape
     ct, f64 = A.dtype, torch.float64
     eps = torch.finfo(ct).eps
     cap = min(_MAX_BASIS, n)
+    trust_residual = min(m, n) > _FULL_KRYLOV_RANK
+    breakdown = eps if trust_residual else 16 * math.sqrt(n) * eps
     v, norm = _normalized(v)
     v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, A.device))[0])
+    # Confirmation (see lanczos_top in csrc/cpu/dense_kernel.cpp): a residual test passed after p
+    # passes is accepted only if theta has not grown by p + max(p, 16) passes.
+    confirm_at = torch.full((B,), -1, dtype=torch.int64, device=A.device)
+    claimed = torch.zeros(B, dtype=f64, device=A.device)
+    confirmed = torch.zeros(B, dtype=torch.bool, device=A.device)
     passes = 0
     while True:
         Q = A.new_zeros(B, cap + 1, n)
@@ -103,8 +113,15 @@ def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Te
                 residual / (2 * theta).clamp_min(torch.finfo(f64).tiny),
                 torch.where(residual > 0, math.inf, 0.0),
             )
-            exhausted = (b <= eps * theta) | (b == 0) | (k + 1 == n)
-            done = bool(((rel_err <= rtol) | exhausted).all()) or passes >= max_passes
+            exhausted = (b <= breakdown * theta) | (b == 0) | (k + 1 == n)
+            if trust_residual:
+                small = (rel_err <= rtol) & ~exhausted
+                due = small & (confirm_at >= 0) & (passes >= confirm_at)
+                confirmed |= due & (theta <= claimed * (1 + 2 * rtol))
+                restart_claim = small & ~confirmed & ((confirm_at < 0) | due)
+                confirm_at = torch.where(restart_claim, passes + max(passes, _MIN_CONFIRMATION), confirm_at)
+                claimed = torch.where(restart_claim, theta, claimed)
+            done = bool((confirmed | exhausted).all()) or passes >= max_passes
             if done or k + 1 == cap:
                 ritz = (s.to(ct)[:, :, None] * basis).sum(1)
                 ritz, ritz_norm = _normalized(ritz)

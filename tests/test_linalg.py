@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lipfast
+from lipfast import ops, reference
 from conftest import KINDS, exact_spectral_norm, make_matrix, with_singular_values
 
 DTYPES = [torch.float32, torch.float64]
@@ -120,6 +121,49 @@ def test_very_wide_and_tall(backend, shape):
     assert abs(lipfast.spectral_norm(W).double() - exact) <= 1e-5 * exact
     lower, upper = lipfast.spectral_norm_bounds(W)
     assert lower.double() <= exact * (1 + SVD_SLACK) and upper.double() >= exact * (1 - SVD_SLACK)
+
+
+@pytest.mark.parametrize("shape", [(100_000, 2, 2), (20_000, 3, 7), (20_000, 7, 3), (5_000, 16, 16)])
+def test_many_tiny_matrices_never_settle_on_a_lower_singular_value(backend, shape):
+    # With a fixed start vector, about 1 in 10^5 random 2 x 2 matrices has it within rtol of the
+    # second singular vector, where the residual test alone would stop at sigma_2.
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    exact = exact_spectral_norm(W)
+    sigma = lipfast.spectral_norm(W).double()
+    assert ((sigma - exact).abs() <= 1e-5 * exact).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lower, upper = lipfast.spectral_norm_bounds(W)
+    assert (upper.double() / lower.double() - 1 <= 1e-3).all()
+
+
+def _default_start_vector(n: int) -> torch.Tensor:
+    # Lanczos on the identity stops after one step, returning its (normalized) start vector.
+    eye = torch.eye(n, dtype=torch.float64)
+    if lipfast.backend() == "cpp":
+        return ops.dense_spectral_norm(eye, None, 1, 1e-5)[2]
+    return reference.dense_spectral_norm(eye, None, 1, 1e-5)[2]
+
+
+def test_start_vector_nearly_orthogonal_to_the_top_singular_vector(backend):
+    # The start vector's component along v1 is 1e-8: the Ritz value of sigma_2 = 0.99 converges
+    # first and passes the residual test, and sigma_1 = 1 emerges only some steps later.  Without
+    # the confirmation steps this returns 0.99.
+    n = 100
+    start = _default_start_vector(n)
+    g = torch.Generator().manual_seed(0)
+    other = torch.randn(n, generator=g, dtype=torch.float64)
+    other -= (other @ start) * start
+    other /= other.norm()
+    delta = 1e-8
+    v1 = math.sqrt(1 - delta**2) * other + delta * start
+    V, _ = torch.linalg.qr(torch.cat([v1[:, None], torch.randn(n, n - 1, generator=g, dtype=torch.float64)], 1))
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.cat([torch.tensor([1.0, 0.99], dtype=torch.float64), torch.linspace(0.99 * 0.99, 0.1, n - 2, dtype=torch.float64)])
+    W = (U * s) @ V.T
+    assert abs(lipfast.spectral_norm(W).item() - 1.0) <= 1e-5
+    lower, upper = lipfast.spectral_norm_bounds(W)
+    assert lower <= 1 + SVD_SLACK and upper >= 1 - SVD_SLACK and upper / lower - 1 <= 1e-3
 
 
 def test_max_iters_warns_with_accuracy(backend):
