@@ -365,6 +365,9 @@ constexpr int64_t kMaxBasis = 256;
 // one with probability about rtol^(dimension - 1).
 constexpr int64_t kFullKrylovRank = 16;
 constexpr int64_t kMinConfirmation = 16;
+// Before convergence, the eigen-solve of T may be skipped for up to this many steps, when the rate
+// at which the residual falls says convergence is at least twice that far away.
+constexpr int64_t kMaxSkippedChecks = 4;
 
 template <typename T>
 struct LanczosWork {
@@ -415,7 +418,9 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
   double rel_err = INFINITY;
   int64_t passes = 0;
   for (;;) {  // one sweep per (re)start, Q[0] holding the start vector
-    int64_t checked = 0;  // size of T at the last eigen-solve of this sweep (s holds its vector)
+    int64_t checked = 0;     // size of T at the last eigen-solve of this sweep (s holds its vector)
+    int64_t next_check = 1;  // size of T at which to solve next, before convergence
+    double last_theta = 0.0, last_rel_err = INFINITY;
     for (int64_t k = 0;; ++k) {
       const T* q = Q + k * n;
       gram(q, w);
@@ -437,14 +442,23 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
       alpha[k] = a;
       const bool last_step = k + 1 == n || k + 1 == cap || passes >= max_passes;
       const bool confirming = confirm_at >= 0 && passes < confirm_at;
-      const bool solve = !confirming || last_step || b == 0.0 || b <= breakdown * claimed;
+      const bool solve = last_step || b == 0.0 || b <= breakdown * last_theta || (!confirming && k + 1 >= next_check);
       bool done = false;
       if (solve) {
         std::fill(s + checked, s + k + 1, 0.0);  // the previous eigenvector, padded: the RQI guess
         const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, /*have_guess=*/checked > 0, work.tri);
+        const int64_t previous = checked;
         checked = k + 1;
         const double residual = b * std::abs(s[k]);
         rel_err = theta > 0 ? residual / (2.0 * theta) : (residual > 0 ? INFINITY : 0.0);
+        int64_t skip = 0;
+        if (previous > 0 && rel_err > rtol && rel_err < last_rel_err) {
+          const double rate = std::log(last_rel_err / rel_err) / static_cast<double>(checked - previous);
+          skip = std::min<int64_t>(kMaxSkippedChecks, static_cast<int64_t>(0.5 * std::log(rel_err / rtol) / rate));
+        }
+        next_check = checked + 1 + skip;
+        last_theta = theta;
+        last_rel_err = rel_err;
         // The Krylov space is invariant (b ~ 0) or is the whole space: theta is exact.
         const bool exhausted = b <= breakdown * theta || b == 0.0 || k + 1 == n;
         if (trust_residual && rel_err <= rtol && !exhausted) {
