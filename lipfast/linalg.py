@@ -74,7 +74,9 @@ def spectral_norm(W: Tensor, *, rtol: float = 1e-5, max_iters: int | None = None
     """Largest singular value of each matrix: ``W (..., m, n) -> (...)``.
 
     Lanczos on WᵀW with full reorthogonalization (each step one pass over W), stopped when the
-    residual bound says the relative error is at most ``rtol``.  Close top singular values, where
+    residual bound says the relative error is at most ``rtol`` and the value has held for as many
+    passes again (so that a start vector nearly orthogonal to the top singular vector cannot stop
+    it at the second singular value).  Close top singular values, where
     power iteration crawls like (sigma_2/sigma_1)^(2k), cost Lanczos only about the square root of
     the steps.  Differentiable: d sigma / d W = u vᵀ (the top singular vectors).
 
