@@ -359,10 +359,10 @@ double tridiagonal_top_eigenpair(const double* a_in, const double* b_in, int64_t
 
 constexpr int64_t kMaxBasis = 256;
 // Below this rank bound min(m, n), the residual test is not trusted and the iteration runs until
-// the Krylov space is exhausted (at most min(m, n) + 1 cheap steps).  A start vector that is
-// nearly an eigenvector of a lower eigenvalue has a tiny residual at once; in a space of low
-// dimension that happens with probability about rtol (2 x 2 matrices: about 1 in 10^5), in a large
-// one with probability about rtol^(dimension - 1).
+// the Krylov space is exhausted (at most min(m, n) + 1 cheap steps): in a space of low dimension a
+// start vector lies within rtol of the eigenvector of a lower eigenvalue often enough to matter
+// (2 x 2 matrices: about 1 in 10^5), and then the residual test passes at the first step.  Larger
+// matrices are covered by the confirmation steps (see lanczos_top), at least kMinConfirmation.
 constexpr int64_t kFullKrylovRank = 16;
 constexpr int64_t kMinConfirmation = 16;
 // Before convergence, the eigen-solve of T may be skipped for up to this many steps, when the rate
