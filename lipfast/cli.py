@@ -6,8 +6,7 @@
 weights, each convolution kernel reshaped to (out_channels, in_channels * kh * kw) as
 torch.nn.utils.spectral_norm reshapes it, and reports for every group of same-shaped layers the
 spectral norm, the certified bracket, and the time taken against torch.linalg.matrix_norm(ord=2).
-(These are norms of the reshaped matrices; the true operator norms of convolutions come with
-lipfast.conv_spectral_norm.)
+(These are norms of the reshaped matrices, not the operator norms of the convolutions.)
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import torch
 
 import lipfast
 
-# (blocks, bottleneck width, expansion) per stage
+# model -> (residual blocks per stage, whether the blocks are bottlenecks with 4x expansion)
 _RESNETS = {
     "resnet18": ([2, 2, 2, 2], False),
     "resnet50": ([3, 4, 6, 3], True),
@@ -61,8 +60,9 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def demo(model: str = "resnet50", rtol: float = 1e-5, seed: int = 0, out=sys.stdout) -> dict:
-    """Runs the demo and prints its report; returns the figures as a dict."""
+def demo(model: str = "resnet50", rtol: float = 1e-5, seed: int = 0, out=None) -> dict:
+    """Runs the demo and prints its report to ``out`` (default: sys.stdout); returns the figures as a dict."""
+    out = sys.stdout if out is None else out
     generator = torch.Generator().manual_seed(seed)
     groups: OrderedDict[tuple[int, int], list[torch.Tensor]] = OrderedDict()
     layers = resnet_layer_shapes(model)

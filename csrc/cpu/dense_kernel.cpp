@@ -595,9 +595,8 @@ std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tenso
 }
 
 // Start vectors (B, n) in the compute dtype, always a fresh buffer the kernel may overwrite.
-at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f, bool required) {
+at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f) {
   if (!v0.has_value()) {
-    TORCH_CHECK_VALUE(!required, "lipfast.", op, ": v is required");
     auto v = at::empty({f.B, f.n}, f.W.options());
     // An all-zero start tells lanczos_top to use its fixed default start vector.
     v.zero_();
@@ -620,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_c
   TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.spectral_norm: max_iters must be >= 1, got ", max_iters);
   TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm: rtol must be positive, got ", rtol);
   const Flattened f = flatten_matrices(W);
-  auto v = start_vectors("spectral_norm", v0, f, false);
+  auto v = start_vectors("spectral_norm", v0, f);
   const auto scanned = scan_and_check("spectral_norm", W, f);
   const at::Tensor& Wk = scanned.first;
   auto u = at::empty({f.B, f.m}, f.W.options());
@@ -647,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cpu(const a
   check_matrix_batch("power_iteration", W);
   TORCH_CHECK_VALUE(iters >= 0, "lipfast.power_iteration: iters must be >= 0, got ", iters);
   const Flattened f = flatten_matrices(W);
-  auto v = start_vectors("power_iteration", v0, f, true);
+  auto v = start_vectors("power_iteration", v0, f);
   auto u = at::empty({f.B, f.m}, f.W.options());
   auto sigma = at::empty({f.B}, f.W.options());
   AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_power_iteration", [&] {
@@ -687,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tens
   const Flattened f = flatten_matrices(W);
   const at::Tensor Wk = scan_and_check("spectral_norm_bounds", W, f).first;  // only v is taken from it
   // Lower end: a Rayleigh quotient at a Lanczos vector converged well inside the requested gap.
-  auto v = start_vectors("spectral_norm_bounds", std::nullopt, f, false);
+  auto v = start_vectors("spectral_norm_bounds", std::nullopt, f);
   AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_spectral_norm_bounds", [&] {
     scalar_t* vp = v.data_ptr<scalar_t>();
     for_each_matrix(Wk.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
