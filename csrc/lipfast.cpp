@@ -36,4 +36,13 @@ TORCH_LIBRARY(lipfast, m) {
   // `iters` steps of power iteration on WᵀW from v (..., n), each one fused pass over W.  Returns
   // sigma = ‖W v‖ (...), u = W v / sigma (..., m) and the new unit iterate v (..., n).
   m.def("dense_power_iteration(Tensor W, Tensor v, int iters) -> (Tensor sigma, Tensor u, Tensor v)");
+  // Largest singular value of a convolution layer's operator, in the canonical form of csrc/conv.h
+  // (x (C_in, *input_size) -> crop(conv(pad(x)))), by Lanczos on AᵀA with A and Aᵀ applied as ATen
+  // convolutions.  weight is (C_out, C_in/groups, *k); v0 (C_in, *input_size) or None (a fixed
+  // pseudo-random start).  Returns sigma (0-dim), u (C_out, *output_size), v (C_in, *input_size)
+  // with sigma = ‖A v‖, and rel_err (0-dim, float64).
+  m.def(
+      "conv_spectral_norm(Tensor weight, Tensor? v0, int[] input_size, int[] stride, int[] pad_lo, "
+      "int[] pad_hi, int[] dilation, int groups, str padding_mode, int[] output_size, int max_iters, "
+      "float rtol) -> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
 }

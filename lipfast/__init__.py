@@ -6,12 +6,17 @@
 >>> lower, upper = lipfast.spectral_norm_bounds(W)  # certified: lower <= sigma_max <= upper
 """
 from lipfast._ext import backend, set_backend
+from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend",
+    "conv_spectral_norm",
+    "conv_spectral_norm_bounds",
+    "operator_norm",
+    "operator_norm_bounds",
     "power_iteration",
     "set_backend",
     "spectral_norm",

@@ -53,7 +53,9 @@ except Exception as exc:  # ImportError, OSError (undefined symbols), anything a
 #: op name -> device types ("cpu", "cuda") that have a compiled kernel for it.
 _KERNELS: dict[str, frozenset[str]] = {}
 if HAS_EXT:
-    for _op in ("dense_spectral_norm", "dense_spectral_norm_bounds", "dense_power_iteration"):
+    for _op in (
+        "dense_spectral_norm", "dense_spectral_norm_bounds", "dense_power_iteration", "conv_spectral_norm"
+    ):
         _KERNELS[_op] = frozenset(
             device
             for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))

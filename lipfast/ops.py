@@ -27,6 +27,17 @@ def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Ten
     return torch.ops.lipfast.dense_power_iteration.default(W, v, iters)
 
 
+def conv_spectral_norm(
+    weight: Tensor, v0: Tensor | None, input_size: list[int], stride: list[int], pad_lo: list[int],
+    pad_hi: list[int], dilation: list[int], groups: int, padding_mode: str, output_size: list[int],
+    max_iters: int, rtol: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.conv_spectral_norm``: (sigma, u, v, rel_err) of a conv operator; see csrc/conv.h."""
+    return torch.ops.lipfast.conv_spectral_norm.default(
+        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+    )
+
+
 def _sigma_backward(ctx, grad_sigma: Tensor, *unused: Tensor):
     # sigma = uᵀ W v with unit singular vectors u, v: d sigma / d W = u vᵀ.  The vectors are treated
     # as constants (they are iterates, as in torch's spectral norm), so no gradient flows to v0 / v.
@@ -71,4 +82,34 @@ if _ext.HAS_EXT:
     )
     torch.library.register_autograd(
         "lipfast::dense_power_iteration", _sigma_backward, setup_context=_save_singular_vectors(3)
+    )
+
+    @torch.library.register_fake("lipfast::conv_spectral_norm")
+    def _conv_spectral_norm_fake(
+        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+    ):
+        return (
+            weight.new_empty(()),
+            weight.new_empty((weight.shape[0], *output_size)),
+            weight.new_empty((weight.shape[1] * groups, *input_size)),
+            weight.new_empty((), dtype=torch.float64),
+        )
+
+    def _conv_sigma_backward(ctx, grad_sigma: Tensor, *unused: Tensor):
+        # sigma = uᵀ A(weight) v, linear in weight: its gradient is the convolution's weight gradient
+        # for output gradient u at input v (u, v treated as constants, as for the dense ops).
+        from lipfast import reference
+
+        u, v, weight = ctx.saved_tensors
+        grad = reference.conv_weight_gradient(weight, u, v, *ctx.geometry)
+        return (grad * grad_sigma,) + (None,) * 11
+
+    def _conv_setup_context(ctx, inputs, output) -> None:
+        weight, _, _, stride, pad_lo, pad_hi, dilation, groups, padding_mode = inputs[:9]
+        ctx.geometry = (stride, pad_lo, pad_hi, dilation, groups, padding_mode)
+        ctx.save_for_backward(output[1], output[2], weight)
+        ctx.mark_non_differentiable(*output[1:])
+
+    torch.library.register_autograd(
+        "lipfast::conv_spectral_norm", _conv_sigma_backward, setup_context=_conv_setup_context
     )

@@ -8,6 +8,7 @@ follow the same rounding-error analysis as csrc/dense_common.cpp.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -66,34 +67,37 @@ def _gram(A: Tensor, x: Tensor) -> Tensor:
     return (A.mT @ (A @ x[..., None]))[..., 0]
 
 
-def _lanczos_top(A: Tensor, v: Tensor, max_passes: int, rtol: float) -> tuple[Tensor, Tensor]:
-    """Batched Lanczos on AᵀA with full reorthogonalization, all matrices in lock step.
+def _lanczos_top(
+    gram: Callable[[Tensor], Tensor], v: Tensor, max_passes: int, rtol: float, rank_bound: int, max_basis: int = _MAX_BASIS
+) -> tuple[Tensor, Tensor]:
+    """Batched Lanczos on the symmetric operators x -> gram(x) = AᵀA x (x: (B, n)) with full
+    reorthogonalization, all operators in lock step.  rank_bound >= rank(A) (min(m, n) for a matrix).
 
     Returns the unit Ritz vectors (B, n) of the largest Ritz values and the residual bounds
     ‖AᵀA y - theta y‖ / (2 theta), as dense_spectral_norm's rel_err.
     """
-    B, m, n = A.shape
-    ct, f64 = A.dtype, torch.float64
+    B, n = v.shape
+    ct, f64, device = v.dtype, torch.float64, v.device
     eps = torch.finfo(ct).eps
-    cap = min(_MAX_BASIS, n)
-    trust_residual = min(m, n) > _FULL_KRYLOV_RANK
+    cap = min(max_basis, n)
+    trust_residual = rank_bound > _FULL_KRYLOV_RANK
     breakdown = eps if trust_residual else 16 * math.sqrt(n) * eps
     v, norm = _normalized(v)
-    v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, A.device))[0])
+    v = torch.where((norm > 0)[:, None], v, _normalized(_default_start(B, n, ct, device))[0])
     # Confirmation (see lanczos_top in csrc/cpu/dense_kernel.cpp): a residual test passed after p
     # passes is accepted only if theta has not grown by p + max(p, 16) passes.
-    confirm_at = torch.full((B,), -1, dtype=torch.int64, device=A.device)
-    claimed = torch.zeros(B, dtype=f64, device=A.device)
-    confirmed = torch.zeros(B, dtype=torch.bool, device=A.device)
+    confirm_at = torch.full((B,), -1, dtype=torch.int64, device=device)
+    claimed = torch.zeros(B, dtype=f64, device=device)
+    confirmed = torch.zeros(B, dtype=torch.bool, device=device)
     passes = 0
     while True:
-        Q = A.new_zeros(B, cap + 1, n)
+        Q = v.new_zeros(B, cap + 1, n)
         Q[:, 0] = v
-        alpha = torch.zeros(B, cap, dtype=f64, device=A.device)
-        beta = torch.zeros(B, cap, dtype=f64, device=A.device)
+        alpha = torch.zeros(B, cap, dtype=f64, device=device)
+        beta = torch.zeros(B, cap, dtype=f64, device=device)
         for k in range(cap):
             q = Q[:, k]
-            w = _gram(A, q)
+            w = gram(q)
             passes += 1
             a = (q.double() * w.double()).sum(-1)
             w = w - a.to(ct)[:, None] * q
@@ -162,7 +166,8 @@ def dense_spectral_norm(W: Tensor, v0: Tensor | None, max_iters: int, rtol: floa
     A, batch = _flatten(W)
     B, m, n = A.shape
     A, scales = _in_range(A)
-    v, rel_err = _lanczos_top(A, _start_vectors(v0, B, n, A.dtype, A.device), max_iters, rtol)
+    start = _start_vectors(v0, B, n, A.dtype, A.device)
+    v, rel_err = _lanczos_top(lambda x: _gram(A, x), start, max_iters, rtol, min(m, n))
     u, sigma = _left_vector(A, v)
     dt = W.dtype
     return (
@@ -269,11 +274,154 @@ def round_directed(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
 
 def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_steps: int) -> tuple[Tensor, Tensor]:
     A, batch = _flatten(W)
-    B, _, n = A.shape
-    v, _ = _lanczos_top(_in_range(A)[0], torch.zeros(B, n, dtype=A.dtype, device=A.device), max_iters, rtol / 8)
+    B, m, n = A.shape
+    scaled = _in_range(A)[0]
+    start = torch.zeros(B, n, dtype=A.dtype, device=A.device)
+    v, _ = _lanczos_top(lambda x: _gram(scaled, x), start, max_iters, rtol / 8, min(m, n))
     lower = certified_rayleigh_lower(A, v)
     upper = gram_upper_bound(A, lower * bracket_stop_factor(rtol, W.dtype), max_gram_steps)
     return (
         round_directed(lower, W.dtype, up=False).reshape(batch),
         round_directed(upper, W.dtype, up=True).reshape(batch),
     )
+
+
+# --- convolution operators -----------------------------------------------------------------------
+#
+# A convolution layer's operator, in the canonical form used by every conv op (lipfast/conv.py
+# reduces every torch conv, transposed ones included, to it):
+#     x (C_in, *input_size)  ->  crop(conv(pad(x)))  (C_out, *output_size)
+# pad: pad_lo / pad_hi entries on each side of each spatial dim, by padding_mode; conv: no padding,
+# the given stride, dilation and groups; crop: keep the first output_size outputs of each dim.
+
+PAD_MODES = ("zeros", "circular", "reflect", "replicate")
+
+
+def pad_source_index(n: int, lo: int, hi: int, mode: str) -> Tensor:
+    """For each position of a dim padded from n to lo + n + hi: the input position it copies
+    (int64), or -1 where it is a zero."""
+    q = torch.arange(-lo, n + hi, dtype=torch.int64)
+    if mode == "zeros":
+        return torch.where((q >= 0) & (q < n), q, -1)
+    if mode == "circular":
+        return torch.remainder(q, n)
+    if mode == "replicate":
+        return q.clamp(0, n - 1)
+    if mode == "reflect":  # mirror about the end samples, which are not repeated
+        if n == 1:
+            return torch.zeros_like(q)
+        r = torch.remainder(q, 2 * n - 2)
+        return torch.where(r >= n, 2 * n - 2 - r, r)
+    raise ValueError(f"lipfast: unknown padding_mode {mode!r}")
+
+
+def _conv_pad(x: Tensor, pad_lo: list[int], pad_hi: list[int], mode: str) -> Tensor:
+    spatial = x.dim() - 2
+    if mode == "zeros":
+        flat = [p for d in reversed(range(spatial)) for p in (pad_lo[d], pad_hi[d])]
+        return torch.nn.functional.pad(x, flat)
+    for d in range(spatial):
+        index = pad_source_index(x.shape[2 + d], pad_lo[d], pad_hi[d], mode).to(x.device)
+        x = x.index_select(2 + d, index)
+    return x
+
+
+def _conv_pad_adjoint(y: Tensor, input_size: list[int], pad_lo: list[int], mode: str) -> Tensor:
+    spatial = y.dim() - 2
+    if mode == "zeros":
+        for d in range(spatial):
+            y = y.narrow(2 + d, pad_lo[d], input_size[d])
+        return y
+    for d in reversed(range(spatial)):
+        index = pad_source_index(input_size[d], pad_lo[d], y.shape[2 + d] - pad_lo[d] - input_size[d], mode)
+        shape = list(y.shape)
+        shape[2 + d] = input_size[d]
+        y = y.new_zeros(shape).index_add_(2 + d, index.to(y.device), y)
+    return y
+
+
+def conv_full_output_size(input_size, kernel, stride, pad_lo, pad_hi, dilation) -> list[int]:
+    """Outputs per dim of conv(pad(x)) before any crop."""
+    return [
+        (n + lo + hi - d * (k - 1) - 1) // s + 1
+        for n, k, s, lo, hi, d in zip(input_size, kernel, stride, pad_lo, pad_hi, dilation)
+    ]
+
+
+def conv_apply(weight, x, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size) -> Tensor:
+    """The operator on a batch x (B, C_in, *input_size) -> (B, C_out, *output_size)."""
+    spatial = weight.dim() - 2
+    y = torch.ops.aten.convolution(
+        _conv_pad(x, pad_lo, pad_hi, padding_mode), weight, None, list(stride), [0] * spatial,
+        list(dilation), False, [0] * spatial, groups,
+    )
+    for d in range(spatial):
+        y = y.narrow(2 + d, 0, output_size[d])
+    return y
+
+
+def conv_adjoint(weight, y, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode) -> Tensor:
+    """The adjoint operator on a batch y (B, C_out, *output_size) -> (B, C_in, *input_size)."""
+    spatial = weight.dim() - 2
+    kernel = weight.shape[2:]
+    full = conv_full_output_size(input_size, kernel, stride, pad_lo, pad_hi, dilation)
+    extend = [p for d in reversed(range(spatial)) for p in (0, full[d] - y.shape[2 + d])]
+    y = torch.nn.functional.pad(y, extend)
+    padded = [n + lo + hi for n, lo, hi in zip(input_size, pad_lo, pad_hi)]
+    # output_padding makes the transposed convolution's output exactly the padded input size
+    output_padding = [
+        L - ((o - 1) * s + d * (k - 1) + 1) for L, o, s, d, k in zip(padded, full, stride, dilation, kernel)
+    ]
+    x = torch.ops.aten.convolution(
+        y, weight, None, list(stride), [0] * spatial, list(dilation), True, output_padding, groups
+    )
+    return _conv_pad_adjoint(x, list(input_size), list(pad_lo), padding_mode)
+
+
+def conv_weight_gradient(weight, u, v, stride, pad_lo, pad_hi, dilation, groups, padding_mode) -> Tensor:
+    """d (uᵀ A(weight) v) / d weight for the operator's vectors u (C_out, *out), v (C_in, *in)."""
+    spatial = weight.dim() - 2
+    x = _conv_pad(v[None], list(pad_lo), list(pad_hi), padding_mode)
+    full = conv_full_output_size(v.shape[1:], weight.shape[2:], stride, pad_lo, pad_hi, dilation)
+    g = torch.nn.functional.pad(u[None], [p for d in reversed(range(spatial)) for p in (0, full[d] - u.shape[1 + d])])
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, None, list(stride), [0] * spatial, list(dilation), False, [0] * spatial, groups,
+        [False, True, False],
+    )[1]
+
+
+def conv_spectral_norm(
+    weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Lanczos on AᵀA for the canonical conv operator A; returns (sigma, u, v, rel_err) like the op."""
+    ct = _compute_dtype(weight.dtype)
+    w = weight.detach().to(ct)
+    c_in = w.shape[1] * groups
+    in_shape = (c_in, *input_size)
+    n = int(math.prod(in_shape))
+    geometry = (stride, pad_lo, pad_hi, dilation, groups, padding_mode)
+
+    def forward(x: Tensor) -> Tensor:
+        return conv_apply(w, x.reshape(-1, *in_shape), stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size)
+
+    def gram(x: Tensor) -> Tensor:
+        return conv_adjoint(w, forward(x), input_size, *geometry).reshape(x.shape)
+
+    start = torch.zeros(1, n, dtype=ct, device=w.device) if v0 is None else v0.reshape(1, n).to(ct)
+    rank = min(n, w.shape[0] * int(math.prod(output_size)))
+    v, rel_err = _lanczos_top(gram, start, max_iters, rtol, rank, max_basis=_conv_basis_cap(n, ct))
+    u, sigma = _normalized(forward(v).reshape(1, -1))
+    u = torch.where(sigma > 0, u, torch.zeros_like(u))
+    dt = weight.dtype
+    return (
+        sigma.to(dt).reshape(()),
+        u.to(dt).reshape(w.shape[0], *output_size),
+        v.to(dt).reshape(in_shape),
+        rel_err.reshape(()),
+    )
+
+
+def _conv_basis_cap(n: int, dtype: torch.dtype) -> int:
+    """Lanczos basis size for operators with n unknowns: at most 256 vectors and about 256 MiB."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return int(max(16, min(_MAX_BASIS, (256 << 20) // (n * itemsize))))

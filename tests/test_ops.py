@@ -49,3 +49,27 @@ def test_torch_compile_fullgraph():
     Wr = W.clone().requires_grad_()
     lipfast.spectral_norm(Wr).sum().backward()
     torch.testing.assert_close(Wg.grad, Wr.grad)
+
+
+def test_conv_opcheck():
+    g = torch.Generator().manual_seed(1)
+    w64 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w32 = torch.randn(3, 1, 3, generator=g)
+    geometry64 = ([5, 4], [2, 1], [1, 1], [1, 1], [1, 2], 2, "reflect", [3, 2])
+    geometry32 = ([6], [1], [2], [0], [1], 3, "zeros", [6])
+    torch.library.opcheck(torch.ops.lipfast.conv_spectral_norm.default, (w64, None, *geometry64, 300, 1e-8))
+    torch.library.opcheck(torch.ops.lipfast.conv_spectral_norm.default, (w32, torch.ones(3, 6), *geometry32, 300, 1e-6))
+
+
+def test_conv_torch_compile_fullgraph():
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
+
+    def f(w):
+        return lipfast.conv_spectral_norm(w, (6, 6), stride=2, padding=1, padding_mode="circular")
+
+    compiled = torch.compile(f, fullgraph=True)
+    got, expected = compiled(w), f(w)
+    torch.testing.assert_close(got, expected)
+    (grad_compiled,) = torch.autograd.grad(got, w)
+    (grad_eager,) = torch.autograd.grad(expected, w)
+    torch.testing.assert_close(grad_compiled, grad_eager)

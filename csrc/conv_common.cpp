@@ -1,0 +1,274 @@
+// Lanczos on the operator of a convolution layer, one loop of ATen convolutions.  Device-agnostic:
+// the CPU and CUDA registrations both call conv_spectral_norm below.
+//
+// Numerical contract: sigma = ‖A v‖ for the returned unit v (so never above sigma_max beyond
+// rounding), and rel_err bounds the relative error of the top Ritz value when the residual test is
+// trusted (the same stopping rules as the dense kernel: confirmation after p + max(p, 16) passes,
+// and small operators, rank <= 16, run until their Krylov space is exhausted).
+#include "conv.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace lipfast {
+namespace {
+
+constexpr int64_t kMaxBasis = 256;
+constexpr int64_t kFullKrylovRank = 16;
+constexpr int64_t kMinConfirmation = 16;
+constexpr uint64_t kStartSeed = 0x6C6970;  // the pure-PyTorch fallback's start-vector seed
+
+enum class PadMode { kZeros, kCircular, kReflect, kReplicate };
+
+PadMode parse_mode(c10::string_view mode) {
+  if (mode == "zeros") return PadMode::kZeros;
+  if (mode == "circular") return PadMode::kCircular;
+  if (mode == "reflect") return PadMode::kReflect;
+  if (mode == "replicate") return PadMode::kReplicate;
+  TORCH_CHECK_VALUE(false, "lipfast.conv_spectral_norm: unknown padding_mode '", std::string(mode), "'");
+}
+
+// Input position copied to each position of a dim padded from n to lo + n + hi (-1: a zero).
+std::vector<int64_t> pad_source_index(int64_t n, int64_t lo, int64_t hi, PadMode mode) {
+  std::vector<int64_t> index;
+  for (int64_t q = -lo; q < n + hi; ++q) {
+    switch (mode) {
+      case PadMode::kZeros: index.push_back(q >= 0 && q < n ? q : -1); break;
+      case PadMode::kCircular: index.push_back(((q % n) + n) % n); break;
+      case PadMode::kReplicate: index.push_back(std::clamp<int64_t>(q, 0, n - 1)); break;
+      case PadMode::kReflect: {
+        if (n == 1) { index.push_back(0); break; }
+        const int64_t period = 2 * n - 2;
+        const int64_t r = ((q % period) + period) % period;
+        index.push_back(r >= n ? period - r : r);
+        break;
+      }
+    }
+  }
+  return index;
+}
+
+class ConvOperator {
+ public:
+  ConvOperator(const at::Tensor& weight, at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef pad_lo,
+               at::IntArrayRef pad_hi, at::IntArrayRef dilation, int64_t groups, PadMode mode,
+               at::IntArrayRef output_size)
+      : weight_(weight), input_size_(input_size.vec()), stride_(stride.vec()), pad_lo_(pad_lo.vec()),
+        pad_hi_(pad_hi.vec()), dilation_(dilation.vec()), output_size_(output_size.vec()), groups_(groups),
+        mode_(mode), dims_(weight.dim() - 2), zeros_(dims_, 0) {
+    for (int64_t d = 0; d < dims_; ++d) {
+      const int64_t k = weight.size(2 + d);
+      const int64_t padded = input_size_[d] + pad_lo_[d] + pad_hi_[d];
+      const int64_t full = (padded - dilation_[d] * (k - 1) - 1) / stride_[d] + 1;
+      full_output_.push_back(full);
+      // output_padding makes the transposed convolution's output exactly the padded size
+      adjoint_output_padding_.push_back(padded - ((full - 1) * stride_[d] + dilation_[d] * (k - 1) + 1));
+      if (mode_ != PadMode::kZeros) {
+        auto index = pad_source_index(input_size_[d], pad_lo_[d], pad_hi_[d], mode_);
+        index_.push_back(at::tensor(index, at::kLong).to(weight.device()));
+      }
+    }
+  }
+
+  // x (B, C_in, *input_size) -> (B, C_out, *output_size)
+  at::Tensor apply(const at::Tensor& x) const {
+    auto y = at::convolution(pad(x), weight_, {}, stride_, zeros_, dilation_, false, zeros_, groups_);
+    for (int64_t d = 0; d < dims_; ++d) {
+      if (output_size_[d] < full_output_[d]) y = y.narrow(2 + d, 0, output_size_[d]);
+    }
+    return y;
+  }
+
+  // y (B, C_out, *output_size) -> (B, C_in, *input_size)
+  at::Tensor adjoint(const at::Tensor& y) const {
+    std::vector<int64_t> extend;
+    bool cropped = false;
+    for (int64_t d = dims_ - 1; d >= 0; --d) {
+      extend.push_back(0);
+      extend.push_back(full_output_[d] - output_size_[d]);
+      cropped = cropped || full_output_[d] > output_size_[d];
+    }
+    auto full = cropped ? at::constant_pad_nd(y, extend, 0) : y;
+    auto x = at::convolution(full, weight_, {}, stride_, zeros_, dilation_, true, adjoint_output_padding_, groups_);
+    return pad_adjoint(x);
+  }
+
+ private:
+  at::Tensor pad(at::Tensor x) const {
+    if (mode_ == PadMode::kZeros) {
+      std::vector<int64_t> pads;
+      bool any = false;
+      for (int64_t d = dims_ - 1; d >= 0; --d) {
+        pads.push_back(pad_lo_[d]);
+        pads.push_back(pad_hi_[d]);
+        any = any || pad_lo_[d] || pad_hi_[d];
+      }
+      return any ? at::constant_pad_nd(x, pads, 0) : x;
+    }
+    for (int64_t d = 0; d < dims_; ++d) x = x.index_select(2 + d, index_[d]);
+    return x;
+  }
+
+  at::Tensor pad_adjoint(at::Tensor y) const {
+    if (mode_ == PadMode::kZeros) {
+      for (int64_t d = 0; d < dims_; ++d) y = y.narrow(2 + d, pad_lo_[d], input_size_[d]);
+      return y;
+    }
+    for (int64_t d = dims_ - 1; d >= 0; --d) {
+      auto shape = y.sizes().vec();
+      shape[2 + d] = input_size_[d];
+      y = at::zeros(shape, y.options()).index_add_(2 + d, index_[d], y);
+    }
+    return y;
+  }
+
+  at::Tensor weight_;
+  std::vector<int64_t> input_size_, stride_, pad_lo_, pad_hi_, dilation_, output_size_;
+  int64_t groups_;
+  PadMode mode_;
+  int64_t dims_;
+  std::vector<int64_t> zeros_, full_output_, adjoint_output_padding_;
+  std::vector<at::Tensor> index_;
+};
+
+struct TopRitz {
+  at::Tensor v;    // unit Ritz vector (n,)
+  double rel_err;  // residual bound / (2 theta)
+};
+
+// Largest eigenpair of the symmetric tridiagonal matrix with diagonal alpha, off-diagonal beta.
+std::pair<double, at::Tensor> tridiagonal_top(const std::vector<double>& alpha, const std::vector<double>& beta) {
+  const int64_t k = static_cast<int64_t>(alpha.size());
+  auto T = at::zeros({k, k}, at::kDouble);
+  auto t = T.accessor<double, 2>();
+  for (int64_t i = 0; i < k; ++i) {
+    t[i][i] = alpha[i];
+    if (i + 1 < k) t[i][i + 1] = t[i + 1][i] = beta[i];
+  }
+  auto [evals, evecs] = at::linalg_eigh(T);
+  return {evals[k - 1].item<double>(), evecs.select(1, k - 1).contiguous()};
+}
+
+// Lanczos on the symmetric positive semi-definite operator `gram` (n unknowns, rank <= rank_bound)
+// with full reorthogonalization, the same rules as lipfast/reference.py's _lanczos_top.
+template <typename Gram>
+TopRitz lanczos_top(const Gram& gram, at::Tensor v, int64_t max_passes, double rtol, int64_t rank_bound,
+                    int64_t max_basis) {
+  const int64_t n = v.numel();
+  const double eps = v.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
+                                                   : std::numeric_limits<double>::epsilon();
+  const int64_t cap = std::min(max_basis, n);
+  const bool trust_residual = rank_bound > kFullKrylovRank;
+  const double breakdown = trust_residual ? eps : 16.0 * std::sqrt(static_cast<double>(n)) * eps;
+  int64_t confirm_at = -1, passes = 0;
+  double claimed = 0.0;
+  bool confirmed = false;
+  while (true) {
+    auto Q = at::zeros({cap + 1, n}, v.options());
+    Q[0].copy_(v);
+    std::vector<double> alpha, beta;
+    for (int64_t k = 0; k < cap; ++k) {
+      auto q = Q[k];
+      at::Tensor w = gram(q);
+      ++passes;
+      const double a = at::dot(q.to(at::kDouble), w.to(at::kDouble)).item<double>();
+      w = w - a * q;
+      if (k > 0) w = w - beta[k - 1] * Q[k - 1];
+      auto basis = Q.narrow(0, 0, k + 1);
+      for (int pass = 0; pass < 2; ++pass) w = w - at::mv(basis.t(), at::mv(basis, w));  // classical GS, twice
+      const double b = at::linalg_vector_norm(w.to(at::kDouble), 2).item<double>();
+      alpha.push_back(a);
+      auto [theta, s] = tridiagonal_top(alpha, beta);
+      const double residual = b * std::abs(s[k].item<double>());
+      const double rel_err = theta > 0 ? residual / (2.0 * theta)
+                                       : (residual > 0 ? std::numeric_limits<double>::infinity() : 0.0);
+      const bool exhausted = b <= breakdown * theta || b == 0 || k + 1 == n;
+      if (trust_residual && rel_err <= rtol && !exhausted) {
+        const bool due = confirm_at >= 0 && passes >= confirm_at;
+        if (due && theta <= claimed * (1 + 2 * rtol)) confirmed = true;
+        if (!confirmed && (confirm_at < 0 || due)) {
+          confirm_at = passes + std::max(passes, kMinConfirmation);
+          claimed = theta;
+        }
+      }
+      const bool done = confirmed || exhausted || passes >= max_passes;
+      if (done || k + 1 == cap) {
+        auto ritz = at::mv(basis.t(), s.to(v.scalar_type()).to(v.device()));
+        const double norm = at::linalg_vector_norm(ritz.to(at::kDouble), 2).item<double>();
+        v = norm > 0 ? ritz / norm : Q[0].clone();
+        if (done) return {v, rel_err};
+        break;
+      }
+      beta.push_back(b);
+      Q[k + 1].copy_(w / b);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
+    const at::Tensor& weight, const std::optional<at::Tensor>& v0, at::IntArrayRef input_size,
+    at::IntArrayRef stride, at::IntArrayRef pad_lo, at::IntArrayRef pad_hi, at::IntArrayRef dilation,
+    int64_t groups, c10::string_view padding_mode, at::IntArrayRef output_size, int64_t max_iters, double rtol) {
+  const int64_t dims = weight.dim() - 2;
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()),
+                   "lipfast.conv_spectral_norm: weight must be a floating-point tensor, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(dims >= 1 && dims <= 3, "lipfast.conv_spectral_norm: weight must have 3, 4 or 5 dims, got shape ",
+                    weight.sizes());
+  for (auto size : {input_size.size(), stride.size(), pad_lo.size(), pad_hi.size(), dilation.size(), output_size.size()}) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(size) == dims,
+                      "lipfast.conv_spectral_norm: every geometry argument needs one entry per spatial dim (", dims, ")");
+  }
+  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0,
+                    "lipfast.conv_spectral_norm: weight.shape[0] must be divisible by groups, got ", weight.size(0),
+                    " and groups=", groups);
+  TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.conv_spectral_norm: max_iters must be >= 1, got ", max_iters);
+  const auto mode = parse_mode(padding_mode);
+  const auto compute = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto w = weight.detach().to(compute).contiguous();
+  const ConvOperator op(w, input_size, stride, pad_lo, pad_hi, dilation, groups, mode, output_size);
+
+  std::vector<int64_t> in_shape{1, weight.size(1) * groups};
+  in_shape.insert(in_shape.end(), input_size.begin(), input_size.end());
+  const int64_t n = c10::multiply_integers(in_shape);
+  int64_t m = weight.size(0);
+  for (auto o : output_size) m *= o;
+
+  at::Tensor start;
+  if (v0.has_value() && v0->defined()) {
+    TORCH_CHECK_VALUE(v0->numel() == n, "lipfast.conv_spectral_norm: v0 must have ", n, " entries, got ", v0->numel());
+    start = v0->detach().to(w.options()).reshape({n}).clone();
+  } else {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(kStartSeed);
+    start = (at::rand({n}, generator, at::TensorOptions().dtype(at::kDouble)) * 2 - 1).to(w.options());
+  }
+  double start_norm = at::linalg_vector_norm(start.to(at::kDouble), 2).item<double>();
+  if (!(start_norm > 0)) {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(kStartSeed);
+    start = (at::rand({n}, generator, at::TensorOptions().dtype(at::kDouble)) * 2 - 1).to(w.options());
+    start_norm = at::linalg_vector_norm(start.to(at::kDouble), 2).item<double>();
+  }
+  start = start / start_norm;
+
+  auto gram = [&](const at::Tensor& x) { return op.adjoint(op.apply(x.view(in_shape))).reshape({n}); };
+  const int64_t itemsize = compute == at::kDouble ? 8 : 4;
+  const int64_t basis_cap = std::max<int64_t>(16, std::min<int64_t>(kMaxBasis, (int64_t{256} << 20) / (n * itemsize)));
+  auto top = lanczos_top(gram, start, max_iters, rtol, std::min(n, m), basis_cap);
+
+  auto y = op.apply(top.v.view(in_shape)).reshape({-1});
+  const auto sigma = at::linalg_vector_norm(y.to(at::kDouble), 2);
+  auto u = at::where(sigma > 0, y / sigma.clamp_min(std::numeric_limits<double>::min()).to(compute), at::zeros_like(y));
+  std::vector<int64_t> out_shape{weight.size(0)};
+  out_shape.insert(out_shape.end(), output_size.begin(), output_size.end());
+  return {sigma.to(weight.scalar_type()), u.view(out_shape).to(weight.scalar_type()),
+          top.v.view(at::IntArrayRef(in_shape).slice(1)).to(weight.scalar_type()),
+          at::scalar_tensor(top.rel_err, at::TensorOptions().dtype(at::kDouble).device(weight.device()))};
+}
+
+}  // namespace lipfast

@@ -1,0 +1,231 @@
+"""Operator norms of convolution layers against the SVD of the explicit operator matrix."""
+from __future__ import annotations
+
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+from lipfast import conv
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def explicit_matrix(module: nn.Module, input_size, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's operator as a float64 matrix: torch's own forward (bias removed) on every unit
+    input; with ``weight``, differentiable with respect to it."""
+    module = module.double()
+    c_in = module.in_channels
+    n = c_in * math.prod(input_size)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, c_in, *input_size)
+    bias, module.bias = module.bias, None
+    try:
+        if weight is None:
+            with torch.no_grad():
+                y = module(eye)
+        else:
+            y = torch.func.functional_call(module, {"weight": weight}, (eye,))
+    finally:
+        module.bias = bias
+    return y.reshape(n, -1).T
+
+
+def exact_norm(module: nn.Module, input_size) -> float:
+    return float(torch.linalg.matrix_norm(explicit_matrix(module, input_size), ord=2))
+
+
+def _kwargs(module: nn.Module, input_size) -> dict:
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    kwargs = dict(
+        input_size=input_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
+        groups=module.groups, padding_mode=module.padding_mode, transposed=transposed,
+    )
+    if transposed:
+        kwargs["output_padding"] = module.output_padding
+    return kwargs
+
+
+def _random_configs(count: int, seed: int):
+    """Valid layers drawn over dims 1-3, kernel 1-5, stride 1-3, padding 0/1/2/'same'/'valid',
+    dilation 1-2, groups 1/2/4, all padding modes, transposed with output_padding, odd and even sizes."""
+    rng = random.Random(seed)
+    configs = []
+    while len(configs) < count:
+        dims = rng.choice([1, 2, 2, 3])
+        groups = rng.choice([1, 2, 4])
+        transposed = rng.random() < 0.25
+        kernel = rng.randint(1, 5) if dims < 3 else rng.randint(1, 3)
+        stride = rng.randint(1, 3)
+        dilation = rng.randint(1, 2)
+        padding = rng.choice([0, 1, 2] if transposed else [0, 1, 2, "same", "valid"])
+        mode = "zeros" if transposed else rng.choice(["zeros", "circular", "reflect", "replicate"])
+        if padding == "same":
+            stride = 1
+        size = tuple(rng.randint(3, 9 if dims == 1 else (6 if dims == 2 else 4)) for _ in range(dims))
+        c_in = groups * rng.randint(1, 2)
+        c_out = groups * rng.randint(1, 2)
+        try:
+            if transposed:
+                output_padding = rng.randint(0, max(stride, dilation) - 1)
+                module = _TRANSPOSED[dims](c_in, c_out, kernel, stride, padding, output_padding, groups, False, dilation)
+            else:
+                module = _CONV[dims](c_in, c_out, kernel, stride, padding, dilation, groups, False, mode)
+            torch.manual_seed(len(configs))
+            for p in module.parameters():
+                nn.init.normal_(p)
+            explicit_matrix(module, size)  # torch accepts this layer at this size
+        except (RuntimeError, ValueError):
+            continue
+        configs.append((module, size))
+    return configs
+
+
+CONFIGS = _random_configs(48, seed=3) + [
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), (6, 6)),
+    (nn.Conv2d(2, 6, 3, stride=2, padding=1, padding_mode="circular"), (6, 4)),
+    (nn.Conv2d(2, 4, 4, stride=2, padding=(2, 1), padding_mode="circular"), (8, 4)),
+    (nn.Conv1d(3, 3, 5, stride=3, padding=4, dilation=2, padding_mode="circular"), (9,)),
+    (nn.Conv3d(2, 2, 3, padding=1, padding_mode="circular", groups=2), (4, 3, 4)),
+    (nn.Conv2d(4, 8, 1, stride=2), (6, 6)),
+    (nn.Conv2d(4, 8, 1, stride=3), (7, 5)),
+    (nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (4, 5)),
+    (nn.ConvTranspose1d(3, 2, 3, stride=1, padding=1, output_padding=1, dilation=2), (7,)),
+    (nn.Conv2d(2, 4, 4, padding="same", padding_mode="replicate", dilation=2), (7, 6)),
+]
+
+
+def _id(config) -> str:
+    module, size = config
+    return f"{type(module).__name__}-{tuple(module.weight.shape)}-{size}-{module.padding_mode}"
+
+
+def _is_circulant(module: nn.Module, input_size) -> bool:
+    """Circular padding of total d (k - 1) per dim (or 1-tap, unpadded), and stride dividing the size."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return False
+    op = conv.conv_operator("test", module.weight, input_size, module.stride, module.padding, module.dilation,
+                            module.groups, module.padding_mode)
+    _, exact, _ = conv._grids(op)
+    return exact
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_estimate_and_bracket_against_svd(config, backend):
+    module, size = config
+    exact = exact_norm(module, size)
+    for dtype in (torch.float64, torch.float32):
+        w = module.weight.detach().to(dtype)
+        kwargs = _kwargs(module, size)
+        sigma = lipfast.conv_spectral_norm(w, **kwargs)
+        assert sigma.shape == () and sigma.dtype == dtype
+        exact_stored = exact if dtype == torch.float64 else exact_norm(_with_weight(module, w), size)
+        assert abs(float(sigma) - exact_stored) <= 1e-4 * exact_stored
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # zero padding may not reach rtol
+            lower, upper = lipfast.conv_spectral_norm_bounds(w, **kwargs)
+        assert lower.dtype == upper.dtype == dtype
+        assert float(lower) <= exact_stored <= float(upper)
+        if _is_circulant(module, size):
+            assert float(upper) <= exact_stored * (1 + 1e-3)
+
+
+def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(module)
+    clone.weight = nn.Parameter(weight.double())
+    return clone
+
+
+@pytest.mark.parametrize("config", CONFIGS[:24] + CONFIGS[-10:], ids=_id)
+def test_circulant_bounds_alone_are_valid(config, monkeypatch):
+    """The structural bounds without the explicit-matrix refinement: still never below the norm."""
+    monkeypatch.setattr(conv, "EXPLICIT_MATRIX_LIMIT", 0)
+    module, size = config
+    exact = exact_norm(module, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lower, upper = lipfast.operator_norm_bounds(module.double(), size)
+    assert float(lower) <= exact <= float(upper)
+
+
+def test_modules_and_linear(backend):
+    torch.manual_seed(0)
+    conv2d = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    exact = exact_norm(conv2d, (7, 6))
+    assert abs(float(lipfast.operator_norm(conv2d, (7, 6)).detach()) - exact) <= 1e-4 * exact
+    linear = nn.Linear(7, 4).double()
+    exact = float(torch.linalg.matrix_norm(linear.weight.detach(), 2))
+    assert abs(float(lipfast.operator_norm(linear).detach()) - exact) <= 1e-5 * exact
+    lower, upper = lipfast.operator_norm_bounds(linear)
+    assert float(lower) <= exact <= float(upper)
+    # spectral norm of the reshaped kernel (what torch normalizes) is not the operator norm
+    circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", bias=False).double()
+    reshaped = float(torch.linalg.matrix_norm(circular.weight.detach().reshape(4, -1), 2))
+    assert abs(float(lipfast.operator_norm(circular, (8, 8))) - reshaped) > 1e-3 * reshaped
+
+
+def test_gradient(backend):
+    torch.manual_seed(1)
+    for module, size in [
+        (nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect", bias=False), (5, 4)),
+        (nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False), (5,)),
+    ]:
+        kwargs = _kwargs(module, size)
+        w = module.weight.detach().double().requires_grad_()
+        torch.autograd.gradcheck(lambda w: lipfast.conv_spectral_norm(w, rtol=1e-12, **kwargs), (w,))
+        # and the gradient is that of the exact norm
+        lipfast.conv_spectral_norm(w, **kwargs).backward()
+        w2 = w.detach().clone().requires_grad_()
+        torch.linalg.matrix_norm(explicit_matrix(module, size, w2), 2).backward()
+        torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_warm_start_and_no_input_change():
+    torch.manual_seed(2)
+    w = torch.randn(4, 3, 3, 3)
+    before = w.clone()
+    lipfast.conv_spectral_norm(w, (6, 6), padding=1)
+    lipfast.conv_spectral_norm_bounds(w, (6, 6), padding=1)
+    assert torch.equal(w, before)
+
+
+BAD = [
+    (dict(weight=torch.randn(6, 2, 3, 3), input_size=(5, 5), groups=4), "groups"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(2, 2)), "smaller than the dilated kernel"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), dilation=3), "smaller than the dilated kernel"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), stride=0), "stride"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), dilation=-1), "dilation"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), padding_mode="mirror"), "padding_mode"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5, 5)), "input_size"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=None), "input_size"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), padding="full"), "padding"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), padding="same", stride=2), "padding='same'"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), padding=5, padding_mode="reflect"), "reflect"),
+    (dict(weight=torch.randn(4, 2, 3, 3), input_size=(5, 5), transposed=True, output_padding=2), "output_padding"),
+    (dict(weight=torch.randn(4, 2, 3), input_size=(5,), rtol=0), "rtol"),
+    (dict(weight=torch.full((4, 2, 3), math.nan), input_size=(5,)), "NaN"),
+    (dict(weight=torch.randn(4, 2), input_size=(5,)), "3, 4 or 5 dims"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c[1])
+def test_bad_input(case):
+    kwargs, message = case
+    for fn in (lipfast.conv_spectral_norm, lipfast.conv_spectral_norm_bounds):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            fn(**kwargs)
+
+
+def test_bad_modules():
+    with pytest.raises(ValueError, match="input_size is required for Conv2d"):
+        lipfast.operator_norm(nn.Conv2d(2, 2, 3))
+    with pytest.raises(TypeError, match="module must be"):
+        lipfast.operator_norm_bounds(nn.ReLU(), (4, 4))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        lipfast.conv_spectral_norm([1.0], (4,))
