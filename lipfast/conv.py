@@ -248,8 +248,7 @@ def conv_spectral_norm(
 # --- certified bracket ---------------------------------------------------------------------------
 
 
-def _gamma(k: float) -> float:
-    return reference._gamma(k)
+_gamma = reference._gamma  # gamma(k) = k u / (1 - k u), the float64 dot-product error factor
 
 
 @dataclass(frozen=True)
@@ -598,8 +597,7 @@ def operator_norm(module: nn.Module, input_size: IntOrTuple | None = None, *, rt
         return linalg.spectral_norm(module.weight, rtol=rtol)
     rtol = linalg._check_rtol(fn, rtol)
     _check_finite_weight(fn, op.weight)
-    sigma, _, _, rel_err = _top_singular(op, rtol, linalg.DEFAULT_MAX_ITERS)
-    return sigma
+    return _top_singular(op, rtol, linalg.DEFAULT_MAX_ITERS)[0]
 
 
 def operator_norm_bounds(
