@@ -47,7 +47,7 @@ def _extensions():
         use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     use_cuda = use_cuda and bool(cuda_sources)
 
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard: the one torch's BuildExtension picks for its headers
     ext_kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],

@@ -75,9 +75,17 @@ class ConvOperator {
     }
   }
 
+  // ATen's convolution, never in TF32: cuDNN's default for float32 on recent GPUs rounds the inputs
+  // to 10-bit mantissas, about 1e-3 relative error per product, far from what rtol asks.
+  at::Tensor convolution(const at::Tensor& x, bool transposed, at::IntArrayRef output_padding) const {
+    return at::_convolution(x, weight_, {}, stride_, zeros_, dilation_, transposed, output_padding, groups_,
+                            /*benchmark=*/false, /*deterministic=*/false,
+                            /*cudnn_enabled=*/at::globalContext().userEnabledCuDNN(), /*allow_tf32=*/false);
+  }
+
   // x (B, C_in, *input_size) -> (B, C_out, *output_size)
   at::Tensor apply(const at::Tensor& x) const {
-    auto y = at::convolution(pad(x), weight_, {}, stride_, zeros_, dilation_, false, zeros_, groups_);
+    auto y = convolution(pad(x), false, zeros_);
     for (int64_t d = 0; d < dims_; ++d) {
       if (output_size_[d] < full_output_[d]) y = y.narrow(2 + d, 0, output_size_[d]);
     }
@@ -94,7 +102,7 @@ class ConvOperator {
       cropped = cropped || full_output_[d] > output_size_[d];
     }
     auto full = cropped ? at::constant_pad_nd(y, extend, 0) : y;
-    auto x = at::convolution(full, weight_, {}, stride_, zeros_, dilation_, true, adjoint_output_padding_, groups_);
+    auto x = convolution(full, true, adjoint_output_padding_);
     return pad_adjoint(x);
   }
 
@@ -231,7 +239,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
   TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.conv_spectral_norm: max_iters must be >= 1, got ", max_iters);
   const auto mode = parse_mode(padding_mode);
   const auto compute = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto w = weight.detach().to(compute).contiguous();
+  // A weight whose max |entry| lies outside [2^-32, 2^32] is iterated on w * 2^-e (max |entry| in
+  // [0.5, 1)), so that the Gram products neither overflow nor underflow; sigma is scaled back.
+  const double largest = weight.detach().abs().max().to(at::kDouble).item<double>();
+  int exponent = 0;
+  if (largest > 0 && std::isfinite(largest)) std::frexp(largest, &exponent);
+  if (std::abs(exponent) <= 32) exponent = 0;
+  const auto w = (exponent == 0 ? weight.detach().to(compute)
+                                : (weight.detach().to(at::kDouble) * std::ldexp(1.0, -exponent)).to(compute))
+                     .contiguous();
   const ConvOperator op(w, input_size, stride, pad_lo, pad_hi, dilation, groups, mode, output_size);
 
   std::vector<int64_t> in_shape{1, weight.size(1) * groups};
@@ -266,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
   auto u = at::where(sigma > 0, y / sigma.clamp_min(std::numeric_limits<double>::min()).to(compute), at::zeros_like(y));
   std::vector<int64_t> out_shape{weight.size(0)};
   out_shape.insert(out_shape.end(), output_size.begin(), output_size.end());
-  return {sigma.to(weight.scalar_type()), u.view(out_shape).to(weight.scalar_type()),
+  return {(exponent == 0 ? sigma : sigma * std::ldexp(1.0, exponent)).to(weight.scalar_type()),
+          u.view(out_shape).to(weight.scalar_type()),
           top.v.view(at::IntArrayRef(in_shape).slice(1)).to(weight.scalar_type()),
           at::scalar_tensor(top.rel_err, at::TensorOptions().dtype(at::kDouble).device(weight.device()))};
 }

@@ -190,13 +190,18 @@ def _check_finite_weight(fn: str, weight: Tensor) -> None:
         raise ValueError(f"lipfast.{fn}: weight has a NaN or Inf entry")
 
 
-def _top_singular(op: ConvOperator, rtol: float, max_iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(sigma, u, v, rel_err) of the operator, sigma differentiable with respect to op.weight."""
+def _top_singular(
+    op: ConvOperator, rtol: float, max_iters: int, v0: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sigma, u, v, rel_err) of the operator, sigma differentiable with respect to op.weight;
+    v0 (C_in, *input_size), if given, starts the iteration."""
     w = op.weight
+    if v0 is not None:
+        v0 = v0.to(dtype=w.dtype if w.dtype == torch.float64 else torch.float32, device=w.device)
     if _ext.use_kernel("conv_spectral_norm", w.device):
-        return ops.conv_spectral_norm(w, None, *op.op_args(), max_iters, rtol)
+        return ops.conv_spectral_norm(w, v0, *op.op_args(), max_iters, rtol)
     with torch.no_grad():
-        sigma, u, v, rel_err = reference.conv_spectral_norm(w, None, *op.op_args(), max_iters, rtol)
+        sigma, u, v, rel_err = reference.conv_spectral_norm(w, v0, *op.op_args(), max_iters, rtol)
     if w.requires_grad:
         # uᵀ A(w) v has gradient u vᵀ-through-the-convolution; its value is sigma
         bilinear = (u * op.apply(v[None].to(w.dtype), w)[0]).sum()
@@ -281,29 +286,82 @@ class _DimGrid:
         return torch.remainder(self.frequencies - w - self.twist, self.frequencies)
 
 
-def _symbol_matrices(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> Tensor:
-    """The per-frequency matrices (F * groups, C_out/groups, C_in/groups * phases) of the
-    block-circulant operator, complex128, one frequency of each conjugate pair only."""
+@dataclass(frozen=True)
+class _Symbols:
+    """Per-frequency matrices of a block-circulant operator, one frequency of each conjugate pair."""
+
+    S: Tensor  # (kept frequencies * groups, 2p, q) float64: [A; B] with A + i B = K_f, or K_fᵀ
+    p: int
+    transposed: bool  # whether A + i B is K_fᵀ
+    kept: Tensor  # the kept frequencies' flat indices on the grid
+
+
+def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Symbols:
+    """The block-circulant operator's per-frequency matrices K_f = A_f + i B_f, one frequency of each
+    conjugate pair only, stacked as S (F * groups, 2p, q) = [A_f; B_f] in float64.
+
+    Each matrix is K_f (C_out/groups x C_in/groups * phases) or its transpose, whichever has p >= q
+    (same singular values); its columns are ordered (phase, channel), a permutation of the
+    columns of K_f that leaves the singular values alone too.  One real matrix product makes them
+    all: (frequency, re/im, phase) x tap twiddles times (tap, channels) weights."""
     dims = len(grids)
     letters = "abc"[:dims]
     freq, phase = "xyz"[:dims], "rst"[:dims]
-    spec = (
-        f"oi{letters},"
-        + ",".join(f"{freq[d]}{phase[d]}{letters[d]}" for d in range(dims))
-        + f"->{freq}oi{phase}"
-    )
-    K = torch.einsum(spec, weight.to(torch.complex128), *[g.twiddles() for g in grids])
+    spec = ",".join(f"{freq[d]}{phase[d]}{letters[d]}" for d in range(dims)) + f"->{freq}{phase}{letters}"
     sizes = [g.frequencies for g in grids]
     F = math.prod(sizes)
-    c_out, c_in = weight.shape[0], weight.shape[1]
-    K = K.reshape(F, groups, c_out // groups, c_in * math.prod(g.phases for g in grids))
+    R = math.prod(g.phases for g in grids)
+    taps = math.prod(weight.shape[2:])
+    E = torch.einsum(spec, *[g.twiddles() for g in grids]).reshape(F, R, taps)
     # keep frequency f when f <= its mirror: the other half has conjugate matrices, same singular values
     flat = torch.arange(F).reshape(sizes)
     mirror = flat
     for d, g in enumerate(grids):
         mirror = mirror.index_select(d, g.mirror())
-    keep = (flat <= mirror).reshape(-1).nonzero()[:, 0]
-    return K.index_select(0, keep).reshape(-1, c_out // groups, K.shape[-1])
+    kept = (flat <= mirror).reshape(-1).nonzero()[:, 0]
+    E = E.index_select(0, kept)
+    F = E.shape[0]
+    E = torch.stack([E.real, E.imag], 1).reshape(F * 2 * R, taps)  # rows (f, re/im, phase)
+    c_out, c_in = weight.shape[0] // groups, weight.shape[1]
+    w = weight.double().reshape(groups, c_out, c_in, taps)
+    if R * c_in >= c_out:  # K_fᵀ: rows (phase, in channel), columns out channel
+        S = (E @ w.permute(3, 0, 2, 1).reshape(taps, -1)).reshape(F, 2, R, groups, c_in, c_out)
+        S = S.permute(0, 3, 1, 2, 4, 5).reshape(F * groups, 2 * R * c_in, c_out)
+        return _Symbols(S, R * c_in, True, kept)
+    # K_f: rows out channel, columns (phase, in channel)
+    S = (E @ w.permute(3, 0, 1, 2).reshape(taps, -1)).reshape(F, 2, R, groups, c_out, c_in)
+    S = S.permute(0, 3, 1, 4, 2, 5).reshape(F * groups, 2 * c_out, R * c_in)
+    return _Symbols(S, c_out, False, kept)
+
+
+def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: int, z: Tensor) -> Tensor:
+    """An input (C_in, *input_size) on which the block-circulant operator gains sigma_max(K_b): for
+    a right singular vector c of K_b (phase r, channel i) at angles theta, x(s m + r)_i = Re(conj(c_ri)
+    e^(i theta . m)), since then y(t) = conj(K_b) conj(c) e^(i theta . t).  z (2q,) is the top
+    eigenvector of the real form of the stored matrix's Gram (re; im).  Used as a Lanczos start."""
+    S, p = sym.S[b], sym.p
+    q = S.shape[-1]
+    M = torch.complex(S[:p], S[p:])
+    vec = torch.complex(z[:q].double(), z[q:].double())
+    c = (M @ vec).conj() if sym.transposed else vec  # K = Mᵀ: its right singular vector is conj(M z)
+    groups = op.groups
+    c_in = op.weight.shape[1]
+    sizes = [g.frequencies for g in grids]
+    index = torch.unravel_index(sym.kept[b // groups], sizes)
+    c = c.conj().reshape(*[g.phases for g in grids], c_in)
+    phase = torch.zeros((), dtype=torch.float64)
+    picks = []
+    for d, (g, n) in enumerate(zip(grids, op.input_size)):
+        t = torch.arange(n)
+        theta = 2 * math.pi * (int(index[d]) + g.twist / 2) / g.frequencies
+        phase = phase[..., None] + theta * torch.div(t, g.phases, rounding_mode="floor").double()
+        picks.append(torch.remainder(t, g.phases).reshape([-1 if e == d else 1 for e in range(len(grids))]))
+    x = (c[tuple(picks)] * torch.polar(torch.ones_like(phase), phase)[..., None]).real  # (*n, c_in)
+    x = x.movedim(-1, 0)
+    out = torch.zeros(c_in * groups, *op.input_size, dtype=torch.float64)
+    g = b % groups
+    out[g * c_in : (g + 1) * c_in] = x
+    return out
 
 
 def _symbol_error(weight: Tensor, dims: int) -> float:
@@ -319,40 +377,55 @@ def _symbol_error(weight: Tensor, dims: int) -> float:
     return c * w1 * (1 + 4 * _gamma(weight.numel() + 4)) + 64 * _TINY
 
 
-def _frobenius_upper(K: Tensor) -> Tensor:
-    entries = 2.0 * K.shape[-2] * K.shape[-1]
-    return torch.linalg.vector_norm(K, dim=(-2, -1)) * (1 + 2 * _gamma(entries + 4)) + math.sqrt(entries * _TINY) + _TINY
+def _frobenius_squared_upper(S: Tensor) -> Tensor:
+    """Upper bound on ‖S_b‖_F^2 for each matrix of a real batch."""
+    entries = float(S.shape[-2] * S.shape[-1])
+    fro = torch.linalg.vector_norm(S, dim=(-2, -1)) * (1 + 2 * _gamma(entries + 4)) + math.sqrt(entries * _TINY) + _TINY
+    return fro * fro * (1 + 4 * _UNIT)
 
 
-def _certify_below(K: Tensor, mu: Tensor) -> Tensor:
-    """For each complex matrix K (B, m, n) as stored: True where sigma_max(K) < mu is proven.
+def _negated_gram(S: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """(-H_r, -H_i) with KᴴK = H_r + i H_i for K = A + i B stacked as S = [A; B] (B, 2p, q):
+    H_r = AᵀA + BᵀB = SᵀS and H_i = AᵀB - BᵀA = X - Xᵀ with X = AᵀB (6 p q^2 flops; a complex
+    product takes 8); -H_i exactly antisymmetric.  Negated, exactly, for the Cholesky test."""
+    X = S[:, :p].mT @ S[:, p:]
+    Hr = torch.baddbmm(S.new_empty(()), S.mT, S, beta=0, alpha=-1)
+    return Hr, X.mT - X
 
-    The test: with H = fl(KᴴK) (or KKᴴ, the smaller), e_H >= ‖H - KᴴK‖_2 and a shift delta, the
-    Cholesky factorization of A = (mu^2 - e_H - delta) I - H completes.  Cholesky's backward error
-    (R̃ᴴR̃ = Ã + D, |D| <= c |R̃ᴴ||R̃|, any summation order; c = 8 gamma(2p + 4) covers complex
-    arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c p mu^2, and forming A's diagonal costs u (mu^2 + H_ii);
-    delta exceeds both, so A is positive definite and KᴴK < H + e_H I < mu^2 I.  Everything is first
-    scaled by an exact power of two that brings mu into [0.5, 1)."""
-    m, n = K.shape[-2:]
-    p, inner = min(m, n), max(m, n)
-    scale = torch.ldexp(torch.ones_like(mu), -torch.frexp(mu).exponent.double())  # exact 2^-e
-    Ks = K * scale[:, None, None]
-    mus = mu * scale
-    H = Ks @ Ks.mH if m < n else Ks.mH @ Ks
-    fro2 = _frobenius_upper(Ks) ** 2 * (1 + 4 * _UNIT)
-    e_H = 8 * _gamma(2 * inner + 4) * fro2 + p * inner * 2.0**-1000
-    c = 8 * _gamma(2 * p + 4)
-    delta = 2 * (2 * c * p * mus**2 + 3 * _UNIT * mus**2 + _UNIT * fro2) + 2.0**-1000
-    a = mus**2 - e_H - delta
-    eye = torch.eye(p, dtype=H.dtype, device=H.device)
-    _, info = torch.linalg.cholesky_ex(a[:, None, None] * eye - H)
+
+def _real_gram(Hr: Tensor, Hi: Tensor, dtype: torch.dtype) -> Tensor:
+    """Z = [[H_r, -H_i], [H_i, H_r]] in dtype: RᵀR for the real form R = [[A, -B], [B, A]] of K,
+    whose eigenvalues are those of KᴴK (each twice).  The same with (-H_r, -H_i) gives -Z."""
+    q = Hr.shape[-1]
+    Z = torch.empty(Hr.shape[0], 2 * q, 2 * q, dtype=dtype)
+    Z[:, :q, :q] = Hr
+    Z[:, q:, q:] = Hr
+    Z[:, q:, :q] = Hi
+    Z[:, :q, q:] = Hi.mT  # -H_i: H_i is antisymmetric
+    return Z
+
+
+def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, mu: Tensor, p: int) -> Tensor:
+    """True where sigma_max(K_b) <= mu_b is proven, from -H = -fl(KᴴK) = Hr + i Hi (_negated_gram).
+
+    Rounding: ‖fl(H) - KᴴK‖_2 <= e_H = 8 gamma(4p + 4) ‖K‖_F^2 (H_r: sums of 2p products, |dH_r| <=
+    gamma(2p) |S|ᵀ|S|; H_i: sums of p, one subtraction; ‖|S|ᵀ|S|‖_F <= ‖S‖_F^2 = ‖K‖_F^2), plus an
+    underflow term.  The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a =
+    mu^2 - e_H - delta, completes.  Its backward error (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any
+    summation order; c = 8 gamma(2q + 4) covers complex arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q
+    mu^2, and forming M's diagonal costs u (mu^2 + H_ii) <= u (mu^2 + ‖K‖_F^2); delta exceeds all
+    that, so KᴴK <= fl(H) + e_H I <= (a + ‖D‖ + ‖dM‖ + e_H) I < mu^2 I.  The weights were scaled to
+    O(1) by a power of two, so nothing needs scaling here."""
+    q = Hr.shape[-1]
+    inner = 2 * p
+    e_H = 8 * _gamma(2 * inner + 4) * fro2 + q * inner * 2.0**-1000
+    c = 8 * _gamma(2 * q + 4)
+    delta = 2 * (2 * c * q * mu**2 + 3 * _UNIT * mu**2 + _UNIT * fro2) + 2.0**-1000
+    a = mu**2 - e_H - delta
+    M = torch.complex(Hr, Hi)
+    M.diagonal(dim1=-2, dim2=-1).add_(a[:, None])
+    _, info = torch.linalg.cholesky_ex(M)
     return (info == 0) & (a > 0) & torch.isfinite(fro2)
-
-
-def _real_embedding(K: Tensor, dtype: torch.dtype) -> Tensor:
-    """[[Re K, -Im K], [Im K, Re K]]: a real matrix with the singular values of K (each twice)."""
-    re, im = K.real, K.imag
-    return torch.cat([torch.cat([re, -im], -1), torch.cat([im, re], -1)], -2).to(dtype).contiguous()
 
 
 def _dense_top(A: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
@@ -364,28 +437,43 @@ def _dense_top(A: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
     return sigma, v
 
 
-def _circulant_upper(K: Tensor, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Certified max over the matrices K (F, m, n) of sigma_max(K_f) as stored, plus the estimates
-    (F,) and the right singular vectors of their real embeddings (for a lower bound)."""
-    R = _real_embedding(K, estimate_dtype)
-    estimate, v = _dense_top(R, rtol / 16, max_iters)
-    estimate = estimate.double()
-    upper = _frobenius_upper(K)  # sigma <= ‖K‖_F always
-    mu = estimate * (1 + rtol / 4)
-    pending = torch.arange(K.shape[0])
-    for attempt in range(6):
+def _real_form(S: Tensor, p: int) -> Tensor:
+    """R = [[A, -B], [B, A]] for S = [A; B]."""
+    A, B = S[:, :p], S[:, p:]
+    return torch.cat([torch.cat([A, -B], -1), torch.cat([B, A], -1)], -2)
+
+
+def _circulant_upper(sym: _Symbols, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> tuple[float, Tensor, Tensor]:
+    """Certified max over the matrices K_b (stacked as S by _symbol_stack) of sigma_max(K_b), their
+    estimates, and the top eigenvectors of their real Gram matrices (for a lower bound).
+
+    Every matrix is certified at the same mu just above the largest estimate (the estimates: Lanczos
+    on the real form of fl(KᴴK) in estimate_dtype, whose singular values are the squares of K's); those whose
+    Frobenius norm is already below mu need no test, and any that fails is retried alone higher up."""
+    S, p = sym.S, sym.p
+    fro2 = _frobenius_squared_upper(S)
+    Hr, Hi = _negated_gram(S, p)
+    square, v = _dense_top(_real_gram(Hr, Hi, estimate_dtype), rtol / 8, max_iters)  # -Z: same singular values
+    estimate = square.double().clamp_min(0).sqrt()
+    mu = estimate.max() * (1 + rtol / 4)
+    bound = fro2.sqrt() * (1 + 2 * _UNIT)  # sigma <= ‖K‖_F always
+    test = (bound > mu).nonzero()[:, 0]
+    if test.numel() == S.shape[0]:
+        proven = _certify_below(Hr, Hi, fro2, mu.expand(test.numel()), p)
+    else:
+        proven = _certify_below(Hr[test], Hi[test], fro2[test], mu.expand(test.numel()), p)
+    bound[test[proven]] = mu
+    pending = test[~proven]
+    for attempt in range(1, 6):  # an estimate below its matrix's norm: rare (a missed Lanczos start)
         if pending.numel() == 0:
             break
-        candidate = mu[pending] * (1 + rtol) ** (4**attempt - 1)
-        # frequencies already bounded below their estimate by Frobenius need no test
-        test = candidate < upper[pending]
-        proven = torch.zeros_like(test)
-        if bool(test.any()):
-            idx = pending[test]
-            proven[test] = _certify_below(K[idx], candidate[test])
-        upper[pending[proven]] = candidate[proven]
-        pending = pending[~proven & test]
-    return upper.max(), estimate, v
+        candidate = torch.maximum(estimate[pending] * (1 + rtol / 4), mu) * (1 + rtol) ** (4**attempt - 1)
+        still = candidate < bound[pending]
+        idx = pending[still]
+        ok = _certify_below(Hr[idx], Hi[idx], fro2[idx], candidate[still], p)
+        bound[idx[ok]] = candidate[still][ok]
+        pending = idx[~ok]
+    return float(bound.max()), estimate, v
 
 
 def _pad_norm(op: ConvOperator) -> float:
@@ -442,10 +530,10 @@ def _grids(op: ConvOperator) -> tuple[list[list[_DimGrid]], bool, float]:
     return grids, exact, factor
 
 
-def _operator_lower(op: ConvOperator, v: Tensor) -> float:
+def _operator_lower(op: ConvOperator, v: Tensor, w: Tensor) -> float:
     """‖A v‖ / ‖v‖ evaluated in float64, decreased by a bound on its rounding error: each output is a
-    sum of C_in/groups * taps products, off by gamma(that) (|A| |v|)_i, and ‖|A| |v|‖ <= _abs_norm ‖v‖."""
-    w = op.weight.detach().double()
+    sum of C_in/groups * taps products, off by gamma(that) (|A| |v|)_i, and ‖|A| |v|‖ <= _abs_norm ‖v‖.
+    For the operator with weight w (float64), not op.weight: the caller's scaled copy."""
     vd = v.detach().double().reshape(1, -1, *op.input_size)
     y = op.apply(vd, w)
     norm_y = torch.linalg.vector_norm(y).item()
@@ -456,6 +544,24 @@ def _operator_lower(op: ConvOperator, v: Tensor) -> float:
     error = _gamma(w.shape[1] * taps + 2) * _abs_norm(op, w) * norm_v + y.numel() * _TINY
     lower = (norm_y * (1 - 2 * _gamma(y.numel() + 4)) - error) / (norm_v * (1 + 2 * _gamma(vd.numel() + 4)))
     return max(lower * (1 - 8 * _UNIT), 0.0)
+
+
+def _operator_lower_bound(
+    op: ConvOperator, start: Tensor | None, upper: float, rtol: float, max_iters: int, scaled: Tensor, e: int
+) -> float:
+    """A certified lower end from Lanczos on the operator, in rounds of doubling length (each warm-
+    started from the last Ritz vector): it stops once converged to rtol / 8, or once its own
+    estimated shortfall is under an eighth of the gap the upper end leaves anyway."""
+    passes, spent, lower = 16, 0, 0.0
+    while True:
+        with torch.no_grad():
+            _, _, start, rel_err = _top_singular(op, rtol / 8, min(passes, max_iters - spent), start)
+        spent += passes
+        lower = max(lower, math.ldexp(_operator_lower(op, start, scaled), e))
+        gap = upper / lower - 1 if lower > 0 else math.inf
+        if float(rel_err) <= rtol / 8 or 8 * float(rel_err) <= gap or spent >= max_iters:
+            return lower
+        passes *= 2
 
 
 #: Operators with at most this many matrix entries (and min dim <= 1024) whose circulant bound misses
@@ -470,10 +576,10 @@ def _abs_norm(op: ConvOperator, weight: Tensor) -> float:
     return _pad_norm(op) * fro * (1 + 2 * _gamma(weight.numel() + 8))
 
 
-def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
+def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int, w: Tensor) -> tuple[float, float]:
     """The bracket of the operator's explicit matrix M (its columns: A applied to the unit vectors,
-    in float64), widened by ‖M - A‖_2 <= gamma(C_in/groups * taps + 2) ‖|A|‖_2."""
-    w = op.weight.detach().double()
+    in float64), widened by ‖M - A‖_2 <= gamma(C_in/groups * taps + 2) ‖|A|‖_2; for the operator
+    with weight w (float64, the caller's scaled copy)."""
     n = w.shape[1] * op.groups * math.prod(op.input_size)
     eye = torch.eye(n, dtype=torch.float64, device=w.device).reshape(n, -1, *op.input_size)
     M = op.apply(eye, w).reshape(n, -1).T
@@ -482,36 +588,67 @@ def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[fl
     return max(float(lower) - error, 0.0), float(upper) + error
 
 
+def _pointwise(op: ConvOperator) -> bool:
+    """True when op is S ⊗ W (per group) with S a selection of input positions, distinct ones for
+    distinct outputs, not all empty: a 1-tap kernel with no copying padding.  Its norm is then
+    exactly max over groups of ‖W_g‖_2 (S has orthonormal rows, and at least one is nonzero)."""
+    if any(k != 1 for k in op.kernel):
+        return False
+    if op.padding_mode != "zeros" and any(op.pad_lo + op.pad_hi):
+        return False
+    return all(
+        any(0 <= s * i - lo < n for i in range(out))
+        for n, s, lo, out in zip(op.input_size, op.stride, op.pad_lo, op.output_size)
+    )
+
+
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
     weight = op.weight.detach()
+    if _pointwise(op):
+        lower, upper = linalg.spectral_norm_bounds(
+            weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1]), rtol=rtol, max_iters=max_iters
+        )
+        return float(lower.max()), float(upper.max())
     dims = weight.dim() - 2
     grids, exact, factor = _grids(op)
-    error = _symbol_error(weight, dims)
+    # the symbols are built from weight * 2^-e, max |entry| in [0.5, 1): exact, but for float64
+    # entries that become subnormal, each off by at most 2^-1075 (so each K entry by taps 2^-1075)
+    e = int(torch.frexp(weight.abs().max().double()).exponent)
+    scaled = torch.ldexp(weight.double(), torch.tensor(-e, dtype=torch.float64, device=weight.device))
+    error = _symbol_error(scaled, dims)
+    if e > 0:
+        error += math.prod(op.kernel) * math.sqrt(weight.shape[0] * weight.shape[1] * math.prod(op.stride)) * 2.0**-1074
+    error = math.ldexp(error, e)  # in the weight's units from here on
     estimate_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     upper = math.inf
     lower = 0.0
+    start = None
     for i, grid in enumerate(grids):
-        K = _symbol_matrices(weight.cpu(), op.groups, grid)
-        grid_upper, estimate, v = _circulant_upper(K, rtol, max_iters, estimate_dtype)
-        bound = (float(grid_upper) + error) * (1 + 4 * _UNIT) * factor * (1 + 4 * _UNIT)
+        sym = _symbol_stack(scaled.cpu(), op.groups, grid)
+        grid_upper, estimate, v = _circulant_upper(sym, rtol, max_iters, estimate_dtype)
+        bound = (math.ldexp(grid_upper, e) + error) * (1 + 4 * _UNIT) * factor * (1 + 4 * _UNIT)
         upper = min(upper, bound)
-        if i == 0 and exact:
+        top = int(estimate.argmax())
+        if exact:
             # op is unitarily equivalent to the block-diagonal of the K_f: its norm is max_f sigma(K_f)
-            top = int(estimate.argmax())
-            R = _real_embedding(K[top : top + 1], torch.float64)
-            lower = float(reference.certified_rayleigh_lower(R, v[top : top + 1].double())[0]) - error
-            lower = max(lower * (1 - 4 * _UNIT), 0.0)
+            R = _real_form(sym.S[top : top + 1], sym.p)
+            rayleigh = float(reference.certified_rayleigh_lower(R, v[top : top + 1].double())[0])
+            lower = max((math.ldexp(rayleigh, e) - error) * (1 - 4 * _UNIT), 0.0)
+        elif i == 0 and op.padding_mode in ("zeros", "circular"):
+            # the circulant's top plane wave (grid positions [0, n) hold the input when nothing is
+            # padded by copying) starts the operator's own Lanczos close to its top singular vector
+            start = _plane_wave(op, grid, sym, top, v[top])
     if not exact:
-        with torch.no_grad():
-            _, _, v, _ = _top_singular(op, rtol / 8, max_iters)
-        lower = _operator_lower(op, v)
+        lower = _operator_lower_bound(op, start, upper, rtol, max_iters, scaled, e)
+    if not exact:
         n_in = op.weight.shape[1] * op.groups * math.prod(op.input_size)
         n_out = op.weight.shape[0] * math.prod(op.output_size)
         if upper > lower * (1 + rtol) and n_in * n_out <= EXPLICIT_MATRIX_LIMIT and min(n_in, n_out) <= 1024:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters)
+                explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters, scaled)
+            explicit_lower, explicit_upper = math.ldexp(explicit_lower, e), math.ldexp(explicit_upper, e)
             lower, upper = max(lower, explicit_lower), min(upper, explicit_upper)
     return lower, max(upper, lower)
 

@@ -75,7 +75,8 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[st
         with torch.no_grad():
             param = next(model.parameters(), None)
             dtype = param.dtype if param is not None else torch.float32
-            model(torch.zeros(1, *input_shape, dtype=dtype))
+            device = param.device if param is not None else None
+            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
     finally:
         for h in hooks:
             h.remove()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -190,6 +191,25 @@ def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Ten
     return sigma.to(dt).reshape(batch), u.to(dt).reshape(*batch, m), x.to(dt).reshape(*batch, n)
 
 
+def spectral_norm_step(W: Tensor, u: Tensor, v: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.nn.utils.parametrizations.spectral_norm's power method, as the op computes it."""
+    A, batch = _flatten(W)
+    B, m, n = A.shape
+    u = u.detach().reshape(B, m).to(A.dtype)
+    v = v.detach().reshape(B, n).to(A.dtype)
+    if iters == 0:
+        sigma = (u * (A @ v[..., None])[..., 0]).sum(-1)
+    for _ in range(iters):
+        t = (A @ v[..., None])[..., 0]
+        u = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(eps)
+        z = (A.mT @ u[..., None])[..., 0]
+        norm_z = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        v = z / norm_z.clamp_min(eps)
+        sigma = (norm_z * norm_z / norm_z.clamp_min(eps))[..., 0]
+    dt = W.dtype
+    return sigma.to(dt).reshape(batch), u.to(dt).reshape(*batch, m), v.to(dt).reshape(*batch, n)
+
+
 # --- the certified bracket -----------------------------------------------------------------------
 
 
@@ -348,13 +368,20 @@ def conv_full_output_size(input_size, kernel, stride, pad_lo, pad_hi, dilation) 
     ]
 
 
+def _convolution(x, weight, stride, dilation, transposed, output_padding, groups) -> Tensor:
+    """ATen's convolution without padding, never in TF32 (cuDNN's default for float32 on recent GPUs,
+    about 1e-3 relative error per product)."""
+    spatial = weight.dim() - 2
+    return torch.ops.aten._convolution(
+        x, weight, None, list(stride), [0] * spatial, list(dilation), transposed, list(output_padding), groups,
+        False, False, torch.backends.cudnn.enabled, False,
+    )
+
+
 def conv_apply(weight, x, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size) -> Tensor:
     """The operator on a batch x (B, C_in, *input_size) -> (B, C_out, *output_size)."""
     spatial = weight.dim() - 2
-    y = torch.ops.aten.convolution(
-        _conv_pad(x, pad_lo, pad_hi, padding_mode), weight, None, list(stride), [0] * spatial,
-        list(dilation), False, [0] * spatial, groups,
-    )
+    y = _convolution(_conv_pad(x, pad_lo, pad_hi, padding_mode), weight, stride, dilation, False, [0] * spatial, groups)
     for d in range(spatial):
         y = y.narrow(2 + d, 0, output_size[d])
     return y
@@ -372,9 +399,7 @@ def conv_adjoint(weight, y, input_size, stride, pad_lo, pad_hi, dilation, groups
     output_padding = [
         L - ((o - 1) * s + d * (k - 1) + 1) for L, o, s, d, k in zip(padded, full, stride, dilation, kernel)
     ]
-    x = torch.ops.aten.convolution(
-        y, weight, None, list(stride), [0] * spatial, list(dilation), True, output_padding, groups
-    )
+    x = _convolution(y, weight, stride, dilation, True, output_padding, groups)
     return _conv_pad_adjoint(x, list(input_size), list(pad_lo), padding_mode)
 
 
@@ -384,10 +409,11 @@ def conv_weight_gradient(weight, u, v, stride, pad_lo, pad_hi, dilation, groups,
     x = _conv_pad(v[None], list(pad_lo), list(pad_hi), padding_mode)
     full = conv_full_output_size(v.shape[1:], weight.shape[2:], stride, pad_lo, pad_hi, dilation)
     g = torch.nn.functional.pad(u[None], [p for d in reversed(range(spatial)) for p in (0, full[d] - u.shape[1 + d])])
-    return torch.ops.aten.convolution_backward(
-        g, x, weight, None, list(stride), [0] * spatial, list(dilation), False, [0] * spatial, groups,
-        [False, True, False],
-    )[1]
+    with torch.backends.cudnn.flags(torch.backends.cudnn.enabled, allow_tf32=False) if weight.is_cuda else nullcontext():
+        return torch.ops.aten.convolution_backward(
+            g, x, weight, None, list(stride), [0] * spatial, list(dilation), False, [0] * spatial, groups,
+            [False, True, False],
+        )[1]
 
 
 def conv_spectral_norm(
@@ -395,7 +421,11 @@ def conv_spectral_norm(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Lanczos on AᵀA for the canonical conv operator A; returns (sigma, u, v, rel_err) like the op."""
     ct = _compute_dtype(weight.dtype)
-    w = weight.detach().to(ct)
+    # max |entry| outside [2^-32, 2^32]: iterate on w * 2^-e, max |entry| in [0.5, 1), as the op does
+    largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
+    exponent = math.frexp(largest)[1] if 0 < largest < math.inf else 0
+    exponent = 0 if abs(exponent) <= 32 else exponent
+    w = weight.detach().to(ct) if exponent == 0 else (weight.detach().double() * math.ldexp(1.0, -exponent)).to(ct)
     c_in = w.shape[1] * groups
     in_shape = (c_in, *input_size)
     n = int(math.prod(in_shape))
@@ -413,6 +443,8 @@ def conv_spectral_norm(
     u, sigma = _normalized(forward(v).reshape(1, -1))
     u = torch.where(sigma > 0, u, torch.zeros_like(u))
     dt = weight.dtype
+    if exponent:
+        sigma = sigma.double() * math.ldexp(1.0, exponent)
     return (
         sigma.to(dt).reshape(()),
         u.to(dt).reshape(w.shape[0], *output_size),

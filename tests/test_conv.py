@@ -96,6 +96,11 @@ CONFIGS = _random_configs(48, seed=3) + [
     (nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (4, 5)),
     (nn.ConvTranspose1d(3, 2, 3, stride=1, padding=1, output_padding=1, dilation=2), (7,)),
     (nn.Conv2d(2, 4, 4, padding="same", padding_mode="replicate", dilation=2), (7, 6)),
+    # 1-tap kernels: exactly max over groups of the channel matrix's norm, unless padding copies
+    (nn.Conv2d(4, 6, 1, stride=2, padding=1, groups=2), (5, 5)),
+    (nn.ConvTranspose2d(4, 6, 1, stride=2, output_padding=1), (3, 2)),
+    (nn.Conv2d(3, 6, 1, padding=1, padding_mode="reflect"), (4, 4)),
+    (nn.Conv1d(2, 3, 1, stride=3, padding=1), (1,)),  # every output reads padding: the zero map
 ]
 
 
@@ -115,20 +120,20 @@ def _is_circulant(module: nn.Module, input_size) -> bool:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_id)
-def test_estimate_and_bracket_against_svd(config, backend):
+def test_estimate_and_bracket_against_svd(config, backend, device):
     module, size = config
     exact = exact_norm(module, size)
     for dtype in (torch.float64, torch.float32):
-        w = module.weight.detach().to(dtype)
+        w = module.weight.detach().to(device=device, dtype=dtype)
         kwargs = _kwargs(module, size)
         sigma = lipfast.conv_spectral_norm(w, **kwargs)
-        assert sigma.shape == () and sigma.dtype == dtype
-        exact_stored = exact if dtype == torch.float64 else exact_norm(_with_weight(module, w), size)
+        assert sigma.shape == () and sigma.dtype == dtype and sigma.device == w.device
+        exact_stored = exact if dtype == torch.float64 else exact_norm(_with_weight(module, w.cpu()), size)
         assert abs(float(sigma) - exact_stored) <= 1e-4 * exact_stored
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # zero padding may not reach rtol
             lower, upper = lipfast.conv_spectral_norm_bounds(w, **kwargs)
-        assert lower.dtype == upper.dtype == dtype
+        assert lower.dtype == upper.dtype == dtype and lower.device == upper.device == w.device
         assert float(lower) <= exact_stored <= float(upper)
         if _is_circulant(module, size):
             assert float(upper) <= exact_stored * (1 + 1e-3)
@@ -154,6 +159,48 @@ def test_circulant_bounds_alone_are_valid(config, monkeypatch):
     assert float(lower) <= exact <= float(upper)
 
 
+def test_low_estimates_are_retried(monkeypatch):
+    """A frequency whose Lanczos estimate comes back too low fails its certificate and is certified
+    again higher up: the bracket stays valid."""
+    dense_top = conv._dense_top
+    monkeypatch.setattr(conv, "_dense_top", lambda A, rtol, max_iters: (lambda s, v: (s * 0.9, v))(*dense_top(A, rtol, max_iters)))
+    for module, size in CONFIGS[48:53]:
+        exact = exact_norm(module, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lower, upper = lipfast.operator_norm_bounds(module.double(), size)
+        assert float(lower) <= exact <= float(upper)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS[48:] if _is_circulant(*c)], ids=_id)
+def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config):
+    """The Lanczos start built from the top frequency (used for zero padding) gains exactly the
+    circulant's norm on circular layers, whatever the stride, groups or matrix orientation."""
+    module, size = config
+    op = conv._module_operator("test", module.double(), size)
+    grids, exact, _ = conv._grids(op)
+    assert exact
+    sym = conv._symbol_stack(op.weight.detach(), op.groups, grids[0])
+    _, estimate, v = conv._circulant_upper(sym, 1e-6, 1000, torch.float64)
+    top = int(estimate.argmax())
+    x = conv._plane_wave(op, grids[0], sym, top, v[top])
+    gain = float(op.apply(x[None], op.weight.detach()).norm() / x.norm())
+    assert abs(gain - float(estimate[top])) <= 1e-6 * float(estimate[top])
+
+
+@pytest.mark.parametrize("scale", [2.0**600, 2.0**-600])
+def test_extreme_weight_scales(scale, backend):
+    """Estimates and brackets of float64 weights far outside float32's range scale with the weight."""
+    for module, size in (CONFIGS[48], CONFIGS[55]):
+        exact = exact_norm(module, size)
+        w = module.weight.detach().double() * scale
+        sigma = lipfast.conv_spectral_norm(w, **_kwargs(module, size))
+        assert abs(float(sigma) / scale - exact) <= 1e-4 * exact
+        lower, upper = lipfast.conv_spectral_norm_bounds(w, **_kwargs(module, size))
+        assert float(lower) <= exact * scale <= float(upper)
+        assert float(upper) <= float(lower) * (1 + 1e-3)
+
+
 def test_modules_and_linear(backend):
     torch.manual_seed(0)
     conv2d = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
@@ -170,20 +217,20 @@ def test_modules_and_linear(backend):
     assert abs(float(lipfast.operator_norm(circular, (8, 8))) - reshaped) > 1e-3 * reshaped
 
 
-def test_gradient(backend):
+def test_gradient(backend, device):
     torch.manual_seed(1)
     for module, size in [
         (nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect", bias=False), (5, 4)),
         (nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False), (5,)),
     ]:
         kwargs = _kwargs(module, size)
-        w = module.weight.detach().double().requires_grad_()
+        w = module.weight.detach().to(device=device, dtype=torch.float64).requires_grad_()
         torch.autograd.gradcheck(lambda w: lipfast.conv_spectral_norm(w, rtol=1e-12, **kwargs), (w,))
         # and the gradient is that of the exact norm
         lipfast.conv_spectral_norm(w, **kwargs).backward()
-        w2 = w.detach().clone().requires_grad_()
+        w2 = w.detach().cpu().clone().requires_grad_()
         torch.linalg.matrix_norm(explicit_matrix(module, size, w2), 2).backward()
-        torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w.grad.cpu(), w2.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_warm_start_and_no_input_change():

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check: build lipfast for the GPU at hand, run the test suite with its CUDA cases, run the GPU
+# benchmarks.  For a machine with an NVIDIA GPU and a python3 that has a CUDA torch and pytest (no
+# network needed; its torch may differ from the one pinned for CPU machines).
+#
+#     bash benchmarks/gpu_check.sh          # from the repository root
+#
+# Full logs go under $OUT (or ./gpu_check_out); a short summary is printed last.  Sized to finish in
+# well under 8 minutes on one H100 or H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+$PY - <<'EOF' | tee "$OUT/env.txt"
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
+      f"capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))}")
+EOF
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$OUT/env.txt" 2>&1
+
+# Build in place against this machine's torch, for this GPU only.
+arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+export TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)} LIPFAST_CUDA=1
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+# The host compiler on the PATH (the one torch's wheels are built with), not the one Python's build
+# configuration names: an extension whose C++ runtime differs from torch's crashes when it throws.
+echo "CXX was '${CXX:-}', CC '${CC:-}', LDSHARED '${LDSHARED:-}'" >>"$OUT/env.txt"
+export CXX=${LIPFAST_CXX:-$(command -v g++)}
+export CC=$(dirname "$CXX")/gcc LDSHARED="$CXX -shared"
+echo "building with $CXX: $($CXX --version | head -1)" >>"$OUT/env.txt"
+start=$(date +%s)
+if ! $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    echo "BUILD FAILED (log: $OUT/build.log)"
+    exit 1
+fi
+build_s=$(($(date +%s) - start))
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+$PY - <<'EOF' | tee "$OUT/kernels.txt"
+import torch, lipfast
+from lipfast import _ext
+assert _ext.HAS_EXT, _ext.LOAD_ERROR
+for op, devices in sorted(_ext._KERNELS.items()):
+    print(f"kernel {op}: {', '.join(sorted(devices))}")
+EOF
+
+start=$(date +%s)
+timeout 300 $PY -X faulthandler -m pytest -q -p no:cacheprovider --tb=short -rf tests >"$OUT/tests.log" 2>&1
+tests_rc=$?
+tests_s=$(($(date +%s) - start))
+cuda_cases=$(grep -c "cuda" <($PY -m pytest -q -p no:cacheprovider --collect-only tests 2>/dev/null) || true)
+
+start=$(date +%s)
+timeout 240 $PY benchmarks/bench_conv.py --device cuda --skip-exact --cap 5 >"$OUT/bench_conv_cuda.txt" 2>&1
+bench_rc=$?
+bench_s=$(($(date +%s) - start))
+
+echo
+echo "## summary"
+cat "$OUT/env.txt"
+cat "$OUT/kernels.txt"
+echo "build: ${build_s} s"
+echo "tests: exit ${tests_rc}, ${tests_s} s, ${cuda_cases} CUDA cases collected: $(tail -1 "$OUT/tests.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+echo "bench_conv (cuda): exit ${bench_rc}, ${bench_s} s"
+grep -E "^(## |total|# )" "$OUT/bench_conv_cuda.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
