@@ -36,6 +36,10 @@ TORCH_LIBRARY(lipfast, m) {
   // `iters` steps of power iteration on WᵀW from v (..., n), each one fused pass over W.  Returns
   // sigma = ‖W v‖ (...), u = W v / sigma (..., m) and the new unit iterate v (..., n).
   m.def("dense_power_iteration(Tensor W, Tensor v, int iters) -> (Tensor sigma, Tensor u, Tensor v)");
+  // torch.nn.utils.parametrizations.spectral_norm's power method, `iters` steps from (u, v), each
+  // one fused pass over W: u = normalize(W v, eps), v = normalize(Wᵀ u, eps); returns sigma = uᵀ W v
+  // (...) for the final pair (for iters = 0, of the given pair) and the new u (..., m), v (..., n).
+  m.def("spectral_norm_step(Tensor W, Tensor u, Tensor v, int iters, float eps) -> (Tensor sigma, Tensor u, Tensor v)");
   // Largest singular value of a convolution layer's operator, in the canonical form of csrc/conv.h
   // (x (C_in, *input_size) -> crop(conv(pad(x)))), by Lanczos on AᵀA with A and Aᵀ applied as ATen
   // convolutions.  weight is (C_out, C_in/groups, *k); v0 (C_in, *input_size) or None (a fixed

@@ -6,15 +6,19 @@
 >>> lower, upper = lipfast.spectral_norm_bounds(W)  # certified: lower <= sigma_max <= upper
 """
 from lipfast._ext import backend, set_backend
+from lipfast.certify import certified_radius
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
+from lipfast import nn  # lipfast.nn: spectral normalization for training loops
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend",
+    "certified_radius",
     "conv_spectral_norm",
     "conv_spectral_norm_bounds",
+    "nn",
     "operator_norm",
     "operator_norm_bounds",
     "power_iteration",

@@ -27,6 +27,11 @@ def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Ten
     return torch.ops.lipfast.dense_power_iteration.default(W, v, iters)
 
 
+def spectral_norm_step(W: Tensor, u: Tensor, v: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.spectral_norm_step``: torch's spectral-norm power method, fused; see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.spectral_norm_step.default(W, u, v, iters, eps)
+
+
 def conv_spectral_norm(
     weight: Tensor, v0: Tensor | None, input_size: list[int], stride: list[int], pad_lo: list[int],
     pad_hi: list[int], dilation: list[int], groups: int, padding_mode: str, output_size: list[int],
@@ -77,6 +82,14 @@ if _ext.HAS_EXT:
         batch, (m, n) = W.shape[:-2], W.shape[-2:]
         return W.new_empty(batch), W.new_empty((*batch, m)), W.new_empty((*batch, n))
 
+    @torch.library.register_fake("lipfast::spectral_norm_step")
+    def _spectral_norm_step_fake(W, u, v, iters, eps):
+        batch, (m, n) = W.shape[:-2], W.shape[-2:]
+        return W.new_empty(batch), W.new_empty((*batch, m)), W.new_empty((*batch, n))
+
+    torch.library.register_autograd(
+        "lipfast::spectral_norm_step", _sigma_backward, setup_context=_save_singular_vectors(5)
+    )
     torch.library.register_autograd(
         "lipfast::dense_spectral_norm", _sigma_backward, setup_context=_save_singular_vectors(4)
     )

@@ -28,6 +28,9 @@ def test_opcheck(W):
     torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm.default, (Wg, v, 200, 1e-6))
     torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm_bounds.default, (W, 1e-3, 200, 16))
     torch.library.opcheck(torch.ops.lipfast.dense_power_iteration.default, (Wg, v, 3))
+    u = torch.randn(*W.shape[:-1]).to(W.dtype)
+    torch.library.opcheck(torch.ops.lipfast.spectral_norm_step.default, (Wg, u, v, 3, 1e-12))
+    torch.library.opcheck(torch.ops.lipfast.spectral_norm_step.default, (Wg, u, v, 0, 1e-12))
 
 
 def test_torch_compile_fullgraph():

@@ -74,6 +74,44 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
   }
 }
 
+// acc += sum over `rows` rows w_i of (w_i · x) w_i, and wx_i = w_i · x: W x and Wᵀ(W x) in one read.
+template <typename T>
+inline __attribute__((always_inline)) void gram_rows_store_body(const T* __restrict__ W, int64_t n, int64_t rows,
+                                                                const T* __restrict__ x, T* __restrict__ acc,
+                                                                T* __restrict__ wx) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const T* __restrict__ w0 = W + i * n;
+    const T* __restrict__ w1 = w0 + n;
+    const T* __restrict__ w2 = w1 + n;
+    const T* __restrict__ w3 = w2 + n;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = 0; j < n; ++j) {
+      const T xj = x[j];
+      s0 += w0[j] * xj;
+      s1 += w1[j] * xj;
+      s2 += w2[j] * xj;
+      s3 += w3[j] * xj;
+    }
+    wx[i] = s0;
+    wx[i + 1] = s1;
+    wx[i + 2] = s2;
+    wx[i + 3] = s3;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
+  }
+  for (; i < rows; ++i) {
+    const T* __restrict__ w0 = W + i * n;
+    T s0 = 0;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
+    wx[i] = s0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
+  }
+}
+
 // y_i = w_i · x for `rows` rows.
 template <typename T>
 inline __attribute__((always_inline)) void matvec_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
@@ -108,6 +146,10 @@ inline __attribute__((always_inline)) void axpy_body(double a, const T* __restri
 #define LIPFAST_VECTOR_KERNELS(T)                                                                    \
   LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc) {     \
     gram_rows_body<T>(W, n, rows, x, acc);                                                          \
+  }                                                                                                  \
+  LIPFAST_SIMD_CLONES void gram_rows_store(const T* W, int64_t n, int64_t rows, const T* x, T* acc,  \
+                                           T* wx) {                                                 \
+    gram_rows_store_body<T>(W, n, rows, x, acc, wx);                                                \
   }                                                                                                  \
   LIPFAST_SIMD_CLONES void matvec_rows(const T* W, int64_t n, int64_t rows, const T* x, T* y) {     \
     matvec_rows_body<T>(W, n, rows, x, y);                                                          \
@@ -155,6 +197,11 @@ struct SerialGram {
     std::fill(y, y + n, T(0));
     gram_rows(W, n, m, x, y);
   }
+  // y = Wᵀ(W x) and wx = W x, one read of W.
+  void operator()(const T* x, T* y, T* wx) const {
+    std::fill(y, y + n, T(0));
+    gram_rows_store(W, n, m, x, y, wx);
+  }
   void matvec(const T* x, T* y) const { matvec_rows(W, n, m, x, y); }
 };
 
@@ -169,14 +216,18 @@ struct RowParallelGram {
     chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m / 4));
     partial.resize(chunks * n);
   }
-  void operator()(const T* x, T* y) const {
+  void operator()(const T* x, T* y, T* wx = nullptr) const {
     T* buffers = partial.data();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t r0 = chunk * m / chunks, r1 = (chunk + 1) * m / chunks;
         T* acc = buffers + chunk * n;
         std::fill(acc, acc + n, T(0));
-        gram_rows(W + r0 * n, n, r1 - r0, x, acc);
+        if (wx != nullptr) {
+          gram_rows_store(W + r0 * n, n, r1 - r0, x, acc, wx + r0);
+        } else {
+          gram_rows(W + r0 * n, n, r1 - r0, x, acc);
+        }
       }
     });
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
@@ -676,6 +727,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cpu(const a
           v.to(dtype).reshape(with_last(f.batch_shape, f.n))};
 }
 
+// torch.nn.utils.parametrizations.spectral_norm's power method, fused: each step reads W once for
+// t = W v and z = Wᵀ t, then u = t / max(‖t‖, eps), v = (z / a) / max(‖z / a‖, eps) with a =
+// max(‖t‖, eps): exactly torch's normalize(W v) and normalize(Wᵀ u).  sigma = uᵀ W v for the final
+// pair, which is ‖z / a‖^2 / max(‖z / a‖, eps) without another read; with iters = 0 it is uᵀ W v for
+// the given pair (one matvec).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cpu(const at::Tensor& W, const at::Tensor& u0,
+                                                                      const at::Tensor& v0, int64_t iters,
+                                                                      double eps) {
+  check_matrix_batch("spectral_norm_step", W);
+  TORCH_CHECK_VALUE(iters >= 0, "lipfast.spectral_norm_step: iters must be >= 0, got ", iters);
+  const Flattened f = flatten_matrices(W);
+  TORCH_CHECK_VALUE(u0.numel() == f.B * f.m && v0.numel() == f.B * f.n,
+                    "lipfast.spectral_norm_step: u and v must have W.shape[:-1] and W.shape[:-2] + (n,) entries");
+  auto u = u0.detach().reshape({f.B, f.m}).to(f.compute).clone();
+  auto v = v0.detach().reshape({f.B, f.n}).to(f.compute).clone();
+  auto sigma = at::empty({f.B}, f.W.options());
+  AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step", [&] {
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* up = u.data_ptr<scalar_t>();
+    scalar_t* sp = sigma.data_ptr<scalar_t>();
+    for_each_matrix(f.W.data_ptr<scalar_t>(), f.B, f.m, f.n, [&](const auto& gram, int64_t b, LanczosWork<scalar_t>& work) {
+      scalar_t* x = vp + b * f.n;
+      scalar_t* t = up + b * f.m;
+      if (iters == 0) {
+        auto& wx = work.w;
+        wx.resize(f.m);
+        gram.matvec(x, wx.data());
+        sp[b] = static_cast<scalar_t>(dot(t, wx.data(), f.m));
+        return;
+      }
+      auto& z = work.w;
+      z.resize(f.n);
+      double s = 0;
+      for (int64_t it = 0; it < iters; ++it) {
+        gram(x, z.data(), t);
+        const double a = std::max(norm(t, f.m), eps);
+        scale(t, 1.0 / a, f.m);
+        const double nz = norm(z.data(), f.n) / a;
+        const double c = std::max(nz, eps);
+        for (int64_t j = 0; j < f.n; ++j) x[j] = static_cast<scalar_t>(static_cast<double>(z[j]) / a / c);
+        s = nz * nz / c;
+      }
+      sp[b] = static_cast<scalar_t>(s);
+    });
+  });
+  const auto dtype = W.scalar_type();
+  return {sigma.to(dtype).reshape(f.batch_shape), u.to(dtype).reshape(with_last(f.batch_shape, f.m)),
+          v.to(dtype).reshape(with_last(f.batch_shape, f.n))};
+}
+
 std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tensor& W, double rtol, int64_t max_iters,
                                                                   int64_t max_gram_steps) {
   check_matrix_batch("spectral_norm_bounds", W);
@@ -706,6 +807,7 @@ TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
   m.impl("dense_spectral_norm", &dense_spectral_norm_cpu);
   m.impl("dense_spectral_norm_bounds", &dense_spectral_norm_bounds_cpu);
   m.impl("dense_power_iteration", &dense_power_iteration_cpu);
+  m.impl("spectral_norm_step", &spectral_norm_step_cpu);
 }
 
 }  // namespace lipfast
