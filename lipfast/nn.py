@@ -191,11 +191,43 @@ class SpectralNorm(_CachedInEval):
         self._v.copy_(v)
 
 
+class _ScaleByOperatorNorm(torch.autograd.Function):
+    """W' = target * W / sigma with sigma = ‖A_W v‖ for the unit iterate v (a constant).
+
+    Backward: d/dW <G, W'> = (target / sigma) G - (<G, W'> / sigma) d sigma / dW, and d sigma / dW
+    is the convolution's weight gradient at output u = A_W v / sigma and input v (one sample)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, v: Tensor, op: conv.ConvOperator, target: float) -> Tensor:
+        with torch.no_grad():
+            y = op.apply(v[None].to(weight.dtype), weight)[0]
+            sigma = torch.linalg.vector_norm(y)
+            u = y / sigma
+        out = weight * (target / sigma)
+        ctx.save_for_backward(out, sigma, u, v.to(weight.dtype).clone())
+        ctx.op, ctx.target = op, target
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out, sigma, u, v = ctx.saved_tensors
+        op = ctx.op
+        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        c = torch.sum(grad * out, dtype=acc) if acc != grad.dtype else torch.vdot(grad.reshape(-1), out.reshape(-1))
+        d_sigma = reference.conv_weight_gradient(
+            out, u, v, op.stride, op.pad_lo, op.pad_hi, op.dilation, op.groups, op.padding_mode
+        )
+        d_sigma = d_sigma.mul_((c / ctx.target).to(d_sigma.dtype))
+        return torch.sub(grad, d_sigma).mul_((ctx.target / sigma).to(grad.dtype)), None, None, None
+
+
 class OperatorNorm(_CachedInEval):
     """The parametrization of ``spectral_norm(..., mode="operator")`` on a conv layer: W -> target * W /
     ‖A_W‖ with A_W the layer's bias-free linear map on inputs of size ``input_size`` (recorded
     from the first forward when not given), its norm from a power method whose iterate ``_v`` (an
-    input of the layer) persists across steps; ``_input_size`` is kept in the state_dict too."""
+    input of the layer's canonical operator) persists across steps; ``_input_size`` is kept in
+    the state_dict too.  Give input_size up front under DistributedDataParallel, so that the
+    iterate exists (and is broadcast) from the start."""
 
     def __init__(self, module: nn.Module, weight: Tensor, n_power_iterations: int = 1, eps: float = 1e-12,
                  target: float = 1.0, input_size: Sequence[int] | None = None) -> None:
@@ -213,22 +245,31 @@ class OperatorNorm(_CachedInEval):
             padding_mode=module.padding_mode, transposed=transposed,
             output_padding=module.output_padding if transposed else 0,
         )
-        self.register_buffer("_v", weight.new_empty(0))
+        self.register_buffer("_v", weight.detach().new_empty(0))
+        # the input size: a Python tuple for the code (no tensor read while compiling), and a buffer
+        # for the state_dict
         self.register_buffer("_input_size", torch.zeros(0, dtype=torch.int64))
+        self._size: tuple[int, ...] | None = None
+        self._fresh = True  # the iterate is a random draw: warm it up at the next step
         if input_size is not None:
-            self.set_input_size(input_size)
+            self.set_input_size(input_size, weight)
 
     @property
     def input_size(self) -> tuple[int, ...] | None:
-        return tuple(int(s) for s in self._input_size) or None
+        return self._size
 
-    def set_input_size(self, size: Sequence[int]) -> None:
-        """Records the spatial input size; a new size re-initializes the iterate."""
+    @torch.no_grad()
+    def set_input_size(self, size: Sequence[int], weight: Tensor) -> None:
+        """Records the spatial input size; a new size draws a new iterate (from torch's generator)."""
         size = tuple(int(s) for s in size)
-        if size != self.input_size:
-            self._input_size = torch.tensor(size, dtype=torch.int64, device=self._input_size.device)
-            self._v = self._v.new_empty(0)
-            self._cache = None
+        if size == self.input_size and self._v.numel():
+            return
+        op = conv.conv_operator("nn.spectral_norm", weight, size, **self.geometry)
+        self._size = size
+        self._input_size = torch.tensor(size, dtype=torch.int64, device=self._input_size.device)
+        self._v = weight.detach().new_empty(weight.shape[1] * op.groups, *op.input_size).normal_(0, 1)
+        self._fresh = True
+        self._cache = None
 
     def _operator(self, weight: Tensor) -> conv.ConvOperator:
         if self.input_size is None:
@@ -240,41 +281,30 @@ class OperatorNorm(_CachedInEval):
 
     @torch.no_grad()
     def _power_steps(self, op: conv.ConvOperator, steps: int) -> None:
+        if self._fresh:
+            steps, self._fresh = max(steps, _WARMUP), False
         w = op.weight.detach()
-        v = self._v
-        if v.numel() != w.shape[1] * op.groups * math.prod(op.input_size):
-            v = w.new_empty(w.shape[1] * op.groups, *op.input_size).normal_(0, 1)
-            steps = max(steps, _WARMUP)
-        x = v.reshape(1, -1, *op.input_size).to(w.dtype)
+        x = self._v[None].to(w.dtype)
         geometry = (op.stride, op.pad_lo, op.pad_hi, op.dilation, op.groups, op.padding_mode)
         for _ in range(steps):
             x = F.normalize(x.flatten(), dim=0, eps=self.eps).reshape(x.shape)
             y = reference.conv_apply(w, x, *geometry, op.output_size)
             x = reference.conv_adjoint(w, y, op.input_size, *geometry)
-        x = F.normalize(x.flatten(), dim=0, eps=self.eps).reshape(x.shape[1:])
-        if self._v.shape == x.shape:
-            self._v.copy_(x)
-        else:
-            self._v = x.to(self._v.dtype)
-
-    def _sigma(self, op: conv.ConvOperator, weight: Tensor) -> Tensor:
-        """‖A_weight v‖ for the unit iterate v: differentiable in weight (v cloned: the next step
-        updates the buffer in place, and a pending backward still needs this one)."""
-        return torch.linalg.vector_norm(op.apply(self._v[None].to(weight.dtype).clone(), weight))
+        self._v.copy_(F.normalize(x.flatten(), dim=0, eps=self.eps).reshape(self._v.shape))
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.training:
             op = self._operator(weight)
             self._power_steps(op, self.n_power_iterations)
             self._cache = None
-            return weight * (self.target / self._sigma(op, weight))
+            return _ScaleByOperatorNorm.apply(weight, self._v, op, self.target)
         return self._cached(weight, self._eval_forward)
 
     def _eval_forward(self, weight: Tensor) -> Tensor:
         op = self._operator(weight)
-        if self._v.numel() == 0:
+        if self._fresh:
             self._power_steps(op, 0)
-        return weight * (self.target / self._sigma(op, weight))
+        return _ScaleByOperatorNorm.apply(weight, self._v, op, self.target)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
@@ -283,9 +313,9 @@ class OperatorNorm(_CachedInEval):
     def converge(self, weight: Tensor, rtol: float) -> None:
         """Lanczos on the operator to rtol, started from the current iterate."""
         op = self._operator(weight.detach())
-        start = self._v if self._v.numel() else None
-        _, _, v, _ = conv._top_singular(op, rtol, linalg.DEFAULT_MAX_ITERS, start)
-        self._v = v.to(weight.dtype).reshape(-1, *op.input_size).clone()
+        _, _, v, _ = conv._top_singular(op, rtol, linalg.DEFAULT_MAX_ITERS, self._v)
+        self._v.copy_(v.reshape(self._v.shape))
+        self._fresh = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the iterate's shape follows the input size: take the checkpoint's
@@ -294,7 +324,9 @@ class OperatorNorm(_CachedInEval):
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         self._cache = None
+        self._fresh = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._size = tuple(int(s) for s in self._input_size) or None
 
 
 def _record_input_size(module: nn.Module, args) -> None:
@@ -304,7 +336,7 @@ def _record_input_size(module: nn.Module, args) -> None:
     size = tuple(args[0].shape[-len(module.kernel_size):])
     for p in module.parametrizations.weight:
         if isinstance(p, OperatorNorm):
-            p.set_input_size(size)
+            p.set_input_size(size, module.parametrizations.weight.original)
 
 
 def spectral_norm(

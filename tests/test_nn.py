@@ -254,8 +254,9 @@ DDP_SCRIPT = textwrap.dedent(
     rank, port = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = nn.Sequential(lipfast.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.Flatten(),
-                          lipfast.nn.spectral_norm(nn.Linear(4 * 5 * 5, 2), mode="operator"))
+    model = nn.Sequential(lipfast.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)),
+                          lipfast.nn.spectral_norm(nn.Conv2d(4, 4, 3, padding=1), mode="operator", input_size=(5, 5)),
+                          nn.Flatten(), lipfast.nn.spectral_norm(nn.Linear(4 * 5 * 5, 2), mode="operator"))
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     torch.manual_seed(1 + rank)  # different data on each rank
@@ -289,3 +290,37 @@ def test_distributed_data_parallel(tmp_path):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert "ok" in out
+
+
+@pytest.mark.parametrize("layer, size", [
+    (nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect"), (5, 6)),
+    (nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2), (5,)),
+], ids=["Conv2d", "ConvTranspose1d"])
+def test_operator_mode_gradient(layer, size):
+    """The one-pass backward of W -> target W / ‖A_W v‖ (v fixed) is that function's gradient."""
+    from lipfast import conv, nn as lnn
+
+    torch.manual_seed(0)
+    layer = layer.double()
+    geometry = lnn.OperatorNorm(layer, layer.weight, input_size=size).geometry
+    probe = conv.conv_operator("test", layer.weight, size, **geometry)
+    v = torch.randn(layer.weight.shape[1] * layer.groups, *probe.input_size, dtype=torch.float64)
+    v /= v.norm()
+
+    def f(w):
+        return lnn._ScaleByOperatorNorm.apply(w, v, conv.conv_operator("test", w, size, **geometry), 0.7)
+
+    torch.autograd.gradcheck(f, (layer.weight.detach().clone().requires_grad_(),))
+
+
+def test_compile_operator_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        lipfast.nn.spectral_norm(nn.Conv2d(3, 4, 3, padding=1), mode="operator", input_size=(5, 5)), nn.ReLU(),
+        nn.Flatten(), lipfast.nn.spectral_norm(nn.Linear(4 * 5 * 5, 3), mode="operator"),
+    )
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
