@@ -9,19 +9,24 @@ from lipfast._ext import backend, set_backend
 from lipfast.certify import certified_radius
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
+from lipfast.network import LipschitzReport, certified_accuracy, lipschitz_bound, register_lipschitz
 from lipfast import nn  # lipfast.nn: spectral normalization for training loops
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LipschitzReport",
     "backend",
+    "certified_accuracy",
     "certified_radius",
     "conv_spectral_norm",
     "conv_spectral_norm_bounds",
+    "lipschitz_bound",
     "nn",
     "operator_norm",
     "operator_norm_bounds",
     "power_iteration",
+    "register_lipschitz",
     "set_backend",
     "spectral_norm",
     "spectral_norm_bounds",

@@ -1,6 +1,8 @@
 """The ``lipfast`` command.
 
-    lipfast demo [--model resnet50|resnet18] [--rtol R]   # the default when no command is given
+    lipfast bound [MODEL] [--input-shape 3,32,32] [--json F] [--plot F.png] [--rtol R]   # the default
+    lipfast certify                                       # the digits example: clean and certified accuracy
+    lipfast demo [--model resnet50|resnet18] [--rtol R]   # spectral norms of a ResNet's weight matrices
 
 ``demo`` builds the weight matrices of a ResNet-shaped network with random (He-initialised)
 weights, each convolution kernel reshaped to (out_channels, in_channels * kh * kw) as
@@ -114,20 +116,173 @@ def demo(model: str = "resnet50", rtol: float = 1e-5, seed: int = 0, out=None) -
     }
 
 
+class _UsageError(Exception):
+    """A bad argument or an unusable file: one line on stderr, exit code 2."""
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise _UsageError(f"--input-shape must be comma-separated positive ints like 3,32,32, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise _UsageError(f"--input-shape must be comma-separated positive ints like 3,32,32, got {text!r}")
+    return shape
+
+
+def _builtin(spec: str) -> torch.nn.Module:
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise _UsageError(f"cannot find model {spec!r}: {exc}") from None
+    return factory()
+
+
+def load_model(spec: str | None, trust_pickle: bool = False) -> tuple[torch.nn.Module, tuple[int, ...] | None, str]:
+    """(model in eval mode, its default input shape or None, a description) for the command line's
+    MODEL: ``lipfast.models:NAME`` (a factory), a TorchScript file, or a torch.save file (a state_dict
+    for the built-in ResNet-18, or a plain weight matrix, loaded with weights_only=True; a whole
+    pickled model only with trust_pickle)."""
+    import os
+
+    from lipfast.models import resnet18_cifar
+
+    if spec is None:
+        return resnet18_cifar().eval(), (3, 32, 32), "lipfast.models:resnet18_cifar (the built-in default)"
+    if ":" in spec and not os.path.exists(spec):
+        model = _builtin(spec)
+        shape = (3, 32, 32) if spec.endswith("resnet18_cifar") else None
+        return model.eval(), shape, spec
+    if not os.path.isfile(spec):
+        raise _UsageError(f"no such model file: {spec}")
+    try:
+        return torch.jit.load(spec, map_location="cpu").eval(), None, f"TorchScript file {spec}"
+    except Exception:
+        pass  # not TorchScript: a torch.save file
+    try:
+        obj = torch.load(spec, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        hint = "" if trust_pickle else " (a whole pickled model needs --trust-pickle)"
+        raise _UsageError(f"cannot read {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
+    if isinstance(obj, torch.nn.Module):
+        return obj.eval(), None, f"pickled model {spec}"
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() != 2 or not obj.is_floating_point():
+            raise _UsageError(f"{spec} holds a tensor of shape {tuple(obj.shape)}; a weight matrix must be 2-D floating point")
+        layer = torch.nn.Linear(obj.shape[1], obj.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(obj)
+        return layer.eval(), (obj.shape[1],), f"weight matrix {spec} as a linear layer"
+    if isinstance(obj, dict):
+        model = resnet18_cifar()
+        try:
+            model.load_state_dict(obj)
+        except RuntimeError as exc:
+            raise _UsageError(f"{spec} is a state_dict, but not of the built-in ResNet-18: {str(exc).splitlines()[0]}") from None
+        return model.eval(), (3, 32, 32), f"state_dict {spec} in the built-in ResNet-18"
+    raise _UsageError(f"{spec} holds a {type(obj).__name__}, not a model, state_dict or weight matrix")
+
+
+def bound(args, out=None) -> dict:
+    out = out or sys.stdout
+    model, default_shape, description = load_model(args.model, args.trust_pickle)
+    shape = _parse_shape(args.input_shape) if args.input_shape else default_shape
+    if shape is None:
+        raise _UsageError("this model needs --input-shape (one example, no batch dim, e.g. 3,32,32)")
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise _UsageError("--rtol must be a positive number")
+    try:
+        report = lipfast.lipschitz_bound(model, shape, rtol=args.rtol, progress=not args.no_progress)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    print(f"lipfast {lipfast.__version__} (backend: {lipfast.backend()}): {description}, input {shape}", file=out)
+    print(report, file=out)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
+        print(f"report written to {args.json}", file=out)
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots(figsize=(max(6, len(report.layers) * 0.3), 4))
+            names = [layer.name for layer in report.layers]
+            ax.bar(names, [layer.upper for layer in report.layers], color="tab:orange", label="upper")
+            ax.bar(names, [layer.lower for layer in report.layers], color="tab:blue", label="lower")
+            ax.set_yscale("log")
+            ax.set_ylabel("Lipschitz constant")
+            ax.tick_params(axis="x", rotation=90, labelsize=6)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.plot)
+            print(f"plot written to {args.plot}", file=out)
+    return report.to_dict()
+
+
+def certify(args, out=None) -> dict:
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits.py")
+    if not os.path.isfile(path):
+        raise _UsageError("the digits example (examples/digits.py) ships with the source tree only")
+    spec = importlib.util.spec_from_file_location("lipfast_digits_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    try:
+        return example.main(["--epochs", str(args.epochs)])
+    except ImportError as exc:
+        raise _UsageError(f"the digits example needs scikit-learn (pip install scikit-learn): {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipfast", description="Fast, certified Lipschitz constants for PyTorch.")
     commands = parser.add_subparsers(dest="command")
-    demo_parser = commands.add_parser("demo", help="spectral norms and certified brackets of a ResNet's layers (default)")
+    bound_parser = commands.add_parser(
+        "bound", help="certified Lipschitz bound of a network, layer by layer (the default)",
+        description="Certified L2 Lipschitz bound of MODEL. MODEL is lipfast.models:NAME, a TorchScript file, or a "
+                    "torch.save file (a state_dict of the built-in ResNet-18, or a 2-D weight matrix), read with "
+                    "weights_only=True. A whole pickled model needs --trust-pickle: unpickling runs arbitrary code "
+                    "from the file, so use it only for files you trust. Without MODEL: the built-in ResNet-18 for CIFAR-10.")
+    bound_parser.add_argument("model", nargs="?", help="the network (default: lipfast.models:resnet18_cifar)")
+    bound_parser.add_argument("--input-shape", help="one example's shape, no batch dim, e.g. 3,32,32")
+    bound_parser.add_argument("--rtol", type=float, default=1e-3, help="relative accuracy of each layer's bracket")
+    bound_parser.add_argument("--json", help="write the report as JSON to this file")
+    bound_parser.add_argument("--plot", help="draw per-layer lower/upper bars (log scale) to this PNG (needs matplotlib)")
+    bound_parser.add_argument("--trust-pickle", action="store_true",
+                              help="allow a whole pickled model (runs arbitrary code from the file)")
+    bound_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    certify_parser = commands.add_parser("certify", help="train two small CNNs on the digits data and certify them")
+    certify_parser.add_argument("--epochs", type=int, default=60)
+    demo_parser = commands.add_parser("demo", help="spectral norms and certified brackets of a ResNet's weight matrices")
     demo_parser.add_argument("--model", choices=sorted(_RESNETS), default="resnet50")
     demo_parser.add_argument("--rtol", type=float, default=1e-5, help="relative accuracy of the estimates (default 1e-5)")
     demo_parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command is None:  # the main job on its built-in default
-        args = parser.parse_args(["demo"])
-    if args.command == "demo":
-        if not (math.isfinite(args.rtol) and args.rtol > 0):
-            parser.error("--rtol must be a positive number")
-        demo(model=args.model, rtol=args.rtol, seed=args.seed)
+        args = parser.parse_args(["bound"])
+    try:
+        if args.command == "bound":
+            bound(args)
+        elif args.command == "certify":
+            certify(args)
+        else:
+            if not (math.isfinite(args.rtol) and args.rtol > 0):
+                raise _UsageError("--rtol must be a positive number")
+            demo(model=args.model, rtol=args.rtol, seed=args.seed)
+    except _UsageError as exc:
+        print(f"lipfast: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,7 +12,7 @@ fi
 # torch is pinned: an unpinned torch pulls a several-GB CUDA build.  scikit-learn: the digits data set of
 # examples/digits.py ships inside it (no download).
 .venv/bin/python -m pip install --quiet --upgrade "setuptools>=64" wheel
-.venv/bin/python -m pip install --quiet torch==2.13.0 numpy pytest ninja scikit-learn
+.venv/bin/python -m pip install --quiet torch==2.13.0 numpy pytest ninja scikit-learn tqdm
 # --no-build-isolation: build against the torch just installed (an isolated build would download
 # another, multi-GB torch into a throwaway environment and compile against that one).
 .venv/bin/python -m pip install --quiet --no-build-isolation -e .

@@ -30,7 +30,69 @@ def test_demo_reports_norms_that_match_svd(backend):
 
 
 def test_main_rejects_bad_rtol(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--rtol", "-1"])
-    assert exit_info.value.code == 2
+    assert cli.main(["demo", "--rtol", "-1"]) == 2
     assert "--rtol must be a positive number" in capsys.readouterr().err
+
+
+# --- lipfast bound / certify, end to end through the console -------------------------------------
+
+import json
+import subprocess
+import sys
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lipfast", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_bound_default_and_json(tmp_path):
+    result = _run("bound", "--no-progress", "--json", str(tmp_path / "r.json"), "--rtol", "1e-2")
+    assert result.returncode == 0, result.stderr
+    assert "network bound (composed over the graph, fx)" in result.stdout and "layer4.1.conv2" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["method"] == "fx" and len(report["layers"]) == 42 and report["upper"] > 1
+
+
+def test_bound_model_files(tmp_path):
+    torch.manual_seed(0)
+    W = torch.randn(5, 7)
+    torch.save(W, tmp_path / "w.pt")
+    result = _run("bound", str(tmp_path / "w.pt"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    sigma = float(torch.linalg.matrix_norm(W.double(), 2))
+    upper = float(result.stdout.split("network bound (composed over the graph, fx): ")[1].split()[0])
+    assert sigma <= upper <= sigma * 1.001
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.save(model, tmp_path / "model.pt")
+    refused = _run("bound", str(tmp_path / "model.pt"), "--input-shape", "4", "--no-progress")
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and "Traceback" not in refused.stderr
+    trusted = _run("bound", str(tmp_path / "model.pt"), "--input-shape", "4", "--trust-pickle", "--no-progress")
+    assert trusted.returncode == 0, trusted.stderr
+    torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+    scripted = _run("bound", str(tmp_path / "scripted.pt"), "--input-shape", "4", "--no-progress")
+    assert scripted.returncode == 2 and "TorchScript" in scripted.stderr  # read, but not traceable yet
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bound", "missing.pt"], "no such model file"),
+    (["bound", "--input-shape", "3,x"], "--input-shape"),
+    (["bound", "--input-shape", "3,16"], "does not accept"),
+    (["bound", "--rtol", "-1"], "--rtol"),
+    (["bound", "lipfast.models:nothing"], "cannot find model"),
+])
+def test_bound_errors(args, message):
+    result = _run(*args, "--no-progress")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_or_with_matplotlib(tmp_path):
+    result = _run("bound", "lipfast.models:resnet18_cifar", "--rtol", "1e-2", "--no-progress", "--plot", str(tmp_path / "p.png"))
+    assert result.returncode == 0, result.stderr
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "pip install matplotlib" in result.stderr
+    else:
+        assert (tmp_path / "p.png").stat().st_size > 0

@@ -1,0 +1,392 @@
+"""Whole-network Lipschitz bounds (L2 -> L2) and certified accuracy.
+
+:func:`lipschitz_bound` traces the model with torch.fx, so that residual connections and branches
+are seen, propagates shapes with one zero input, gives every leaf module a certified constant
+(Linear and conv layers through :func:`lipfast.operator_norm_bounds`, the others from their
+definition), and composes them node by node with sound rules (each stated beside its code).  Where
+tracing fails it falls back to the leaf modules in call order, a chain, and says so.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipfast import conv, linalg
+from lipfast.certify import certified_radius
+
+__all__ = ["LayerBound", "LipschitzReport", "lipschitz_bound", "certified_accuracy", "register_lipschitz"]
+
+
+@dataclass
+class LayerBound:
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    lower: float
+    upper: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class LipschitzReport:
+    """Certified upper bound of a network's L2 -> L2 Lipschitz constant, and how it was built."""
+
+    upper: float
+    naive_upper: float
+    layers: list[LayerBound]
+    method: str  # "fx" or "hooks"
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':32s} {'kind':18s} {'lower':>10s} {'upper':>10s} {'gap':>8s} {'s':>7s}"]
+        for layer in self.layers:
+            gap = layer.upper / layer.lower - 1 if layer.lower > 0 and math.isfinite(layer.upper) else math.inf
+            lines.append(f"{layer.name[:32]:32s} {layer.kind[:18]:18s} {layer.lower:10.5g} {layer.upper:10.5g} "
+                         f"{gap:8.1e} {layer.seconds:7.3f}" + (f"  {layer.note}" if layer.note else ""))
+        lines.append(f"network bound (composed over the graph, {self.method}): {self.upper:.6g}")
+        lines.append(f"naive bound (product of every layer's upper): {self.naive_upper:.6g}")
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"time: {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+# --- layer constants -----------------------------------------------------------------------------
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_NO_CONSTANT = {
+    nn.LayerNorm: "LayerNorm divides by the input's own standard deviation: no global Lipschitz constant",
+    nn.GroupNorm: "GroupNorm divides by the input's own standard deviation: no global Lipschitz constant",
+    nn.MultiheadAttention: "dot-product attention has no global Lipschitz constant (Kim et al. 2021)",
+}
+_REGISTRY: dict[type, Callable] = {}
+
+
+def register_lipschitz(module_type: type, fn: Callable) -> None:
+    """Registers ``fn(module, input_shape) -> float or (lower, upper)``: a Lipschitz constant (L2 ->
+    L2, input_shape without batch dim) for modules of ``module_type`` (subclasses included)."""
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"lipfast.register_lipschitz: module_type must be an nn.Module subclass, got {module_type!r}")
+    if not callable(fn):
+        raise TypeError(f"lipfast.register_lipschitz: fn must be callable, got {type(fn).__name__}")
+    _REGISTRY[module_type] = fn
+
+
+def _max_slope(derivative: Callable[[Tensor], Tensor]) -> float:
+    """sup |f'| of a smooth scalar function whose slope peaks within [-20, 20] and tends to 0 or 1
+    outside: a dense grid in float64, refined around the best point, plus a relative margin of
+    1e-9 for the refinement's resolution (the slopes here are smooth, with |f''| < 1)."""
+    x = torch.linspace(-20, 20, 400001, dtype=torch.float64)
+    best = x[derivative(x).abs().argmax()]
+    fine = torch.linspace(float(best) - 1e-3, float(best) + 1e-3, 200001, dtype=torch.float64)
+    return float(derivative(fine).abs().max()) * (1 + 1e-9) + 1e-12
+
+
+def _gelu_slope(approximate: str) -> float:
+    def derivative(x: Tensor) -> Tensor:
+        x = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(F.gelu(x, approximate=approximate).sum(), x)
+        return grad
+    return _max_slope(derivative)
+
+
+def _silu_slope() -> float:
+    return _max_slope(lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))))
+
+
+def _window_counts(n: int, k: int, s: int, p: int, d: int, out: int) -> int:
+    """The largest number of pooling windows (out of `out`, kernel k, stride s, padding p, dilation
+    d) that contain one input position of a length-n signal."""
+    counts = [0] * n
+    for o in range(out):
+        for j in range(k):
+            i = o * s - p + d * j
+            if 0 <= i < n:
+                counts[i] += 1
+    return max(counts) if counts else 0
+
+
+def _as_tuple(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _linear_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """sqrt(‖A‖_1 ‖A‖_inf) for a linear pooling map A with nonnegative weights: its row sums are
+    A 1 and its column sums Aᵀ 1, computed in float64 (a relative margin of 1e-12 covers that
+    arithmetic)."""
+    x = torch.ones(1, *input_shape, dtype=torch.float64, requires_grad=True)
+    y = module(x)
+    (columns,) = torch.autograd.grad(y.sum(), x)
+    return math.sqrt(float(y.detach().max()) * float(columns.max())) * (1 + 1e-12)
+
+
+def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], rtol: float) -> tuple[float, float, str]:
+    """(lower, upper, note) of one leaf module's Lipschitz constant on inputs of input_shape."""
+    for kind, fn in _REGISTRY.items():
+        if isinstance(module, kind):
+            value = fn(module, input_shape)
+            lower, upper = value if isinstance(value, tuple) else (0.0, float(value))
+            return float(lower), float(upper), "registered"
+    if isinstance(module, nn.Linear):
+        lower, upper = linalg.spectral_norm_bounds(module.weight.detach(), rtol=rtol)
+        return float(lower), float(upper), ""
+    if isinstance(module, _CONVS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
+            lower, upper = conv.operator_norm_bounds(module, input_shape[1:], rtol=rtol)
+        return float(lower), float(upper), ""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # eval: y = gamma (x - mean) / sqrt(var + eps) + beta, per channel: max |gamma| / sqrt(var + eps)
+        var = module.running_var.detach().double() if module.running_var is not None else None
+        if var is None:
+            return 0.0, math.inf, "BatchNorm without running statistics normalizes by the batch: no constant"
+        gamma = module.weight.detach().double().abs() if module.weight is not None else torch.ones_like(var)
+        value = float((gamma / torch.sqrt(var + module.eps)).max()) * (1 + 1e-12)
+        note = "in training mode; the eval-mode constant is given" if module.training else ""
+        return value, value, note
+    if isinstance(module, _ONE) or (isinstance(module, nn.Sequential) and len(module) == 0):
+        return 1.0, 1.0, ""  # (an empty Sequential is the identity)
+    if isinstance(module, nn.LeakyReLU):
+        value = max(1.0, abs(module.negative_slope))
+        return value, value, ""
+    if isinstance(module, nn.ELU):
+        value = max(1.0, module.alpha)  # slope 1 above 0, alpha e^x below
+        return value, value, ""
+    if isinstance(module, nn.Sigmoid):
+        return 0.25, 0.25, ""
+    if isinstance(module, nn.GELU):
+        value = _gelu_slope(module.approximate)
+        return value, value, ""
+    if isinstance(module, nn.SiLU):
+        value = _silu_slope()
+        return value, value, ""
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        # ‖Δy‖^2 = sum over windows of (max over the window of Δx)^2 <= sum over windows ‖Δx_window‖^2
+        # <= m ‖Δx‖^2, m the largest number of windows holding one input: L <= sqrt(m)
+        dims = len(input_shape) - 1
+        k, s = _as_tuple(module.kernel_size, dims), _as_tuple(module.stride or module.kernel_size, dims)
+        p, d = _as_tuple(module.padding, dims), _as_tuple(module.dilation, dims)
+        with torch.no_grad():
+            out = module(torch.zeros(1, *input_shape)).shape[2:]
+        m = math.prod(_window_counts(n, *a) for n, *a in zip(input_shape[1:], k, s, p, d, out))
+        return 1.0, math.sqrt(m), ""
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        dims = len(input_shape) - 1
+        out = _as_tuple(module.output_size, dims)
+        m = 1
+        for n, o in zip(input_shape[1:], out):
+            o = n if o is None else o
+            counts = [0] * n
+            for w in range(o):
+                for i in range((w * n) // o, -((-(w + 1) * n) // o)):
+                    counts[i] += 1
+            m *= max(counts)
+        return 1.0, math.sqrt(m), ""
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                           nn.AdaptiveAvgPool3d)):
+        return 0.0, _linear_pool_bound(module, input_shape), ""
+    for kind, reason in _NO_CONSTANT.items():
+        if isinstance(module, kind):
+            return 0.0, math.inf, reason
+    raise TypeError(
+        f"lipfast.lipschitz_bound: no Lipschitz constant is known for module {name!r} of type "
+        f"{type(module).__module__}.{type(module).__qualname__}; register one with "
+        f"lipfast.register_lipschitz({type(module).__name__}, lambda module, input_shape: constant)"
+    )
+
+
+# --- composition over the graph ------------------------------------------------------------------
+
+_SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+                         torch.transpose, F.dropout, operator.getitem}
+_SHAPE_ONLY_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                       "clone", "detach", "float", "double", "to", "type_as", "expand_as"}
+_FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
+                    torch.sigmoid: 0.25, F.sigmoid: 0.25}
+_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _is_tensor_arg(arg, bounds: dict) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg in bounds
+
+
+def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float]) -> float:
+    """L(node) bounds the Lipschitz constant of node's value as a function of the model's input."""
+    bounds: dict[torch.fx.Node, float] = {}
+    for node in graph_module.graph.nodes:
+        tensor_args = [a for a in node.all_input_nodes if a in bounds]
+        if node.op == "placeholder":
+            bounds[node] = 1.0
+        elif node.op == "get_attr":
+            bounds[node] = 0.0  # a constant
+        elif node.op == "call_module":
+            # composition: Lip(f o g) <= Lip(f) Lip(g)
+            bounds[node] = constants[node.target] * (bounds[tensor_args[0]] if tensor_args else 0.0)
+        elif node.op in ("call_function", "call_method"):
+            bounds[node] = _function_bound(node, tensor_args, bounds)
+        elif node.op == "output":
+            outputs = [a for a in node.all_input_nodes if a in bounds]
+            return math.sqrt(sum(bounds[a] ** 2 for a in outputs))  # a tuple of outputs: concatenation
+    raise _Unsupported("the graph has no output")
+
+
+def _function_bound(node: torch.fx.Node, tensor_args: list, bounds: dict) -> float:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    if not tensor_args:
+        return 0.0  # a function of constants only
+    first = bounds[tensor_args[0]]
+    if target in (operator.add, torch.add, operator.sub, torch.sub) or name in ("add", "sub", "__add__", "__sub__"):
+        # f(x) ± g(x): Lip <= Lip(f) + Lip(g); a constant term adds nothing
+        alpha = abs(node.kwargs.get("alpha", 1.0)) if isinstance(node.kwargs.get("alpha", 1.0), (int, float)) else 1.0
+        return sum(bounds[a] * (alpha if i else 1.0) for i, a in enumerate(tensor_args))
+    if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in ("mul", "div", "__mul__", "__truediv__"):
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
+        if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
+            raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
+        other = [a for a in node.args if not isinstance(a, torch.fx.Node)]
+        if not other or not isinstance(other[0], (int, float)):
+            raise _Unsupported(f"{node.name}: scaling by a tensor that is not a known constant")
+        factor = abs(other[0]) if target in (operator.mul, torch.mul) or name in ("mul", "__mul__") else 1 / abs(other[0])
+        return first * factor
+    if target in (torch.cat, torch.stack):
+        # concatenated branches: ‖(Δa, Δb)‖ = sqrt(‖Δa‖^2 + ‖Δb‖^2) <= sqrt(L_a^2 + L_b^2) ‖Δx‖
+        return math.sqrt(sum(bounds[a] ** 2 for a in tensor_args))
+    if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
+        return first  # a permutation or a selection of entries: norm <= 1
+    if node.op == "call_method" and name in ("size", "dim", "numel"):
+        return 0.0
+    if target in _FUNCTION_SLOPES:
+        return first * _FUNCTION_SLOPES[target]
+    if node.op == "call_method" and name in _METHOD_SLOPES:
+        return first * _METHOD_SLOPES[name]
+    if target in (F.leaky_relu,):
+        slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+        return first * max(1.0, abs(slope))
+    if target in (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean) or (node.op == "call_method" and name == "mean"):
+        raise _Unsupported(f"{node.name}: {name} as a function (use the nn module form, whose constant is computed)")
+    raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module, tuple, tuple]]:
+    """(name, module, input shape, output shape) of the leaf modules a forward on example reaches, in order."""
+    found = []
+    hooks = []
+    tracer = torch.fx.Tracer()
+    leaves: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in leaves):
+            continue  # the model itself, or inside a module already taken whole
+        if tracer.is_leaf_module(module, name):  # the modules torch.fx keeps whole (torch.nn's own)
+            leaves.append(name)
+            def hook(mod, args, out, name=name):
+                x = args[0] if args and isinstance(args[0], Tensor) else None
+                found.append((name, mod, tuple(x.shape[1:]) if x is not None else (),
+                              tuple(out.shape[1:]) if isinstance(out, Tensor) else ()))
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True) -> LipschitzReport:
+    """A certified upper bound on the L2 -> L2 Lipschitz constant of ``model`` on inputs of
+    ``input_shape`` (one example, no batch dim), composed over its torch.fx graph; see the module
+    docstring.  ``progress`` shows a progress bar (tqdm, when installed) while layers are bounded."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lipfast.lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(input_shape, int):
+        input_shape = (input_shape,)
+    if not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape):
+        raise ValueError(f"lipfast.lipschitz_bound: input_shape must be a non-empty tuple of positive ints, got {input_shape!r}")
+    rtol = linalg._check_rtol("lipschitz_bound", rtol)
+    start = time.perf_counter()
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError("lipfast.lipschitz_bound: a TorchScript model cannot be traced by torch.fx nor hooked; "
+                         "pass the Python module (or its state_dict with the architecture)")
+    if torch.fx.Tracer().is_leaf_module(model, ""):
+        model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
+    param = next(model.parameters(), None)
+    example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
+                          device=param.device if param is not None else None)
+    notes: list[str] = []
+    try:
+        leaves = _leaf_modules(model, example)
+    except Exception as exc:  # the model rejects this input: say so plainly
+        raise ValueError(f"lipfast.lipschitz_bound: the model does not accept an input of shape {tuple(input_shape)}: {exc}") from exc
+    iterator = leaves
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            iterator = tqdm(leaves, desc="lipfast: layer bounds", unit="layer", leave=False)
+        except ImportError:
+            pass
+    layers: list[LayerBound] = []
+    constants: dict[str, float] = {}
+    for name, module, in_shape, out_shape in iterator:
+        if name in constants:  # the same module called again: same constant (input sizes permitting)
+            continue
+        t0 = time.perf_counter()
+        lower, upper, note = _layer_constant(name, module, in_shape, rtol)
+        layers.append(LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
+                                 time.perf_counter() - t0, note))
+        constants[name] = upper
+        if not math.isfinite(upper):
+            notes.append(f"{name} ({type(module).__name__}): {note}")
+    naive = math.prod(layer.upper for layer in layers) if layers else 1.0
+    method = "fx"
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
+        method = "hooks"
+        upper = naive
+        notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
+                     "leaf modules as a chain in call order, which misses operations made outside modules")
+    else:
+        try:
+            upper = _compose(traced, constants)
+        except _Unsupported as exc:  # an operation with no global constant: no finite bound
+            upper = math.inf
+            notes.append(f"no finite bound: {exc}")
+    return LipschitzReport(float(upper), float(naive), layers, method, notes, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def certified_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, eps: float, *,
+                       report: LipschitzReport | None = None) -> float:
+    """The fraction of ``inputs`` that ``model`` classifies as ``labels`` with a certified L2 radius
+    above ``eps`` (global margin radius, :func:`lipfast.certified_radius`, with the bound of
+    :func:`lipschitz_bound`, computed unless ``report`` is given)."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"lipfast.certified_accuracy: eps must be a number >= 0, got {eps!r}")
+    if report is None:
+        report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=False)
+    logits = model(inputs)
+    radius = certified_radius(logits, labels, report.upper)
+    correct = logits.argmax(1) == labels.to(logits.device)
+    return float((correct & (radius > eps)).double().mean()) if len(labels) else 0.0

@@ -1,0 +1,128 @@
+"""Whole-network Lipschitz bounds: exact chains, soundness against Jacobians, composition rules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+from conftest import with_singular_values
+
+
+def _linear(W: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(W.shape[1], W.shape[0]).double()
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    return layer
+
+
+def test_chain_with_known_norms():
+    norms = [2.0, 0.5, 3.0]
+    Ws = [with_singular_values(m, n, torch.tensor([s, s / 2, s / 3, 0.1, 0.05, 0.01]), seed=i)
+          for i, ((m, n), s) in enumerate(zip([(6, 5), (7, 6), (4, 7)], norms))]
+    model = nn.Sequential(_linear(Ws[0]), nn.ReLU(), _linear(Ws[1]), nn.Tanh(), _linear(Ws[2]))
+    report = lipfast.lipschitz_bound(model, (5,), rtol=1e-4, progress=False)
+    exact = math.prod(norms)
+    assert report.method == "fx" and exact <= report.upper <= exact * (1 + 1e-4) ** 3
+    assert [layer.name for layer in report.layers] == ["0", "1", "2", "3", "4"]
+    assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 3, 3, padding=1, padding_mode="circular")
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.avg = nn.AvgPool2d(2)
+        self.branch = nn.Conv2d(3, 2, 1)
+        self.head = nn.Linear(5 * 3 * 3, 4)
+
+    def forward(self, x):
+        y = x + self.conv2(torch.relu(self.bn(self.conv1(x))))  # a skip connection
+        y = self.pool(y)
+        y = torch.cat([y, self.branch(y)], dim=1)  # concatenated branches
+        return self.head(self.avg(y).flatten(1))
+
+
+def _max_jacobian_norm(model, shape, points=6):
+    best = 0.0
+    for seed in range(points):
+        x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        J = torch.autograd.functional.jacobian(model, x).reshape(-1, x.numel())
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    return best
+
+
+def test_sound_on_a_residual_network_with_batchnorm_and_pooling():
+    torch.manual_seed(0)
+    model = Residual().double()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.2, 2.0)
+        model.bn.weight.uniform_(-2, 2)
+    model.eval()
+    report = lipfast.lipschitz_bound(model, (3, 6, 6), progress=False)
+    assert report.method == "fx" and math.isfinite(report.upper)
+    assert report.upper >= _max_jacobian_norm(model, (3, 6, 6))
+    kinds = {layer.name: layer for layer in report.layers}
+    assert kinds["pool"].upper == 3.0  # every input in 9 overlapping 3x3 windows: sqrt(9)
+    assert abs(kinds["avg"].upper - 0.5) < 1e-9  # non-overlapping 2x2 averages: 1/sqrt(4)
+    gamma_over_sigma = (model.bn.weight.abs() / torch.sqrt(model.bn.running_var + model.bn.eps)).max()
+    assert abs(kinds["bn"].upper - float(gamma_over_sigma)) <= 1e-9
+
+
+def test_activation_slopes():
+    for module, exact in [(nn.GELU(), 1.128904145), (nn.SiLU(), 1.0998393), (nn.Sigmoid(), 0.25),
+                          (nn.LeakyReLU(-2.0), 2.0), (nn.ELU(alpha=1.5), 1.5)]:
+        report = lipfast.lipschitz_bound(nn.Sequential(module), (3,), progress=False)
+        assert exact <= report.upper <= exact * (1 + 1e-6), (module, report.upper)
+
+
+def test_no_global_constant_and_unknown_modules():
+    report = lipfast.lipschitz_bound(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (4,), progress=False)
+    assert report.upper == math.inf and any("LayerNorm" in note for note in report.notes)
+
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    report = lipfast.lipschitz_bound(Square(), (4,), progress=False)
+    assert report.upper == math.inf and any("product of two" in note for note in report.notes)
+
+    class Mystery(nn.Module):
+        def forward(self, x):
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nn.Softmin(dim=1)
+
+        def forward(self, x):
+            return self.m(x)
+
+    with pytest.raises(TypeError, match="register_lipschitz"):
+        lipfast.lipschitz_bound(Net(), (4,), progress=False)
+    lipfast.register_lipschitz(nn.Softmin, lambda module, shape: 1.0)
+    assert lipfast.lipschitz_bound(Net(), (4,), progress=False).upper == 1.0
+    with pytest.raises(ValueError, match="input_shape"):
+        lipfast.lipschitz_bound(Net(), (0, 4))
+    with pytest.raises(ValueError, match="does not accept"):
+        lipfast.lipschitz_bound(nn.Linear(3, 2), (4,))
+
+
+def test_certified_accuracy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    labels = model(x).argmax(1)
+    labels[:10] = (labels[:10] + 1) % 3
+    report = lipfast.lipschitz_bound(model, (6,), progress=False)
+    radius = lipfast.certified_radius(model(x), labels, report.upper)
+    for eps in (0.0, 0.05, 0.2):
+        expected = float(((model(x).argmax(1) == labels) & (radius > eps)).double().mean())
+        assert lipfast.certified_accuracy(model, x, labels, eps, report=report) == expected
+    assert lipfast.certified_accuracy(model, x, labels, 0.05) == lipfast.certified_accuracy(model, x, labels, 0.05, report=report)
