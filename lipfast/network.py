@@ -125,14 +125,16 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _linear_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """sqrt(‖A‖_1 ‖A‖_inf) for a linear pooling map A with nonnegative weights: its row sums are
-    A 1 and its column sums Aᵀ 1, computed in float64 (a relative margin of 1e-12 covers that
-    arithmetic)."""
+def _linear_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[float, float]:
+    """(‖A 1‖ / ‖1‖, sqrt(‖A‖_1 ‖A‖_inf)) for a linear pooling map A with nonnegative weights: a
+    Rayleigh quotient below, and above the row sums A 1 and column sums Aᵀ 1, computed in float64
+    (relative margins of 1e-12 cover that arithmetic)."""
     x = torch.ones(1, *input_shape, dtype=torch.float64, requires_grad=True)
     y = module(x)
     (columns,) = torch.autograd.grad(y.sum(), x)
-    return math.sqrt(float(y.detach().max()) * float(columns.max())) * (1 + 1e-12)
+    y = y.detach()
+    lower = float(torch.linalg.vector_norm(y)) / math.sqrt(x.numel()) * (1 - 1e-12)
+    return lower, math.sqrt(float(y.max()) * float(columns.max())) * (1 + 1e-12)
 
 
 def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], rtol: float) -> tuple[float, float, str]:
@@ -199,7 +201,7 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
         return 1.0, math.sqrt(m), ""
     if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                            nn.AdaptiveAvgPool3d)):
-        return 0.0, _linear_pool_bound(module, input_shape), ""
+        return (*_linear_pool_bound(module, input_shape), "")
     for kind, reason in _NO_CONSTANT.items():
         if isinstance(module, kind):
             return 0.0, math.inf, reason

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets lipfast up from a fresh clone and runs its main job on the built-in default:
 #   a virtual environment in .venv, the CPU build of torch 2.13.0, lipfast built against it,
-#   then `lipfast demo`.  Pass --no-demo to stop after the build.
+#   then `lipfast bound` (the certified Lipschitz bound of the built-in ResNet-18).  Pass --no-demo to
+#   stop after the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +20,5 @@ fi
 .venv/bin/python -c "import lipfast; print('lipfast', lipfast.__version__, 'backend:', lipfast.backend())"
 
 if [ "${1:-}" != "--no-demo" ]; then
-  .venv/bin/lipfast demo
+  .venv/bin/lipfast bound
 fi
