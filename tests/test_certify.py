@@ -70,3 +70,42 @@ def test_digits_example_runs():
         assert 0.5 < r["clean"] <= 1
         values = [r["certified"][radius] for radius in digits.RADII]
         assert all(a >= b for a, b in zip([r["clean"]] + values, values))  # monotone in the radius
+
+
+def test_no_attack_succeeds_inside_the_certified_radius():
+    """PGD in L2 (40 steps) on a digits CNN trained with operator-mode spectral norm: no image the
+    model classifies correctly changes class within its certified radius."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import digits
+
+    train_x, train_y, test_x, test_y = digits.load_digits(0)
+    model = digits.normalized("lipfast", 0)
+    digits.train(model, train_x, train_y, epochs=5, seed=0)
+    lipfast.nn.converge(model)
+    model.eval()
+    x, y = test_x[:120], test_y[:120]
+    with torch.no_grad():
+        logits = model(x)
+        L = lipfast.lipschitz_bound(model[:-1], (1, 8, 8), progress=False).upper
+        radius = lipfast.certified_radius(logits, y, L, last_layer_weight=model[-1].weight)
+    keep = (logits.argmax(1) == y) & (radius > 0)
+    x, y, radius = x[keep], y[keep], radius[keep]
+    assert len(y) > 50
+    delta = torch.zeros_like(x, requires_grad=True)
+    step = (radius / 10).view(-1, 1, 1, 1)
+    for _ in range(40):
+        logits = model(x + delta)
+        others = logits.clone()
+        others[torch.arange(len(y)), y] = -math.inf
+        loss = (others.max(1).values - logits[torch.arange(len(y)), y]).sum()  # push the runner-up up
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta += step * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            norms = delta.flatten(1).norm(dim=1)
+            delta *= (torch.minimum(norms, radius * 0.999) / norms.clamp_min(1e-12)).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        assert (model(x + delta).argmax(1) == y).all()
+        # and the attack did move the margins: it is a real attack, not a no-op
+        margin_after = model(x + delta).gather(1, y[:, None]) - model(x + delta).topk(2).values[:, 1:]
+        margin_before = model(x).gather(1, y[:, None]) - model(x).topk(2).values[:, 1:]
+        assert (margin_after < margin_before).float().mean() > 0.9
