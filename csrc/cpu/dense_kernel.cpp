@@ -42,10 +42,12 @@ namespace {
 // Vector kernels.  The bodies are templates; the entry points below are non-template overloads so
 // that each can carry target_clones.
 
-// acc += sum over `rows` rows w_i of (w_i · x) w_i.
-template <typename T>
+// acc += sum over `rows` rows w_i of (w_i · x) w_i, and with Store also wx_i = w_i · x: W x and
+// Wᵀ(W x) in one read of W.
+template <typename T, bool Store>
 inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ W, int64_t n, int64_t rows,
-                                                          const T* __restrict__ x, T* __restrict__ acc) {
+                                                          const T* __restrict__ x, T* __restrict__ acc,
+                                                          T* __restrict__ wx) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* __restrict__ w0 = W + i * n;
@@ -61,43 +63,12 @@ inline __attribute__((always_inline)) void gram_rows_body(const T* __restrict__ 
       s2 += w2[j] * xj;
       s3 += w3[j] * xj;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
-  }
-  for (; i < rows; ++i) {
-    const T* __restrict__ w0 = W + i * n;
-    T s0 = 0;
-#pragma omp simd reduction(+ : s0)
-    for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
-  }
-}
-
-// acc += sum over `rows` rows w_i of (w_i · x) w_i, and wx_i = w_i · x: W x and Wᵀ(W x) in one read.
-template <typename T>
-inline __attribute__((always_inline)) void gram_rows_store_body(const T* __restrict__ W, int64_t n, int64_t rows,
-                                                                const T* __restrict__ x, T* __restrict__ acc,
-                                                                T* __restrict__ wx) {
-  int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) {
-    const T* __restrict__ w0 = W + i * n;
-    const T* __restrict__ w1 = w0 + n;
-    const T* __restrict__ w2 = w1 + n;
-    const T* __restrict__ w3 = w2 + n;
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < n; ++j) {
-      const T xj = x[j];
-      s0 += w0[j] * xj;
-      s1 += w1[j] * xj;
-      s2 += w2[j] * xj;
-      s3 += w3[j] * xj;
+    if constexpr (Store) {
+      wx[i] = s0;
+      wx[i + 1] = s1;
+      wx[i + 2] = s2;
+      wx[i + 3] = s3;
     }
-    wx[i] = s0;
-    wx[i + 1] = s1;
-    wx[i + 2] = s2;
-    wx[i + 3] = s3;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j] + s1 * w1[j] + s2 * w2[j] + s3 * w3[j];
   }
@@ -106,7 +77,7 @@ inline __attribute__((always_inline)) void gram_rows_store_body(const T* __restr
     T s0 = 0;
 #pragma omp simd reduction(+ : s0)
     for (int64_t j = 0; j < n; ++j) s0 += w0[j] * x[j];
-    wx[i] = s0;
+    if constexpr (Store) wx[i] = s0;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += s0 * w0[j];
   }
@@ -145,11 +116,11 @@ inline __attribute__((always_inline)) void axpy_body(double a, const T* __restri
 
 #define LIPFAST_VECTOR_KERNELS(T)                                                                    \
   LIPFAST_SIMD_CLONES void gram_rows(const T* W, int64_t n, int64_t rows, const T* x, T* acc) {     \
-    gram_rows_body<T>(W, n, rows, x, acc);                                                          \
+    gram_rows_body<T, false>(W, n, rows, x, acc, nullptr);                                          \
   }                                                                                                  \
   LIPFAST_SIMD_CLONES void gram_rows_store(const T* W, int64_t n, int64_t rows, const T* x, T* acc,  \
                                            T* wx) {                                                 \
-    gram_rows_store_body<T>(W, n, rows, x, acc, wx);                                                \
+    gram_rows_body<T, true>(W, n, rows, x, acc, wx);                                                \
   }                                                                                                  \
   LIPFAST_SIMD_CLONES void matvec_rows(const T* W, int64_t n, int64_t rows, const T* x, T* y) {     \
     matvec_rows_body<T>(W, n, rows, x, y);                                                          \
