@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "resnet18_cifar", "conv_layers"]
+__all__ = ["BasicBlock", "resnet18_cifar", "conv_layers", "eval_forward"]
 
 
 class BasicBlock(nn.Module):
@@ -60,9 +60,23 @@ def resnet18_cifar(num_classes: int = 10, *, seed: int = 0, padding_mode: str = 
         return ResNetCIFAR(num_classes, padding_mode).eval()
 
 
+def eval_forward(model: nn.Module, x: torch.Tensor):
+    """model(x) in eval mode and without autograd, every module's own mode restored afterwards: a probe
+    that leaves no trace (no BatchNorm statistics or spectral-norm iterates updated)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(qualified name, layer, spatial input size) for every conv and linear layer that a forward pass
-    on one zero input of ``input_shape`` (no batch dim) reaches, in call order."""
+    on one zero input of ``input_shape`` (no batch dim) reaches, in call order (an eval-mode probe:
+    the model is left as it was)."""
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     found: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     hooks = []
@@ -72,11 +86,10 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[st
                 found.append((name, mod, tuple(args[0].shape[2:])))
             hooks.append(module.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            param = next(model.parameters(), None)
-            dtype = param.dtype if param is not None else torch.float32
-            device = param.device if param is not None else None
-            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
+        device = param.device if param is not None else None
+        eval_forward(model, torch.zeros(1, *input_shape, dtype=dtype, device=device))
     finally:
         for h in hooks:
             h.remove()

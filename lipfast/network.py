@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lipfast import conv, linalg
 from lipfast.certify import certified_radius
+from lipfast.models import eval_forward
 
 __all__ = ["LayerBound", "LipschitzReport", "lipschitz_bound", "certified_accuracy", "register_lipschitz"]
 
@@ -227,6 +228,18 @@ class _Unsupported(Exception):
     pass
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping whole (as leaves) the module types given a constant with
+    register_lipschitz too, so that the registered constant is the one used."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, tuple(_REGISTRY)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    return torch.fx.GraphModule(model, _Tracer().trace(model))
+
+
 def _is_tensor_arg(arg, bounds: dict) -> bool:
     return isinstance(arg, torch.fx.Node) and arg in bounds
 
@@ -293,7 +306,7 @@ def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Modul
     """(name, module, input shape, output shape) of the leaf modules a forward on example reaches, in order."""
     found = []
     hooks = []
-    tracer = torch.fx.Tracer()
+    tracer = _Tracer()
     leaves: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in leaves):
@@ -306,8 +319,7 @@ def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Modul
                               tuple(out.shape[1:]) if isinstance(out, Tensor) else ()))
             hooks.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            model(example)
+        eval_forward(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -330,7 +342,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError("lipfast.lipschitz_bound: a TorchScript model cannot be traced by torch.fx nor hooked; "
                          "pass the Python module (or its state_dict with the architecture)")
-    if torch.fx.Tracer().is_leaf_module(model, ""):
+    if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
     example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
@@ -363,7 +375,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     naive = math.prod(layer.upper for layer in layers) if layers else 1.0
     method = "fx"
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
         upper = naive

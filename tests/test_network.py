@@ -126,3 +126,26 @@ def test_certified_accuracy():
         expected = float(((model(x).argmax(1) == labels) & (radius > eps)).double().mean())
         assert lipfast.certified_accuracy(model, x, labels, eps, report=report) == expected
     assert lipfast.certified_accuracy(model, x, labels, 0.05) == lipfast.certified_accuracy(model, x, labels, 0.05, report=report)
+
+
+def test_registered_custom_module_is_kept_whole_and_probes_leave_no_trace():
+    class Scale(nn.Module):  # not a torch.nn module: torch.fx would trace into it
+        def forward(self, x):
+            return x * x  # no global constant by the rules; registered as 3 below
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.scale = Scale()
+
+        def forward(self, x):
+            return self.scale(self.bn(x))
+
+    net = Net().train()
+    lipfast.register_lipschitz(Scale, lambda module, shape: 3.0)
+    stats = net.bn.running_mean.clone(), net.bn.num_batches_tracked.clone()
+    report = lipfast.lipschitz_bound(net, (4,), progress=False)
+    assert abs(report.upper - 3.0 / math.sqrt(1 + net.bn.eps)) < 1e-9 and report.method == "fx"  # BN: 1/sqrt(1 + eps)
+    assert net.training and net.bn.training  # modes restored
+    assert torch.equal(net.bn.running_mean, stats[0]) and torch.equal(net.bn.num_batches_tracked, stats[1])
