@@ -1,7 +1,8 @@
 """Reference networks with seeded random weights, for benchmarks, examples and tests.
 
 ``resnet18_cifar`` is the ResNet-18 commonly trained on CIFAR-10 (3x3 stem, no max-pool, four stages
-of two basic blocks, 64 to 512 channels, 32x32 inputs); ``conv_layers`` lists a network's conv and
+of two basic blocks, 64 to 512 channels, 32x32 inputs); ``resnet50_imagenet`` a ResNet-50-shaped
+network for 224x224 inputs; ``conv_layers`` lists a network's conv and
 linear layers with the spatial size of the input each one sees.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "resnet18_cifar", "conv_layers", "eval_forward"]
+__all__ = ["BasicBlock", "Bottleneck", "resnet18_cifar", "resnet50_imagenet", "conv_layers", "eval_forward"]
 
 
 class BasicBlock(nn.Module):
@@ -58,6 +59,60 @@ def resnet18_cifar(num_classes: int = 10, *, seed: int = 0, padding_mode: str = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ResNetCIFAR(num_classes, padding_mode).eval()
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (with the stride), 1x1 expand by 4, batch norms, and a residual connection."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != 4 * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, 4 * planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, in_planes = [], 64
+        for planes, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+            stage = []
+            for i in range(blocks):
+                stage.append(Bottleneck(in_planes, planes, stride if i == 0 else 1))
+                in_planes = 4 * planes
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def resnet50_imagenet(num_classes: int = 1000, *, seed: int = 0) -> nn.Module:
+    """A ResNet-50-shaped network for 224x224 images (torchvision's layout: 7x7 stem, max-pool, four
+    stages of 3, 4, 6, 3 bottlenecks), seeded random weights as in :func:`resnet18_cifar`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ResNet50(num_classes).eval()
 
 
 def eval_forward(model: nn.Module, x: torch.Tensor):
