@@ -254,8 +254,9 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float]) ->
         elif node.op == "get_attr":
             bounds[node] = 0.0  # a constant
         elif node.op == "call_module":
-            # composition: Lip(f o g) <= Lip(f) Lip(g)
-            bounds[node] = constants[node.target] * (bounds[tensor_args[0]] if tensor_args else 0.0)
+            # composition: Lip(f o g) <= Lip(f) Lip(g); a module of several tensor inputs sees them as
+            # one concatenated input, whose constant is sqrt(sum L_i^2)
+            bounds[node] = constants[node.target] * math.sqrt(sum(bounds[a] ** 2 for a in tensor_args))
         elif node.op in ("call_function", "call_method"):
             bounds[node] = _function_bound(node, tensor_args, bounds)
         elif node.op == "output":
@@ -281,8 +282,11 @@ def _function_bound(node: torch.fx.Node, tensor_args: list, bounds: dict) -> flo
         other = [a for a in node.args if not isinstance(a, torch.fx.Node)]
         if not other or not isinstance(other[0], (int, float)):
             raise _Unsupported(f"{node.name}: scaling by a tensor that is not a known constant")
-        factor = abs(other[0]) if target in (operator.mul, torch.mul) or name in ("mul", "__mul__") else 1 / abs(other[0])
-        return first * factor
+        if target in (operator.mul, torch.mul) or name in ("mul", "__mul__"):
+            return first * abs(other[0])
+        if not (isinstance(node.args[0], torch.fx.Node) and other[0] != 0):
+            raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
+        return first / abs(other[0])  # x / c
     if target in (torch.cat, torch.stack):
         # concatenated branches: ‖(Δa, Δb)‖ = sqrt(‖Δa‖^2 + ‖Δb‖^2) <= sqrt(L_a^2 + L_b^2) ‖Δx‖
         return math.sqrt(sum(bounds[a] ** 2 for a in tensor_args))

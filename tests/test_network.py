@@ -149,3 +149,17 @@ def test_registered_custom_module_is_kept_whole_and_probes_leave_no_trace():
     assert abs(report.upper - 3.0 / math.sqrt(1 + net.bn.eps)) < 1e-9 and report.method == "fx"  # BN: 1/sqrt(1 + eps)
     assert net.training and net.bn.training  # modes restored
     assert torch.equal(net.bn.running_mean, stats[0]) and torch.equal(net.bn.num_batches_tracked, stats[1])
+
+
+def test_scaling_rules():
+    class Half(nn.Module):
+        def forward(self, x):
+            return x / 2 + 3 * x
+
+    class Reciprocal(nn.Module):
+        def forward(self, x):
+            return 1 / x
+
+    assert abs(lipfast.lipschitz_bound(Half(), (4,), progress=False).upper - 3.5) < 1e-12
+    report = lipfast.lipschitz_bound(Reciprocal(), (4,), progress=False)
+    assert report.upper == math.inf and any("dividing by the input" in note for note in report.notes)
