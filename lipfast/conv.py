@@ -530,10 +530,11 @@ def _grids(op: ConvOperator) -> tuple[list[list[_DimGrid]], bool, float]:
     return grids, exact, factor
 
 
-def _operator_lower(op: ConvOperator, v: Tensor, w: Tensor) -> float:
+def _operator_lower(op: ConvOperator, v: Tensor, w: Tensor, abs_norm: float) -> float:
     """‖A v‖ / ‖v‖ evaluated in float64, decreased by a bound on its rounding error: each output is a
     sum of C_in/groups * taps products, off by gamma(that) (|A| |v|)_i, and ‖|A| |v|‖ <= _abs_norm ‖v‖.
-    For the operator with weight w (float64), not op.weight: the caller's scaled copy."""
+    For the operator with weight w (float64), not op.weight: the caller's scaled copy, whose
+    _abs_norm the caller passes (computed once for all rounds)."""
     vd = v.detach().double().reshape(1, -1, *op.input_size)
     y = op.apply(vd, w)
     norm_y = torch.linalg.vector_norm(y).item()
@@ -541,7 +542,7 @@ def _operator_lower(op: ConvOperator, v: Tensor, w: Tensor) -> float:
     if norm_v == 0:
         return 0.0
     taps = math.prod(op.kernel)
-    error = _gamma(w.shape[1] * taps + 2) * _abs_norm(op, w) * norm_v + y.numel() * _TINY
+    error = _gamma(w.shape[1] * taps + 2) * abs_norm * norm_v + y.numel() * _TINY
     lower = (norm_y * (1 - 2 * _gamma(y.numel() + 4)) - error) / (norm_v * (1 + 2 * _gamma(vd.numel() + 4)))
     return max(lower * (1 - 8 * _UNIT), 0.0)
 
@@ -553,11 +554,12 @@ def _operator_lower_bound(
     started from the last Ritz vector): it stops once converged to rtol / 8, or once its own
     estimated shortfall is under an eighth of the gap the upper end leaves anyway."""
     passes, spent, lower = 16, 0, 0.0
+    abs_norm = _abs_norm(op, scaled)
     while True:
         with torch.no_grad():
             _, _, start, rel_err = _top_singular(op, rtol / 8, min(passes, max_iters - spent), start)
         spent += passes
-        lower = max(lower, math.ldexp(_operator_lower(op, start, scaled), e))
+        lower = max(lower, math.ldexp(_operator_lower(op, start, scaled, abs_norm), e))
         gap = upper / lower - 1 if lower > 0 else math.inf
         if float(rel_err) <= rtol / 8 or 8 * float(rel_err) <= gap or spent >= max_iters:
             return lower

@@ -8,6 +8,7 @@ tracing fails it falls back to the leaf modules in call order, a chain, and says
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import time
@@ -98,6 +99,7 @@ def _max_slope(derivative: Callable[[Tensor], Tensor]) -> float:
     return float(derivative(fine).abs().max()) * (1 + 1e-9) + 1e-12
 
 
+@functools.lru_cache(maxsize=None)
 def _gelu_slope(approximate: str) -> float:
     def derivative(x: Tensor) -> Tensor:
         x = x.clone().requires_grad_()
@@ -106,6 +108,7 @@ def _gelu_slope(approximate: str) -> float:
     return _max_slope(derivative)
 
 
+@functools.lru_cache(maxsize=None)
 def _silu_slope() -> float:
     return _max_slope(lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))))
 

@@ -62,6 +62,13 @@ def _from_matrix(matrix: Tensor, like: Tensor, dim: int) -> Tensor:
     return matrix.reshape(shape).permute(order)
 
 
+def _inner(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all entries: one pass, accumulated in float32 for the half types."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return torch.sum(a * b, dtype=torch.float32)
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
 class _ScaleBySigma(torch.autograd.Function):
     """W' = target * W / sigma with sigma = uᵀ W v (u, v constants), in one pass each way.
 
@@ -79,8 +86,7 @@ class _ScaleBySigma(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         out, sigma, u, v = ctx.saved_tensors
-        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-        c = torch.sum(grad * out, dtype=acc) if acc != grad.dtype else torch.vdot(grad.flatten(), out.flatten())
+        c = _inner(grad, out)
         G = _to_matrix(grad, ctx.dim)
         # (target / sigma) (G - (c / target) u vᵀ)
         M = torch.addr(G, (u * (-c / ctx.target)).to(G.dtype), v.to(G.dtype))
@@ -212,8 +218,7 @@ class _ScaleByOperatorNorm(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         out, sigma, u, v = ctx.saved_tensors
         op = ctx.op
-        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-        c = torch.sum(grad * out, dtype=acc) if acc != grad.dtype else torch.vdot(grad.reshape(-1), out.reshape(-1))
+        c = _inner(grad, out)
         d_sigma = reference.conv_weight_gradient(
             out, u, v, op.stride, op.pad_lo, op.pad_hi, op.dilation, op.groups, op.padding_mode
         )
