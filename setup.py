@@ -47,7 +47,11 @@ def _extensions():
         use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     use_cuda = use_cuda and bool(cuda_sources)
 
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard: the one torch's BuildExtension picks for its headers
+    # No -std: the C++ standard is the one torch's BuildExtension picks for its headers.
+    # -fno-math-errno, -fno-trapping-math: sqrt sets no errno and floating-point exception flags are
+    # not part of any result, so loops with square roots, divisions and selects can vectorize (both
+    # leave every computed value as it is).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     ext_kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],

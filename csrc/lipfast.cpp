@@ -49,4 +49,14 @@ TORCH_LIBRARY(lipfast, m) {
       "conv_spectral_norm(Tensor weight, Tensor? v0, int[] input_size, int[] stride, int[] pad_lo, "
       "int[] pad_hi, int[] dilation, int groups, str padding_mode, int[] output_size, int max_iters, "
       "float rtol) -> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
+  // k-volatility over all unordered pairs {i, j} of the rows of hidden (n, d), with losses (n,) float64:
+  // d_ij = ‖h_i − h_j‖₂, a pair is valid when 0 < d_ij <= delta (no upper limit when delta is None),
+  // r_ij = |l_i − l_j| / d_ij.  Returns score (0-dim float64, mean r over valid pairs, NaN if none),
+  // per_sample (n,) float64 (mean r over the valid pairs that contain i, NaN if none) and counts (3,)
+  // int64: valid pairs, pairs with d_ij = 0, and those of them with l_i != l_j.  Tiled and fused:
+  // memory O(n d), never n × n.
+  m.def(
+      "pairwise_volatility(Tensor hidden, Tensor losses, float? delta) "
+      "-> (Tensor score, Tensor per_sample, Tensor counts)");
 }
+

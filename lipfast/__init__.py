@@ -7,6 +7,13 @@
 """
 from lipfast._ext import backend, set_backend
 from lipfast.certify import certified_radius
+from lipfast.continuity import (
+    KnowledgeContinuity,
+    LayerVolatility,
+    knowledge_continuity,
+    knowledge_continuity_penalty,
+    volatility,
+)
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
 from lipfast.network import LipschitzReport, certified_accuracy, lipschitz_bound, register_lipschitz
@@ -15,12 +22,16 @@ from lipfast import nn  # lipfast.nn: spectral normalization for training loops
 __version__ = "0.1.0"
 
 __all__ = [
+    "KnowledgeContinuity",
+    "LayerVolatility",
     "LipschitzReport",
     "backend",
     "certified_accuracy",
     "certified_radius",
     "conv_spectral_norm",
     "conv_spectral_norm_bounds",
+    "knowledge_continuity",
+    "knowledge_continuity_penalty",
     "lipschitz_bound",
     "nn",
     "operator_norm",
@@ -30,4 +41,5 @@ __all__ = [
     "set_backend",
     "spectral_norm",
     "spectral_norm_bounds",
+    "volatility",
 ]

@@ -43,6 +43,11 @@ def conv_spectral_norm(
     )
 
 
+def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.pairwise_volatility``: (score, per_sample, counts); see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.pairwise_volatility.default(hidden, losses, delta)
+
+
 def _sigma_backward(ctx, grad_sigma: Tensor, *unused: Tensor):
     # sigma = uᵀ W v with unit singular vectors u, v: d sigma / d W = u vᵀ.  The vectors are treated
     # as constants (they are iterates, as in torch's spectral norm), so no gradient flows to v0 / v.
@@ -126,3 +131,8 @@ if _ext.HAS_EXT:
     torch.library.register_autograd(
         "lipfast::conv_spectral_norm", _conv_sigma_backward, setup_context=_conv_setup_context
     )
+
+    @torch.library.register_fake("lipfast::pairwise_volatility")
+    def _pairwise_volatility_fake(hidden, losses, delta):
+        f64 = torch.float64
+        return losses.new_empty((), dtype=f64), losses.new_empty(hidden.shape[:1], dtype=f64), losses.new_empty(3, dtype=torch.int64)

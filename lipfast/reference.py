@@ -7,8 +7,9 @@ follow the same rounding-error analysis as csrc/dense_common.cpp.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 import torch
@@ -19,6 +20,8 @@ __all__ = [
     "dense_spectral_norm_bounds",
     "dense_power_iteration",
     "first_nonfinite_matrix",
+    "pairwise_volatility",
+    "sampled_volatility",
 ]
 
 _UNIT = 2.0**-53  # unit roundoff of float64
@@ -457,3 +460,140 @@ def _conv_basis_cap(n: int, dtype: torch.dtype) -> int:
     """Lanczos basis size for operators with n unknowns: at most 256 vectors and about 256 MiB."""
     itemsize = torch.finfo(dtype).bits // 8
     return int(max(16, min(_MAX_BASIS, (256 << 20) // (n * itemsize))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# k-volatility (knowledge continuity): the same tiled method as csrc/cpu/volatility_kernel.cpp.
+
+_NEAR_FRACTION = 1.0 / 16.0
+_VOLATILITY_TILE = 2048
+
+
+def near_fraction(d: int, unit: float) -> float:
+    """Pairs whose product-based squared distance is at most this fraction of ‖c_i‖² + ‖c_j‖² are
+    recomputed exactly (csrc/volatility.h)."""
+    du = d * unit
+    if du >= 0.5:
+        return 1.0
+    return min(1.0, max(_NEAR_FRACTION, 8.0 * du / (1.0 - du)))
+
+
+@contextlib.contextmanager
+def _ieee_matmul() -> Iterator[None]:
+    """float32 products in full float32 (no TF32) inside the block, whatever the global setting."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def pair_distances(hidden: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """‖h_i − h_j‖₂ for index pairs (i, j), in float64 from the rows as stored: scaled by the largest
+    |difference|, so that it is 0 exactly when the rows are equal and never under- or overflows."""
+    diff = hidden[i].double() - hidden[j].double()
+    if diff.shape[1] == 0:
+        return diff.new_zeros(diff.shape[0])
+    largest = diff.abs().amax(dim=1)
+    safe = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return torch.linalg.vector_norm(diff / safe[:, None], dim=1) * largest
+
+
+def _centred(hidden: Tensor, compute: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """C = (h − column mean) · 2^−e in `compute`, max |c| in [1/2, 1); a = ‖c_i‖² (float64); 2^e."""
+    mean = hidden.double().mean(dim=0)
+    rows = range(0, hidden.shape[0], _VOLATILITY_TILE)
+    largest = 0.0
+    if hidden.shape[1] > 0:
+        largest = max(float((hidden[r : r + _VOLATILITY_TILE].double() - mean).abs().max()) for r in rows)
+    e = min(max(math.frexp(largest)[1], -1022), 1023) if largest > 0 else 0
+    inverse = math.ldexp(1.0, -e)
+    C = torch.cat([((hidden[r : r + _VOLATILITY_TILE].double() - mean) * inverse).to(compute) for r in rows])
+    return C, C.double().square().sum(dim=1), math.ldexp(1.0, e)
+
+
+def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.lipfast.pairwise_volatility``: (score, per_sample, counts); see csrc/lipfast.cpp."""
+    n, d = hidden.shape
+    device, f64 = hidden.device, torch.float64
+    compute = f64 if hidden.dtype == f64 else torch.float32
+    limit = math.inf if delta is None else float(delta)
+    # Exact equality groups (+ 0 makes -0 and +0 one value).
+    if d == 0:
+        group = torch.zeros(n, dtype=torch.int64, device=device)
+    else:
+        group = torch.unique(hidden.to(compute) + 0, dim=0, return_inverse=True)[1]
+    C, a, scale = _centred(hidden, compute)
+    fraction = near_fraction(d, torch.finfo(compute).eps / 2)
+    per_sum = torch.zeros(n, dtype=f64, device=device)
+    per_count = torch.zeros(n, dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=f64, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    T = _VOLATILITY_TILE
+    with _ieee_matmul():
+        for i0 in range(0, n, T):
+            I = torch.arange(i0, min(i0 + T, n), device=device)
+            for j0 in range(i0, n, T):
+                J = torch.arange(j0, min(j0 + T, n), device=device)
+                s = a[I, None] + a[None, J]
+                d2 = s - 2 * (C[I] @ C[J].T).double()
+                upper = I[:, None] < J[None, :]  # each unordered pair once
+                near = (d2 <= fraction * s) & upper
+                far = upper & ~near
+                dist = torch.sqrt(torch.where(far, d2, 1.0)) * scale
+                dl = (losses[I, None] - losses[None, J]).abs()
+                ok = far & (dist <= limit)
+                ratio = torch.where(ok, dl / dist, 0.0)
+                # Near pairs: equal rows are at distance 0; the others are recomputed from the input.
+                pi, pj = near.nonzero(as_tuple=True)
+                pi, pj = I[pi], J[pj]
+                same = group[pi] == group[pj]
+                counts[1] += same.sum()
+                counts[2] += (same & (losses[pi] != losses[pj])).sum()
+                ei, ej = pi[~same], pj[~same]
+                exact = pair_distances(hidden, ei, ej)
+                exact_ok = exact <= limit
+                exact_ratio = torch.where(exact_ok, (losses[ei] - losses[ej]).abs() / exact, 0.0)
+                total += ratio.sum() + exact_ratio.sum()
+                counts[0] += ok.sum() + exact_ok.sum()
+                per_sum[I] += ratio.sum(dim=1)
+                per_sum[J] += ratio.sum(dim=0)
+                per_count[I] += ok.sum(dim=1)
+                per_count[J] += ok.sum(dim=0)
+                per_sum.index_add_(0, ei, exact_ratio).index_add_(0, ej, exact_ratio)
+                per_count.index_add_(0, ei, exact_ok.long()).index_add_(0, ej, exact_ok.long())
+    return total / counts[0], per_sum / per_count, counts
+
+
+def sampled_volatility(
+    hidden: Tensor, losses: Tensor, delta: float | None, pairs: int, seed: int, chunk: int = 1 << 16
+) -> tuple[Tensor, Tensor, Tensor]:
+    """pairwise_volatility over ``pairs`` unordered pairs {i, j}, i != j, drawn uniformly at random
+    with replacement (a torch.Generator seeded with ``seed``), distances exact as pair_distances."""
+    n = hidden.shape[0]
+    device, f64 = hidden.device, torch.float64
+    limit = math.inf if delta is None else float(delta)
+    generator = torch.Generator().manual_seed(seed)
+    per_sum = torch.zeros(n, dtype=f64, device=device)
+    per_count = torch.zeros(n, dtype=torch.int64, device=device)
+    total = torch.zeros((), dtype=f64, device=device)
+    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    for start in range(0, pairs, chunk):
+        k = min(chunk, pairs - start)
+        i = torch.randint(n, (k,), generator=generator)
+        j = torch.randint(n - 1, (k,), generator=generator)
+        j += j >= i  # uniform over the other n - 1 rows
+        i, j = i.to(device), j.to(device)
+        dist = pair_distances(hidden, i, j)
+        dl = (losses[i] - losses[j]).abs()
+        zero = dist == 0
+        ok = ~zero & (dist <= limit)
+        ratio = torch.where(ok, dl / torch.where(zero, 1.0, dist), 0.0)
+        total += ratio.sum()
+        counts[0] += ok.sum()
+        counts[1] += zero.sum()
+        counts[2] += (zero & (dl > 0)).sum()
+        per_sum.index_add_(0, i, ratio).index_add_(0, j, ratio)
+        per_count.index_add_(0, i, ok.long()).index_add_(0, j, ok.long())
+    return total / counts[0], per_sum / per_count, counts

@@ -12,6 +12,7 @@
 // rounding; rel_err bounds |sigma - sigma_max| / sigma once the iteration has found the top
 // eigenvalue (residual bound for Lanczos); half types are computed in float32.
 #include "dense.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,15 +26,6 @@
 #include <limits>
 #include <optional>
 #include <vector>
-
-// Compile the hot loops twice, for AVX2+FMA (x86-64-v3) and for the baseline, and let the CPU pick
-// at load time: a plain -O3 build on x86-64 emits SSE2 only, which halves the throughput of the
-// fused pass.  No -march=native: the wheel must run on any x86-64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LIPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LIPFAST_SIMD_CLONES
-#endif
 
 namespace lipfast {
 namespace {
