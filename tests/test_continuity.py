@@ -275,7 +275,7 @@ def test_penalty_value_and_gradient():
     expected = sum(
         abs(float(ell_[i] - ell_[j])) / (float((Hf[i] - Hf[j]).norm()) + 1e-3) for i in range(9) for j in range(i + 1, 9)
     ) / 36
-    assert float(value) == pytest.approx(expected, rel=1e-12)
+    assert value.item() == pytest.approx(expected, rel=1e-12)
     torch.autograd.gradcheck(lambda h, l: lipfast.knowledge_continuity_penalty(h, l, eps=1e-3), (H, ell))
 
 
