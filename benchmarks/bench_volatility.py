@@ -3,10 +3,12 @@ materializes the n × n matrices.
 
     python benchmarks/bench_volatility.py                    # n = 20,000, d = 512 (issue 6's case)
     python benchmarks/bench_volatility.py --n 50000 --d 768 --skip-baseline
+    python benchmarks/bench_volatility.py --device cuda --n 100000 --d 768 --skip-baseline
 
-Each method runs in its own process, so that its peak memory can be measured: the growth of the
-process's peak resident set (VmHWM, reset after the inputs are made) while it runs.  Times are the
-best of --repeat runs in that process.  Ratios are printed side by side.
+Each method runs in its own process, so that its peak memory can be measured: on the CPU the growth
+of the process's peak resident set (VmHWM, reset after the inputs are made) while it runs, on a GPU
+the peak of memory allocated on the device beyond the inputs.  Times are the best of --repeat runs
+in that process (after one warm-up run on a GPU, synchronized).  Ratios are printed side by side.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def cdist_volatility(H, losses, delta=None):
     return score, per_sample
 
 
-def worker(method: str, n: int, d: int, repeat: int, threads: int | None) -> None:
+def worker(method: str, n: int, d: int, repeat: int, threads: int | None, device: str) -> None:
     import torch
 
     import lipfast
@@ -52,22 +54,32 @@ def worker(method: str, n: int, d: int, repeat: int, threads: int | None) -> Non
     if threads:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    H = torch.randn(n, d, generator=g)
-    losses = torch.rand(n, generator=g)
+    H = torch.randn(n, d, generator=g).to(device)
+    losses = torch.rand(n, generator=g).to(device)
     fn = {"lipfast": lambda: lipfast.volatility(H, losses), "cdist": lambda: cdist_volatility(H, losses)}[method]
+    cuda = device.startswith("cuda")
+    if cuda:
+        fn()  # warm-up: cuBLAS handles, kernel loading
+        torch.cuda.synchronize()
     times, growth = [], 0
     for _ in range(repeat):
-        _reset_peak()
-        before = _peak_bytes()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            _reset_peak()
+            before = _peak_bytes()
         start = time.perf_counter()
         score, per_sample = fn()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        growth = max(growth, _peak_bytes() - before)
+        growth = max(growth, (torch.cuda.max_memory_allocated() if cuda else _peak_bytes()) - before)
         del per_sample
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(json.dumps({
         "method": method, "seconds": min(times), "all_seconds": times, "peak_growth": growth,
-        "score": float(score), "threads": torch.get_num_threads(), "backend": lipfast.backend(),
-        "torch": torch.__version__,
+        "score": float(score), "where": where, "backend": lipfast.backend(), "torch": torch.__version__,
     }))
 
 
@@ -77,24 +89,25 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--skip-baseline", action="store_true", help="lipfast only (the baseline needs ~3 n² × 4 bytes)")
     parser.add_argument("--worker", choices=["lipfast", "cdist"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.n, args.d, args.repeat, args.threads)
+        worker(args.worker, args.n, args.d, args.repeat, args.threads, args.device)
         return
 
     methods = ["lipfast"] + ([] if args.skip_baseline else ["cdist"])
     results = {}
     for method in methods:
         cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n), "--d", str(args.d),
-               "--repeat", str(args.repeat)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--repeat", str(args.repeat), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode != 0:
             sys.exit(f"{method} failed:\n{out.stderr}")
         results[method] = json.loads(out.stdout.strip().splitlines()[-1])
     first = results["lipfast"]
-    print(f"# k-volatility, n = {args.n}, d = {args.d}, float32; torch {first['torch']}, {first['threads']} threads, "
+    print(f"# k-volatility, n = {args.n}, d = {args.d}, float32, {args.device}; torch {first['torch']}, {first['where']}, "
           f"backend {first['backend']}; best of {args.repeat}")
     print()
     print("| method | seconds | all runs | peak memory growth | score |")

@@ -59,6 +59,13 @@ timeout 240 $PY benchmarks/bench_conv.py --device cuda --skip-exact --cap 5 >"$O
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 
+start=$(date +%s)
+{ timeout 90 $PY benchmarks/bench_volatility.py --device cuda --repeat 3 &&
+  timeout 90 $PY benchmarks/bench_volatility.py --device cuda --n 100000 --d 768 --skip-baseline --repeat 2; } \
+  >"$OUT/bench_volatility_cuda.txt" 2>&1
+volatility_rc=$?
+volatility_s=$(($(date +%s) - start))
+
 echo
 echo "## summary"
 cat "$OUT/env.txt"
@@ -68,4 +75,6 @@ echo "tests: exit ${tests_rc}, ${tests_s} s, ${cuda_cases} CUDA cases collected:
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "bench_conv (cuda): exit ${bench_rc}, ${bench_s} s"
 grep -E "^(## |total|# )" "$OUT/bench_conv_cuda.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "bench_volatility (cuda): exit ${volatility_rc}, ${volatility_s} s"
+grep -E "^(# |\| lipfast|\| cdist|time:)" "$OUT/bench_volatility_cuda.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$volatility_rc" -eq 0 ]
