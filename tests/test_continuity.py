@@ -172,17 +172,19 @@ def test_backends_agree():
     torch.testing.assert_close(cpp[1], py[1], rtol=1e-9, atol=0, equal_nan=True)
 
 
-def test_deterministic():
-    H, ell = with_duplicates(1200, 16, seed=4)
+def test_deterministic(backend, device):
+    H, ell = with_duplicates(2500, 16, seed=4)
+    H, ell = H.to(device), ell.to(device)
     a = lipfast.volatility(H, ell)
     b = lipfast.volatility(H, ell)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_op_registration():
+def test_op_registration(device):
     require_ext()
-    assert "cpu" in _ext._KERNELS["pairwise_volatility"]
+    assert device.type in _ext._KERNELS["pairwise_volatility"]
     H, ell = with_duplicates(20, 4, seed=6)
+    H, ell = H.to(device), ell.to(device)
     torch.library.opcheck(torch.ops.lipfast.pairwise_volatility.default, (H, ell, None))
     torch.library.opcheck(torch.ops.lipfast.pairwise_volatility.default, (H.double(), ell, 2.5))
 
