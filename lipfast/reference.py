@@ -545,24 +545,23 @@ def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> 
                 dl = (losses[I, None] - losses[None, J]).abs()
                 ok = far & (dist <= limit)
                 ratio = torch.where(ok, dl / dist, 0.0)
-                # Near pairs: equal rows are at distance 0; the others are recomputed from the input.
+                # Near pairs: equal rows are at distance 0; the others are recomputed from the input
+                # and written into the tile, so that all sums below are plain (deterministic) reductions.
                 pi, pj = near.nonzero(as_tuple=True)
-                pi, pj = I[pi], J[pj]
-                same = group[pi] == group[pj]
+                same = group[I[pi]] == group[J[pj]]
                 counts[1] += same.sum()
-                counts[2] += (same & (losses[pi] != losses[pj])).sum()
-                ei, ej = pi[~same], pj[~same]
-                exact = pair_distances(hidden, ei, ej)
+                counts[2] += (same & (dl[pi, pj] > 0)).sum()
+                pi, pj = pi[~same], pj[~same]
+                exact = pair_distances(hidden, I[pi], J[pj])
                 exact_ok = exact <= limit
-                exact_ratio = torch.where(exact_ok, (losses[ei] - losses[ej]).abs() / exact, 0.0)
-                total += ratio.sum() + exact_ratio.sum()
-                counts[0] += ok.sum() + exact_ok.sum()
+                ratio[pi, pj] = torch.where(exact_ok, dl[pi, pj] / exact, 0.0)
+                ok[pi, pj] = exact_ok
+                total += ratio.sum()
+                counts[0] += ok.sum()
                 per_sum[I] += ratio.sum(dim=1)
                 per_sum[J] += ratio.sum(dim=0)
                 per_count[I] += ok.sum(dim=1)
                 per_count[J] += ok.sum(dim=0)
-                per_sum.index_add_(0, ei, exact_ratio).index_add_(0, ej, exact_ratio)
-                per_count.index_add_(0, ei, exact_ok.long()).index_add_(0, ej, exact_ok.long())
     return total / counts[0], per_sum / per_count, counts
 
 
@@ -575,18 +574,19 @@ def sampled_volatility(
     device, f64 = hidden.device, torch.float64
     limit = math.inf if delta is None else float(delta)
     generator = torch.Generator().manual_seed(seed)
-    per_sum = torch.zeros(n, dtype=f64, device=device)
-    per_count = torch.zeros(n, dtype=torch.int64, device=device)
-    total = torch.zeros((), dtype=f64, device=device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)
+    # Per-sample sums are scattered on the CPU, where index_add_ is deterministic (on a GPU it adds
+    # with atomics, in no fixed order).
+    per_sum = torch.zeros(n, dtype=f64)
+    per_count = torch.zeros(n, dtype=torch.int64)
+    total = torch.zeros((), dtype=f64)
+    counts = torch.zeros(3, dtype=torch.int64)
     for start in range(0, pairs, chunk):
         k = min(chunk, pairs - start)
         i = torch.randint(n, (k,), generator=generator)
         j = torch.randint(n - 1, (k,), generator=generator)
         j += j >= i  # uniform over the other n - 1 rows
-        i, j = i.to(device), j.to(device)
-        dist = pair_distances(hidden, i, j)
-        dl = (losses[i] - losses[j]).abs()
+        dist = pair_distances(hidden, i.to(device), j.to(device)).cpu()
+        dl = (losses[i.to(device)] - losses[j.to(device)]).abs().cpu()
         zero = dist == 0
         ok = ~zero & (dist <= limit)
         ratio = torch.where(ok, dl / torch.where(zero, 1.0, dist), 0.0)
@@ -596,4 +596,5 @@ def sampled_volatility(
         counts[2] += (zero & (dl > 0)).sum()
         per_sum.index_add_(0, i, ratio).index_add_(0, j, ratio)
         per_count.index_add_(0, i, ok.long()).index_add_(0, j, ok.long())
+    total, per_sum, per_count, counts = (x.to(device) for x in (total, per_sum, per_count, counts))
     return total / counts[0], per_sum / per_count, counts
