@@ -39,6 +39,8 @@ if ! $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
 fi
 build_s=$(($(date +%s) - start))
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Use (and so verify) the CUDA kernels that have not yet run on a GPU (lipfast/_ext.py: _UNVERIFIED).
+export LIPFAST_CUDA_UNVERIFIED=1
 
 $PY - <<'EOF' | tee "$OUT/kernels.txt"
 import torch, lipfast

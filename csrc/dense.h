@@ -5,9 +5,29 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace lipfast {
+
+// A batch W (..., m, n) as B = prod(...) matrices (B, m, n), contiguous, in the compute dtype (float32
+// for the half types; a copy only when needed).
+struct Flattened {
+  std::vector<int64_t> batch_shape;
+  int64_t B, m, n;
+  at::ScalarType compute;
+  at::Tensor W;
+};
+Flattened flatten_matrices(const at::Tensor& W);
+
+// shape + [last]
+std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last);
+
+// Start vectors (B, n) in the compute dtype, always a fresh buffer a kernel may overwrite: a copy of
+// v0 (checked: W's device, floating, shape W.shape[:-2] + (n,)), or zeros when v0 is None (which
+// tells the Lanczos kernels to use their fixed default start).
+at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f);
 
 // Checks the shape and dtype of a (..., m, n) batch of matrices for op `op`; throws the errors the
 // Python layer documents (TypeError for a non-floating dtype, ValueError for a bad shape).

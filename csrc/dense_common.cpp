@@ -54,6 +54,41 @@ at::Tensor frobenius_upper(const at::Tensor& X) {
 
 }  // namespace
 
+Flattened flatten_matrices(const at::Tensor& W) {
+  Flattened f;
+  f.batch_shape = W.sizes().slice(0, W.dim() - 2).vec();
+  f.m = W.size(-2);
+  f.n = W.size(-1);
+  f.B = c10::multiply_integers(f.batch_shape);
+  const auto t = W.scalar_type();
+  f.compute = (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+  f.W = W.reshape({f.B, f.m, f.n}).to(f.compute).contiguous();
+  return f;
+}
+
+std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
+  shape.push_back(last);
+  return shape;
+}
+
+at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f) {
+  if (!v0.has_value()) {
+    auto v = at::empty({f.B, f.n}, f.W.options());
+    // An all-zero start tells lanczos_top to use its fixed default start vector.
+    v.zero_();
+    return v;
+  }
+  const auto& v = *v0;
+  TORCH_CHECK_VALUE(v.device() == f.W.device(), "lipfast.", op, ": v must be on W's device (", f.W.device(),
+                    "), got ", v.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), "lipfast.", op, ": v must be floating point, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.sizes().vec() == with_last(f.batch_shape, f.n), "lipfast.", op,
+                    ": v must have shape W.shape[:-2] + (n,) = ", at::IntArrayRef(with_last(f.batch_shape, f.n)),
+                    ", got ", v.sizes());
+  return v.reshape({f.B, f.n}).to(f.compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
+}
+
 void check_matrix_batch(const char* op, const at::Tensor& W) {
   TORCH_CHECK_TYPE(at::isFloatingType(W.scalar_type()), "lipfast.", op,
                    ": W must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",

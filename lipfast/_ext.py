@@ -98,6 +98,16 @@ def _restore(previous: str) -> Iterator[None]:
         _choice = previous
 
 
+#: Compiled kernels that have not yet run on real hardware of that kind (the CUDA code is compiled on
+#: machines without a GPU).  They are used only when LIPFAST_CUDA_UNVERIFIED=1 (benchmarks/gpu_check.sh
+#: sets it, to verify them); otherwise those ops take the pure-PyTorch form there.
+_UNVERIFIED: frozenset[tuple[str, str]] = frozenset(
+    {("dense_power_iteration", "cuda"), ("spectral_norm_step", "cuda")}
+)
+
+
 def use_kernel(op: str, device: torch.device) -> bool:
     """Whether ``torch.ops.lipfast.<op>`` should run for a tensor on ``device``."""
-    return backend() == "cpp" and device.type in _KERNELS.get(op, ())
+    if backend() != "cpp" or device.type not in _KERNELS.get(op, ()):
+        return False
+    return (op, device.type) not in _UNVERIFIED or os.environ.get("LIPFAST_CUDA_UNVERIFIED") == "1"

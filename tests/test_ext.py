@@ -41,6 +41,21 @@ def test_set_backend_context_and_errors():
         lipfast.set_backend("fortran")
 
 
+def test_unverified_kernels_are_opt_in(monkeypatch):
+    """A compiled kernel that has not yet run on a GPU is used only with LIPFAST_CUDA_UNVERIFIED=1."""
+    require_ext()
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(_ext._KERNELS, "dense_power_iteration", frozenset({"cpu", "cuda"}))
+    monkeypatch.setitem(_ext._KERNELS, "pairwise_volatility", frozenset({"cpu", "cuda"}))
+    monkeypatch.delenv("LIPFAST_CUDA_UNVERIFIED", raising=False)
+    assert ("dense_power_iteration", "cuda") in _ext._UNVERIFIED
+    assert not _ext.use_kernel("dense_power_iteration", cuda)
+    assert _ext.use_kernel("dense_power_iteration", torch.device("cpu"))
+    assert _ext.use_kernel("pairwise_volatility", cuda)  # run on a GPU: always used
+    monkeypatch.setenv("LIPFAST_CUDA_UNVERIFIED", "1")
+    assert _ext.use_kernel("dense_power_iteration", cuda)
+
+
 def test_env_forces_python_backend():
     result = run_python(
         """

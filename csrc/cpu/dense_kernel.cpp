@@ -570,29 +570,6 @@ int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales)
 // ---------------------------------------------------------------------------------------------
 // Op entry points.
 
-struct Flattened {
-  std::vector<int64_t> batch_shape;
-  int64_t B, m, n;
-  at::ScalarType compute;  // float32 for the half types
-  at::Tensor W;            // (B, m, n), contiguous, compute dtype (a copy only when needed)
-};
-
-Flattened flatten_matrices(const at::Tensor& W) {
-  Flattened f;
-  f.batch_shape = W.sizes().slice(0, W.dim() - 2).vec();
-  f.m = W.size(-2);
-  f.n = W.size(-1);
-  f.B = c10::multiply_integers(f.batch_shape);
-  const auto t = W.scalar_type();
-  f.compute = (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-  f.W = W.reshape({f.B, f.m, f.n}).to(f.compute).contiguous();
-  return f;
-}
-
-std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
-  shape.push_back(last);
-  return shape;
-}
 
 // Raises ValueError on NaN/Inf entries.  Returns the matrices to iterate on: f.W itself, or, when
 // some matrix is extremely large or small, a copy with matrix b multiplied by scales[b], an exact
@@ -606,25 +583,6 @@ std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tenso
   raise_if_nonfinite(op, W, first_bad);
   if (at::ne(scales, 1).any().item<bool>()) return {f.W * scales.view({-1, 1, 1}), scales};
   return {f.W, scales};
-}
-
-// Start vectors (B, n) in the compute dtype, always a fresh buffer the kernel may overwrite.
-at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, const Flattened& f) {
-  if (!v0.has_value()) {
-    auto v = at::empty({f.B, f.n}, f.W.options());
-    // An all-zero start tells lanczos_top to use its fixed default start vector.
-    v.zero_();
-    return v;
-  }
-  const auto& v = *v0;
-  TORCH_CHECK_VALUE(v.device() == f.W.device(), "lipfast.", op, ": v must be on W's device (", f.W.device(),
-                    "), got ", v.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), "lipfast.", op, ": v must be floating point, got ",
-                   v.scalar_type());
-  TORCH_CHECK_VALUE(v.sizes().vec() == with_last(f.batch_shape, f.n), "lipfast.", op,
-                    ": v must have shape W.shape[:-2] + (n,) = ", at::IntArrayRef(with_last(f.batch_shape, f.n)),
-                    ", got ", v.sizes());
-  return v.reshape({f.B, f.n}).to(f.compute, /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_cpu(
