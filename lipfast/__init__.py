@@ -17,6 +17,7 @@ from lipfast.continuity import (
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
 from lipfast.network import LipschitzReport, certified_accuracy, lipschitz_bound, register_lipschitz
+from lipfast import distributed  # lipfast.distributed: sharded weights on torch.distributed
 from lipfast import nn  # lipfast.nn: spectral normalization for training loops
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "certified_radius",
     "conv_spectral_norm",
     "conv_spectral_norm_bounds",
+    "distributed",
     "knowledge_continuity",
     "knowledge_continuity_penalty",
     "lipschitz_bound",

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -333,10 +334,77 @@ def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Modul
     return found
 
 
-def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True) -> LipschitzReport:
+def _layer_cost(module: nn.Module, in_shape: tuple) -> float:
+    """A rough cost of bounding one layer, to balance layers over ranks: one application of a conv
+    (weight entries times input pixels), the weight of a dense layer, the input of the rest."""
+    weight = getattr(module, "weight", None)
+    entries = weight.numel() if isinstance(weight, Tensor) else 0
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return float(entries * math.prod(in_shape[1:]))
+    return float(entries + math.prod(in_shape))
+
+
+def _share_out(costs: list[float], world: int) -> list[int]:
+    """The rank for each item: longest first, each to the least loaded rank (ties: the lowest rank)."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += costs[i]
+    return owner
+
+
+def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> list[LayerBound]:
+    """Every distinct leaf's LayerBound, in call order; with a process group, each rank bounds its
+    share of the layers and the results are all-gathered (every rank returns the same list)."""
+    unique = list({name: (name, module, in_shape, out_shape) for name, module, in_shape, out_shape in reversed(leaves)}.values())[::-1]
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
+    mine = [item for item, r in zip(unique, owner) if r == rank]
+    iterator = mine
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            iterator = tqdm(mine, desc="lipfast: layer bounds", unit="layer", leave=False)
+        except ImportError:
+            pass
+    results: dict[str, LayerBound] = {}
+    failure = None
+    for name, module, in_shape, out_shape in iterator:
+        t0 = time.perf_counter()
+        try:
+            lower, upper, note = _layer_constant(name, module, in_shape, rtol)
+        except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
+            failure = f"{name} ({type(module).__name__}): {type(exc).__name__}: {exc}"
+            if group is None:
+                raise
+            break
+        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
+                                   time.perf_counter() - t0, note)
+    if group is not None and world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (results, failure), group=group)
+        failures = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f is not None]
+        if failures:
+            raise RuntimeError("lipfast.lipschitz_bound: bounding layers failed on " + "; ".join(failures))
+        for part, _ in gathered:
+            results.update(part)
+    return [results[name] for name, *_ in unique]
+
+
+def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True,
+                    group=None) -> LipschitzReport:
     """A certified upper bound on the L2 -> L2 Lipschitz constant of ``model`` on inputs of
     ``input_shape`` (one example, no batch dim), composed over its torch.fx graph; see the module
-    docstring.  ``progress`` shows a progress bar (tqdm, when installed) while layers are bounded."""
+    docstring.  ``progress`` shows a progress bar (tqdm, when installed) while layers are bounded.
+
+    With torch.distributed initialized (or a process ``group`` given), the layers are shared out
+    across the group's ranks, balanced by a cost estimate (weight entries times input pixels for a
+    conv); each rank bounds its share and the results are all-gathered, so every rank returns the
+    same report (the single-process one).  Every rank must call it with the same model and
+    arguments."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipfast.lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(input_shape, int):
@@ -359,26 +427,15 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         leaves = _leaf_modules(model, example)
     except Exception as exc:  # the model rejects this input: say so plainly
         raise ValueError(f"lipfast.lipschitz_bound: the model does not accept an input of shape {tuple(input_shape)}: {exc}") from exc
-    iterator = leaves
-    if progress:
-        try:
-            from tqdm import tqdm
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        from lipfast.distributed import require_group
 
-            iterator = tqdm(leaves, desc="lipfast: layer bounds", unit="layer", leave=False)
-        except ImportError:
-            pass
-    layers: list[LayerBound] = []
-    constants: dict[str, float] = {}
-    for name, module, in_shape, out_shape in iterator:
-        if name in constants:  # the same module called again: same constant (input sizes permitting)
-            continue
-        t0 = time.perf_counter()
-        lower, upper, note = _layer_constant(name, module, in_shape, rtol)
-        layers.append(LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
-                                 time.perf_counter() - t0, note))
-        constants[name] = upper
-        if not math.isfinite(upper):
-            notes.append(f"{name} ({type(module).__name__}): {note}")
+        group = require_group("lipschitz_bound", group)
+    layers = _bound_layers(leaves, rtol, progress, group)
+    constants = {layer.name: layer.upper for layer in layers}
+    for layer in layers:
+        if not math.isfinite(layer.upper):
+            notes.append(f"{layer.name} ({layer.kind}): {layer.note}")
     naive = math.prod(layer.upper for layer in layers) if layers else 1.0
     method = "fx"
     try:

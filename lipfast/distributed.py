@@ -1,0 +1,203 @@
+"""lipfast on torch.distributed: spectral norms of weights sharded across ranks.
+
+A weight W (m × n) split by rows (``shard_dim=0``: rank r holds W_r, m_r × n) or by columns
+(``shard_dim=1``: rank r holds m × n_r) is never gathered.  Every product with WᵀW is a local product
+on the shard and one all-reduce of an n-vector (for column shards the same on Wᵀ, whose norm is
+W's); the certified upper bound all-reduces the n × n Gram matrix once and carries the rounding error
+of the sum into the bound.  Every rank returns the same result, equal to the single-process one to
+rtol.  Ranks must run with the same number of CPU threads (checked): the iterations take their
+decisions on every rank from replicated values, which must round alike.
+
+With torch.distributed initialized, :func:`lipfast.lipschitz_bound` also shares the layers of a
+network out across the ranks (``group=``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lipfast import linalg, reference
+
+__all__ = ["spectral_norm", "spectral_norm_bounds"]
+
+_UNIT = 2.0**-53
+_TINY = 2.0**-1074
+
+
+def require_group(fn: str, group: object) -> object:
+    """The process group to use (the default one for None); raises when torch.distributed is not up."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"lipfast.{fn}: torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first"
+        )
+    return group if group is not None else dist.group.WORLD
+
+
+def _row_shard(fn: str, local_shard: object, shard_dim: object, group: object) -> tuple[Tensor, int, int]:
+    """This rank's shard as rows of a row-sharded matrix A (W, or Wᵀ for column shards), checked
+    against every other rank's; returns (A_r, total rows, columns)."""
+    if not isinstance(local_shard, Tensor):
+        raise TypeError(f"lipfast.distributed.{fn}: local_shard must be a torch.Tensor, got {type(local_shard).__name__}")
+    if not local_shard.is_floating_point():
+        raise TypeError(f"lipfast.distributed.{fn}: local_shard must be floating point, got {local_shard.dtype}")
+    if local_shard.dim() != 2:
+        raise ValueError(f"lipfast.distributed.{fn}: local_shard must be a matrix (2 dims), got shape {tuple(local_shard.shape)}")
+    if shard_dim not in (0, 1, -1, -2) or isinstance(shard_dim, bool):
+        raise ValueError(f"lipfast.distributed.{fn}: shard_dim must be 0 (rows) or 1 (columns), got {shard_dim!r}")
+    A = local_shard.detach() if shard_dim in (0, -2) else local_shard.detach().T
+    finite = bool(torch.isfinite(A).all())
+    mine = (A.shape[0], A.shape[1], str(A.dtype), A.device.type, torch.get_num_threads(), finite)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if len({(cols, dtype, device) for _, cols, dtype, device, *_ in everyone}) > 1:
+        raise ValueError(
+            f"lipfast.distributed.{fn}: the shards do not fit together: every rank must hold the same number of "
+            f"{'columns' if shard_dim in (0, -2) else 'rows'}, dtype and device type; got "
+            + ", ".join(f"rank {r}: {s[:2] if shard_dim in (0, -2) else s[1::-1]} {s[2]} {s[3]}" for r, s in enumerate(everyone))
+        )
+    if len({s[4] for s in everyone}) > 1:
+        raise ValueError(
+            f"lipfast.distributed.{fn}: ranks run with different numbers of CPU threads "
+            f"({[s[4] for s in everyone]}); set the same torch.set_num_threads on every rank"
+        )
+    rows = sum(s[0] for s in everyone)
+    if rows == 0 or A.shape[1] == 0:
+        raise ValueError(f"lipfast.distributed.{fn}: the sharded matrix is empty ({rows} x {A.shape[1]})")
+    bad = [r for r, s in enumerate(everyone) if not s[5]]
+    if bad:  # raised on every rank, so that none is left waiting in a collective
+        raise ValueError(f"lipfast.distributed.{fn}: local_shard on rank {', '.join(map(str, bad))} has a NaN or Inf entry")
+    return A, rows, A.shape[1]
+
+
+def _all_reduce(x: Tensor, group: object, op=dist.ReduceOp.SUM) -> Tensor:
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _power_of_two_scale(A: Tensor, group: object) -> float:
+    """2^-e bringing the largest |entry| over all shards into [1, 2) when it lies outside
+    [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor underflow), else 1."""
+    big = _all_reduce(A.abs().max().double().reshape(1), group, dist.ReduceOp.MAX)
+    if not float(big[0]) > 0:
+        return 1.0
+    e = math.frexp(float(big[0]))[1] - 1
+    return math.ldexp(1.0, -e) if abs(e) > 32 else 1.0
+
+
+def _top_vector(fn: str, A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
+    """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step): the unit Ritz vector (n,) and its
+    residual bound, identical on every rank."""
+    compute = reference._compute_dtype(A.dtype)
+    scaled = A.to(compute) * _power_of_two_scale(A, group)
+
+    def gram(x: Tensor) -> Tensor:
+        return _all_reduce(scaled.T @ (scaled @ x[0]), group)[None]
+
+    start = torch.zeros(1, n, dtype=compute, device=A.device)
+    v, rel_err = reference._lanczos_top(gram, start, max_iters, rtol, min(rows, n))
+    return v[0], rel_err[0]
+
+
+def spectral_norm(local_shard: Tensor, shard_dim: int, *, group=None, rtol: float = 1e-5,
+                  max_iters: int | None = None) -> Tensor:
+    """Largest singular value of a matrix sharded across the ranks of ``group`` (default: the world):
+    ``local_shard`` is this rank's rows (``shard_dim=0``) or columns (``shard_dim=1``), in rank order.
+
+    Lanczos as :func:`lipfast.spectral_norm` (to relative accuracy ``rtol``; a RuntimeWarning when
+    ``max_iters`` passes stop it earlier), each pass one local product and one all-reduce of a vector.
+    Returns a 0-dim tensor in the shard's dtype, the same on every rank.  Differentiable: each rank's
+    gradient with respect to its shard is its block of u vᵀ.
+    """
+    fn = "spectral_norm"
+    group = require_group(f"distributed.{fn}", group)
+    rtol = linalg._check_rtol(f"distributed.{fn}", rtol)
+    max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
+    A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
+    with torch.no_grad():
+        v, rel_err = _top_vector(fn, A, rows, n, group, rtol, max_iters)
+        Av = A.double() @ v.double()
+        sigma = _all_reduce(Av.square().sum().reshape(1), group)[0].sqrt()
+    if not float(rel_err) <= rtol:
+        warnings.warn(
+            f"lipfast.distributed.{fn}: stopped before reaching rtol={rtol:g} (max_iters={max_iters} passes); "
+            f"relative accuracy reached: {float(rel_err):.3g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    result = sigma.to(local_shard.dtype)
+    if local_shard.requires_grad:
+        # sigma = uᵀ W v: this shard's part of the gradient is u_r vᵀ (rows) or u v_rᵀ (columns).
+        u = (Av / sigma.clamp_min(torch.finfo(torch.float64).tiny)).to(local_shard.dtype)
+        W = local_shard if shard_dim in (0, -2) else local_shard.T
+        bilinear = u @ W @ v.to(local_shard.dtype)
+        result = result + (bilinear - bilinear.detach())
+    return result
+
+
+def spectral_norm_bounds(local_shard: Tensor, shard_dim: int, *, group=None, rtol: float = 1e-3,
+                         max_iters: int | None = None, max_gram_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Certified bracket ``lower <= sigma_max(W) <= upper`` of a matrix sharded across ranks, as
+    :func:`spectral_norm` shards it; 0-dim tensors in the shard's dtype (rounded outwards), the same
+    on every rank.
+
+    lower: ‖W v‖ at a Lanczos vector v, from every shard's certified lower bound of ‖W_r v‖.  upper:
+    the Gram matrix AᵀA (A = W row-sharded, or Wᵀ) is formed in float64 as one all-reduced sum of the
+    shards' products, with the rounding error of the products and of the sum bounded (E, in spectral
+    norm), then Gram iteration on it (certified, as :func:`lipfast.spectral_norm_bounds`) gives
+    sigma_max(AᵀA) <= U and sigma_max(W) <= sqrt(U + E).  Stops at ``upper <= lower (1 + rtol)`` or
+    after ``max_gram_steps`` squarings (a RuntimeWarning reports a wider gap).  Not differentiable.
+    The Gram matrix is n × n (n: the dimension that is not sharded), on every rank.
+    """
+    fn = "spectral_norm_bounds"
+    group = require_group(f"distributed.{fn}", group)
+    rtol = linalg._check_rtol(f"distributed.{fn}", rtol)
+    max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
+    max_gram_steps = linalg._check_count(f"distributed.{fn}", "max_gram_steps", max_gram_steps, linalg.DEFAULT_MAX_GRAM_STEPS)
+    A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
+    P = dist.get_world_size(group)
+    m_r = A.shape[0]
+    with torch.no_grad():
+        v, _ = _top_vector(fn, A, rows, n, group, rtol / 8, max_iters)
+        # lower: ‖A v‖ / ‖v‖ = sqrt(Σ_r (‖A_r v‖ / ‖v‖)²) >= sqrt(Σ_r lower_r²), rounded down.
+        lower_r = reference.certified_rayleigh_lower(A[None], v[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
+        lower = _all_reduce(lower_r.square().reshape(1), group)[0].sqrt() * (1.0 - 4.0 * (P + 4) * _UNIT)
+
+        # upper: scale all shards by one power of two 2^-k (from the global Frobenius norm) so that the
+        # Gram matrix is of order 1; entries that underflow in the scaled copy change ‖A‖ by at most
+        # sqrt(rows n) 2^-1074 (scaled units), added below.
+        fro_r = reference._frobenius_upper(A.double()[None])[0] if m_r else torch.zeros((), dtype=torch.float64)
+        fro = _all_reduce(fro_r.square().reshape(1), group)[0].sqrt() * (1.0 + 2.0 * (P + 4) * _UNIT)
+        k = math.frexp(float(fro))[1] if float(fro) > 0 else 0
+        As = reference._times_pow2(A.double()[None], torch.tensor([-k], device=A.device))[0]
+        fro_s = reference._frobenius_upper(As[None])[0] if m_r else torch.zeros((), dtype=torch.float64)
+        G = As.T @ As
+        # Error of this rank's product (entrywise gamma(m_r) |A|ᵀ|A|, whose Frobenius norm is at most
+        # gamma(m_r) ‖A‖_F², plus underflow), then of the float64 sum over P ranks (gamma(P) times the
+        # sum of the terms' Frobenius norms).
+        local_error = reference._gamma(m_r) * fro_s * fro_s * (1.0 + 4.0 * _UNIT) + n * (m_r + 1.0) * _TINY
+        sums = _all_reduce(torch.stack([local_error, fro_s * fro_s]).double(), group)
+        E = (sums[0] + reference._gamma(P) * (1.0 + reference._gamma(rows) + 8.0 * _UNIT) * sums[1] * (1.0 + 4.0 * _UNIT)) \
+            * (1.0 + 2.0 * (P + 4) * _UNIT) + P * n * n * _TINY
+        G = _all_reduce(G, group)
+        lower_s = lower * math.ldexp(1.0, -k)
+        target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
+        upper_G = reference.gram_upper_bound(G[None], target.reshape(1), max_gram_steps)[0]
+        upper_s = torch.sqrt((upper_G + E) * (1.0 + 4.0 * _UNIT)) * (1.0 + 4.0 * _UNIT) + math.sqrt(rows * n) * _TINY
+        upper = reference._times_pow2(upper_s.reshape(1), torch.tensor([k], device=upper_s.device))[0]
+        upper = upper * (1.0 + 4.0 * _UNIT)
+    dtype = local_shard.dtype
+    lower_out = reference.round_directed(lower.reshape(1), dtype, up=False)[0]
+    upper_out = reference.round_directed(upper.reshape(1), dtype, up=True)[0]
+    if not float(upper_out) <= float(lower_out) * (1 + rtol):
+        warnings.warn(
+            f"lipfast.distributed.{fn}: the bracket [{float(lower_out):.6g}, {float(upper_out):.6g}] is wider than "
+            f"rtol={rtol:g} after max_gram_steps={max_gram_steps} squarings",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return lower_out, upper_out

@@ -1,0 +1,167 @@
+"""lipfast on torch.distributed: gloo processes on 127.0.0.1, results against single-process answers."""
+from __future__ import annotations
+
+import math
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lipfast
+
+TIMEOUT = 60  # seconds for one group of processes, start to finish
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, tmp_path: Path, *args) -> list:
+    """fn(rank, world, *args) on `world` gloo processes; returns each rank's result, in rank order."""
+    context = mp.start_processes(
+        _entry, args=(world, free_port(), str(tmp_path), fn, args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} on {world} processes did not finish in {TIMEOUT} s")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def sharded_matrix(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(70, 45, generator=g, dtype=torch.float64)
+
+
+
+def _sharded_norms(rank: int, world: int, dtype: torch.dtype):
+    W = sharded_matrix().to(dtype)
+    # uneven shards: rank r gets r + 1 parts of the rows / columns
+    cuts_rows = [W.shape[0] * sum(range(1, r + 2)) // sum(range(1, world + 1)) for r in range(world - 1)]
+    cuts_cols = [W.shape[1] * sum(range(1, r + 2)) // sum(range(1, world + 1)) for r in range(world - 1)]
+    rows = torch.tensor_split(W, cuts_rows, dim=0)[rank]
+    cols = torch.tensor_split(W, cuts_cols, dim=1)[rank]
+    out = {
+        "rows": lipfast.distributed.spectral_norm(rows, 0),
+        "cols": lipfast.distributed.spectral_norm(cols, 1),
+        "rows_bounds": lipfast.distributed.spectral_norm_bounds(rows, 0, rtol=1e-4),
+        "cols_bounds": lipfast.distributed.spectral_norm_bounds(cols, 1, rtol=1e-4),
+    }
+    # the gradient of each rank's shard is its block of u vᵀ
+    shard = rows.clone().requires_grad_(True)
+    lipfast.distributed.spectral_norm(shard, 0).backward()
+    out["grad_rows"] = shard.grad
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sharded_spectral_norm(tmp_path, world, dtype):
+    results = run_ranks(_sharded_norms, world, tmp_path, dtype)
+    W = sharded_matrix()
+    exact = float(torch.linalg.matrix_norm(W, 2))
+    rtol = 1e-5 if dtype == torch.float64 else 1e-4
+    for key in ("rows", "cols"):
+        values = [float(r[key]) for r in results]
+        assert len(set(values)) == 1, f"ranks disagree: {values}"
+        assert values[0] == pytest.approx(exact, rel=rtol)
+        lower, upper = (float(x) for x in results[0][f"{key}_bounds"])
+        assert all(tuple(float(x) for x in r[f"{key}_bounds"]) == (lower, upper) for r in results)
+        assert lower <= exact <= upper
+        assert upper <= lower * (1 + 1e-4)
+    U, S, Vh = torch.linalg.svd(W)
+    grad = torch.outer(U[:, 0], Vh[0])  # u vᵀ: the same for either sign of the singular vectors
+
+    got = torch.cat([r["grad_rows"].double() for r in results])
+    torch.testing.assert_close(got, grad, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-7)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16),
+        nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    ).eval()
+
+
+def _network_bound(rank: int, world: int):
+    report = lipfast.lipschitz_bound(small_cnn(), (3, 8, 8), progress=False)
+    return report.upper, report.naive_upper, [(layer.name, layer.lower, layer.upper) for layer in report.layers]
+
+
+def test_lipschitz_bound_shares_layers(tmp_path):
+    single = lipfast.lipschitz_bound(small_cnn(), (3, 8, 8), progress=False)
+    results = run_ranks(_network_bound, 2, tmp_path)
+    expected_layers = [(layer.name, layer.lower, layer.upper) for layer in single.layers]
+    for upper, naive, layers in results:
+        assert [name for name, *_ in layers] == [name for name, *_ in expected_layers]
+        assert upper == pytest.approx(single.upper, rel=1e-3) and naive == pytest.approx(single.naive_upper, rel=1e-3)
+        for (_, lo, up), (_, e_lo, e_up) in zip(layers, expected_layers):
+            assert up == pytest.approx(e_up, rel=1e-3) and lo == pytest.approx(e_lo, rel=1e-3)
+    assert results[0] == results[1]
+
+
+def test_layer_share_is_balanced():
+    from lipfast.network import _share_out
+
+    owner = _share_out([10.0, 1.0, 9.0, 2.0, 3.0], 2)
+    loads = [sum(c for c, r in zip([10.0, 1.0, 9.0, 2.0, 3.0], owner) if r == rank) for rank in (0, 1)]
+    assert sorted(loads) == [12.0, 13.0]
+    assert _share_out([1.0, 1.0, 1.0], 4) == [0, 1, 2]
+
+
+def _bad_shards(rank: int, world: int):
+    errors = {}
+    shard = torch.randn(5, 4 + rank)  # columns differ between ranks
+    try:
+        lipfast.distributed.spectral_norm(shard, 0)
+    except ValueError as exc:
+        errors["columns"] = str(exc)
+    try:
+        lipfast.distributed.spectral_norm(torch.randn(5, 4), 2)
+    except ValueError as exc:
+        errors["dim"] = str(exc)
+    bad = torch.randn(5, 4)
+    if rank == 1:
+        bad[2, 2] = math.nan
+    try:
+        lipfast.distributed.spectral_norm(bad, 0)
+    except ValueError as exc:
+        errors["nan"] = str(exc)
+    return errors
+
+
+def test_bad_shards(tmp_path):
+    results = run_ranks(_bad_shards, 2, tmp_path)
+    for errors in results:
+        assert "every rank must hold the same number of columns" in errors["columns"]
+        assert "shard_dim must be 0 (rows) or 1 (columns)" in errors["dim"]
+    assert all("local_shard on rank 1 has a NaN or Inf entry" in errors["nan"] for errors in results)
+
+
+def test_not_initialized():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        lipfast.distributed.spectral_norm(torch.randn(3, 3), 0)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        lipfast.lipschitz_bound(nn.Linear(3, 2), (3,), progress=False, group=object())
