@@ -165,3 +165,43 @@ def test_not_initialized():
         lipfast.distributed.spectral_norm(torch.randn(3, 3), 0)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         lipfast.lipschitz_bound(nn.Linear(3, 2), (3,), progress=False, group=object())
+
+
+def _ddp_training(rank: int, world: int, broadcast_buffers: bool):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _normalized_model()  # the same initial model on every rank
+    ddp = DDP(model, broadcast_buffers=broadcast_buffers)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    for _ in range(3):
+        x = torch.randn(5, 2, 6, generator=g)
+        loss = ddp(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+def test_spectral_norm_under_ddp(tmp_path, broadcast_buffers):
+    states = run_ranks(_ddp_training, 2, tmp_path, broadcast_buffers)
+    assert any(key.endswith("_u") for key in states[0]) and any(key.endswith("_v") for key in states[0])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), f"{key} differs between ranks"
+    start = _initial_state()
+    moved = [k for k in start if not torch.equal(start[k], states[0][k])]
+    assert any(k.endswith("_u") for k in moved) and any("original" in k for k in moved)
+
+
+def _normalized_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3))
+    lipfast.nn.spectral_norm(model[0], mode="operator")
+    lipfast.nn.spectral_norm(model[3])
+    model(torch.zeros(1, 2, 6))  # sizes the operator-mode iterate before DDP collects the buffers
+    return model
+
+
+def _initial_state() -> dict:
+    return {k: v.detach().clone() for k, v in _normalized_model().state_dict().items()}
