@@ -38,6 +38,28 @@ def require_group(fn: str, group: object) -> object:
     return group if group is not None else dist.group.WORLD
 
 
+def _local(fn: str, local_shard: object, shard_dim: object, group: object) -> tuple[object, object, object]:
+    """(local tensor, shard_dim, group), read off a DTensor sharded on one mesh dimension
+    (Shard(0) / Shard(1)) or passed through for a plain tensor."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch built without distributed
+        DTensor = None
+    if DTensor is not None and isinstance(local_shard, DTensor):
+        placements = local_shard.placements
+        if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim not in (0, 1):
+            raise ValueError(f"lipfast.distributed.{fn}: a DTensor must be sharded on one mesh dimension as "
+                             f"Shard(0) or Shard(1), got placements {placements}")
+        if shard_dim is not None and shard_dim % 2 != placements[0].dim:
+            raise ValueError(f"lipfast.distributed.{fn}: shard_dim={shard_dim} contradicts the DTensor's {placements[0]}")
+        if group is not None:
+            raise ValueError(f"lipfast.distributed.{fn}: a DTensor brings its own process group; pass group=None")
+        return local_shard.to_local(), placements[0].dim, local_shard.device_mesh.get_group()
+    if shard_dim is None:
+        raise ValueError(f"lipfast.distributed.{fn}: shard_dim (0 for rows, 1 for columns) is needed for a plain tensor shard")
+    return local_shard, shard_dim, require_group(f"distributed.{fn}", group)
+
+
 def _row_shard(fn: str, local_shard: object, shard_dim: object, group: object) -> tuple[Tensor, int, int]:
     """This rank's shard as rows of a row-sharded matrix A (W, or Wᵀ for column shards), checked
     against every other rank's; returns (A_r, total rows, columns)."""
@@ -103,10 +125,12 @@ def _top_vector(fn: str, A: Tensor, rows: int, n: int, group: object, rtol: floa
     return v[0], rel_err[0]
 
 
-def spectral_norm(local_shard: Tensor, shard_dim: int, *, group=None, rtol: float = 1e-5,
+def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=None, rtol: float = 1e-5,
                   max_iters: int | None = None) -> Tensor:
     """Largest singular value of a matrix sharded across the ranks of ``group`` (default: the world):
-    ``local_shard`` is this rank's rows (``shard_dim=0``) or columns (``shard_dim=1``), in rank order.
+    ``local_shard`` is this rank's rows (``shard_dim=0``) or columns (``shard_dim=1``), in rank order,
+    or a DTensor sharded as Shard(0) or Shard(1) on a one-dimensional mesh (shard_dim and group then
+    come from it).
 
     Lanczos as :func:`lipfast.spectral_norm` (to relative accuracy ``rtol``; a RuntimeWarning when
     ``max_iters`` passes stop it earlier), each pass one local product and one all-reduce of a vector.
@@ -114,7 +138,7 @@ def spectral_norm(local_shard: Tensor, shard_dim: int, *, group=None, rtol: floa
     gradient with respect to its shard is its block of u vᵀ.
     """
     fn = "spectral_norm"
-    group = require_group(f"distributed.{fn}", group)
+    local_shard, shard_dim, group = _local(fn, local_shard, shard_dim, group)
     rtol = linalg._check_rtol(f"distributed.{fn}", rtol)
     max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
@@ -139,7 +163,7 @@ def spectral_norm(local_shard: Tensor, shard_dim: int, *, group=None, rtol: floa
     return result
 
 
-def spectral_norm_bounds(local_shard: Tensor, shard_dim: int, *, group=None, rtol: float = 1e-3,
+def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, group=None, rtol: float = 1e-3,
                          max_iters: int | None = None, max_gram_steps: int | None = None) -> tuple[Tensor, Tensor]:
     """Certified bracket ``lower <= sigma_max(W) <= upper`` of a matrix sharded across ranks, as
     :func:`spectral_norm` shards it; 0-dim tensors in the shard's dtype (rounded outwards), the same
@@ -154,7 +178,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int, *, group=None, rto
     The Gram matrix is n × n (n: the dimension that is not sharded), on every rank.
     """
     fn = "spectral_norm_bounds"
-    group = require_group(f"distributed.{fn}", group)
+    local_shard, shard_dim, group = _local(fn, local_shard, shard_dim, group)
     rtol = linalg._check_rtol(f"distributed.{fn}", rtol)
     max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     max_gram_steps = linalg._check_count(f"distributed.{fn}", "max_gram_steps", max_gram_steps, linalg.DEFAULT_MAX_GRAM_STEPS)

@@ -344,6 +344,14 @@ def _record_input_size(module: nn.Module, args) -> None:
             p.set_input_size(size, module.parametrizations.weight.original)
 
 
+def _is_dtensor(x: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def spectral_norm(
     module: nn.Module,
     name: str = "weight",
@@ -372,6 +380,12 @@ def spectral_norm(
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if _is_dtensor(weight):
+        raise ValueError(
+            f"lipfast.nn.spectral_norm: {name} is a DTensor (sharded, e.g. by FSDP2's fully_shard); register "
+            "spectral_norm before sharding: fully_shard then gathers the weight for each forward, the "
+            "normalization sees the whole matrix, and the u, v iterates stay identical on every rank"
+        )
     if not isinstance(target, (int, float)) or isinstance(target, bool) or not (math.isfinite(target) and target > 0):
         raise ValueError(f"lipfast.nn.spectral_norm: target must be a positive number, got {target!r}")
     if mode == "operator" and isinstance(module, _CONVS):

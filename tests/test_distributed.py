@@ -205,3 +205,44 @@ def _normalized_model() -> nn.Module:
 
 def _initial_state() -> dict:
     return {k: v.detach().clone() for k, v in _normalized_model().state_dict().items()}
+
+
+def _fsdp_training(rank: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    for layer in (model[0], model[2]):
+        lipfast.nn.spectral_norm(layer)  # before sharding: supported
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        loss = model(torch.randn(4, 6, generator=g)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    iterates = [model[i].parametrizations.weight[0]._u.clone() for i in (0, 2)]
+    weight = model[0].parametrizations.weight.original.full_tensor()
+    error = None
+    late = nn.Linear(6, 8)
+    fully_shard(late, mesh=mesh)
+    try:
+        lipfast.nn.spectral_norm(late)  # after sharding: a clear error
+    except ValueError as exc:
+        error = str(exc)
+    # a DTensor weight's norm, from its shards
+    sigma = lipfast.distributed.spectral_norm(late.weight)
+    return iterates, weight, error, float(sigma), late.weight.full_tensor().detach()
+
+
+def test_spectral_norm_under_fsdp2(tmp_path):
+    results = run_ranks(_fsdp_training, 2, tmp_path)
+    (u0, w0, error, sigma, late), (u1, w1, _, sigma1, _) = results
+    assert all(torch.equal(a, b) for a, b in zip(u0, u1))  # u identical on every rank
+    assert torch.equal(w0, w1)
+    assert "register spectral_norm before sharding" in error
+    assert sigma == sigma1 == pytest.approx(float(torch.linalg.matrix_norm(late.double(), 2)), rel=1e-5)
