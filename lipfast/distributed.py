@@ -194,11 +194,11 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         # upper: scale all shards by one power of two 2^-k (from the global Frobenius norm) so that the
         # Gram matrix is of order 1; entries that underflow in the scaled copy change ‖A‖ by at most
         # sqrt(rows n) 2^-1074 (scaled units), added below.
-        fro_r = reference._frobenius_upper(A.double()[None])[0] if m_r else torch.zeros((), dtype=torch.float64)
+        fro_r = reference._frobenius_upper(A.double()[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         fro = _all_reduce(fro_r.square().reshape(1), group)[0].sqrt() * (1.0 + 2.0 * (P + 4) * _UNIT)
         k = math.frexp(float(fro))[1] if float(fro) > 0 else 0
         As = reference._times_pow2(A.double()[None], torch.tensor([-k], device=A.device))[0]
-        fro_s = reference._frobenius_upper(As[None])[0] if m_r else torch.zeros((), dtype=torch.float64)
+        fro_s = reference._frobenius_upper(As[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         G = As.T @ As
         # Error of this rank's product (entrywise gamma(m_r) |A|ᵀ|A|, whose Frobenius norm is at most
         # gamma(m_r) ‖A‖_F², plus underflow), then of the float64 sum over P ranks (gamma(P) times the
