@@ -109,16 +109,17 @@ def _network_bound(rank: int, world: int):
     return report.upper, report.naive_upper, [(layer.name, layer.lower, layer.upper) for layer in report.layers]
 
 
-def test_lipschitz_bound_shares_layers(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_lipschitz_bound_shares_layers(tmp_path, world):
     single = lipfast.lipschitz_bound(small_cnn(), (3, 8, 8), progress=False)
-    results = run_ranks(_network_bound, 2, tmp_path)
+    results = run_ranks(_network_bound, world, tmp_path)
     expected_layers = [(layer.name, layer.lower, layer.upper) for layer in single.layers]
     for upper, naive, layers in results:
         assert [name for name, *_ in layers] == [name for name, *_ in expected_layers]
         assert upper == pytest.approx(single.upper, rel=1e-3) and naive == pytest.approx(single.naive_upper, rel=1e-3)
         for (_, lo, up), (_, e_lo, e_up) in zip(layers, expected_layers):
             assert up == pytest.approx(e_up, rel=1e-3) and lo == pytest.approx(e_lo, rel=1e-3)
-    assert results[0] == results[1]
+    assert all(r == results[0] for r in results)
 
 
 def test_layer_share_is_balanced():
