@@ -470,3 +470,9 @@ def lipschitz_penalty(model: nn.Module, target: float = 1.0, *, input_shape: Seq
     if not terms:
         return torch.zeros(())
     return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
+
+
+# 1-Lipschitz building blocks, losses and export (lipfast/blocks.py), in this namespace too.
+from lipfast.blocks import Abs, GroupSort, HKRLoss, LipschitzMarginLoss, aol, export  # noqa: E402
+
+__all__ += ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "aol", "export"]

@@ -1,0 +1,167 @@
+"""1-Lipschitz building blocks and Lipschitz-margin losses (exposed as ``lipfast.nn.*``).
+
+* activations that are 1-Lipschitz and preserve gradient norms: :class:`GroupSort` (MaxMin for
+  groups of 2; Anil et al. 2019) and :class:`Abs`;
+* :func:`aol`: the almost-orthogonal rescaling of Prach and Lampert (ECCV 2022), W ↦ W D with
+  D = diag(Σ_j |WᵀW|_ij)^(-1/2), certified 1-Lipschitz by construction (for nn.Linear);
+* losses for certified training: :class:`LipschitzMarginLoss` (cross-entropy on logits shifted by
+  the margin a radius eps needs, Tsuzuku et al. 2018) and :class:`HKRLoss` (hinge and
+  Kantorovich–Rubinstein, Serrurier et al. 2021);
+* :func:`export`: a copy of a model with every parametrized weight baked into a plain parameter,
+  for inference without lipfast.
+
+:func:`lipfast.lipschitz_bound` knows the activations (constant 1); parametrized layers are bounded
+through their actual (normalized) weights, so their constants come out right with no special case.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lipfast.network import register_lipschitz
+
+__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "aol", "export"]
+
+
+class GroupSort(nn.Module):
+    """Sorts the channels (dim 1) in groups of ``group_size``, each group in descending order.
+    1-Lipschitz (it permutes entries piecewise) and gradient-norm preserving; ``group_size=2`` is
+    MaxMin.  The number of channels must be a multiple of group_size."""
+
+    def __init__(self, group_size: int = 2) -> None:
+        super().__init__()
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"lipfast.nn.GroupSort: group_size must be an int >= 1, got {group_size!r}")
+        self.group_size = group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] % self.group_size:
+            raise ValueError(
+                f"lipfast.nn.GroupSort: the input's dim 1 ({tuple(x.shape)}) must be a multiple of group_size={self.group_size}"
+            )
+        groups = x.unflatten(1, (x.shape[1] // self.group_size, self.group_size))
+        if self.group_size == 2:  # MaxMin: cheaper than a sort
+            a, b = groups.unbind(2)
+            return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
+        return groups.sort(dim=2, descending=True).values.flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+class Abs(nn.Module):
+    """|x|, entrywise: 1-Lipschitz and gradient-norm preserving."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.abs()
+
+
+register_lipschitz(GroupSort, lambda module, input_shape: 1.0)
+register_lipschitz(Abs, lambda module, input_shape: 1.0)
+
+
+class _AOL(nn.Module):
+    """W ↦ W diag(d), d_i = (Σ_j |WᵀW|_ij)^(-1/2) (0 for a zero column): ‖W diag(d)‖ <= 1."""
+
+    def forward(self, W: Tensor) -> Tensor:
+        gram = (W.mT @ W).abs().sum(dim=-1)
+        scale = torch.where(gram > 0, gram.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(gram))
+        return W * scale
+
+
+def aol(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Registers the almost-orthogonal (AOL) rescaling on ``module.<name>`` (an nn.Linear) and returns
+    the module.  The layer is 1-Lipschitz by construction: with D = diag(Σ_j |WᵀW|_ij)^(-1/2),
+    ‖W D‖² = ‖D WᵀW D‖ <= max_i Σ_j |D WᵀW D|_ij <= 1 (Prach and Lampert, ECCV 2022); each column is
+    scaled by one factor, which keeps the rescaling cheap (one Gram matrix per forward)."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"lipfast.nn.aol: module must be an nn.Linear, got {type(module).__name__}")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"lipfast.nn.aol: module has no 2-dim parameter {name!r}")
+    parametrize.register_parametrization(module, name, _AOL())
+    return module
+
+
+class LipschitzMarginLoss(nn.Module):
+    """Cross-entropy on logits whose non-target entries are raised by sqrt(2) · lipschitz · eps (Tsuzuku
+    et al. 2018): for a network with L2 Lipschitz constant ``lipschitz``, driving this loss down drives
+    the margin z_y − max_{j≠y} z_j above the sqrt(2) L eps a certified radius eps needs.
+    ``temperature`` divides the shifted logits before the cross-entropy.  ``reduction`` as torch's."""
+
+    def __init__(self, eps: float, lipschitz: float = 1.0, *, temperature: float = 1.0, reduction: str = "mean") -> None:
+        super().__init__()
+        for label, value in (("eps", eps), ("lipschitz", lipschitz), ("temperature", temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (label != "eps" and value == 0):
+                raise ValueError(f"lipfast.nn.LipschitzMarginLoss: {label} must be a finite number "
+                                 f"{'>= 0' if label == 'eps' else '> 0'}, got {value!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"lipfast.nn.LipschitzMarginLoss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.margin = math.sqrt(2.0) * lipschitz * eps
+        self.temperature = temperature
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        shift = self.margin * (1 - F.one_hot(target, logits.shape[-1]).to(logits.dtype))
+        return F.cross_entropy((logits + shift) / self.temperature, target, reduction=self.reduction)
+
+
+class HKRLoss(nn.Module):
+    """Hinge plus Kantorovich–Rubinstein loss for 1-Lipschitz classifiers (Serrurier et al. 2021),
+    multiclass:  alpha · hinge − KR, averaged over the batch, with, for logits z and label y,
+        KR = z_y − mean_{j≠y} z_j,    hinge = relu(margin − (z_y − max_{j≠y} z_j)).
+    The KR term pushes the true class up against the others; the hinge asks for a margin."""
+
+    def __init__(self, alpha: float = 10.0, margin: float = 1.0) -> None:
+        super().__init__()
+        for label, value in (("alpha", alpha), ("margin", margin)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"lipfast.nn.HKRLoss: {label} must be a finite number >= 0, got {value!r}")
+        self.alpha = alpha
+        self.margin = margin
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        classes = logits.shape[-1]
+        if classes < 2:
+            raise ValueError(f"lipfast.nn.HKRLoss: needs at least 2 classes, got logits of shape {tuple(logits.shape)}")
+        true = logits.gather(-1, target[:, None])[:, 0]
+        others = logits.masked_fill(F.one_hot(target, classes).bool(), -math.inf)
+        kr = true - (logits.sum(-1) - true) / (classes - 1)
+        hinge = torch.relu(self.margin - (true - others.amax(-1)))
+        return (self.alpha * hinge - kr).mean()
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every parametrized tensor (lipfast's spectral norms, AOL, torch's
+    own parametrizations) is replaced by a plain parameter holding its current value, computed in
+    eval mode (no power-method step).  The copy runs without lipfast and gives the same outputs (to
+    rounding); ``model`` itself is left as it was.  The copy keeps ``model``'s train/eval modes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lipfast.nn.export: model must be an nn.Module, got {type(model).__name__}")
+    from lipfast.nn import _record_input_size
+
+    exported = copy.deepcopy(model)
+    modes = {name: m.training for name, m in exported.named_modules()}
+    exported.eval()
+    with torch.no_grad():
+        for module in exported.modules():
+            if parametrize.is_parametrized(module):
+                # The copy shares its dynamically made Parametrized<Module> class with the original,
+                # and removing a parametrization deletes the property from that class: give the copy
+                # a class of its own first, so that the original keeps working.
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+                for name in list(module.parametrizations.keys()):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is _record_input_size:
+                    del module._forward_pre_hooks[key]
+    for name, m in exported.named_modules():
+        m.training = modes[name]
+    return exported

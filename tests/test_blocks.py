@@ -1,0 +1,143 @@
+"""1-Lipschitz building blocks, margin losses and export, against explicit computations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize, parametrizations
+
+import lipfast
+
+
+def exact_norm(W: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(W.detach().double(), 2))
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+def test_group_sort(group_size):
+    g = torch.Generator().manual_seed(group_size)
+    x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = lipfast.nn.GroupSort(group_size)(x)
+    expected = torch.stack([chunk.sort(dim=1, descending=True).values for chunk in x.split(group_size, dim=1)], 1)
+    torch.testing.assert_close(y, expected.reshape(4, 6, 5), rtol=0, atol=0)
+    # a permutation of the entries: gradients keep their norm
+    v = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, v)
+    assert float(grad.norm()) == pytest.approx(float(v.norm()), rel=1e-12)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        lipfast.nn.GroupSort(4)(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
+        lipfast.nn.GroupSort(0)
+
+
+def test_activations_have_constant_one():
+    model = nn.Sequential(nn.Linear(6, 8), lipfast.nn.GroupSort(), nn.Linear(8, 8), lipfast.nn.Abs(), nn.Linear(8, 3))
+    report = lipfast.lipschitz_bound(model, (6,), progress=False)
+    assert [layer.upper for layer in report.layers if layer.kind in ("GroupSort", "Abs")] == [1.0, 1.0]
+    norms = [exact_norm(model[i].weight) for i in (0, 2, 4)]
+    assert math.prod(norms) <= report.upper <= math.prod(norms) * (1 + 1e-2)
+
+
+@pytest.mark.parametrize("shape", [(30, 20), (20, 30), (1, 7)])
+def test_aol_is_one_lipschitz(shape):
+    torch.manual_seed(sum(shape))
+    layer = nn.Linear(shape[1], shape[0])
+    raw = layer.weight.detach().double().clone()
+    lipfast.nn.aol(layer)
+    W = layer.weight.detach().double()
+    d = (raw.T @ raw).abs().sum(dim=1).rsqrt()
+    torch.testing.assert_close(W, raw * d, rtol=1e-6, atol=0)
+    assert exact_norm(W) <= 1 + 1e-6
+    report = lipfast.lipschitz_bound(layer, (shape[1],), progress=False)
+    assert exact_norm(W) <= report.upper <= 1 + 1e-5
+    with pytest.raises(TypeError, match="must be an nn.Linear"):
+        lipfast.nn.aol(nn.Conv2d(2, 2, 3))
+
+
+def test_margin_loss_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1, 1, 2])
+    loss = lipfast.nn.LipschitzMarginLoss(eps=0.3, lipschitz=2.0, temperature=0.5)
+    shifted = logits.detach().clone()
+    for i, t in enumerate(target.tolist()):
+        for j in range(4):
+            if j != t:
+                shifted[i, j] += math.sqrt(2) * 2.0 * 0.3
+    expected = F.cross_entropy(shifted / 0.5, target)
+    assert loss(logits, target).item() == pytest.approx(float(expected), rel=1e-12)
+    assert lipfast.nn.LipschitzMarginLoss(eps=0.0)(logits, target).item() == pytest.approx(F.cross_entropy(logits, target).item())
+    torch.autograd.gradcheck(lambda z: loss(z, target), (logits,))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        lipfast.nn.LipschitzMarginLoss(eps=-1.0)
+    with pytest.raises(ValueError, match="reduction must be"):
+        lipfast.nn.LipschitzMarginLoss(eps=0.1, reduction="max")
+
+
+def test_hkr_loss_against_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 2, 1, 0])
+    loss = lipfast.nn.HKRLoss(alpha=5.0, margin=0.7)
+    total = 0.0
+    z = logits.detach()
+    for i, t in enumerate(target.tolist()):
+        others = [float(z[i, j]) for j in range(3) if j != t]
+        kr = float(z[i, t]) - sum(others) / 2
+        hinge = max(0.0, 0.7 - (float(z[i, t]) - max(others)))
+        total += 5.0 * hinge - kr
+    assert loss(logits, target).item() == pytest.approx(total / 6, rel=1e-12)
+    torch.autograd.gradcheck(lambda x: loss(x, target), (logits,))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        loss(torch.randn(3, 1), torch.zeros(3, dtype=torch.int64))
+
+
+def normalized_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), lipfast.nn.GroupSort(), nn.Conv2d(4, 4, 3, padding=1), lipfast.nn.Abs(),
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 3),
+    )
+    lipfast.nn.spectral_norm(model[0], mode="operator")
+    lipfast.nn.spectral_norm(model[2])
+    lipfast.nn.aol(model[5])
+    parametrizations.orthogonal(model[7])
+    lipfast.nn.spectral_norm(model[8])
+    return model
+
+
+def test_export_round_trip():
+    model = normalized_model()
+    x = torch.randn(7, 2, 5, 5)
+    model(x)  # a training step of the power methods; the operator-mode layer learns its input size
+    exported = lipfast.nn.export(model)
+    assert model.training and exported.training
+    assert not any(parametrize.is_parametrized(m) for m in exported.modules())
+    assert [type(m) for m in exported] == [nn.Conv2d, lipfast.nn.GroupSort, nn.Conv2d, lipfast.nn.Abs, nn.Flatten,
+                                           nn.Linear, nn.ReLU, nn.Linear, nn.Linear]
+    assert all(not m._forward_pre_hooks for m in exported.modules())
+    model.eval()
+    exported.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-6)
+    assert all(parametrize.is_parametrized(model[i]) for i in (0, 2, 5, 7, 8))  # the original is untouched
+    # each exported layer's certified constant is never below its exact norm
+    report = lipfast.lipschitz_bound(exported, (2, 5, 5), progress=False)
+    for layer in report.layers:
+        if layer.kind == "Linear":
+            assert layer.upper >= exact_norm(exported.get_submodule(layer.name).weight) * (1 - 1e-6)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lipfast.nn.export(3)
+
+
+def test_compile_blocks():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), lipfast.nn.GroupSort(), nn.Linear(8, 4), lipfast.nn.Abs())
+    lipfast.nn.aol(model[0])
+    lipfast.nn.aol(model[2])
+    x = torch.randn(3, 6)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
