@@ -2,6 +2,8 @@
 
 * activations that are 1-Lipschitz and preserve gradient norms: :class:`GroupSort` (MaxMin for
   groups of 2; Anil et al. 2019) and :class:`Abs`;
+* :class:`SLLBlock`: the SDP-based Lipschitz residual layer of Araujo et al. (ICLR 2023),
+  x ↦ x − 2 Wᵀ T⁻¹ relu(W x + b), 1-Lipschitz by construction (dense form);
 * :func:`aol`: the almost-orthogonal rescaling of Prach and Lampert (ECCV 2022), W ↦ W D with
   D = diag(Σ_j |WᵀW|_ij)^(-1/2), certified 1-Lipschitz by construction (for nn.Linear);
 * losses for certified training: :class:`LipschitzMarginLoss` (cross-entropy on logits shifted by
@@ -25,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from lipfast.network import register_lipschitz
 
-__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "aol", "export"]
+__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export"]
 
 
 class GroupSort(nn.Module):
@@ -86,6 +88,60 @@ def aol(module: nn.Module, name: str = "weight") -> nn.Module:
         raise ValueError(f"lipfast.nn.aol: module has no 2-dim parameter {name!r}")
     parametrize.register_parametrization(module, name, _AOL())
     return module
+
+
+class SLLBlock(nn.Module):
+    """SDP-based Lipschitz residual layer (Araujo, Havens, Delattre, Allauzen, Hu; ICLR 2023), dense form:
+
+        h(x) = x − 2 Wᵀ T⁻¹ relu(W x + b),   T = diag(t),  t_i = Σ_j |W Wᵀ|_ij q_j / q_i,  q = exp(log_q)
+
+    for inputs (..., features), W (inner, features).  T − W Wᵀ is diagonally dominant after the
+    positive rescaling by q, hence positive semidefinite, and that makes h 1-Lipschitz for any
+    activation with slopes in [0, 1] (their Theorem 3).  A row of W that is zero gets t_i = 0 and
+    contributes nothing (its T⁻¹ entry is taken as 0)."""
+
+    def __init__(self, features: int, inner: int | None = None, *, device=None, dtype=None) -> None:
+        super().__init__()
+        inner = features if inner is None else inner
+        for label, value in (("features", features), ("inner", inner)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"lipfast.nn.SLLBlock: {label} must be an int >= 1, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.features, self.inner = features, inner
+        self.weight = nn.Parameter(torch.empty(inner, features, **factory))
+        self.bias = nn.Parameter(torch.empty(inner, **factory))
+        self.log_q = nn.Parameter(torch.empty(inner, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        bound = 1 / math.sqrt(self.features)
+        nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.normal_(self.log_q, std=0.1)
+
+    def scales(self) -> Tensor:
+        """1 / t_i (0 where t_i = 0): the diagonal of T⁻¹."""
+        q = self.log_q.exp()
+        t = ((self.weight @ self.weight.T).abs() @ q) / q
+        return torch.where(t > 0, 1 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.relu(F.linear(x, self.weight, self.bias)) * self.scales()
+        return x - 2 * F.linear(z, self.weight.T)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, inner={self.inner}"
+
+
+def _sll_constant(module: SLLBlock, input_shape) -> tuple[float, float]:
+    # 1 in exact arithmetic; T is computed in the parameters' dtype, whose rounding (relative
+    # gamma(inner + 2) on t) can let ‖I − 2 Wᵀ T⁻¹ D W‖ exceed 1 by about twice that.
+    unit = torch.finfo(module.weight.dtype).eps / 2
+    k = module.inner + 4
+    return 0.0, 1.0 + 4.0 * k * unit / (1.0 - k * unit)
+
+
+register_lipschitz(SLLBlock, _sll_constant)
 
 
 class LipschitzMarginLoss(nn.Module):

@@ -141,3 +141,34 @@ def test_compile_blocks():
     x = torch.randn(3, 6)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_sll_block_is_one_lipschitz():
+    torch.manual_seed(4)
+    block = lipfast.nn.SLLBlock(12, inner=20, dtype=torch.float64)
+    with torch.no_grad():
+        block.log_q.normal_(std=1.0)  # far from uniform q: the rescaling must still hold
+    W = block.weight.detach()
+    t_inv = block.scales().detach()
+    q = block.log_q.detach().exp()
+    t = ((W @ W.T).abs() @ q) / q
+    torch.testing.assert_close(t_inv, 1 / t, rtol=1e-12, atol=0)
+    # the Jacobian I - 2 Wᵀ T⁻¹ D W for activation slopes D in [0, 1]: norm <= 1 for every D
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for trial in range(200):
+        d = torch.rand(20, generator=g, dtype=torch.float64)
+        if trial % 2:
+            d = (d > 0.5).double()
+        J = torch.eye(12, dtype=torch.float64) - 2 * W.T @ torch.diag(t_inv * d) @ W
+        worst = max(worst, exact_norm(J))
+    assert worst <= 1 + 1e-12
+    # the forward pass agrees with the formula, and lipschitz_bound knows the block
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = x - 2 * torch.relu(x @ W.T + block.bias.detach()) * t_inv @ W
+    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+    report = lipfast.lipschitz_bound(nn.Sequential(block, lipfast.nn.SLLBlock(12, dtype=torch.float64)), (12,), progress=False)
+    assert 1.0 <= report.upper <= 1.0 + 1e-12
+    torch.autograd.gradcheck(lambda inp: block(inp), (x.requires_grad_(True),))
+    with pytest.raises(ValueError, match="inner must be an int >= 1"):
+        lipfast.nn.SLLBlock(4, inner=0)
