@@ -5,7 +5,7 @@
 * :class:`SLLBlock`: the SDP-based Lipschitz residual layer of Araujo et al. (ICLR 2023),
   x ↦ x − 2 Wᵀ T⁻¹ relu(W x + b), 1-Lipschitz by construction (dense form);
 * :func:`aol`: the almost-orthogonal rescaling of Prach and Lampert (ECCV 2022), W ↦ W D with
-  D = diag(Σ_j |WᵀW|_ij)^(-1/2), certified 1-Lipschitz by construction (for nn.Linear);
+  D = diag(Σ_j |WᵀW|_ij)^(-1/2), certified 1-Lipschitz by construction (nn.Linear, stride-1 nn.Conv2d);
 * losses for certified training: :class:`LipschitzMarginLoss` (cross-entropy on logits shifted by
   the margin a radius eps needs, Tsuzuku et al. 2018) and :class:`HKRLoss` (hinge and
   Kantorovich–Rubinstein, Serrurier et al. 2021);
@@ -67,25 +67,55 @@ register_lipschitz(GroupSort, lambda module, input_shape: 1.0)
 register_lipschitz(Abs, lambda module, input_shape: 1.0)
 
 
+def _aol_scales(W: Tensor) -> Tensor:
+    """d_i = (Σ_j |WᵀW|_ij)^(-1/2) (0 for a zero column) for a matrix W (m, n); for a conv kernel
+    W (out, in, kh, kw), the same with WᵀW the kernel of the operator AᵀA of the stride-1 convolution:
+    (K ⋆ K)[i, j, s] = Σ_o Σ_p K[o, i, p] K[o, j, p + s] over all shifts s, summed in |.| over j and s.
+    For a kernel this is one Gram matrix of the kernel as an (out, kh kw in) matrix (each pair of
+    kernel positions once), then sums over the pairs of positions that share a shift."""
+    if W.dim() == 2:
+        row_sums = (W.mT @ W).abs().sum(dim=-1)
+    else:
+        out, cin, kh, kw = W.shape
+        M = W.permute(0, 2, 3, 1).reshape(out, kh * kw * cin)
+        G = (M.mT @ M).reshape(kh, kw, cin, kh, kw, cin)
+        row_sums = torch.zeros(cin, dtype=W.dtype, device=W.device)
+        for da in range(-(kh - 1), kh):
+            for db in range(-(kw - 1), kw):
+                a0, a1 = max(0, -da), min(kh, kh - da)
+                b0, b1 = max(0, -db), min(kw, kw - db)
+                shifted = sum(G[a, b, :, a + da, b + db, :] for a in range(a0, a1) for b in range(b0, b1))
+                row_sums = row_sums + shifted.abs().sum(dim=-1)
+    return torch.where(row_sums > 0, row_sums.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(row_sums))
+
+
 class _AOL(nn.Module):
-    """W ↦ W diag(d), d_i = (Σ_j |WᵀW|_ij)^(-1/2) (0 for a zero column): ‖W diag(d)‖ <= 1."""
+    """W ↦ W diag(d) on the input dimension (dim 1), d from _aol_scales: ‖the layer's map‖ <= 1."""
 
     def forward(self, W: Tensor) -> Tensor:
-        gram = (W.mT @ W).abs().sum(dim=-1)
-        scale = torch.where(gram > 0, gram.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(gram))
-        return W * scale
+        d = _aol_scales(W)
+        return W * d.reshape(1, -1, *([1] * (W.dim() - 2)))
 
 
 def aol(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Registers the almost-orthogonal (AOL) rescaling on ``module.<name>`` (an nn.Linear) and returns
-    the module.  The layer is 1-Lipschitz by construction: with D = diag(Σ_j |WᵀW|_ij)^(-1/2),
-    ‖W D‖² = ‖D WᵀW D‖ <= max_i Σ_j |D WᵀW D|_ij <= 1 (Prach and Lampert, ECCV 2022); each column is
-    scaled by one factor, which keeps the rescaling cheap (one Gram matrix per forward)."""
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"lipfast.nn.aol: module must be an nn.Linear, got {type(module).__name__}")
+    """Registers the almost-orthogonal (AOL) rescaling on ``module.<name>`` and returns the module:
+    an nn.Linear, or an nn.Conv2d with stride 1, dilation 1 and one group (any padding).  The layer
+    is 1-Lipschitz by construction: with D = diag(Σ_j |AᵀA|_ij)^(-1/2) over the input channels,
+    ‖A D‖² = ‖D AᵀA D‖ <= max_i Σ_j |D AᵀA D|_ij <= 1 (Prach and Lampert, ECCV 2022); for a
+    convolution the sums run over the kernel of AᵀA, K ⋆ K, which bounds the operator on any input
+    size and with any padding.  One scale per input channel keeps it cheap: one Gram matrix per
+    forward (of the kernel as an out × (kh kw in) matrix for a conv)."""
+    if isinstance(module, nn.Conv2d):
+        if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1:
+            raise ValueError(
+                "lipfast.nn.aol: a Conv2d needs stride 1, dilation 1 and groups 1 (the AOL bound is for that "
+                f"operator), got stride={module.stride}, dilation={module.dilation}, groups={module.groups}"
+            )
+    elif not isinstance(module, nn.Linear):
+        raise TypeError(f"lipfast.nn.aol: module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
     weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"lipfast.nn.aol: module has no 2-dim parameter {name!r}")
+    if not isinstance(weight, Tensor) or weight.dim() not in (2, 4):
+        raise ValueError(f"lipfast.nn.aol: module has no weight parameter {name!r} of 2 or 4 dims")
     parametrize.register_parametrization(module, name, _AOL())
     return module
 

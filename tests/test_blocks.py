@@ -53,8 +53,36 @@ def test_aol_is_one_lipschitz(shape):
     assert exact_norm(W) <= 1 + 1e-6
     report = lipfast.lipschitz_bound(layer, (shape[1],), progress=False)
     assert exact_norm(W) <= report.upper <= 1 + 1e-5
-    with pytest.raises(TypeError, match="must be an nn.Linear"):
-        lipfast.nn.aol(nn.Conv2d(2, 2, 3))
+    with pytest.raises(TypeError, match="must be an nn.Linear or nn.Conv2d"):
+        lipfast.nn.aol(nn.Conv1d(2, 2, 3))
+
+
+def explicit_operator(layer: nn.Module, input_shape: tuple) -> torch.Tensor:
+    """The bias-free layer as an explicit matrix (columns: the images of the basis vectors)."""
+    n = math.prod(input_shape)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *input_shape)
+    with torch.no_grad():
+        out = layer._conv_forward(basis, layer.weight, None)  # torch's own padding, without the bias
+    return out.reshape(n, -1).T
+
+
+@pytest.mark.parametrize("padding_mode,kernel", [("zeros", 3), ("circular", 3), ("zeros", (1, 1)), ("reflect", (3, 5))])
+def test_aol_conv_is_one_lipschitz(padding_mode, kernel):
+    torch.manual_seed(7)
+    layer = nn.Conv2d(3, 5, kernel, padding="same", padding_mode=padding_mode, dtype=torch.float64)
+    raw = layer.weight.detach().clone()
+    lipfast.nn.aol(layer)
+    # the scales against the plain computation: K ⋆ K by a convolution of the kernel with itself
+    kh, kw = raw.shape[-2:]
+    KK = F.conv2d(raw.transpose(0, 1), raw.transpose(0, 1), padding=(kh - 1, kw - 1))
+    torch.testing.assert_close(layer.weight.detach(), raw * KK.abs().sum(dim=(1, 2, 3)).rsqrt()[None, :, None, None],
+                               rtol=1e-12, atol=0)
+    A = explicit_operator(layer, (3, 6, 7))
+    assert exact_norm(A) <= 1 + 1e-9
+    report = lipfast.lipschitz_bound(nn.Sequential(layer), (3, 6, 7), progress=False)
+    assert exact_norm(A) <= report.upper <= 1 + 1e-5
+    with pytest.raises(ValueError, match="needs stride 1"):
+        lipfast.nn.aol(nn.Conv2d(2, 2, 3, stride=2))
 
 
 def test_margin_loss_against_hand_computation():
