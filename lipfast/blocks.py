@@ -4,6 +4,7 @@
   groups of 2; Anil et al. 2019) and :class:`Abs`;
 * :class:`SLLBlock`: the SDP-based Lipschitz residual layer of Araujo et al. (ICLR 2023),
   x ↦ x − 2 Wᵀ T⁻¹ relu(W x + b), 1-Lipschitz by construction (dense form);
+* :func:`orthogonal`: Björck–Bowie orthonormalization of a Linear weight (Anil et al. 2019);
 * :func:`aol`: the almost-orthogonal rescaling of Prach and Lampert (ECCV 2022), W ↦ W D with
   D = diag(Σ_j |WᵀW|_ij)^(-1/2), certified 1-Lipschitz by construction (nn.Linear, stride-1 nn.Conv2d);
 * losses for certified training: :class:`LipschitzMarginLoss` (cross-entropy on logits shifted by
@@ -27,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from lipfast.network import register_lipschitz
 
-__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export"]
+__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export", "orthogonal"]
 
 
 class GroupSort(nn.Module):
@@ -117,6 +118,59 @@ def aol(module: nn.Module, name: str = "weight") -> nn.Module:
     if not isinstance(weight, Tensor) or weight.dim() not in (2, 4):
         raise ValueError(f"lipfast.nn.aol: module has no weight parameter {name!r} of 2 or 4 dims")
     parametrize.register_parametrization(module, name, _AOL())
+    return module
+
+
+class _Bjorck(nn.Module):
+    """W ↦ the Björck–Bowie iterate after `iters` steps from W / sigma (sigma: a power-method estimate
+    of ‖W‖ whose iterate persists across training steps, as in spectral normalization):
+        Q ← Q ((1 + beta) I − beta QᵀQ)   (the Gram on the smaller side for a wide W).
+    Converges to the orthogonal polar factor of W for singular values of W / sigma in (0, sqrt(3))."""
+
+    def __init__(self, weight: Tensor, iters: int, beta: float) -> None:
+        super().__init__()
+        self.iters, self.beta = iters, beta
+        n = weight.shape[1]
+        v = torch.randn(n, dtype=weight.dtype, device=weight.device)
+        self.register_buffer("_v", v / v.norm())
+
+    def forward(self, W: Tensor) -> Tensor:
+        if self.training:  # one power step on WᵀW per training forward, warm-started
+            with torch.no_grad():
+                u = W @ self._v
+                v = W.mT @ u
+                self._v.copy_(v / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
+        sigma = (W @ self._v).norm()  # differentiable in W, the iterate held fixed (as in spectral norm)
+        Q = W / sigma.clamp_min(torch.finfo(W.dtype).tiny)
+        wide = Q.shape[0] < Q.shape[1]
+        if wide:
+            Q = Q.mT
+        eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+        for _ in range(self.iters):
+            Q = Q @ ((1 + self.beta) * eye - self.beta * (Q.mT @ Q))
+        return Q.mT if wide else Q
+
+
+def orthogonal(module: nn.Module, name: str = "weight", *, method: str = "bjorck", iters: int = 15,
+               beta: float = 0.5) -> nn.Module:
+    """Registers Björck–Bowie orthonormalization on ``module.<name>`` (an nn.Linear) and returns the
+    module: the weight used is W / sigma carried through ``iters`` Björck steps (sigma a warm-started
+    power-method estimate of ‖W‖), differentiable through all of them.  After convergence its singular
+    values are 1 to within the iteration's residual, which :func:`lipfast.lipschitz_bound` certifies from
+    the actual weight (so the residual is part of the certified constant).  Each step costs two
+    matrix products on the smaller side's Gram matrix."""
+    if method != "bjorck":
+        raise ValueError(f"lipfast.nn.orthogonal: method must be 'bjorck', got {method!r}")
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"lipfast.nn.orthogonal: module must be an nn.Linear, got {type(module).__name__}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"lipfast.nn.orthogonal: iters must be an int >= 1, got {iters!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 0.5:
+        raise ValueError(f"lipfast.nn.orthogonal: beta must be in (0, 0.5], got {beta!r}")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"lipfast.nn.orthogonal: module has no 2-dim parameter {name!r}")
+    parametrize.register_parametrization(module, name, _Bjorck(weight.detach(), iters, float(beta)))
     return module
 
 

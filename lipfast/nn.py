@@ -473,6 +473,6 @@ def lipschitz_penalty(model: nn.Module, target: float = 1.0, *, input_shape: Seq
 
 
 # 1-Lipschitz building blocks, losses and export (lipfast/blocks.py), in this namespace too.
-from lipfast.blocks import Abs, GroupSort, HKRLoss, LipschitzMarginLoss, SLLBlock, aol, export  # noqa: E402
+from lipfast.blocks import Abs, GroupSort, HKRLoss, LipschitzMarginLoss, SLLBlock, aol, export, orthogonal  # noqa: E402
 
-__all__ += ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export"]
+__all__ += ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export", "orthogonal"]

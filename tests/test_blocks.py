@@ -200,3 +200,30 @@ def test_sll_block_is_one_lipschitz():
     torch.autograd.gradcheck(lambda inp: block(inp), (x.requires_grad_(True),))
     with pytest.raises(ValueError, match="inner must be an int >= 1"):
         lipfast.nn.SLLBlock(4, inner=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (20, 20)])
+def test_bjorck_orthonormalizes(shape):
+    torch.manual_seed(shape[0] + 2 * shape[1])
+    layer = nn.Linear(shape[1], shape[0])
+    lipfast.nn.orthogonal(layer)
+    for _ in range(3):  # training forwards move the warm-started power iterate
+        layer(torch.randn(4, shape[1]))
+    layer.eval()
+    W = layer.weight.detach()
+    s = torch.linalg.svdvals(W.double())
+    assert float((s - 1).abs().max()) <= 1e-3
+    exported = lipfast.nn.export(layer)
+    report = lipfast.lipschitz_bound(exported, (shape[1],), progress=False)
+    exact = exact_norm(exported.weight)
+    assert exact <= report.upper <= exact * (1 + 1e-3)
+    # differentiable through the iterations
+    small = nn.Linear(5, 6, dtype=torch.float64)
+    lipfast.nn.orthogonal(small, iters=4)
+    small.eval()
+    original = small.parametrizations.weight.original
+    torch.autograd.gradcheck(lambda w: small.parametrizations.weight[0](w), (original.detach().clone().requires_grad_(True),))
+    with pytest.raises(ValueError, match="beta must be in"):
+        lipfast.nn.orthogonal(nn.Linear(3, 3), beta=0.9)
+    with pytest.raises(ValueError, match="method must be 'bjorck'"):
+        lipfast.nn.orthogonal(nn.Linear(3, 3), method="cayley")
