@@ -1,0 +1,73 @@
+"""1-Lipschitz building blocks against the plain PyTorch a user would write, side by side.
+
+    python benchmarks/bench_blocks.py
+
+* AOL rescaling of a ResNet-18-sized conv kernel (512, 512, 3, 3): lipfast forms K ⋆ K from one Gram
+  matrix of the kernel as a (512, 9 * 512) matrix (each pair of kernel positions once: 2.2e10 flops);
+  the plain way convolves the kernel with itself (F.conv2d with padding k - 1: every shift times every
+  kernel position, 6.0e11 multiply-adds counted with the zero padding).
+* One Björck step on a 1024 x 1024 weight: lipfast's Q ((1 + b) I - b QᵀQ) against the textbook
+  (1 + b) W - b W Wᵀ W; both are two 1024³ matrix products (4.3 GFLOP), so no gain is expected.
+Times: the median of --repeat runs after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lipfast.blocks import _aol_scales
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def aol_plain(K: torch.Tensor) -> torch.Tensor:
+    kh, kw = K.shape[-2:]
+    KK = F.conv2d(K.transpose(0, 1), K.transpose(0, 1), padding=(kh - 1, kw - 1))
+    return KK.abs().sum(dim=(1, 2, 3)).rsqrt()
+
+
+def bjorck_plain(W: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    return (1 + beta) * W - beta * W @ W.T @ W
+
+
+def bjorck_lipfast(W: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    eye = torch.eye(W.shape[1], dtype=W.dtype)
+    return W @ ((1 + beta) * eye - beta * (W.mT @ W))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeat}")
+    print()
+    print("| case | plain s | lipfast s | plain / lipfast | max relative difference |")
+    print("|---|---|---|---|---|")
+    for shape in [(512, 512, 3, 3), (64, 64, 3, 3)]:
+        K = torch.randn(*shape, generator=g) / 48
+        t_plain, d_plain = timed(lambda: aol_plain(K), args.repeat)
+        t_fast, d_fast = timed(lambda: _aol_scales(K), args.repeat)
+        diff = float(((d_fast - d_plain).abs() / d_plain).max())
+        print(f"| AOL scales, kernel {shape} | {t_plain:.4f} | {t_fast:.4f} | {t_plain / t_fast:.1f}x | {diff:.1e} |")
+    W = torch.randn(1024, 1024, generator=g) / 64
+    t_plain, q_plain = timed(lambda: bjorck_plain(W), args.repeat)
+    t_fast, q_fast = timed(lambda: bjorck_lipfast(W), args.repeat)
+    diff = float((q_fast - q_plain).norm() / q_plain.norm())
+    print(f"| Björck step, 1024 x 1024 | {t_plain:.4f} | {t_fast:.4f} | {t_plain / t_fast:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
