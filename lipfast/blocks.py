@@ -72,27 +72,36 @@ def _aol_scales(W: Tensor) -> Tensor:
     """d_i = (Σ_j |WᵀW|_ij)^(-1/2) (0 for a zero column) for a matrix W (m, n); for a conv kernel
     W (out, in, kh, kw), the same with WᵀW the kernel of the operator AᵀA of the stride-1 convolution:
     R_s = (K ⋆ K)[:, :, s], R_s[i, j] = Σ_o Σ_p K[o, i, p] K[o, j, p + s] over all shifts s, summed in
-    |.| over j and s.  Each R_s is one matrix product (the kernel positions that overlap at shift s,
-    stacked), and R_{-s} = R_sᵀ, so only half the shifts are formed: k⁴/2 · 2 out in² flops in all,
+    |.| over j and s.  Each R_s is a sum of products of (out, in) position matrices, one per pair of
+    positions that overlap at shift s, and R_{-s} = R_sᵀ, so only half the shifts are formed: k⁴/2 · 2 out in² flops in all,
     where convolving the kernel with itself costs (2k - 1)² k² · 2 out in²."""
     if W.dim() == 2:
         row_sums = (W.mT @ W).abs().sum(dim=-1)
     else:
         out, cin, kh, kw = W.shape
+        if out * cin * cin < 2**22:  # small kernels: one convolution beats ~k⁴/2 small products in Python
+            KK = F.conv2d(W.transpose(0, 1), W.transpose(0, 1), padding=(kh - 1, kw - 1))
+            return _inverse_sqrt(KK.abs().sum(dim=(1, 2, 3)))
         positions = W.permute(2, 3, 0, 1).contiguous()  # (kh, kw, out, in): one (out, in) matrix per position
         row_sums = torch.zeros(cin, dtype=W.dtype, device=W.device)
         for da in range(kh):
             for db in range(-(kw - 1), kw):
                 if da == 0 and db < 0:
                     continue  # the shift -s: the transpose of shift s, counted below
-                b0, b1 = max(0, -db), min(kw, kw - db)
-                first = positions[: kh - da, b0:b1].reshape(-1, cin)
-                second = positions[da:, b0 + db : b1 + db].reshape(-1, cin)
-                R = (first.mT @ second).abs()
+                R = torch.zeros(cin, cin, dtype=W.dtype, device=W.device)
+                for a in range(kh - da):
+                    for b in range(max(0, -db), min(kw, kw - db)):
+                        R = torch.addmm(R, positions[a, b].mT, positions[a + da, b + db])
+                R = R.abs()
                 row_sums = row_sums + R.sum(dim=1)
                 if da or db:
                     row_sums = row_sums + R.sum(dim=0)
-    return torch.where(row_sums > 0, row_sums.clamp_min(torch.finfo(W.dtype).tiny).rsqrt(), torch.zeros_like(row_sums))
+    return _inverse_sqrt(row_sums)
+
+
+def _inverse_sqrt(x: Tensor) -> Tensor:
+    """x^(-1/2), and 0 where x = 0 (a zero column or channel keeps its zero)."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
 
 
 class _AOL(nn.Module):

@@ -66,6 +66,22 @@ def explicit_operator(layer: nn.Module, input_shape: tuple) -> torch.Tensor:
     return out.reshape(n, -1).T
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (3, 5), (1, 1)])
+def test_aol_conv_scales_by_shifts(kernel):
+    """Large kernels take the per-shift products; they must equal the convolution of K with itself."""
+    from lipfast.blocks import _aol_scales
+
+    g = torch.Generator().manual_seed(kernel[1])
+    K = torch.randn(64, 256, *kernel, generator=g, dtype=torch.float64)
+    K[:, 7] = 0  # a dead input channel keeps scale 0
+    kh, kw = kernel
+    KK = F.conv2d(K.transpose(0, 1), K.transpose(0, 1), padding=(kh - 1, kw - 1))
+    sums = KK.abs().sum(dim=(1, 2, 3))
+    expected = torch.where(sums > 0, sums.rsqrt(), 0.0)
+    torch.testing.assert_close(_aol_scales(K), expected, rtol=1e-12, atol=0)
+    assert float(_aol_scales(K)[7]) == 0.0
+
+
 @pytest.mark.parametrize("padding_mode,kernel", [("zeros", 3), ("circular", 3), ("zeros", (1, 1)), ("reflect", (3, 5))])
 def test_aol_conv_is_one_lipschitz(padding_mode, kernel):
     torch.manual_seed(7)
