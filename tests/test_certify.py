@@ -64,9 +64,10 @@ def test_digits_example_runs():
     import digits
 
     results = digits.main(["--epochs", "4"])
-    ours, torchs = results["lipfast"], results["torch"]
+    ours, torchs, blocks = results["lipfast"], results["torch"], results["1-lipschitz"]
     assert ours["lipschitz"] <= 1.001 + 1e-3  # operator mode after converge: every layer's norm is 1
-    for r in (ours, torchs):
+    assert blocks["lipschitz"] <= 1 + 1e-3  # 1-Lipschitz by construction, up to Björck's residual
+    for r in (ours, torchs, blocks):
         assert 0.5 < r["clean"] <= 1
         values = [r["certified"][radius] for radius in digits.RADII]
         assert all(a >= b for a, b in zip([r["clean"]] + values, values))  # monotone in the radius
