@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from lipfast.network import register_lipschitz
 
-__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export", "orthogonal"]
+__all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "SLLConv2d", "aol", "export", "orthogonal"]
 
 
 class GroupSort(nn.Module):
@@ -68,35 +68,37 @@ register_lipschitz(GroupSort, lambda module, input_shape: 1.0)
 register_lipschitz(Abs, lambda module, input_shape: 1.0)
 
 
-def _aol_scales(W: Tensor) -> Tensor:
-    """d_i = (Σ_j |WᵀW|_ij)^(-1/2) (0 for a zero column) for a matrix W (m, n); for a conv kernel
-    W (out, in, kh, kw), the same with WᵀW the kernel of the operator AᵀA of the stride-1 convolution:
-    R_s = (K ⋆ K)[:, :, s], R_s[i, j] = Σ_o Σ_p K[o, i, p] K[o, j, p + s] over all shifts s, summed in
-    |.| over j and s.  Each R_s is a sum of products of (out, in) position matrices, one per pair of
-    positions that overlap at shift s, and R_{-s} = R_sᵀ, so only half the shifts are formed: k⁴/2 · 2 out in² flops in all,
-    where convolving the kernel with itself costs (2k - 1)² k² · 2 out in²."""
+def _abs_gram(W: Tensor) -> Tensor:
+    """S = Σ_s |R_s| (in, in): for a matrix W (m, n), |WᵀW|; for a conv kernel W (out, in, kh, kw),
+    the sum over shifts s of |R_s|, where R_s[i, j] = Σ_o Σ_p K[o, i, p] K[o, j, p + s] is the kernel
+    of the operator AᵀA of the stride-1 convolution.  Each R_s is a sum of products of (out, in)
+    position matrices, one per pair of positions that overlap at shift s, and R_{-s} = R_sᵀ, so only
+    half the shifts are formed: k⁴/2 · 2 out in² flops in all, where convolving the kernel with itself
+    costs (2k − 1)² k² · 2 out in² (it is still used for small kernels, where Python's loop loses)."""
     if W.dim() == 2:
-        row_sums = (W.mT @ W).abs().sum(dim=-1)
-    else:
-        out, cin, kh, kw = W.shape
-        if out * cin * cin < 2**22:  # small kernels: one convolution beats ~k⁴/2 small products in Python
-            KK = F.conv2d(W.transpose(0, 1), W.transpose(0, 1), padding=(kh - 1, kw - 1))
-            return _inverse_sqrt(KK.abs().sum(dim=(1, 2, 3)))
-        positions = W.permute(2, 3, 0, 1).contiguous()  # (kh, kw, out, in): one (out, in) matrix per position
-        row_sums = torch.zeros(cin, dtype=W.dtype, device=W.device)
-        for da in range(kh):
-            for db in range(-(kw - 1), kw):
-                if da == 0 and db < 0:
-                    continue  # the shift -s: the transpose of shift s, counted below
-                R = torch.zeros(cin, cin, dtype=W.dtype, device=W.device)
-                for a in range(kh - da):
-                    for b in range(max(0, -db), min(kw, kw - db)):
-                        R = torch.addmm(R, positions[a, b].mT, positions[a + da, b + db])
-                R = R.abs()
-                row_sums = row_sums + R.sum(dim=1)
-                if da or db:
-                    row_sums = row_sums + R.sum(dim=0)
-    return _inverse_sqrt(row_sums)
+        return (W.mT @ W).abs()
+    out, cin, kh, kw = W.shape
+    if out * cin * cin < 2**22:
+        KK = F.conv2d(W.transpose(0, 1), W.transpose(0, 1), padding=(kh - 1, kw - 1))
+        return KK.abs().sum(dim=(2, 3))
+    positions = W.permute(2, 3, 0, 1).contiguous()  # (kh, kw, out, in): one (out, in) matrix per position
+    S = torch.zeros(cin, cin, dtype=W.dtype, device=W.device)
+    for da in range(kh):
+        for db in range(-(kw - 1), kw):
+            if da == 0 and db < 0:
+                continue  # the shift -s: the transpose of shift s, added below
+            R = torch.zeros(cin, cin, dtype=W.dtype, device=W.device)
+            for a in range(kh - da):
+                for b in range(max(0, -db), min(kw, kw - db)):
+                    R = torch.addmm(R, positions[a, b].mT, positions[a + da, b + db])
+            R = R.abs()
+            S = S + (R + R.mT if da or db else R)
+    return S
+
+
+def _aol_scales(W: Tensor) -> Tensor:
+    """d_i = (Σ_j S_ij)^(-1/2), S = _abs_gram(W) (0 for a zero column or input channel)."""
+    return _inverse_sqrt(_abs_gram(W).sum(dim=-1))
 
 
 def _inverse_sqrt(x: Tensor) -> Tensor:
@@ -219,9 +221,7 @@ class SLLBlock(nn.Module):
 
     def scales(self) -> Tensor:
         """1 / t_i (0 where t_i = 0): the diagonal of T⁻¹."""
-        q = self.log_q.exp()
-        t = ((self.weight @ self.weight.T).abs() @ q) / q
-        return torch.where(t > 0, 1 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+        return _sll_scales(self.weight, self.log_q)
 
     def forward(self, x: Tensor) -> Tensor:
         z = torch.relu(F.linear(x, self.weight, self.bias)) * self.scales()
@@ -231,15 +231,69 @@ class SLLBlock(nn.Module):
         return f"features={self.features}, inner={self.inner}"
 
 
-def _sll_constant(module: SLLBlock, input_shape) -> tuple[float, float]:
-    # 1 in exact arithmetic; T is computed in the parameters' dtype, whose rounding (relative
-    # gamma(inner + 2) on t) can let ‖I − 2 Wᵀ T⁻¹ D W‖ exceed 1 by about twice that.
+def _sll_scales(weight: Tensor, log_q: Tensor) -> Tensor:
+    """1 / t (0 where t = 0) with t_i = Σ_j S_ij q_j / q_i, S = Σ_s |kernel of A Aᵀ| for the map A of
+    ``weight`` (a matrix (inner, features), or a conv kernel (inner, channels, k, k)), q = exp(log_q)."""
+    q = log_q.exp()
+    t = (_abs_gram(weight.transpose(0, 1)) @ q) / q  # A Aᵀ of A is AᵀA of Aᵀ; a flip of s changes no sum
+    return torch.where(t > 0, 1 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+
+
+class SLLConv2d(nn.Module):
+    """SDP-based Lipschitz residual layer, convolutional form (Araujo et al., ICLR 2023):
+
+        h(x) = x − 2 Aᵀ T⁻¹ relu(A x + b),   t_i = Σ_j Σ_s |(K ⋆ K)_{ij}(s)| q_j / q_i
+
+    with A the stride-1, zero-padded ("same") convolution by K (inner, channels, k, k), Aᵀ its
+    adjoint (the transposed convolution) and K ⋆ K the kernel of A Aᵀ.  1-Lipschitz, for any input
+    size; k must be odd."""
+
+    def __init__(self, channels: int, inner: int | None = None, kernel_size: int = 3, *, device=None, dtype=None) -> None:
+        super().__init__()
+        inner = channels if inner is None else inner
+        for label, value in (("channels", channels), ("inner", inner)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"lipfast.nn.SLLConv2d: {label} must be an int >= 1, got {value!r}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"lipfast.nn.SLLConv2d: kernel_size must be an odd int >= 1, got {kernel_size!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.channels, self.inner, self.kernel_size = channels, inner, kernel_size
+        self.weight = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(inner, **factory))
+        self.log_q = nn.Parameter(torch.empty(inner, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_normal_(self.weight)
+        bound = 1 / math.sqrt(self.channels * self.kernel_size**2)
+        nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.normal_(self.log_q, std=0.1)
+
+    def scales(self) -> Tensor:
+        """1 / t_i (0 where t_i = 0): the diagonal of T⁻¹, one per inner channel."""
+        return _sll_scales(self.weight, self.log_q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = self.kernel_size // 2
+        z = torch.relu(F.conv2d(x, self.weight, self.bias, padding=pad)) * self.scales()[:, None, None]
+        return x - 2 * F.conv_transpose2d(z, self.weight, padding=pad)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, inner={self.inner}, kernel_size={self.kernel_size}"
+
+
+def _sll_constant(module: SLLBlock | SLLConv2d, input_shape) -> tuple[float, float]:
+    # 1 in exact arithmetic; t is computed in the parameters' dtype: products of length up to the
+    # weight's size per inner unit, summed over inner units and shifts.  Its relative rounding,
+    # gamma(terms), can let ‖I − 2 Aᵀ T⁻¹ D A‖ exceed 1 by about twice that.
     unit = torch.finfo(module.weight.dtype).eps / 2
-    k = module.inner + 4
+    shifts = (2 * module.kernel_size - 1) ** 2 if isinstance(module, SLLConv2d) else 1
+    k = module.weight.numel() // module.inner + module.inner * shifts + 4
     return 0.0, 1.0 + 4.0 * k * unit / (1.0 - k * unit)
 
 
 register_lipschitz(SLLBlock, _sll_constant)
+register_lipschitz(SLLConv2d, _sll_constant)
 
 
 class LipschitzMarginLoss(nn.Module):

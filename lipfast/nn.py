@@ -473,6 +473,8 @@ def lipschitz_penalty(model: nn.Module, target: float = 1.0, *, input_shape: Seq
 
 
 # 1-Lipschitz building blocks, losses and export (lipfast/blocks.py), in this namespace too.
-from lipfast.blocks import Abs, GroupSort, HKRLoss, LipschitzMarginLoss, SLLBlock, aol, export, orthogonal  # noqa: E402
+from lipfast.blocks import (  # noqa: E402
+    Abs, GroupSort, HKRLoss, LipschitzMarginLoss, SLLBlock, SLLConv2d, aol, export, orthogonal,
+)
 
-__all__ += ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "aol", "export", "orthogonal"]
+__all__ += ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "SLLConv2d", "aol", "export", "orthogonal"]

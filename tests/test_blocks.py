@@ -243,3 +243,38 @@ def test_bjorck_orthonormalizes(shape):
         lipfast.nn.orthogonal(nn.Linear(3, 3), beta=0.9)
     with pytest.raises(ValueError, match="method must be 'bjorck'"):
         lipfast.nn.orthogonal(nn.Linear(3, 3), method="cayley")
+
+
+def test_sll_conv_is_one_lipschitz():
+    torch.manual_seed(5)
+    block = lipfast.nn.SLLConv2d(2, inner=3, kernel_size=3, dtype=torch.float64)
+    with torch.no_grad():
+        block.log_q.normal_(std=1.0)
+    shape = (2, 5, 4)
+    n = math.prod(shape)
+    K = block.weight.detach()
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    A = F.conv2d(basis, K, padding=1).reshape(n, -1).T  # the convolution as a matrix (inner·H·W, n)
+    t_inv = block.scales().detach()
+    q = block.log_q.detach().exp()
+    KK = F.conv2d(K, K, padding=2)  # kernel of A Aᵀ: (inner, inner, 5, 5)
+    t = (KK.abs().sum(dim=(2, 3)) @ q) / q
+    torch.testing.assert_close(t_inv, 1 / t, rtol=1e-12, atol=0)
+    scale = t_inv.repeat_interleave(5 * 4)
+    g = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for trial in range(100):
+        d = torch.rand(A.shape[0], generator=g, dtype=torch.float64)
+        if trial % 2:
+            d = (d > 0.5).double()
+        J = torch.eye(n, dtype=torch.float64) - 2 * A.T @ torch.diag(scale * d) @ A
+        worst = max(worst, exact_norm(J))
+    assert worst <= 1 + 1e-12
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    pre = (x.reshape(3, n) @ A.T) + block.bias.detach().repeat_interleave(20)
+    expected = x.reshape(3, n) - 2 * (torch.relu(pre) * scale) @ A
+    torch.testing.assert_close(block(x).reshape(3, n), expected, rtol=1e-12, atol=1e-12)
+    report = lipfast.lipschitz_bound(nn.Sequential(block), shape, progress=False)
+    assert 1.0 <= report.upper <= 1.0 + 1e-10
+    with pytest.raises(ValueError, match="kernel_size must be an odd int"):
+        lipfast.nn.SLLConv2d(2, kernel_size=2)
