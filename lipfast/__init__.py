@@ -16,6 +16,7 @@ from lipfast.continuity import (
 )
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
 from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
+from lipfast.local import GapReport, lipschitz_gap, local_lipschitz
 from lipfast.network import LipschitzReport, certified_accuracy, lipschitz_bound, register_lipschitz
 from lipfast import distributed  # lipfast.distributed: sharded weights on torch.distributed
 from lipfast import nn  # lipfast.nn: spectral normalization for training loops
@@ -23,6 +24,7 @@ from lipfast import nn  # lipfast.nn: spectral normalization for training loops
 __version__ = "0.1.0"
 
 __all__ = [
+    "GapReport",
     "KnowledgeContinuity",
     "LayerVolatility",
     "LipschitzReport",
@@ -35,6 +37,8 @@ __all__ = [
     "knowledge_continuity",
     "knowledge_continuity_penalty",
     "lipschitz_bound",
+    "lipschitz_gap",
+    "local_lipschitz",
     "nn",
     "operator_norm",
     "operator_norm_bounds",

@@ -51,6 +51,25 @@ def test_bound_default_and_json(tmp_path):
     assert "network bound (composed over the graph, fx)" in result.stdout and "layer4.1.conv2" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["method"] == "fx" and len(report["layers"]) == 42 and report["upper"] > 1
+    assert "16 random inputs, uniform in [0, 1] (pass --data for real ones)" in result.stdout
+    assert any(note.startswith("attained lower bound at 16 random inputs") for note in report["notes"])
+
+
+def test_bound_with_data(tmp_path):
+    torch.manual_seed(1)
+    W = torch.randn(5, 7)
+    torch.save(W, tmp_path / "w.pt")
+    torch.save(torch.randn(9, 7), tmp_path / "x.pt")
+    result = _run("bound", str(tmp_path / "w.pt"), "--data", str(tmp_path / "x.pt"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("attained lower bound"))
+    lower = float(line.split()[3])
+    sigma = float(torch.linalg.matrix_norm(W.double(), 2))
+    assert lower == pytest.approx(sigma, rel=1e-5)  # a linear map: local = global
+    assert "9 inputs from" in line and "within a factor 1.000" in line
+    torch.save(torch.randn(9, 6), tmp_path / "bad.pt")
+    bad = _run("bound", str(tmp_path / "w.pt"), "--data", str(tmp_path / "bad.pt"), "--no-progress")
+    assert bad.returncode == 2 and "must hold a tensor of inputs (N, 7)" in bad.stderr
 
 
 def test_bound_model_files(tmp_path):

@@ -1,0 +1,81 @@
+"""Local Lipschitz constants at inputs, against Jacobians computed by hand and by autograd + SVD."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+
+
+def jacobian_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    norms = []
+    for xi in x:
+        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], xi.double())
+        norms.append(torch.linalg.matrix_norm(J.reshape(J.shape[0] if J.dim() > 1 else 1, -1), 2))
+    return torch.stack(norms)
+
+
+@pytest.mark.parametrize("out_features", [5, 100])  # the whole Jacobian, and power iteration
+def test_linear_map_local_equals_global(out_features):
+    torch.manual_seed(out_features)
+    layer = nn.Linear(30, out_features, dtype=torch.float64)
+    x = torch.randn(7, 30, dtype=torch.float64)
+    local = lipfast.local_lipschitz(layer, x)
+    exact = float(torch.linalg.matrix_norm(layer.weight.detach(), 2))
+    assert local.shape == (7,) and local.dtype == torch.float64
+    torch.testing.assert_close(local, torch.full((7,), exact, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_relu_network_active_path():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 6)).double()
+    x = torch.randn(9, 12, dtype=torch.float64)
+    local = lipfast.local_lipschitz(model, x)
+    W1, b1, W2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
+    for i in range(9):
+        active = (W1 @ x[i] + b1 > 0).double()
+        J = W2 @ torch.diag(active) @ W1  # the active-path matrix
+        assert float(local[i]) == pytest.approx(float(torch.linalg.matrix_norm(J, 2)), rel=1e-10)
+
+
+@pytest.mark.parametrize("outputs", [10, 90])
+def test_against_autograd_jacobian(outputs):
+    torch.manual_seed(outputs)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, outputs)
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.train()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    local = lipfast.local_lipschitz(model, x, chunk_size=2)
+    assert model.training and model[1].training  # modes restored
+    torch.testing.assert_close(local, jacobian_norms(model, x), rtol=1e-4, atol=0)
+
+
+def test_gap_is_sound():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )
+    x = torch.rand(20, 3, 8, 8)
+    gap = lipfast.lipschitz_gap(model, x)
+    assert 0 < gap.lower <= gap.upper and gap.ratio == pytest.approx(gap.upper / gap.lower)
+    assert gap.inputs == 20 and 0 <= gap.argmax < 20 and not gap.note
+    local = lipfast.local_lipschitz(model, x)
+    assert gap.lower == float(local.max()) and "within a factor" in str(gap)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lipfast.local_lipschitz(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="non-empty floating-point tensor"):
+        lipfast.local_lipschitz(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rtol must be a positive finite number"):
+        lipfast.local_lipschitz(nn.Linear(3, 2), torch.randn(2, 3), rtol=0)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        lipfast.local_lipschitz(nn.Linear(3, 2), torch.randn(2, 3), chunk_size=0)
