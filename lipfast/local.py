@@ -61,7 +61,7 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
 
 
 def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, iters: int = 500,
-                    chunk_size: int = 256, progress: bool = False) -> Tensor:
+                    chunk_size: int = 32, progress: bool = False) -> Tensor:
     """‖J_f(x)‖₂ for each example x of ``inputs (N, ...)``: (N,) float64 on inputs' device.
 
     Models with at most 64 outputs per example (classifiers) get the exact norm: the Jacobian is formed
