@@ -79,3 +79,23 @@ def test_bad_input():
         lipfast.local_lipschitz(nn.Linear(3, 2), torch.randn(2, 3), rtol=0)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         lipfast.local_lipschitz(nn.Linear(3, 2), torch.randn(2, 3), chunk_size=0)
+
+
+def test_gap_refinement_climbs_and_stays_sound():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64) * 3  # saturated tanh: small Jacobians to climb from
+    plain = lipfast.lipschitz_gap(model, x)
+    refined = lipfast.lipschitz_gap(model, x, refine_steps=30, step_size=0.2, report=None)
+    assert refined.lower > plain.lower and "gradient ascent" in refined.note
+    assert refined.lower <= refined.upper
+    # a Jacobian norm anywhere is at most the product of the layers' norms (tanh' <= 1)
+    W1, W2 = model[0].weight.detach(), model[2].weight.detach()
+    assert refined.lower <= float(torch.linalg.matrix_norm(W2, 2) * torch.linalg.matrix_norm(W1, 2))
+    # a ReLU network's Jacobian is locally constant: the climb stops at once and changes nothing
+    relu = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x3 = torch.randn(3, 4)
+    flat = lipfast.lipschitz_gap(relu, x3, refine_steps=5)
+    assert flat.lower == lipfast.lipschitz_gap(relu, x3).lower and flat.note == ""
+    with pytest.raises(ValueError, match="refine_steps must be an int >= 0"):
+        lipfast.lipschitz_gap(relu, torch.randn(3, 4), refine_steps=-1)
