@@ -296,54 +296,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> volatility_impl(const at::Tensor&
   std::vector<uint8_t> near(static_cast<size_t>(threads) * kTile);
   at::Tensor tile = at::empty({kTile * kTile}, centred.options());
 
-  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
-    const int64_t ti = std::min(kTile, n - i0);
-    const at::Tensor rows = centred.narrow(0, i0, ti);
-    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-      const int64_t tj = std::min(kTile, n - j0);
-      at::Tensor g = tile.narrow(0, 0, ti * tj).view({ti, tj});
-      at::mm_out(g, rows, centred.narrow(0, j0, tj).t());
-      const C* gp = g.const_data_ptr<C>();
-      const bool diagonal = i0 == j0;
-      at::parallel_for(0, ti, 1, [&](int64_t begin, int64_t end) {
-        const int t = at::get_thread_num();
-        double* sum_t = sums.data() + static_cast<size_t>(t) * n;
-        int64_t* count_t = counts.data() + static_cast<size_t>(t) * n;
-        uint8_t* near_t = near.data() + static_cast<size_t>(t) * kTile;
-        ThreadTotals& total = totals[t];
-        for (int64_t ii = begin; ii < end; ++ii) {
-          const int64_t i = i0 + ii;
-          const int64_t first = j0 + (diagonal ? ii + 1 : 0);  // first column (global index)
-          const int64_t cols = j0 + tj - first;
-          if (cols <= 0) continue;
-          RowSums row = row_pass(gp + ii * tj + (first - j0), a.data() + first, l + first, a[i], l[i], fraction,
-                                 scale, delta, cols, sum_t + first, count_t + first, near_t);
-          if (row.any_near) {
-            for (int64_t jj = 0; jj < cols; ++jj) {
-              if (!near_t[jj]) continue;
-              const int64_t j = first + jj;
-              if (group[i] == group[j]) {
-                ++total.zero;
-                total.discontinuities += l[i] != l[j];
-                continue;
-              }
-              const double dist = exact_distance(h + i * d, h + j * d, d);
-              if (!(dist <= delta)) continue;
-              const double r = std::fabs(l[i] - l[j]) / dist;
-              row.sum += r;
-              ++row.count;
-              sum_t[j] += r;
-              ++count_t[j];
+  for_each_tile_product(centred, kTile, tile, [&](int64_t i0, int64_t ti, int64_t j0, int64_t tj, const at::Tensor& g) {
+    const C* gp = g.const_data_ptr<C>();
+    const bool diagonal = i0 == j0;
+    at::parallel_for(0, ti, 1, [&](int64_t begin, int64_t end) {
+      const int t = at::get_thread_num();
+      double* sum_t = sums.data() + static_cast<size_t>(t) * n;
+      int64_t* count_t = counts.data() + static_cast<size_t>(t) * n;
+      uint8_t* near_t = near.data() + static_cast<size_t>(t) * kTile;
+      ThreadTotals& total = totals[t];
+      for (int64_t ii = begin; ii < end; ++ii) {
+        const int64_t i = i0 + ii;
+        const int64_t first = j0 + (diagonal ? ii + 1 : 0);  // first column (global index)
+        const int64_t cols = j0 + tj - first;
+        if (cols <= 0) continue;
+        RowSums row = row_pass(gp + ii * tj + (first - j0), a.data() + first, l + first, a[i], l[i], fraction,
+                               scale, delta, cols, sum_t + first, count_t + first, near_t);
+        if (row.any_near) {
+          for (int64_t jj = 0; jj < cols; ++jj) {
+            if (!near_t[jj]) continue;
+            const int64_t j = first + jj;
+            if (group[i] == group[j]) {
+              ++total.zero;
+              total.discontinuities += l[i] != l[j];
+              continue;
             }
+            const double dist = exact_distance(h + i * d, h + j * d, d);
+            if (!(dist <= delta)) continue;
+            const double r = std::fabs(l[i] - l[j]) / dist;
+            row.sum += r;
+            ++row.count;
+            sum_t[j] += r;
+            ++count_t[j];
           }
-          sum_t[i] += row.sum;
-          count_t[i] += row.count;
-          total.sum += row.sum;
-          total.valid += row.count;
         }
-      });
-    }
-  }
+        sum_t[i] += row.sum;
+        count_t[i] += row.count;
+        total.sum += row.sum;
+        total.valid += row.count;
+      }
+    });
+  });
 
   at::Tensor per_sample = at::empty({n}, losses.options());
   double* per = per_sample.mutable_data_ptr<double>();

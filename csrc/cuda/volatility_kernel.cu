@@ -149,36 +149,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_volatility_cuda(const at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const FullPrecisionMatmul full_precision;
 
-  for (int64_t i0 = 0; i0 < n; i0 += T) {
-    const int64_t ti = std::min(T, n - i0);
-    const at::Tensor rows = C.narrow(0, i0, ti);
-    for (int64_t j0 = i0; j0 < n; j0 += T) {
-      const int64_t tj = std::min(T, n - j0);
-      at::Tensor g = product.narrow(0, 0, ti * tj).view({ti, tj});
-      at::mm_out(g, rows, C.narrow(0, j0, tj).t());
-      const int64_t blocks = std::min<int64_t>((ti * tj + kThreads - 1) / kThreads, 8192);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "pairwise_volatility_cuda", [&] {
-        using G = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        volatility_tile_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
-            g.const_data_ptr<G>(), ti, tj, i0, j0, a.const_data_ptr<double>(), losses.const_data_ptr<double>(),
-            group.const_data_ptr<int64_t>(), hidden.const_data_ptr<scalar_t>(), d, fraction, scale, limit,
-            ratio.mutable_data_ptr<double>(), code.mutable_data_ptr<uint8_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      const at::Tensor r = ratio.narrow(0, 0, ti * tj).view({ti, tj});
-      const at::Tensor c = code.narrow(0, 0, ti * tj).view({ti, tj});
-      const at::Tensor row_sums = r.sum(1);
-      per_sum.narrow(0, i0, ti).add_(row_sums);
-      per_sum.narrow(0, j0, tj).add_(r.sum(0));
-      total.add_(row_sums.sum());
-      const at::Tensor valid = c.eq(1);
-      per_count.narrow(0, i0, ti).add_(valid.sum(1));
-      per_count.narrow(0, j0, tj).add_(valid.sum(0));
-      counts.select(0, 0).add_(valid.sum());
-      counts.select(0, 1).add_(c.ge(2).sum());
-      counts.select(0, 2).add_(c.eq(3).sum());
-    }
-  }
+  lipfast::for_each_tile_product(C, T, product, [&](int64_t i0, int64_t ti, int64_t j0, int64_t tj, const at::Tensor& g) {
+    const int64_t blocks = std::min<int64_t>((ti * tj + kThreads - 1) / kThreads, 8192);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "pairwise_volatility_cuda", [&] {
+      using G = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      volatility_tile_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
+          g.const_data_ptr<G>(), ti, tj, i0, j0, a.const_data_ptr<double>(), losses.const_data_ptr<double>(),
+          group.const_data_ptr<int64_t>(), hidden.const_data_ptr<scalar_t>(), d, fraction, scale, limit,
+          ratio.mutable_data_ptr<double>(), code.mutable_data_ptr<uint8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const at::Tensor r = ratio.narrow(0, 0, ti * tj).view({ti, tj});
+    const at::Tensor c = code.narrow(0, 0, ti * tj).view({ti, tj});
+    const at::Tensor row_sums = r.sum(1);
+    per_sum.narrow(0, i0, ti).add_(row_sums);
+    per_sum.narrow(0, j0, tj).add_(r.sum(0));
+    total.add_(row_sums.sum());
+    const at::Tensor valid = c.eq(1);
+    per_count.narrow(0, i0, ti).add_(valid.sum(1));
+    per_count.narrow(0, j0, tj).add_(valid.sum(0));
+    counts.select(0, 0).add_(valid.sum());
+    counts.select(0, 1).add_(c.ge(2).sum());
+    counts.select(0, 2).add_(c.eq(3).sum());
+  });
   return {total / counts.select(0, 0), per_sum / per_count, counts};
 }
 
