@@ -63,20 +63,31 @@ def _local(fn: str, local_shard: object, shard_dim: object, group: object) -> tu
 def _row_shard(fn: str, local_shard: object, shard_dim: object, group: object) -> tuple[Tensor, int, int]:
     """This rank's shard as rows of a row-sharded matrix A (W, or Wᵀ for column shards), checked
     against every other rank's; returns (A_r, total rows, columns)."""
+    # Every check is exchanged before anything is raised, so that an error on one rank is raised on
+    # all of them and none is left waiting in a collective.
+    problem = None
     if not isinstance(local_shard, Tensor):
-        raise TypeError(f"lipfast.distributed.{fn}: local_shard must be a torch.Tensor, got {type(local_shard).__name__}")
-    if not local_shard.is_floating_point():
-        raise TypeError(f"lipfast.distributed.{fn}: local_shard must be floating point, got {local_shard.dtype}")
-    if local_shard.dim() != 2:
-        raise ValueError(f"lipfast.distributed.{fn}: local_shard must be a matrix (2 dims), got shape {tuple(local_shard.shape)}")
-    if shard_dim not in (0, 1, -1, -2) or isinstance(shard_dim, bool):
-        raise ValueError(f"lipfast.distributed.{fn}: shard_dim must be 0 (rows) or 1 (columns), got {shard_dim!r}")
-    A = local_shard.detach() if shard_dim in (0, -2) else local_shard.detach().T
-    finite = bool(torch.isfinite(A).all())
-    mine = (A.shape[0], A.shape[1], str(A.dtype), A.device.type, torch.get_num_threads(), finite)
+        problem = f"local_shard must be a torch.Tensor, got {type(local_shard).__name__}"
+    elif not local_shard.is_floating_point():
+        problem = f"local_shard must be floating point, got {local_shard.dtype}"
+    elif local_shard.dim() != 2:
+        problem = f"local_shard must be a matrix (2 dims), got shape {tuple(local_shard.shape)}"
+    elif shard_dim not in (0, 1, -1, -2) or isinstance(shard_dim, bool):
+        problem = f"shard_dim must be 0 (rows) or 1 (columns), got {shard_dim!r}"
+    elif not bool(torch.isfinite(local_shard).all()):
+        problem = "local_shard has a NaN or Inf entry"
+    A = None
+    if problem is None:
+        A = local_shard.detach() if shard_dim in (0, -2) else local_shard.detach().T
+    mine = (problem, *(A.shape if A is not None else (0, 0)), str(getattr(A, "dtype", "")),
+            getattr(getattr(A, "device", None), "type", ""), torch.get_num_threads())
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
-    if len({(cols, dtype, device) for _, cols, dtype, device, *_ in everyone}) > 1:
+    problems = [(r, s[0]) for r, s in enumerate(everyone) if s[0] is not None]
+    if problems:
+        raise ValueError(f"lipfast.distributed.{fn}: " + "; ".join(f"on rank {r}: {p}" for r, p in problems))
+    everyone = [s[1:] for s in everyone]
+    if len({(cols, dtype, device) for _, cols, dtype, device, _ in everyone}) > 1:
         raise ValueError(
             f"lipfast.distributed.{fn}: the shards do not fit together: every rank must hold the same number of "
             f"{'columns' if shard_dim in (0, -2) else 'rows'}, dtype and device type; got "
@@ -90,9 +101,6 @@ def _row_shard(fn: str, local_shard: object, shard_dim: object, group: object) -
     rows = sum(s[0] for s in everyone)
     if rows == 0 or A.shape[1] == 0:
         raise ValueError(f"lipfast.distributed.{fn}: the sharded matrix is empty ({rows} x {A.shape[1]})")
-    bad = [r for r, s in enumerate(everyone) if not s[5]]
-    if bad:  # raised on every rank, so that none is left waiting in a collective
-        raise ValueError(f"lipfast.distributed.{fn}: local_shard on rank {', '.join(map(str, bad))} has a NaN or Inf entry")
     return A, rows, A.shape[1]
 
 
@@ -104,7 +112,8 @@ def _all_reduce(x: Tensor, group: object, op=dist.ReduceOp.SUM) -> Tensor:
 def _power_of_two_scale(A: Tensor, group: object) -> float:
     """2^-e bringing the largest |entry| over all shards into [1, 2) when it lies outside
     [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor underflow), else 1."""
-    big = _all_reduce(A.abs().max().double().reshape(1), group, dist.ReduceOp.MAX)
+    local = A.abs().max().double().reshape(1) if A.numel() else torch.zeros(1, dtype=torch.float64, device=A.device)
+    big = _all_reduce(local, group, dist.ReduceOp.MAX)
     if not float(big[0]) > 0:
         return 1.0
     e = math.frexp(float(big[0]))[1] - 1

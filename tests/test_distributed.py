@@ -142,6 +142,13 @@ def _bad_shards(rank: int, world: int):
         lipfast.distributed.spectral_norm(torch.randn(5, 4), 2)
     except ValueError as exc:
         errors["dim"] = str(exc)
+    try:  # a bad shard on one rank only: every rank raises, none hangs
+        lipfast.distributed.spectral_norm(torch.ones(5, 4, dtype=torch.int64) if rank == 0 else torch.randn(5, 4), 0)
+    except ValueError as exc:
+        errors["dtype"] = str(exc)
+    # a rank with no rows at all still takes part
+    W = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    errors["empty_ok"] = float(lipfast.distributed.spectral_norm(W if rank == 0 else W[:0], 0))
     bad = torch.randn(5, 4)
     if rank == 1:
         bad[2, 2] = math.nan
@@ -154,10 +161,13 @@ def _bad_shards(rank: int, world: int):
 
 def test_bad_shards(tmp_path):
     results = run_ranks(_bad_shards, 2, tmp_path)
+    exact = float(torch.linalg.matrix_norm(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), 2))
     for errors in results:
         assert "every rank must hold the same number of columns" in errors["columns"]
         assert "shard_dim must be 0 (rows) or 1 (columns)" in errors["dim"]
-    assert all("local_shard on rank 1 has a NaN or Inf entry" in errors["nan"] for errors in results)
+        assert "on rank 0: local_shard must be floating point" in errors["dtype"]
+        assert errors["empty_ok"] == pytest.approx(exact, rel=1e-5)
+    assert all("on rank 1: local_shard has a NaN or Inf entry" in errors["nan"] for errors in results)
 
 
 def test_not_initialized():
