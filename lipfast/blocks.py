@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipfast import _util
 from lipfast.network import register_lipschitz
 
 __all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "SLLConv2d", "aol", "export", "orthogonal"]
@@ -355,9 +356,7 @@ def export(model: nn.Module) -> nn.Module:
     from lipfast.nn import _record_input_size
 
     exported = copy.deepcopy(model)
-    modes = {name: m.training for name, m in exported.named_modules()}
-    exported.eval()
-    with torch.no_grad():
+    with _util.eval_mode(exported), torch.no_grad():
         for module in exported.modules():
             if parametrize.is_parametrized(module):
                 # The copy shares its dynamically made Parametrized<Module> class with the original,
@@ -370,6 +369,4 @@ def export(model: nn.Module) -> nn.Module:
             for key, hook in list(module._forward_pre_hooks.items()):
                 if hook is _record_input_size:
                     del module._forward_pre_hooks[key]
-    for name, m in exported.named_modules():
-        m.training = modes[name]
     return exported

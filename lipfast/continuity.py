@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipfast import _ext, ops, reference
+from lipfast import _ext, _util, ops, reference
 
 __all__ = [
     "KnowledgeContinuity",
@@ -307,13 +307,11 @@ def knowledge_continuity(
 
     losses: list[Tensor] = []
     handles = [modules[x].register_forward_hook(capture(x)) for x in names]
-    modes = [(m, m.training) for m in model.modules()]
     batches = _batches(data)
     if progress:
-        batches = _progress(batches, "lipfast: knowledge continuity (forward)", "batch")
-    model.eval()
+        batches = _util.progress(batches, "lipfast: knowledge continuity (forward)", "batch")
     try:
-        with torch.no_grad():
+        with _util.eval_mode(model), torch.no_grad():
             for number, batch in enumerate(batches):
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise TypeError(f"lipfast.{fn}: each batch must be (inputs, targets), got {type(batch).__name__}")
@@ -347,8 +345,6 @@ def knowledge_continuity(
     finally:
         for handle in handles:
             handle.remove()
-        for m, mode in modes:
-            m.training = mode
     if not losses:
         raise ValueError(f"lipfast.{fn}: data holds no batches")
 
@@ -356,16 +352,9 @@ def knowledge_continuity(
     result = KnowledgeContinuity()
     layer_names: Iterable[str] = names
     if progress:
-        layer_names = _progress(names, "lipfast: knowledge continuity (pairs)", "layer")
+        layer_names = _util.progress(names, "lipfast: knowledge continuity (pairs)", "layer")
     for name in layer_names:
         hidden = torch.cat([x.to(captured[name][0].device) for x in captured[name]])
         result[name] = _layer_volatility(fn, hidden, all_losses, delta, max_pairs, seed)
     return result
 
-
-def _progress(items: Iterable[Any], desc: str, unit: str) -> Iterable[Any]:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit=unit, leave=False)

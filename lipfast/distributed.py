@@ -120,7 +120,7 @@ def _power_of_two_scale(A: Tensor, group: object) -> float:
     return math.ldexp(1.0, -e) if abs(e) > 32 else 1.0
 
 
-def _top_vector(fn: str, A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
+def _top_vector(A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
     """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step): the unit Ritz vector (n,) and its
     residual bound, identical on every rank."""
     compute = reference._compute_dtype(A.dtype)
@@ -152,7 +152,7 @@ def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=No
     max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
     with torch.no_grad():
-        v, rel_err = _top_vector(fn, A, rows, n, group, rtol, max_iters)
+        v, rel_err = _top_vector(A, rows, n, group, rtol, max_iters)
         Av = A.double() @ v.double()
         sigma = _all_reduce(Av.square().sum().reshape(1), group)[0].sqrt()
     if not float(rel_err) <= rtol:
@@ -195,7 +195,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
     P = dist.get_world_size(group)
     m_r = A.shape[0]
     with torch.no_grad():
-        v, _ = _top_vector(fn, A, rows, n, group, rtol / 8, max_iters)
+        v, _ = _top_vector(A, rows, n, group, rtol / 8, max_iters)
         # lower: ‖A v‖ / ‖v‖ = sqrt(Σ_r (‖A_r v‖ / ‖v‖)²) >= sqrt(Σ_r lower_r²), rounded down.
         lower_r = reference.certified_rayleigh_lower(A[None], v[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         lower = _all_reduce(lower_r.square().reshape(1), group)[0].sqrt() * (1.0 - 4.0 * (P + 4) * _UNIT)

@@ -15,16 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lipfast import _util
+from lipfast.linalg import _check_rtol
+
 
 __all__ = ["GapReport", "lipschitz_gap", "local_lipschitz"]
 
 #: Up to this many outputs per example, the Jacobian is formed whole (one batched vector-Jacobian
 #: product per output) and its norm is exact; beyond it, power iteration on JᵀJ.
 _FULL_JACOBIAN_OUTPUTS = 64
-
-
-def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
 
 
 def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tuple[Tensor, bool]:
@@ -76,30 +75,19 @@ def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, ite
         raise TypeError(f"lipfast.local_lipschitz: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ValueError("lipfast.local_lipschitz: inputs must be a non-empty floating-point tensor (N, ...)")
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol > 0):
-        raise ValueError(f"lipfast.local_lipschitz: rtol must be a positive finite number, got {rtol!r}")
+    rtol = _check_rtol("local_lipschitz", rtol)
     for label, value in (("iters", iters), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"lipfast.local_lipschitz: {label} must be an int >= 1, got {value!r}")
-    modes = _modes(model)
-    model.eval()
     chunks = inputs.split(chunk_size)
     if progress:
-        try:
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="lipfast: local Lipschitz", unit="chunk", leave=False)
-        except ImportError:
-            pass
+        chunks = _util.progress(chunks, "lipfast: local Lipschitz", "chunk")
     results, converged = [], True
-    try:
+    with _util.eval_mode(model):
         for chunk in chunks:
             norms, ok = _jacobian_norms(model, chunk, rtol, iters)
             results.append(norms.detach())
             converged &= ok
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if not converged:
         warnings.warn(f"lipfast.local_lipschitz: power iteration stopped after iters={iters} steps before rtol={rtol:g}",
                       RuntimeWarning, stacklevel=2)
@@ -171,13 +159,8 @@ def lipschitz_gap(model: nn.Module, inputs: Tensor, *, report=None, rtol: float 
     lower = float(local[index])
     notes = []
     if refine_steps:
-        modes = _modes(model)
-        model.eval()
-        try:
+        with _util.eval_mode(model):
             refined, step = _refine(model, inputs[index], refine_steps, step_size)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         if refined > lower:
             notes.append(f"raised from {lower:.6g} by gradient ascent on ‖J(x)‖ (best after {step} of {refine_steps} steps)")
             lower = refined

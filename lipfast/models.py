@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lipfast._util import eval_mode
+
 __all__ = ["BasicBlock", "Bottleneck", "resnet18_cifar", "resnet50_imagenet", "conv_layers", "eval_forward"]
 
 
@@ -118,14 +120,8 @@ def resnet50_imagenet(num_classes: int = 1000, *, seed: int = 0) -> nn.Module:
 def eval_forward(model: nn.Module, x: torch.Tensor):
     """model(x) in eval mode and without autograd, every module's own mode restored afterwards: a probe
     that leaves no trace (no BatchNorm statistics or spectral-norm iterates updated)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        return model(x)
 
 
 def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Module, tuple[int, ...]]]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipfast import conv, linalg
+from lipfast import _util, conv, linalg
 from lipfast.certify import certified_radius
 from lipfast.models import eval_forward
 
@@ -375,14 +375,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
     mine = [item for item, r in zip(unique, owner) if r == rank]
-    iterator = mine
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            iterator = tqdm(mine, desc="lipfast: layer bounds", unit="layer", leave=False)
-        except ImportError:
-            pass
+    iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     results: dict[str, LayerBound] = {}
     failure = None
     for name, module, in_shape, out_shape in iterator:
