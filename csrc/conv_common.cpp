@@ -6,6 +6,7 @@
 // trusted (the same stopping rules as the dense kernel: confirmation after p + max(p, 16) passes,
 // and small operators, rank <= 16, run until their Krylov space is exhausted).
 #include "conv.h"
+#include "lanczos.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -18,9 +19,6 @@
 namespace lipfast {
 namespace {
 
-constexpr int64_t kMaxBasis = 256;
-constexpr int64_t kFullKrylovRank = 16;
-constexpr int64_t kMinConfirmation = 16;
 constexpr uint64_t kStartSeed = 0x6C6970;  // the pure-PyTorch fallback's start-vector seed
 
 enum class PadMode { kZeros, kCircular, kReflect, kReplicate };
@@ -144,80 +142,6 @@ class ConvOperator {
   std::vector<at::Tensor> index_;
 };
 
-struct TopRitz {
-  at::Tensor v;    // unit Ritz vector (n,)
-  double rel_err;  // residual bound / (2 theta)
-};
-
-// Largest eigenpair of the symmetric tridiagonal matrix with diagonal alpha, off-diagonal beta.
-std::pair<double, at::Tensor> tridiagonal_top(const std::vector<double>& alpha, const std::vector<double>& beta) {
-  const int64_t k = static_cast<int64_t>(alpha.size());
-  auto T = at::zeros({k, k}, at::kDouble);
-  auto t = T.accessor<double, 2>();
-  for (int64_t i = 0; i < k; ++i) {
-    t[i][i] = alpha[i];
-    if (i + 1 < k) t[i][i + 1] = t[i + 1][i] = beta[i];
-  }
-  auto [evals, evecs] = at::linalg_eigh(T);
-  return {evals[k - 1].item<double>(), evecs.select(1, k - 1).contiguous()};
-}
-
-// Lanczos on the symmetric positive semi-definite operator `gram` (n unknowns, rank <= rank_bound)
-// with full reorthogonalization, the same rules as lipfast/reference.py's _lanczos_top.
-template <typename Gram>
-TopRitz lanczos_top(const Gram& gram, at::Tensor v, int64_t max_passes, double rtol, int64_t rank_bound,
-                    int64_t max_basis) {
-  const int64_t n = v.numel();
-  const double eps = v.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
-                                                   : std::numeric_limits<double>::epsilon();
-  const int64_t cap = std::min(max_basis, n);
-  const bool trust_residual = rank_bound > kFullKrylovRank;
-  const double breakdown = trust_residual ? eps : 16.0 * std::sqrt(static_cast<double>(n)) * eps;
-  int64_t confirm_at = -1, passes = 0;
-  double claimed = 0.0;
-  bool confirmed = false;
-  while (true) {
-    auto Q = at::zeros({cap + 1, n}, v.options());
-    Q[0].copy_(v);
-    std::vector<double> alpha, beta;
-    for (int64_t k = 0; k < cap; ++k) {
-      auto q = Q[k];
-      at::Tensor w = gram(q);
-      ++passes;
-      const double a = at::dot(q.to(at::kDouble), w.to(at::kDouble)).item<double>();
-      w = w - a * q;
-      if (k > 0) w = w - beta[k - 1] * Q[k - 1];
-      auto basis = Q.narrow(0, 0, k + 1);
-      for (int pass = 0; pass < 2; ++pass) w = w - at::mv(basis.t(), at::mv(basis, w));  // classical GS, twice
-      const double b = at::linalg_vector_norm(w.to(at::kDouble), 2).item<double>();
-      alpha.push_back(a);
-      auto [theta, s] = tridiagonal_top(alpha, beta);
-      const double residual = b * std::abs(s[k].item<double>());
-      const double rel_err = theta > 0 ? residual / (2.0 * theta)
-                                       : (residual > 0 ? std::numeric_limits<double>::infinity() : 0.0);
-      const bool exhausted = b <= breakdown * theta || b == 0 || k + 1 == n;
-      if (trust_residual && rel_err <= rtol && !exhausted) {
-        const bool due = confirm_at >= 0 && passes >= confirm_at;
-        if (due && theta <= claimed * (1 + 2 * rtol)) confirmed = true;
-        if (!confirmed && (confirm_at < 0 || due)) {
-          confirm_at = passes + std::max(passes, kMinConfirmation);
-          claimed = theta;
-        }
-      }
-      const bool done = confirmed || exhausted || passes >= max_passes;
-      if (done || k + 1 == cap) {
-        auto ritz = at::mv(basis.t(), s.to(v.scalar_type()).to(v.device()));
-        const double norm = at::linalg_vector_norm(ritz.to(at::kDouble), 2).item<double>();
-        v = norm > 0 ? ritz / norm : Q[0].clone();
-        if (done) return {v, rel_err};
-        break;
-      }
-      beta.push_back(b);
-      Q[k + 1].copy_(w / b);
-    }
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
@@ -275,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
   auto gram = [&](const at::Tensor& x) { return op.adjoint(op.apply(x.view(in_shape))).reshape({n}); };
   const int64_t itemsize = compute == at::kDouble ? 8 : 4;
   const int64_t basis_cap = std::max<int64_t>(16, std::min<int64_t>(kMaxBasis, (int64_t{256} << 20) / (n * itemsize)));
-  auto top = lanczos_top(gram, start, max_iters, rtol, std::min(n, m), basis_cap);
+  auto top = lanczos_top_aten(gram, start, max_iters, rtol, std::min(n, m), basis_cap);
 
   auto y = op.apply(top.v.view(in_shape)).reshape({-1});
   const auto sigma = at::linalg_vector_norm(y.to(at::kDouble), 2);

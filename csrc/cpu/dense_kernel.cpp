@@ -12,6 +12,7 @@
 // rounding; rel_err bounds |sigma - sigma_max| / sigma once the iteration has found the top
 // eigenvalue (residual bound for Lanczos); half types are computed in float32.
 #include "dense.h"
+#include "lanczos.h"
 #include "simd.h"
 
 #include <ATen/ATen.h>
@@ -135,18 +136,10 @@ void scale(T* a, double c, int64_t n) {
   for (int64_t j = 0; j < n; ++j) a[j] = static_cast<T>(static_cast<double>(a[j]) * c);
 }
 
-// The fixed pseudo-random start vector (splitmix64, entries uniform in [-1, 1)): deterministic, and
-// with probability one not orthogonal to the top singular vector.
+// The fixed default start vector (lanczos.h), entry by entry.
 template <typename T>
 void default_start_vector(T* v, int64_t n) {
-  uint64_t state = 0x6c69706661737401ULL;
-  for (int64_t j = 0; j < n; ++j) {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    v[j] = static_cast<T>(static_cast<double>(z >> 11) * 0x1p-52 - 1.0);
-  }
+  for (int64_t j = 0; j < n; ++j) v[j] = static_cast<T>(default_start_entry(j));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,208 +202,39 @@ struct RowParallelGram {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The largest eigenpair of a symmetric tridiagonal matrix T_K (diagonal a[0..K), off-diagonal
-// b[0..K-1)), as Lanczos needs it after every step.  Fast path: Rayleigh quotient iteration from
-// the previous step's top eigenvector (padded with a zero), which converges in two or three O(K)
-// solves, then one Sturm count to verify that no eigenvalue lies above the one found.  Fallback
-// (no guess, tiny K, or a failed verification): bisection on Sturm counts, O(K) per halving, and
-// inverse iteration for the eigenvector.  All of it on T / ‖T‖, so that squares of off-diagonal
-// entries neither overflow nor underflow whatever the scale of W.
-
-struct TridiagonalWork {
-  std::vector<double> a, b, dl, d, du, du2, y;
-  std::vector<char> swapped;
-  void resize(int64_t K) {
-    for (auto* v : {&a, &b, &dl, &d, &du, &du2, &y}) v->resize(K);
-    swapped.resize(K);
-  }
-};
-
-// Number of eigenvalues of T_K below x.
-int64_t eigenvalues_below(const double* a, const double* b, int64_t K, double x, double pivot_min) {
-  int64_t count = 0;
-  double d = 1.0;
-  for (int64_t i = 0; i < K; ++i) {
-    d = (a[i] - x) - (i > 0 ? b[i - 1] * b[i - 1] / d : 0.0);
-    if (std::abs(d) < pivot_min) d = -pivot_min;
-    if (d < 0) ++count;
-  }
-  return count;
-}
-
-// LU factorization of T_K - mu I with partial pivoting (LAPACK dgttrf's scheme) into `w`; tiny
-// pivots are replaced by pivot_min, as inverse iteration wants.
-void factor_shifted(const double* a, const double* b, int64_t K, double mu, double pivot_min, TridiagonalWork& w) {
-  double *dl = w.dl.data(), *d = w.d.data(), *du = w.du.data(), *du2 = w.du2.data();
-  for (int64_t i = 0; i < K; ++i) d[i] = a[i] - mu;
-  for (int64_t i = 0; i + 1 < K; ++i) dl[i] = du[i] = b[i];
-  for (int64_t i = 0; i + 1 < K; ++i) {
-    du2[i] = 0.0;
-    if (std::abs(d[i]) >= std::abs(dl[i])) {
-      w.swapped[i] = 0;
-      if (std::abs(d[i]) < pivot_min) d[i] = pivot_min;
-      const double f = dl[i] / d[i];
-      dl[i] = f;
-      d[i + 1] -= f * du[i];
-    } else {
-      w.swapped[i] = 1;
-      const double f = d[i] / dl[i];
-      d[i] = dl[i];
-      dl[i] = f;
-      const double t = du[i];
-      du[i] = d[i + 1];
-      d[i + 1] = t - f * d[i + 1];
-      if (i + 2 < K) {
-        du2[i] = du[i + 1];
-        du[i + 1] = -f * du[i + 1];
-      }
-    }
-  }
-  if (std::abs(d[K - 1]) < pivot_min) d[K - 1] = pivot_min;
-}
-
-// y <- (T_K - mu I)^-1 y with the factors of factor_shifted, then y <- y / ‖y‖.
-void solve_shifted_normalized(int64_t K, double* y, const TridiagonalWork& w) {
-  const double *dl = w.dl.data(), *d = w.d.data(), *du = w.du.data(), *du2 = w.du2.data();
-  for (int64_t i = 0; i + 1 < K; ++i) {
-    if (!w.swapped[i]) {
-      y[i + 1] -= dl[i] * y[i];
-    } else {
-      const double t = y[i] - dl[i] * y[i + 1];
-      y[i] = y[i + 1];
-      y[i + 1] = t;
-    }
-  }
-  y[K - 1] /= d[K - 1];
-  if (K > 1) y[K - 2] = (y[K - 2] - du[K - 2] * y[K - 1]) / d[K - 2];
-  for (int64_t i = K - 3; i >= 0; --i) y[i] = (y[i] - du[i] * y[i + 1] - du2[i] * y[i + 2]) / d[i];
-  double big = 0.0, sum = 0.0;
-  for (int64_t i = 0; i < K; ++i) big = std::max(big, std::abs(y[i]));
-  for (int64_t i = 0; i < K; ++i) sum += (y[i] / big) * (y[i] / big);
-  const double norm = big * std::sqrt(sum);
-  for (int64_t i = 0; i < K; ++i) y[i] /= norm;
-}
-
-double rayleigh_quotient(const double* a, const double* b, int64_t K, const double* y) {
-  double q = 0.0;
-  for (int64_t i = 0; i < K; ++i) q += a[i] * y[i] * y[i];
-  for (int64_t i = 0; i + 1 < K; ++i) q += 2.0 * b[i] * y[i] * y[i + 1];
-  return q;
-}
-
-// Returns theta = lambda_max(T_K) and its unit eigenvector in s.  When have_guess, s[0..K-1) holds
-// on entry the top eigenvector of T_{K-1}.
-double tridiagonal_top_eigenpair(const double* a_in, const double* b_in, int64_t K, double* s, bool have_guess,
-                                 TridiagonalWork& work) {
-  if (K == 1) {
-    s[0] = 1.0;
-    return a_in[0];
-  }
-  double norm_T = 0.0;
-  for (int64_t i = 0; i < K; ++i) {
-    norm_T = std::max(norm_T, std::abs(a_in[i]) + (i > 0 ? std::abs(b_in[i - 1]) : 0.0) +
-                                  (i + 1 < K ? std::abs(b_in[i]) : 0.0));
-  }
-  if (!(norm_T > 0)) {  // T = 0
-    std::fill(s, s + K, 0.0);
-    s[0] = 1.0;
-    return 0.0;
-  }
-  double* a = work.a.data();
-  double* b = work.b.data();
-  for (int64_t i = 0; i < K; ++i) a[i] = a_in[i] / norm_T;
-  for (int64_t i = 0; i + 1 < K; ++i) b[i] = b_in[i] / norm_T;
-  const double eps = std::numeric_limits<double>::epsilon();
-  const double pivot_min = eps + std::numeric_limits<double>::min();  // ‖T‖ = 1 from here on
-  double* y = work.y.data();
-
-  if (have_guess && K > 4) {
-    std::copy(s, s + K - 1, y);
-    y[K - 1] = 0.0;
-    double mu = rayleigh_quotient(a, b, K, y);
-    for (int iter = 0; iter < 6; ++iter) {
-      factor_shifted(a, b, K, mu, pivot_min, work);
-      solve_shifted_normalized(K, y, work);
-      const double next = rayleigh_quotient(a, b, K, y);
-      const bool settled = std::abs(next - mu) <= 8 * eps;
-      mu = next;
-      if (settled) break;
-    }
-    // Accept mu only if no eigenvalue of T lies above it (beyond a relative 1e-10).
-    if (eigenvalues_below(a, b, K, mu + 1e-10, pivot_min) == K) {
-      std::copy(y, y + K, s);
-      return mu * norm_T;
-    }
-  }
-
-  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-  for (int64_t i = 0; i < K; ++i) {
-    const double r = (i > 0 ? std::abs(b[i - 1]) : 0.0) + (i + 1 < K ? std::abs(b[i]) : 0.0);
-    lo = std::min(lo, a[i] - r);
-    hi = std::max(hi, a[i] + r);
-  }
-  hi += 2 * eps + pivot_min;  // all K eigenvalues now lie strictly below hi
-  for (int iter = 0; iter < 200; ++iter) {
-    const double mid = 0.5 * (lo + hi);
-    if (mid <= lo || mid >= hi || hi - lo <= 2 * eps * std::max(std::abs(lo), std::abs(hi))) break;
-    if (eigenvalues_below(a, b, K, mid, pivot_min) == K) hi = mid; else lo = mid;
-  }
-  const double theta = 0.5 * (lo + hi);
-  factor_shifted(a, b, K, theta, pivot_min, work);
-  for (int64_t i = 0; i < K; ++i) y[i] = 1.0;
-  solve_shifted_normalized(K, y, work);
-  solve_shifted_normalized(K, y, work);
-  std::copy(y, y + K, s);
-  return theta * norm_T;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Lanczos on A = WᵀW with full reorthogonalization (classical Gram–Schmidt, repeated when it
 // removed a large part of the vector) and explicit restarts from the Ritz vector when the basis is
-// full.  Each step costs one pass over W.  On return v holds the unit Ritz vector of the largest
-// Ritz value theta; the return value is the residual bound ‖A y - theta y‖ / (2 theta), which bounds
-// the relative error of sqrt(theta) as an approximation of the singular value it converged to.
-
-constexpr int64_t kMaxBasis = 256;
-// Below this rank bound min(m, n), the residual test is not trusted and the iteration runs until
-// the Krylov space is exhausted (at most min(m, n) + 1 cheap steps): in a space of low dimension a
-// start vector lies within rtol of the eigenvector of a lower eigenvalue often enough to matter
-// (2 x 2 matrices: about 1 in 10^5), and then the residual test passes at the first step.  Larger
-// matrices are covered by the confirmation steps (see lanczos_top), at least kMinConfirmation.
-constexpr int64_t kFullKrylovRank = 16;
-constexpr int64_t kMinConfirmation = 16;
-// Before convergence, the eigen-solve of T may be skipped for up to this many steps, when the rate
-// at which the residual falls says convergence is at least twice that far away.
-constexpr int64_t kMaxSkippedChecks = 4;
+// full, under LanczosControl's stopping rules (lanczos.h).  Each step costs one pass over W.  On
+// return v holds the unit Ritz vector of the largest Ritz value; the return value is the residual
+// bound on its relative error.
 
 template <typename T>
 struct LanczosWork {
   std::vector<T> basis, w, correction;
-  std::vector<double> alpha, beta, s;
-  TridiagonalWork tri;
+  std::vector<double> alpha, beta, s, tri;
+  std::vector<unsigned char> swapped;
 };
 
 template <typename T, typename Gram>
 double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double rtol, LanczosWork<T>& work) {
-  const int64_t cap = std::min<int64_t>(kMaxBasis, n);
+  LanczosControl control(n, std::min(gram.m, n), max_passes, rtol, std::numeric_limits<T>::epsilon());
+  const int64_t cap = control.cap;
   // The basis grows as the iteration needs it: a matrix of rank r breaks down after r + 1 steps,
   // so a wide or low-rank matrix never pays for cap vectors of length n.
   if (work.basis.size() < static_cast<size_t>(2 * n)) work.basis.resize(2 * n);
   work.w.resize(n);
   work.correction.resize(n);
   work.alpha.resize(cap); work.beta.resize(cap); work.s.resize(cap);
-  work.tri.resize(cap);
+  work.tri.resize(7 * cap); work.swapped.resize(cap);
   T* Q = work.basis.data();
   T* w = work.w.data();
   T* correction = work.correction.data();
   double* alpha = work.alpha.data();
   double* beta = work.beta.data();
   double* s = work.s.data();
-  const double eps = std::numeric_limits<T>::epsilon();
-  const bool trust_residual = std::min(gram.m, n) > kFullKrylovRank;
-  // Breakdown: what is left after reorthogonalization is rounding noise.  When the iteration must
-  // run to exhaustion, allow for the noise of a length-n product rather than one rounding.
-  const double breakdown = (trust_residual ? 1.0 : 16.0 * std::sqrt(static_cast<double>(n))) * eps;
+  double* tri = work.tri.data();
+  const TridiagonalScratch scratch{tri, tri + cap, tri + 2 * cap, tri + 3 * cap, tri + 4 * cap, tri + 5 * cap,
+                                   tri + 6 * cap, work.swapped.data()};
 
   double start_norm = norm(v, n);
   if (!(start_norm > 0) || !std::isfinite(start_norm)) {
@@ -420,25 +244,12 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
   std::copy(v, v + n, Q);
   scale(Q, 1.0 / start_norm, n);
 
-  // Confirmation.  A start vector with a tiny component along the top singular vector lets the
-  // Ritz value of the SECOND one converge first, with a small residual, before the top one emerges
-  // (about 1 random 128 x 128 matrix in 10^4 at rtol 1e-5).  The emerging component grows
-  // exponentially with the number of steps, so once the residual test passes after p passes, the
-  // iteration goes on to 2p passes, and at least kMinConfirmation more (without the per-step
-  // eigen-solve), and accepts theta only if it has not grown meanwhile; if it has, the new value is
-  // confirmed the same way.
-  int64_t confirm_at = -1;  // passes at which to confirm; -1: not confirming
-  double claimed = 0.0;     // theta when the residual test first passed
-  double rel_err = INFINITY;
-  int64_t passes = 0;
   for (;;) {  // one sweep per (re)start, Q[0] holding the start vector
-    int64_t checked = 0;     // size of T at the last eigen-solve of this sweep (s holds its vector)
-    int64_t next_check = 1;  // size of T at which to solve next, before convergence
-    double last_theta = 0.0, last_rel_err = INFINITY;
+    control.start_sweep();
     for (int64_t k = 0;; ++k) {
       const T* q = Q + k * n;
       gram(q, w);
-      ++passes;
+      ++control.passes;
       const double a = dot(q, w, n);
       axpy(-a, q, w, n);
       if (k > 0) axpy(-beta[k - 1], Q + (k - 1) * n, w, n);
@@ -454,43 +265,18 @@ double lanczos_top(const Gram& gram, int64_t n, T* v, int64_t max_passes, double
         if (b > 0.7071 * before) break;  // little was removed: w is orthogonal to working accuracy
       }
       alpha[k] = a;
-      const bool last_step = k + 1 == n || k + 1 == cap || passes >= max_passes;
-      const bool confirming = confirm_at >= 0 && passes < confirm_at;
-      const bool solve = last_step || b == 0.0 || b <= breakdown * last_theta || (!confirming && k + 1 >= next_check);
       bool done = false;
-      if (solve) {
-        std::fill(s + checked, s + k + 1, 0.0);  // the previous eigenvector, padded: the RQI guess
-        const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, /*have_guess=*/checked > 0, work.tri);
-        const int64_t previous = checked;
-        checked = k + 1;
-        const double residual = b * std::abs(s[k]);
-        rel_err = theta > 0 ? residual / (2.0 * theta) : (residual > 0 ? INFINITY : 0.0);
-        int64_t skip = 0;
-        if (previous > 0 && rel_err > rtol && rel_err < last_rel_err) {
-          const double rate = std::log(last_rel_err / rel_err) / static_cast<double>(checked - previous);
-          skip = std::min<int64_t>(kMaxSkippedChecks, static_cast<int64_t>(0.5 * std::log(rel_err / rtol) / rate));
-        }
-        next_check = checked + 1 + skip;
-        last_theta = theta;
-        last_rel_err = rel_err;
-        // The Krylov space is invariant (b ~ 0) or is the whole space: theta is exact.
-        const bool exhausted = b <= breakdown * theta || b == 0.0 || k + 1 == n;
-        if (trust_residual && rel_err <= rtol && !exhausted) {
-          if (confirm_at >= 0 && passes >= confirm_at && theta <= claimed * (1.0 + 2.0 * rtol)) {
-            done = true;
-          } else if (confirm_at < 0 || passes >= confirm_at) {
-            confirm_at = passes + std::max(passes, kMinConfirmation);
-            claimed = theta;
-          }
-        }
-        done = done || exhausted || passes >= max_passes;
+      if (control.should_solve(k, b)) {
+        std::fill(s + control.checked, s + k + 1, 0.0);  // the previous eigenvector, padded: the guess
+        const double theta = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, control.checked > 0, scratch);
+        done = control.after_solve(k, theta, s[k], b);
       }
-      if (done || k + 1 == cap) {
+      if (done || control.full(k)) {
         std::fill(v, v + n, T(0));
         for (int64_t j = 0; j <= k; ++j) axpy(s[j], Q + j * n, v, n);
         const double nv = norm(v, n);
         scale(v, 1.0 / nv, n);
-        if (done) return rel_err;
+        if (done) return control.rel_err;
         break;
       }
       beta[k] = b;
