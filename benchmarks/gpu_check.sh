@@ -7,6 +7,9 @@
 #
 # Full logs go under $OUT (or ./gpu_check_out); a short summary is printed last.  Sized to finish in
 # well under 8 minutes on one H100 or H200.
+#
+# GPU_CHECK_TESTS: the pytest arguments (default: tests, the whole suite); GPU_CHECK_ONLY_DENSE=1:
+# run only the dense benchmark (for a short lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -51,11 +54,19 @@ for op, devices in sorted(_ext._KERNELS.items()):
 EOF
 
 start=$(date +%s)
-timeout 300 $PY -X faulthandler -m pytest -q -p no:cacheprovider --tb=short -rf tests >"$OUT/tests.log" 2>&1
+timeout 300 $PY -X faulthandler -m pytest -q -p no:cacheprovider --tb=short -rf ${GPU_CHECK_TESTS:-tests} \
+    >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
 cuda_cases=$(grep -c "cuda" <($PY -m pytest -q -p no:cacheprovider --collect-only tests 2>/dev/null) || true)
 
+start=$(date +%s)
+timeout 150 $PY benchmarks/bench_dense_cuda.py >"$OUT/bench_dense_cuda.txt" 2>&1
+dense_rc=$?
+dense_s=$(($(date +%s) - start))
+
+bench_rc=0 volatility_rc=0 bench_s=0 volatility_s=0
+if [ "${GPU_CHECK_ONLY_DENSE:-0}" != 1 ]; then
 start=$(date +%s)
 timeout 240 $PY benchmarks/bench_conv.py --device cuda --skip-exact --cap 5 >"$OUT/bench_conv_cuda.txt" 2>&1
 bench_rc=$?
@@ -67,6 +78,7 @@ start=$(date +%s)
   >"$OUT/bench_volatility_cuda.txt" 2>&1
 volatility_rc=$?
 volatility_s=$(($(date +%s) - start))
+fi
 
 echo
 echo "## summary"
@@ -75,8 +87,10 @@ cat "$OUT/kernels.txt"
 echo "build: ${build_s} s"
 echo "tests: exit ${tests_rc}, ${tests_s} s, ${cuda_cases} CUDA cases collected: $(tail -1 "$OUT/tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+echo "bench_dense_cuda: exit ${dense_rc}, ${dense_s} s"
+grep -E "^(# |\| \(|Traceback|[A-Za-z]*Error)" "$OUT/bench_dense_cuda.txt"
 echo "bench_conv (cuda): exit ${bench_rc}, ${bench_s} s"
 grep -E "^(## |total|# )" "$OUT/bench_conv_cuda.txt"
 echo "bench_volatility (cuda): exit ${volatility_rc}, ${volatility_s} s"
 grep -E "^(# |\| lipfast|\| cdist|time:)" "$OUT/bench_volatility_cuda.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$volatility_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$dense_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$volatility_rc" -eq 0 ]

@@ -102,7 +102,12 @@ def _restore(previous: str) -> Iterator[None]:
 #: machines without a GPU).  They are used only when LIPFAST_CUDA_UNVERIFIED=1 (benchmarks/gpu_check.sh
 #: sets it, to verify them); otherwise those ops take the pure-PyTorch form there.
 _UNVERIFIED: frozenset[tuple[str, str]] = frozenset(
-    {("dense_power_iteration", "cuda"), ("spectral_norm_step", "cuda")}
+    {
+        ("dense_spectral_norm", "cuda"),
+        ("dense_spectral_norm_bounds", "cuda"),
+        ("dense_power_iteration", "cuda"),
+        ("spectral_norm_step", "cuda"),
+    }
 )
 
 

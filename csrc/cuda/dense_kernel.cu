@@ -22,11 +22,21 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <limits>
+#include <functional>
+#include <optional>
 
 #include "dense.h"
+#include "lanczos.h"
 
 namespace {
+
+using lipfast::default_start_entry;
+using lipfast::LanczosControl;
+using lipfast::TridiagonalScratch;
+using lipfast::tridiagonal_top_eigenpair;
 
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr unsigned kFull = 0xffffffffu;
@@ -150,6 +160,455 @@ __global__ void spectral_norm_step_kernel(const T* __restrict__ W, int64_t m, in
   if (threadIdx.x == 0) sigma[b] = static_cast<T>(s);
 }
 
+// ---------------------------------------------------------------------------------------------
+// One large matrix: the fused pass y = Wᵀ(W x) (and W x) that reads W once, spread over many blocks.
+//
+// Stage 1, grid (chunks, B): block c takes a slice of rows of matrix b.  Thread t owns the 16-byte
+// column vectors t, t + 256, ... (Q of them: n <= 256 Q K, K = 16 / sizeof(T) entries each), holds
+// x and its accumulator for them in registers, and for each group of R rows loads the rows with
+// 16-byte loads, forms s_i = w_i·x with a block reduction (one barrier per group: the partial sums
+// alternate between two shared buffers), and adds s_i w_i to its accumulator from the registers it
+// loaded, so each row is read from memory once.  It writes its accumulator to partial (B, chunks, n).
+// Stage 2, grid (column tiles, B): y_j = sum over chunks of partial, in chunk order (deterministic).
+// Bytes: m n T for W, plus chunks n T written and read for the partials (about 2 x SMs rows' worth,
+// 3% of an 8192 x 8192 W).
+
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  using type = float4;
+  __device__ static float dot(const float4& a, const float4& b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+  __device__ static void axpy(float s, const float4& a, float4& y) {
+    y.x += s * a.x; y.y += s * a.y; y.z += s * a.z; y.w += s * a.w;
+  }
+};
+template <>
+struct Vec16<double> {
+  using type = double2;
+  __device__ static double dot(const double2& a, const double2& b) { return a.x * b.x + a.y * b.y; }
+  __device__ static void axpy(double s, const double2& a, double2& y) { y.x += s * a.x; y.y += s * a.y; }
+};
+
+constexpr int kMaxVectorsPerThread = 8;
+
+template <typename T, int Q, int R>
+__global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
+                                                             int64_t rows_per_chunk, const T* __restrict__ x_all,
+                                                             T* __restrict__ partial, T* __restrict__ wx_all) {
+  using V = typename Vec16<T>::type;
+  constexpr int K = sizeof(V) / sizeof(T);
+  __shared__ T sums[2][R][kThreads / 32];
+  const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t nv = n / K;  // 16-byte vectors per row
+  const V* W = reinterpret_cast<const V*>(W_all + b * m * n);
+  const V* x = reinterpret_cast<const V*>(x_all + b * n);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  V xr[Q], acc[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int64_t c = threadIdx.x + q * kThreads;
+    xr[q] = c < nv ? x[c] : V{};
+    acc[q] = V{};
+  }
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
+  int parity = 0;
+  for (int64_t i = r0; i < r1; i += R, parity ^= 1) {
+    V w[R][Q];
+    T dots[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      dots[r] = 0;
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int64_t c = threadIdx.x + q * kThreads;
+        w[r][q] = (i + r < r1 && c < nv) ? W[(i + r) * nv + c] : V{};
+        dots[r] += Vec16<T>::dot(w[r][q], xr[q]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      for (int o = 16; o > 0; o >>= 1) dots[r] += __shfl_down_sync(kFull, dots[r], o);
+      if (lane == 0) sums[parity][r][warp] = dots[r];
+    }
+    __syncthreads();  // with two buffers, one barrier per group suffices
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      T si = 0;
+#pragma unroll
+      for (int k = 0; k < kThreads / 32; ++k) si += sums[parity][r][k];
+      if (wx_all != nullptr && threadIdx.x == 0 && i + r < r1) wx_all[b * m + i + r] = si;
+#pragma unroll
+      for (int q = 0; q < Q; ++q) Vec16<T>::axpy(si, w[r][q], acc[q]);
+    }
+  }
+  V* out = reinterpret_cast<V*>(partial + (b * chunks + chunk) * n);
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int64_t c = threadIdx.x + q * kThreads;
+    if (c < nv) out[c] = acc[q];
+  }
+}
+
+template <typename T>
+__global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t chunks, int64_t n, T* __restrict__ y) {
+  const int64_t b = blockIdx.y;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= n) return;
+  const T* p = partial + b * chunks * n + j;
+  T total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += p[c * n];
+  y[b * n + j] = total;
+}
+
+// Launch plan of the fused multi-block pass for W (B, m, n), or chunks = 0 when it does not apply
+// (then the one-block-per-matrix kernels are used).
+struct GramPassPlan {
+  int64_t chunks = 0, rows_per_chunk = 0;
+  int vectors = 0;  // Q
+};
+
+GramPassPlan plan_gram_pass(const at::Tensor& W) {
+  GramPassPlan plan;
+  const int64_t B = W.size(0), m = W.size(1), n = W.size(2);
+  const int64_t K = 16 / W.element_size();
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, W.get_device()));
+  const bool aligned = reinterpret_cast<uintptr_t>(W.const_data_ptr()) % 16 == 0;
+  if (B >= multiprocessors || m < 64 || n % K != 0 || n > kThreads * K * kMaxVectorsPerThread || !aligned) return plan;
+  const int64_t want = (2 * multiprocessors + B - 1) / B;  // about two blocks per multiprocessor
+  plan.chunks = std::max<int64_t>(1, std::min<int64_t>(want, m / 16));
+  plan.rows_per_chunk = (m + plan.chunks - 1) / plan.chunks;
+  plan.chunks = (m + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
+  plan.vectors = 1;
+  while (plan.vectors * kThreads * K < n) plan.vectors *= 2;
+  return plan;
+}
+
+// y (B, n) = Wᵀ(W x) for W (B, m, n) and x (B, n), contiguous, with wx (B, m) = W x when wx is
+// given; partial: scratch of at least B chunks n entries.
+template <typename T>
+void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, cudaStream_t stream) {
+  const int64_t B = W.size(0), m = W.size(1), n = W.size(2);
+  const dim3 grid(plan.chunks, B);
+  const T* Wp = W.const_data_ptr<T>();
+  switch (plan.vectors) {
+    case 1: gram_pass_kernel<T, 1, 8><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
+    case 2: gram_pass_kernel<T, 2, 4><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
+    case 4: gram_pass_kernel<T, 4, 2><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
+    default: gram_pass_kernel<T, 8, 1><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_partials_kernel<T><<<dim3((n + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(partial, plan.chunks, n, y);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// After a fused pass: x = y / ‖y‖ per matrix (x kept where y = 0: it is in the null space).
+template <typename T>
+__global__ void normalize_kernel(const T* __restrict__ y_all, int64_t n, T* __restrict__ x_all) {
+  __shared__ double shared[32];
+  const T* y = y_all + blockIdx.x * n;
+  T* x = x_all + blockIdx.x * n;
+  const double norm = sqrt(block_dot(y, y, n, shared));
+  if (norm > 0) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) x[j] = static_cast<T>(static_cast<double>(y[j]) / norm);
+  }
+}
+
+// After a fused pass from v with t = W v and z = Wᵀ t: torch's spectral-norm update (see the CPU
+// kernel): a = max(‖t‖, eps), u = t / a, v = z / a / max(‖z‖ / a, eps), sigma = (‖z‖/a)² / max(‖z‖/a, eps).
+template <typename T>
+__global__ void spectral_step_normalize_kernel(const T* __restrict__ t_all, const T* __restrict__ z_all, int64_t m,
+                                               int64_t n, double eps, T* __restrict__ u_all, T* __restrict__ v_all,
+                                               T* __restrict__ sigma) {
+  __shared__ double shared[32];
+  const int64_t b = blockIdx.x;
+  const T* t = t_all + b * m;
+  const T* z = z_all + b * n;
+  const double a = fmax(sqrt(block_dot(t, t, m, shared)), eps);
+  const double nz = sqrt(block_dot(z, z, n, shared)) / a;
+  const double c = fmax(nz, eps);
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) u_all[b * m + i] = static_cast<T>(static_cast<double>(t[i]) / a);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v_all[b * n + j] = static_cast<T>(static_cast<double>(z[j]) / a / c);
+  if (threadIdx.x == 0) sigma[b] = static_cast<T>(nz * nz / c);
+}
+
+// u = W v / ‖W v‖ (0 where W v = 0) and sigma = ‖W v‖ for every matrix, through cuBLAS matrix-vector
+// products (the path for large matrices; no TF32).
+void left_vectors(const at::Tensor& W, const at::Tensor& v, at::Tensor& u, at::Tensor& sigma) {
+  for (int64_t b = 0; b < W.size(0); ++b) {
+    const at::Tensor y = at::mv(W[b], v[b]).to(at::kDouble);
+    const at::Tensor norm = at::linalg_vector_norm(y, 2);
+    u[b].copy_(at::where(norm > 0, y / norm, at::zeros_like(y)));
+    sigma[b].copy_(norm);
+  }
+}
+
+// The fused pass as a function x (n,) -> Wᵀ(W x) for one matrix W1 (1, m, n), for the ATen Lanczos
+// loop; falls back to two cuBLAS products when the plan does not apply.
+std::function<at::Tensor(const at::Tensor&)> gram_function(const at::Tensor& W1, at::Tensor& partial) {
+  const GramPassPlan plan = plan_gram_pass(W1);
+  const at::Tensor Wb = W1[0];
+  if (plan.chunks == 0) return [Wb](const at::Tensor& x) { return at::mv(Wb.t(), at::mv(Wb, x)); };
+  partial = at::empty({plan.chunks * W1.size(2)}, W1.options());
+  return [W1, plan, partial](const at::Tensor& x) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc);
+    AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "lipfast_gram_pass", [&] {
+      gram_pass<scalar_t>(W1, plan, xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr,
+                          partial.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+    });
+    return y;
+  };
+}
+
+// Scratch of one matrix for lanczos_kernel, in two buffers: T entries (the basis Q, cap x n; w, n;
+// y, max(m, cap)) and doubles (alpha, beta and s, cap each; the tridiagonal solver's seven arrays
+// and its flags, 8 cap).
+struct LanczosLayout {
+  int64_t m, n, cap;
+  __host__ __device__ int64_t t_entries() const { return cap * n + n + (m > cap ? m : cap); }
+  __host__ __device__ int64_t d_entries() const { return 11 * cap; }
+};
+
+// Lanczos on WᵀW for one matrix per block, under LanczosControl's rules (lanczos.h), the whole loop
+// in one launch; then u = W v / ‖W v‖, sigma = ‖W v‖.  W is read from shared memory when the
+// launch staged it there (smem_bytes > 0), else from global memory (L1/L2).  Every thread keeps
+// its own copy of the control state, updated from block-wide values (dot products from
+// block_sum, theta and s_k from thread 0's eigen-solve through shared memory), so every branch is
+// uniform across the block.  v: start vectors in, unit Ritz vectors out (a zero or non-finite
+// start is replaced by the default one).
+template <typename T>
+__global__ void lanczos_kernel(const T* __restrict__ W_all, LanczosLayout layout, int64_t rank_bound,
+                               int64_t max_passes, double rtol, double eps, T* v_all, T* u_all, T* sigma_all,
+                               double* rel_err_all, T* t_scratch, double* d_scratch, bool staged) {
+  extern __shared__ __align__(16) unsigned char staged_bytes[];
+  __shared__ double shared[32];
+  __shared__ double broadcast[2];
+  const int64_t b = blockIdx.x;
+  const int64_t m = layout.m, n = layout.n, cap = layout.cap;
+  const T* W = W_all + b * m * n;
+  if (staged) {
+    T* Ws = reinterpret_cast<T*>(staged_bytes);
+    for (int64_t i = threadIdx.x; i < m * n; i += blockDim.x) Ws[i] = W[i];
+    W = Ws;
+    __syncthreads();
+  }
+  T* v = v_all + b * n;
+  T* Q = t_scratch + b * layout.t_entries();
+  T* w = Q + cap * n;
+  T* y = w + n;
+  double* alpha = d_scratch + b * layout.d_entries();
+  double* beta = alpha + cap;
+  double* s = beta + cap;
+  double* tri = s + cap;
+  const TridiagonalScratch scratch{tri,           tri + cap,     tri + 2 * cap, tri + 3 * cap,
+                                   tri + 4 * cap, tri + 5 * cap, tri + 6 * cap,
+                                   reinterpret_cast<unsigned char*>(tri + 7 * cap)};
+  LanczosControl control(n, rank_bound, max_passes, rtol, eps);
+
+  double start_norm = sqrt(block_dot(v, v, n, shared));
+  if (!(start_norm > 0) || !isfinite(start_norm)) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v[j] = static_cast<T>(default_start_entry(j));
+    __syncthreads();
+    start_norm = sqrt(block_dot(v, v, n, shared));
+  }
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = static_cast<T>(static_cast<double>(v[j]) / start_norm);
+  __syncthreads();
+
+  bool done = false;
+  while (!done) {  // one sweep per (re)start, Q[0] holding the start vector
+    control.start_sweep();
+    for (int64_t k = 0;; ++k) {
+      const T* q = Q + k * n;
+      block_matvec(W, m, n, q, y);  // w = Wᵀ (W q)
+      block_rmatvec(W, m, n, y, w);
+      ++control.passes;
+      const double a = block_dot(q, w, n, shared);
+      const double previous_beta = k > 0 ? beta[k - 1] : 0.0;  // written by thread 0 before a barrier
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        double x = static_cast<double>(w[j]) - a * static_cast<double>(q[j]);
+        if (k > 0) x -= previous_beta * static_cast<double>(Q[(k - 1) * n + j]);
+        w[j] = static_cast<T>(x);
+      }
+      __syncthreads();
+      double bnorm = sqrt(block_dot(w, w, n, shared));
+      for (int round = 0; round < 2; ++round) {
+        // Classical Gram–Schmidt against the whole basis: c = Q w, then w -= Qᵀ c.
+        const double before = bnorm;
+        block_matvec(Q, k + 1, n, w, y);
+        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+          T correction = 0;
+          for (int64_t i = 0; i <= k; ++i) correction += Q[i * n + j] * y[i];
+          w[j] -= correction;
+        }
+        __syncthreads();
+        bnorm = sqrt(block_dot(w, w, n, shared));
+        if (bnorm > 0.7071 * before) break;  // little was removed: orthogonal to working accuracy
+      }
+      if (threadIdx.x == 0) alpha[k] = a;
+      if (control.should_solve(k, bnorm)) {
+        if (threadIdx.x == 0) {
+          for (int64_t i = control.checked; i <= k; ++i) s[i] = 0.0;  // the previous eigenvector, padded
+          broadcast[0] = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, control.checked > 0, scratch);
+          broadcast[1] = s[k];
+        }
+        __syncthreads();
+        const double theta = broadcast[0], s_k = broadcast[1];
+        __syncthreads();  // everyone has read broadcast before it is written again
+        done = control.after_solve(k, theta, s_k, bnorm);
+      }
+      if (done || control.full(k)) {
+        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+          double x = 0;
+          for (int64_t i = 0; i <= k; ++i) x += s[i] * static_cast<double>(Q[i * n + j]);
+          v[j] = static_cast<T>(x);
+        }
+        __syncthreads();
+        const double nv = sqrt(block_dot(v, v, n, shared));
+        block_scale(v, 1.0 / nv, n);
+        break;
+      }
+      if (threadIdx.x == 0) beta[k] = bnorm;
+      T* next = Q + (k + 1) * n;
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) next[j] = static_cast<T>(static_cast<double>(w[j]) / bnorm);
+      __syncthreads();
+    }
+    if (!done) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = v[j];  // restart from the Ritz vector
+      __syncthreads();
+    }
+  }
+  T* u = u_all + b * m;
+  block_matvec(W, m, n, v, u);
+  const double sigma = sqrt(block_dot(u, u, m, shared));
+  block_scale(u, sigma > 0 ? 1.0 / sigma : 0.0, m);
+  if (threadIdx.x == 0) {
+    sigma_all[b] = static_cast<T>(sigma);
+    rel_err_all[b] = control.rel_err;
+  }
+}
+
+// Raises ValueError on NaN/Inf entries (naming the first bad matrix).  Returns the matrices to
+// iterate on, and the power-of-two factor of each: f.W itself with all factors 1, or, where
+// max|W_b| lies outside [2^-32, 2^32], a copy with matrix b multiplied by the power of two that
+// brings max|W_b| into [1, 2) (the iterations form WᵀW x, whose entries are of the order of
+// sigma^2, and that must neither underflow nor overflow).  The same rule as the CPU kernel.
+std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tensor& W, const lipfast::Flattened& f) {
+  const at::Tensor largest = f.W.abs().amax({1, 2}).to(at::kDouble).cpu();  // NaN propagates
+  const double* big = largest.const_data_ptr<double>();
+  auto scales = at::ones({f.B}, at::TensorOptions().dtype(at::kDouble));
+  double* scale = scales.mutable_data_ptr<double>();
+  int64_t first_bad = f.B;
+  bool any_scaled = false;
+  const int max_exponent = f.compute == at::kDouble ? DBL_MAX_EXP : FLT_MAX_EXP;
+  for (int64_t b = 0; b < f.B; ++b) {
+    if (!std::isfinite(big[b])) {
+      first_bad = std::min(first_bad, b);
+    } else if (big[b] > 0 && std::abs(std::ilogb(big[b])) > 32) {
+      scale[b] = std::ldexp(1.0, std::min(-std::ilogb(big[b]), max_exponent - 1));
+      any_scaled = true;
+    }
+  }
+  lipfast::raise_if_nonfinite(op, W, first_bad);
+  scales = scales.to(f.W.options());
+  if (any_scaled) return {f.W * scales.view({-1, 1, 1}), scales};
+  return {f.W, scales};
+}
+
+// Lanczos for every matrix of Wk (B, m, n), v (B, n) the start vectors (overwritten by the unit Ritz
+// vectors); fills u (B, m), sigma (B,) and rel_err (B,) float64.  Many matrices: lanczos_kernel,
+// one block each, over slices of the batch that keep the scratch under 512 MiB.  A few large ones
+// (fewer than the multiprocessors, over 2^20 entries each), where one block per matrix would leave
+// the GPU idle: the ATen Lanczos loop, whose products use the whole device.
+void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor& sigma, at::Tensor& rel_err,
+                 int64_t max_passes, double rtol) {
+  const int64_t B = Wk.size(0), m = Wk.size(1), n = Wk.size(2);
+  if (B == 0) return;
+  const int device = Wk.get_device();
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  if (B < multiprocessors && m * n >= (int64_t{1} << 20)) {
+    auto rel_err_cpu = at::empty({B}, at::TensorOptions().dtype(at::kDouble));
+    at::Tensor partial;
+    for (int64_t b = 0; b < B; ++b) {
+      const auto gram = gram_function(Wk.narrow(0, b, 1), partial);
+      auto top = lipfast::lanczos_top_aten(gram, v[b], max_passes, rtol, std::min(m, n), lipfast::kMaxBasis);
+      v[b].copy_(top.v);
+      rel_err_cpu.mutable_data_ptr<double>()[b] = top.rel_err;
+    }
+    rel_err.copy_(rel_err_cpu);
+    left_vectors(Wk, v, u, sigma);
+    return;
+  }
+  const LanczosLayout layout{m, n, std::min<int64_t>(lipfast::kMaxBasis, n)};
+  const int64_t item = Wk.element_size();
+  const int64_t per_matrix = layout.t_entries() * item + layout.d_entries() * 8;
+  const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t{512} << 20) / per_matrix));
+  auto t_scratch = at::empty({slice * layout.t_entries()}, Wk.options());
+  auto d_scratch = at::empty({slice * layout.d_entries()}, Wk.options().dtype(at::kDouble));
+  // Stage W in shared memory when it fits in 48 KiB (no opt-in needed; several blocks per SM).
+  const int64_t matrix_bytes = m * n * item;
+  const bool staged = matrix_bytes <= 48 * 1024;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Wk.scalar_type(), "lipfast_dense_spectral_norm_cuda", [&] {
+    for (int64_t b0 = 0; b0 < B; b0 += slice) {
+      const int64_t count = std::min(slice, B - b0);
+      lanczos_kernel<scalar_t><<<count, kThreads, staged ? matrix_bytes : 0, stream>>>(
+          Wk.const_data_ptr<scalar_t>() + b0 * m * n, layout, std::min(m, n), max_passes, rtol,
+          static_cast<double>(std::numeric_limits<scalar_t>::epsilon()),
+          v.mutable_data_ptr<scalar_t>() + b0 * n, u.mutable_data_ptr<scalar_t>() + b0 * m,
+          sigma.mutable_data_ptr<scalar_t>() + b0, rel_err.mutable_data_ptr<double>() + b0,
+          t_scratch.mutable_data_ptr<scalar_t>(), d_scratch.mutable_data_ptr<double>(), staged);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_spectral_norm_cuda(
+    const at::Tensor& W, const std::optional<at::Tensor>& v0, int64_t max_iters, double rtol) {
+  lipfast::check_matrix_batch("spectral_norm", W);
+  TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.spectral_norm: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm: rtol must be positive, got ", rtol);
+  const c10::cuda::CUDAGuard guard(W.device());
+  const lipfast::Flattened f = lipfast::flatten_matrices(W);
+  at::Tensor v = lipfast::start_vectors("spectral_norm", v0, f);
+  const auto scanned = scan_and_check("spectral_norm", W, f);
+  at::Tensor u = at::empty({f.B, f.m}, f.W.options());
+  at::Tensor sigma = at::empty({f.B}, f.W.options());
+  at::Tensor rel_err = at::empty({f.B}, f.W.options().dtype(at::kDouble));
+  lanczos_all(scanned.first, v, u, sigma, rel_err, max_iters, rtol);
+  sigma.div_(scanned.second);  // exact: powers of two
+  const auto dtype = W.scalar_type();
+  return {sigma.to(dtype).reshape(f.batch_shape), u.to(dtype).reshape(lipfast::with_last(f.batch_shape, f.m)),
+          v.to(dtype).reshape(lipfast::with_last(f.batch_shape, f.n)), rel_err.reshape(f.batch_shape)};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cuda(const at::Tensor& W, double rtol,
+                                                                   int64_t max_iters, int64_t max_gram_steps) {
+  lipfast::check_matrix_batch("spectral_norm_bounds", W);
+  TORCH_CHECK_VALUE(rtol > 0 && std::isfinite(rtol), "lipfast.spectral_norm_bounds: rtol must be positive, got ", rtol);
+  TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.spectral_norm_bounds: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK_VALUE(max_gram_steps >= 1, "lipfast.spectral_norm_bounds: max_gram_steps must be >= 1, got ",
+                    max_gram_steps);
+  const c10::cuda::CUDAGuard guard(W.device());
+  const lipfast::Flattened f = lipfast::flatten_matrices(W);
+  const at::Tensor Wk = scan_and_check("spectral_norm_bounds", W, f).first;  // only v is taken from it
+  // Lower end: a Rayleigh quotient at a Lanczos vector converged well inside the requested gap.
+  at::Tensor v = lipfast::start_vectors("spectral_norm_bounds", std::nullopt, f);
+  at::Tensor u = at::empty({f.B, f.m}, f.W.options());
+  at::Tensor sigma = at::empty({f.B}, f.W.options());
+  at::Tensor rel_err = at::empty({f.B}, f.W.options().dtype(at::kDouble));
+  lanczos_all(Wk, v, u, sigma, rel_err, max_iters, rtol / 8);
+  const at::Tensor lower = lipfast::certified_rayleigh_lower(f.W, v);
+  const at::Tensor upper =
+      lipfast::gram_upper_bound(f.W, lower * lipfast::bracket_stop_factor(rtol, W.scalar_type()), max_gram_steps);
+  const auto dtype = W.scalar_type();
+  return {lipfast::round_directed(lower, dtype, /*up=*/false).reshape(f.batch_shape),
+          lipfast::round_directed(upper, dtype, /*up=*/true).reshape(f.batch_shape)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const at::Tensor& W, const at::Tensor& v0,
                                                                           int64_t iters) {
   lipfast::check_matrix_batch("power_iteration", W);
@@ -159,7 +618,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
   at::Tensor v = lipfast::start_vectors("power_iteration", v0, f);
   at::Tensor u = at::empty({f.B, f.m}, f.W.options());
   at::Tensor sigma = at::empty({f.B}, f.W.options());
-  if (f.B > 0) {
+  const GramPassPlan plan = f.B > 0 ? plan_gram_pass(f.W) : GramPassPlan{};
+  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, one launch pair per step
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor y = at::empty({f.B, f.n}, f.W.options());
+    at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
+    AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_power_iteration_cuda", [&] {
+      scalar_t* x = v.mutable_data_ptr<scalar_t>();
+      normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(x, f.n, x);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t it = 0; it < iters; ++it) {
+        gram_pass<scalar_t>(f.W, plan, x, y.mutable_data_ptr<scalar_t>(), nullptr, partial.mutable_data_ptr<scalar_t>(),
+                            stream);
+        normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(y.const_data_ptr<scalar_t>(), f.n, x);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    left_vectors(f.W, v, u, sigma);
+  } else if (f.B > 0) {
     at::Tensor scratch = at::empty({f.B * (f.m + f.n)}, f.W.options());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_power_iteration_cuda", [&] {
@@ -188,7 +664,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
   at::Tensor u = u0.detach().reshape({f.B, f.m}).to(f.compute).clone();
   at::Tensor v = v0.detach().reshape({f.B, f.n}).to(f.compute).clone();
   at::Tensor sigma = at::empty({f.B}, f.W.options());
-  if (f.B > 0) {
+  const GramPassPlan plan = f.B > 0 ? plan_gram_pass(f.W) : GramPassPlan{};
+  if (plan.chunks > 0 && iters == 0) {  // sigma = uᵀ W v for the given pair
+    for (int64_t b = 0; b < f.B; ++b) sigma[b].copy_(at::dot(u[b], at::mv(f.W[b], v[b])));
+  } else if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    at::Tensor t = at::empty({f.B, f.m}, f.W.options());
+    at::Tensor z = at::empty({f.B, f.n}, f.W.options());
+    at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
+    AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step_cuda", [&] {
+      for (int64_t it = 0; it < iters; ++it) {
+        gram_pass<scalar_t>(f.W, plan, v.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(),
+                            t.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), stream);
+        spectral_step_normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(
+            t.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), f.m, f.n, eps, u.mutable_data_ptr<scalar_t>(),
+            v.mutable_data_ptr<scalar_t>(), sigma.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  } else if (f.B > 0) {
     at::Tensor scratch = at::empty({f.B * (f.m + f.n)}, f.W.options());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step_cuda", [&] {
@@ -206,6 +700,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lipfast, CUDA, m) {
+  m.impl("dense_spectral_norm", &dense_spectral_norm_cuda);
+  m.impl("dense_spectral_norm_bounds", &dense_spectral_norm_bounds_cuda);
   m.impl("dense_power_iteration", &dense_power_iteration_cuda);
   m.impl("spectral_norm_step", &spectral_norm_step_cuda);
 }
