@@ -67,17 +67,17 @@ dense_s=$(($(date +%s) - start))
 
 bench_rc=0 volatility_rc=0 bench_s=0 volatility_s=0
 if [ "${GPU_CHECK_ONLY_DENSE:-0}" != 1 ]; then
-start=$(date +%s)
-timeout 240 $PY benchmarks/bench_conv.py --device cuda --skip-exact --cap 5 >"$OUT/bench_conv_cuda.txt" 2>&1
-bench_rc=$?
-bench_s=$(($(date +%s) - start))
+  start=$(date +%s)
+  timeout 240 $PY benchmarks/bench_conv.py --device cuda --skip-exact --cap 5 >"$OUT/bench_conv_cuda.txt" 2>&1
+  bench_rc=$?
+  bench_s=$(($(date +%s) - start))
 
-start=$(date +%s)
-{ timeout 90 $PY benchmarks/bench_volatility.py --device cuda --repeat 3 &&
-  timeout 90 $PY benchmarks/bench_volatility.py --device cuda --n 100000 --d 768 --skip-baseline --repeat 2; } \
-  >"$OUT/bench_volatility_cuda.txt" 2>&1
-volatility_rc=$?
-volatility_s=$(($(date +%s) - start))
+  start=$(date +%s)
+  { timeout 90 $PY benchmarks/bench_volatility.py --device cuda --repeat 3 &&
+    timeout 90 $PY benchmarks/bench_volatility.py --device cuda --n 100000 --d 768 --skip-baseline --repeat 2; } \
+    >"$OUT/bench_volatility_cuda.txt" 2>&1
+  volatility_rc=$?
+  volatility_s=$(($(date +%s) - start))
 fi
 
 echo

@@ -520,8 +520,8 @@ std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tenso
 // Lanczos for every matrix of Wk (B, m, n), v (B, n) the start vectors (overwritten by the unit Ritz
 // vectors); fills u (B, m), sigma (B,) and rel_err (B,) float64.  Many matrices: lanczos_kernel,
 // one block each, over slices of the batch that keep the scratch under 512 MiB.  A few large ones
-// (fewer than the multiprocessors, over 2^20 entries each), where one block per matrix would leave
-// the GPU idle: the ATen Lanczos loop, whose products use the whole device.
+// (fewer than the multiprocessors, 2^20 entries or more each), where one block per matrix would
+// leave the GPU idle: the ATen Lanczos loop, its products the fused multi-block pass.
 void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor& sigma, at::Tensor& rel_err,
                  int64_t max_passes, double rtol) {
   const int64_t B = Wk.size(0), m = Wk.size(1), n = Wk.size(2);
@@ -548,14 +548,19 @@ void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor&
   const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t{512} << 20) / per_matrix));
   auto t_scratch = at::empty({slice * layout.t_entries()}, Wk.options());
   auto d_scratch = at::empty({slice * layout.d_entries()}, Wk.options().dtype(at::kDouble));
-  // Stage W in shared memory when it fits in 48 KiB (no opt-in needed; several blocks per SM).
+  // Stage W in shared memory when it fits in the 48 KiB a block may use without opt-in (less the
+  // kernel's static 272 bytes).
   const int64_t matrix_bytes = m * n * item;
-  const bool staged = matrix_bytes <= 48 * 1024;
+  const bool staged = matrix_bytes <= 46 * 1024;
+  // Threads per block: as many as the longer side needs, 64 to 256.  The kernel takes 134 registers
+  // per thread, so 64-thread blocks let seven small matrices share a multiprocessor instead of one.
+  int threads = 64;
+  while (threads < kThreads && threads < std::max(m, n)) threads *= 2;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Wk.scalar_type(), "lipfast_dense_spectral_norm_cuda", [&] {
     for (int64_t b0 = 0; b0 < B; b0 += slice) {
       const int64_t count = std::min(slice, B - b0);
-      lanczos_kernel<scalar_t><<<count, kThreads, staged ? matrix_bytes : 0, stream>>>(
+      lanczos_kernel<scalar_t><<<count, threads, staged ? matrix_bytes : 0, stream>>>(
           Wk.const_data_ptr<scalar_t>() + b0 * m * n, layout, std::min(m, n), max_passes, rtol,
           static_cast<double>(std::numeric_limits<scalar_t>::epsilon()),
           v.mutable_data_ptr<scalar_t>() + b0 * n, u.mutable_data_ptr<scalar_t>() + b0 * m,
