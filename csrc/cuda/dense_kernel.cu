@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <functional>
 #include <optional>
@@ -166,9 +168,10 @@ __global__ void spectral_norm_step_kernel(const T* __restrict__ W, int64_t m, in
 // Stage 1, grid (chunks, B): block c takes a slice of rows of matrix b.  Thread t owns the 16-byte
 // column vectors t, t + 256, ... (Q of them: n <= 256 Q K, K = 16 / sizeof(T) entries each), holds
 // x and its accumulator for them in registers, and for each group of R rows loads the rows with
-// 16-byte loads, forms s_i = w_i·x with a block reduction (one barrier per group: the partial sums
-// alternate between two shared buffers), and adds s_i w_i to its accumulator from the registers it
-// loaded, so each row is read from memory once.  It writes its accumulator to partial (B, chunks, n).
+// 16-byte loads (the next group's loads issued before this group's barrier), forms s_i = w_i·x with
+// a block reduction (one barrier per group: the partial sums alternate between two shared
+// buffers), and adds s_i w_i to its accumulator from the registers it loaded, so each row is read
+// from memory once.  It writes its accumulator to partial (B, chunks, n).
 // Stage 2, grid (column tiles, B): y_j = sum over chunks of partial, in chunk order (deterministic).
 // Bytes: m n T for W, plus chunks n T written and read for the partials (about 2 x SMs rows' worth,
 // 3% of an 8192 x 8192 W).
@@ -192,7 +195,7 @@ struct Vec16<double> {
 
 constexpr int kMaxVectorsPerThread = 8;
 
-template <typename T, int Q, int R>
+template <typename T, int Q, int R, bool Pipelined>
 __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
                                                              int64_t rows_per_chunk, const T* __restrict__ x_all,
                                                              T* __restrict__ partial, T* __restrict__ wx_all) {
@@ -213,22 +216,30 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
   }
   const int64_t r0 = chunk * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
+  // Pipelined: the loads of the next group are issued before this group's barrier, so the memory
+  // system stays busy while the block reduces (more registers: fewer resident blocks).
+  V w[R][Q], next[R][Q];
+  auto load = [&](int64_t i, V (&rows)[R][Q]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int64_t c = threadIdx.x + q * kThreads;
+        rows[r][q] = (i + r < r1 && c < nv) ? W[(i + r) * nv + c] : V{};
+      }
+    }
+  };
+  if (Pipelined) load(r0, w);
   int parity = 0;
   for (int64_t i = r0; i < r1; i += R, parity ^= 1) {
-    V w[R][Q];
+    if (!Pipelined) load(i, w);
+    if (Pipelined && i + R < r1) load(i + R, next);
     T dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       dots[r] = 0;
 #pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const int64_t c = threadIdx.x + q * kThreads;
-        w[r][q] = (i + r < r1 && c < nv) ? W[(i + r) * nv + c] : V{};
-        dots[r] += Vec16<T>::dot(w[r][q], xr[q]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < Q; ++q) dots[r] += Vec16<T>::dot(w[r][q], xr[q]);
       for (int o = 16; o > 0; o >>= 1) dots[r] += __shfl_down_sync(kFull, dots[r], o);
       if (lane == 0) sums[parity][r][warp] = dots[r];
     }
@@ -241,6 +252,13 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
       if (wx_all != nullptr && threadIdx.x == 0 && i + r < r1) wx_all[b * m + i + r] = si;
 #pragma unroll
       for (int q = 0; q < Q; ++q) Vec16<T>::axpy(si, w[r][q], acc[q]);
+    }
+    if (Pipelined) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) w[r][q] = next[r][q];
+      }
     }
   }
   V* out = reinterpret_cast<V*>(partial + (b * chunks + chunk) * n);
@@ -266,8 +284,24 @@ __global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t chunk
 // (then the one-block-per-matrix kernels are used).
 struct GramPassPlan {
   int64_t chunks = 0, rows_per_chunk = 0;
-  int vectors = 0;  // Q
+  int vectors = 0;         // Q
+  bool pipelined = true;   // LIPFAST_GRAM_PASS_PIPELINE=0 selects the plain loop (for benchmarks)
 };
+
+// The kernel for Q = vectors (R = 8 / Q rows per group), as a function pointer.
+template <typename T>
+void* gram_pass_function(int vectors, bool pipelined) {
+#define LIPFAST_GRAM_PASS(Q) \
+  (pipelined ? reinterpret_cast<void*>(&gram_pass_kernel<T, Q, 8 / Q, true>) \
+             : reinterpret_cast<void*>(&gram_pass_kernel<T, Q, 8 / Q, false>))
+  switch (vectors) {
+    case 1: return LIPFAST_GRAM_PASS(1);
+    case 2: return LIPFAST_GRAM_PASS(2);
+    case 4: return LIPFAST_GRAM_PASS(4);
+    default: return LIPFAST_GRAM_PASS(8);
+  }
+#undef LIPFAST_GRAM_PASS
+}
 
 GramPassPlan plan_gram_pass(const at::Tensor& W) {
   GramPassPlan plan;
@@ -277,12 +311,20 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, W.get_device()));
   const bool aligned = reinterpret_cast<uintptr_t>(W.const_data_ptr()) % 16 == 0;
   if (B >= multiprocessors || m < 64 || n % K != 0 || n > kThreads * K * kMaxVectorsPerThread || !aligned) return plan;
-  const int64_t want = (2 * multiprocessors + B - 1) / B;  // about two blocks per multiprocessor
+  plan.vectors = 1;
+  while (plan.vectors * kThreads * K < n) plan.vectors *= 2;
+  const char* pipeline = std::getenv("LIPFAST_GRAM_PASS_PIPELINE");
+  plan.pipelined = pipeline == nullptr || std::string(pipeline) != "0";
+  // One wave: as many blocks as fit on the device at once, shared out over the matrices.
+  int resident = 1;
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lipfast_gram_pass_plan", [&] {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, gram_pass_function<scalar_t>(plan.vectors, plan.pipelined), kThreads, 0));
+  });
+  const int64_t want = (std::max(resident, 1) * static_cast<int64_t>(multiprocessors) + B - 1) / B;
   plan.chunks = std::max<int64_t>(1, std::min<int64_t>(want, m / 16));
   plan.rows_per_chunk = (m + plan.chunks - 1) / plan.chunks;
   plan.chunks = (m + plan.rows_per_chunk - 1) / plan.rows_per_chunk;
-  plan.vectors = 1;
-  while (plan.vectors * kThreads * K < n) plan.vectors *= 2;
   return plan;
 }
 
@@ -290,15 +332,11 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
 // given; partial: scratch of at least B chunks n entries.
 template <typename T>
 void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, cudaStream_t stream) {
-  const int64_t B = W.size(0), m = W.size(1), n = W.size(2);
-  const dim3 grid(plan.chunks, B);
+  int64_t B = W.size(0), m = W.size(1), n = W.size(2), rows = plan.rows_per_chunk;
   const T* Wp = W.const_data_ptr<T>();
-  switch (plan.vectors) {
-    case 1: gram_pass_kernel<T, 1, 8><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
-    case 2: gram_pass_kernel<T, 2, 4><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
-    case 4: gram_pass_kernel<T, 4, 2><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
-    default: gram_pass_kernel<T, 8, 1><<<grid, kThreads, 0, stream>>>(Wp, m, n, plan.rows_per_chunk, x, partial, wx); break;
-  }
+  void* args[] = {&Wp, &m, &n, &rows, &x, &partial, &wx};
+  C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors, plan.pipelined), dim3(plan.chunks, B),
+                                  dim3(kThreads), args, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sum_partials_kernel<T><<<dim3((n + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(partial, plan.chunks, n, y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
