@@ -163,6 +163,12 @@ def bench_resnet50() -> list[str]:
 
     t_grouped = timed(grouped, 5)
     print(f"(d) one call per shape: {t_grouped * 1e3:.1f} ms", flush=True)
+    t_estimates = timed(lambda: [lipfast.spectral_norm(s, rtol=1e-3 / 8) for s in stacks], 5)
+    print(f"(d) of which Lanczos alone (spectral_norm to rtol 1.25e-4, one call per shape): {t_estimates * 1e3:.1f} ms",
+          flush=True)
+    for s_ in sorted(stacks, key=torch.Tensor.numel, reverse=True)[:4]:
+        t_s = timed(lambda: lipfast.spectral_norm_bounds(s_, rtol=1e-3), 5)
+        print(f"(d) shape {tuple(s_.shape)}: bracket {t_s * 1e3:.2f} ms", flush=True)
     t_layer = timed(per_layer, 3)
     worst = max(((u / l - 1).max().item() for l, u in grouped()))
     biggest = max(weights, key=torch.Tensor.numel)

@@ -195,13 +195,13 @@ struct Vec16<double> {
 
 constexpr int kMaxVectorsPerThread = 8;
 
-template <typename T, int Q, int R, bool Pipelined>
-__global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
+template <typename T, int Q, int R, bool Pipelined, int Threads>
+__global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
                                                              int64_t rows_per_chunk, const T* __restrict__ x_all,
                                                              T* __restrict__ partial, T* __restrict__ wx_all) {
   using V = typename Vec16<T>::type;
   constexpr int K = sizeof(V) / sizeof(T);
-  __shared__ T sums[2][R][kThreads / 32];
+  __shared__ T sums[2][R][Threads / 32];
   const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
   const int64_t nv = n / K;  // 16-byte vectors per row
   const V* W = reinterpret_cast<const V*>(W_all + b * m * n);
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
   V xr[Q], acc[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int64_t c = threadIdx.x + q * kThreads;
+    const int64_t c = threadIdx.x + q * Threads;
     xr[q] = c < nv ? x[c] : V{};
     acc[q] = V{};
   }
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
     for (int r = 0; r < R; ++r) {
 #pragma unroll
       for (int q = 0; q < Q; ++q) {
-        const int64_t c = threadIdx.x + q * kThreads;
+        const int64_t c = threadIdx.x + q * Threads;
         rows[r][q] = (i + r < r1 && c < nv) ? W[(i + r) * nv + c] : V{};
       }
     }
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
     for (int r = 0; r < R; ++r) {
       T si = 0;
 #pragma unroll
-      for (int k = 0; k < kThreads / 32; ++k) si += sums[parity][r][k];
+      for (int k = 0; k < Threads / 32; ++k) si += sums[parity][r][k];
       if (wx_all != nullptr && threadIdx.x == 0 && i + r < r1) wx_all[b * m + i + r] = si;
 #pragma unroll
       for (int q = 0; q < Q; ++q) Vec16<T>::axpy(si, w[r][q], acc[q]);
@@ -264,20 +264,43 @@ __global__ void __launch_bounds__(kThreads) gram_pass_kernel(const T* __restrict
   V* out = reinterpret_cast<V*>(partial + (b * chunks + chunk) * n);
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
-    const int64_t c = threadIdx.x + q * kThreads;
+    const int64_t c = threadIdx.x + q * Threads;
     if (c < nv) out[c] = acc[q];
   }
 }
 
+// Stage 2: y = the sum of the partials in chunk order; with tile_sq, also the sum of y_j² over the
+// block's columns (float64), for normalize_kernel.
 template <typename T>
-__global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t chunks, int64_t n, T* __restrict__ y) {
+__global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t chunks, int64_t n, T* __restrict__ y,
+                                    double* __restrict__ tile_sq) {
+  __shared__ double shared[32];
   const int64_t b = blockIdx.y;
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= n) return;
-  const T* p = partial + b * chunks * n + j;
   T total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += p[c * n];
-  y[b * n + j] = total;
+  if (j < n) {
+    const T* p = partial + b * chunks * n + j;
+    for (int64_t c = 0; c < chunks; ++c) total += p[c * n];
+    y[b * n + j] = total;
+  }
+  if (tile_sq != nullptr) {
+    const double sq = block_sum(static_cast<double>(total) * static_cast<double>(total), shared);
+    if (threadIdx.x == 0) tile_sq[b * gridDim.x + blockIdx.x] = sq;
+  }
+}
+
+// x = y / ‖y‖ for each matrix, ‖y‖ from the tile sums of squares (summed in tile order by every
+// thread: deterministic); x is kept where y = 0 (it is in the null space).  Grid (tiles, B), the
+// tiles of sum_partials_kernel.
+template <typename T>
+__global__ void normalize_kernel(const T* __restrict__ y_all, const double* __restrict__ tile_sq, int64_t n,
+                                 T* __restrict__ x_all) {
+  const int64_t b = blockIdx.y, tiles = gridDim.x;
+  double sq = 0;
+  for (int64_t t = 0; t < tiles; ++t) sq += tile_sq[b * tiles + t];
+  const double norm = sqrt(sq);
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (norm > 0 && j < n) x_all[b * n + j] = static_cast<T>(static_cast<double>(y_all[b * n + j]) / norm);
 }
 
 // Launch plan of the fused multi-block pass for W (B, m, n), or chunks = 0 when it does not apply
@@ -288,17 +311,22 @@ struct GramPassPlan {
   bool pipelined = true;   // LIPFAST_GRAM_PASS_PIPELINE=0 selects the plain loop (for benchmarks)
 };
 
-// The kernel for Q = vectors (R = 8 / Q rows per group), as a function pointer.
+// Threads per block of the fused pass: 256, or 512 for the longest rows (vectors = 8 16-byte vectors
+// per thread at 256), which then take 4 per thread: fewer registers per thread (one 512-thread block
+// fits a multiprocessor) and twice the bytes in flight per block.
+int gram_pass_threads(int vectors) { return vectors > 4 ? 2 * kThreads : kThreads; }
+
+// The kernel for `vectors` 16-byte vectors per thread at 256 threads, as a function pointer.
 template <typename T>
 void* gram_pass_function(int vectors, bool pipelined) {
-#define LIPFAST_GRAM_PASS(Q) \
-  (pipelined ? reinterpret_cast<void*>(&gram_pass_kernel<T, Q, 8 / Q, true>) \
-             : reinterpret_cast<void*>(&gram_pass_kernel<T, Q, 8 / Q, false>))
+#define LIPFAST_GRAM_PASS(Q, R, THREADS) \
+  (pipelined ? reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, true, THREADS>) \
+             : reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, false, THREADS>))
   switch (vectors) {
-    case 1: return LIPFAST_GRAM_PASS(1);
-    case 2: return LIPFAST_GRAM_PASS(2);
-    case 4: return LIPFAST_GRAM_PASS(4);
-    default: return LIPFAST_GRAM_PASS(8);
+    case 1: return LIPFAST_GRAM_PASS(1, 8, kThreads);
+    case 2: return LIPFAST_GRAM_PASS(2, 4, kThreads);
+    case 4: return LIPFAST_GRAM_PASS(4, 2, kThreads);
+    default: return LIPFAST_GRAM_PASS(4, 2, 2 * kThreads);
   }
 #undef LIPFAST_GRAM_PASS
 }
@@ -319,7 +347,7 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
   int resident = 1;
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lipfast_gram_pass_plan", [&] {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident, gram_pass_function<scalar_t>(plan.vectors, plan.pipelined), kThreads, 0));
+        &resident, gram_pass_function<scalar_t>(plan.vectors, plan.pipelined), gram_pass_threads(plan.vectors), 0));
   });
   const int64_t want = (std::max(resident, 1) * static_cast<int64_t>(multiprocessors) + B - 1) / B;
   plan.chunks = std::max<int64_t>(1, std::min<int64_t>(want, m / 16));
@@ -329,29 +357,28 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
 }
 
 // y (B, n) = Wᵀ(W x) for W (B, m, n) and x (B, n), contiguous, with wx (B, m) = W x when wx is
-// given; partial: scratch of at least B chunks n entries.
+// given; partial: scratch of at least B chunks n entries; tile_sq: null, or (B, tiles(n)) float64
+// for normalize_kernel.
+int64_t tiles(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
 template <typename T>
-void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, cudaStream_t stream) {
+void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, double* tile_sq,
+               cudaStream_t stream) {
   int64_t B = W.size(0), m = W.size(1), n = W.size(2), rows = plan.rows_per_chunk;
   const T* Wp = W.const_data_ptr<T>();
   void* args[] = {&Wp, &m, &n, &rows, &x, &partial, &wx};
   C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors, plan.pipelined), dim3(plan.chunks, B),
-                                  dim3(kThreads), args, 0, stream));
+                                  dim3(gram_pass_threads(plan.vectors)), args, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_partials_kernel<T><<<dim3((n + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(partial, plan.chunks, n, y);
+  sum_partials_kernel<T><<<dim3(tiles(n), B), kThreads, 0, stream>>>(partial, plan.chunks, n, y, tile_sq);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// After a fused pass: x = y / ‖y‖ per matrix (x kept where y = 0: it is in the null space).
+// x = y / ‖y‖ per matrix after gram_pass wrote y and tile_sq (x kept where y = 0).
 template <typename T>
-__global__ void normalize_kernel(const T* __restrict__ y_all, int64_t n, T* __restrict__ x_all) {
-  __shared__ double shared[32];
-  const T* y = y_all + blockIdx.x * n;
-  T* x = x_all + blockIdx.x * n;
-  const double norm = sqrt(block_dot(y, y, n, shared));
-  if (norm > 0) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) x[j] = static_cast<T>(static_cast<double>(y[j]) / norm);
-  }
+void normalize(const T* y, const double* tile_sq, int64_t B, int64_t n, T* x, cudaStream_t stream) {
+  normalize_kernel<T><<<dim3(tiles(n), B), kThreads, 0, stream>>>(y, tile_sq, n, x);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // After a fused pass from v with t = W v and z = Wᵀ t: torch's spectral-norm update (see the CPU
@@ -395,14 +422,14 @@ std::function<at::Tensor(const at::Tensor&)> gram_function(const at::Tensor& W1,
     at::Tensor y = at::empty_like(xc);
     AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "lipfast_gram_pass", [&] {
       gram_pass<scalar_t>(W1, plan, xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr,
-                          partial.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+                          partial.mutable_data_ptr<scalar_t>(), nullptr, c10::cuda::getCurrentCUDAStream());
     });
     return y;
   };
 }
 
-// Scratch of one matrix for lanczos_kernel, in two buffers: T entries (the basis Q, cap x n; w, n;
-// y, max(m, cap)) and doubles (alpha, beta and s, cap each; the tridiagonal solver's seven arrays
+// Scratch of one matrix for the Lanczos kernels, in two buffers: T entries (the basis Q, cap x n; w,
+// n; y, max(m, cap)) and doubles (alpha, beta and s, cap each; the tridiagonal solver's seven arrays
 // and its flags, 8 cap).
 struct LanczosLayout {
   int64_t m, n, cap;
@@ -410,13 +437,109 @@ struct LanczosLayout {
   __host__ __device__ int64_t d_entries() const { return 11 * cap; }
 };
 
+// One matrix's Lanczos workspace, as a block sees it.
+template <typename T>
+struct LanczosBlock {
+  int64_t n, cap;
+  T *Q, *w, *y;  // basis (cap x n), the product A q_k, scratch (>= cap)
+  double *alpha, *beta, *s;
+  TridiagonalScratch scratch;
+
+  __device__ LanczosBlock(const LanczosLayout& layout, T* t_scratch, double* d_scratch, int64_t b)
+      : n(layout.n), cap(layout.cap) {
+    Q = t_scratch + b * layout.t_entries();
+    w = Q + cap * n;
+    y = w + n;
+    alpha = d_scratch + b * layout.d_entries();
+    beta = alpha + cap;
+    s = beta + cap;
+    double* tri = s + cap;
+    scratch = TridiagonalScratch{tri,           tri + cap,     tri + 2 * cap, tri + 3 * cap, tri + 4 * cap,
+                                 tri + 5 * cap, tri + 6 * cap, reinterpret_cast<unsigned char*>(tri + 7 * cap)};
+  }
+
+  // Q[0] = v / ‖v‖, v replaced by the default start vector first when it is zero or not finite.
+  __device__ void start(T* v, double* shared) {
+    double start_norm = sqrt(block_dot(v, v, n, shared));
+    if (!(start_norm > 0) || !isfinite(start_norm)) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v[j] = static_cast<T>(default_start_entry(j));
+      __syncthreads();
+      start_norm = sqrt(block_dot(v, v, n, shared));
+    }
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = static_cast<T>(static_cast<double>(v[j]) / start_norm);
+    __syncthreads();
+  }
+
+  enum Outcome { kNext, kRestarted, kDone };
+
+  // Step k of a sweep, w holding A q_k: orthogonalize, maybe solve and stop, else append q_{k+1}.
+  // On kDone v holds the unit Ritz vector; on kRestarted Q[0] does (and the sweep restarts).
+  __device__ Outcome advance(LanczosControl& control, int64_t k, T* v, double* shared, double* broadcast) {
+    const T* q = Q + k * n;
+    const double a = block_dot(q, w, n, shared);
+    const double previous_beta = k > 0 ? beta[k - 1] : 0.0;  // written by thread 0 before a barrier
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      double x = static_cast<double>(w[j]) - a * static_cast<double>(q[j]);
+      if (k > 0) x -= previous_beta * static_cast<double>(Q[(k - 1) * n + j]);
+      w[j] = static_cast<T>(x);
+    }
+    __syncthreads();
+    double bnorm = sqrt(block_dot(w, w, n, shared));
+    for (int round = 0; round < 2; ++round) {
+      // Classical Gram–Schmidt against the whole basis: c = Q w, then w -= Qᵀ c.
+      const double before = bnorm;
+      block_matvec(Q, k + 1, n, w, y);
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        T correction = 0;
+        for (int64_t i = 0; i <= k; ++i) correction += Q[i * n + j] * y[i];
+        w[j] -= correction;
+      }
+      __syncthreads();
+      bnorm = sqrt(block_dot(w, w, n, shared));
+      if (bnorm > 0.7071 * before) break;  // little was removed: orthogonal to working accuracy
+    }
+    if (threadIdx.x == 0) alpha[k] = a;
+    bool done = false;
+    if (control.should_solve(k, bnorm)) {
+      if (threadIdx.x == 0) {
+        for (int64_t i = control.checked; i <= k; ++i) s[i] = 0.0;  // the previous eigenvector, padded
+        broadcast[0] = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, control.checked > 0, scratch);
+        broadcast[1] = s[k];
+      }
+      __syncthreads();
+      const double theta = broadcast[0], s_k = broadcast[1];
+      __syncthreads();  // everyone has read broadcast before it is written again
+      done = control.after_solve(k, theta, s_k, bnorm);
+    }
+    if (done || control.full(k)) {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        double x = 0;
+        for (int64_t i = 0; i <= k; ++i) x += s[i] * static_cast<double>(Q[i * n + j]);
+        v[j] = static_cast<T>(x);
+      }
+      __syncthreads();
+      const double nv = sqrt(block_dot(v, v, n, shared));
+      block_scale(v, 1.0 / nv, n);
+      if (done) return kDone;
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = v[j];  // restart from the Ritz vector
+      __syncthreads();
+      control.start_sweep();
+      return kRestarted;
+    }
+    if (threadIdx.x == 0) beta[k] = bnorm;
+    T* next = Q + (k + 1) * n;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) next[j] = static_cast<T>(static_cast<double>(w[j]) / bnorm);
+    __syncthreads();
+    return kNext;
+  }
+};
+
 // Lanczos on WᵀW for one matrix per block, under LanczosControl's rules (lanczos.h), the whole loop
 // in one launch; then u = W v / ‖W v‖, sigma = ‖W v‖.  W is read from shared memory when the
-// launch staged it there (smem_bytes > 0), else from global memory (L1/L2).  Every thread keeps
-// its own copy of the control state, updated from block-wide values (dot products from
-// block_sum, theta and s_k from thread 0's eigen-solve through shared memory), so every branch is
-// uniform across the block.  v: start vectors in, unit Ritz vectors out (a zero or non-finite
-// start is replaced by the default one).
+// launch staged it there, else from global memory (L1/L2).  Every thread keeps its own copy of the
+// control state, updated from block-wide values (dot products from block_sum, theta and s_k from
+// thread 0's eigen-solve through shared memory), so every branch is uniform across the block.
+// v: start vectors in, unit Ritz vectors out.
 template <typename T>
 __global__ void lanczos_kernel(const T* __restrict__ W_all, LanczosLayout layout, int64_t rank_bound,
                                int64_t max_passes, double rtol, double eps, T* v_all, T* u_all, T* sigma_all,
@@ -425,7 +548,7 @@ __global__ void lanczos_kernel(const T* __restrict__ W_all, LanczosLayout layout
   __shared__ double shared[32];
   __shared__ double broadcast[2];
   const int64_t b = blockIdx.x;
-  const int64_t m = layout.m, n = layout.n, cap = layout.cap;
+  const int64_t m = layout.m, n = layout.n;
   const T* W = W_all + b * m * n;
   if (staged) {
     T* Ws = reinterpret_cast<T*>(staged_bytes);
@@ -434,89 +557,17 @@ __global__ void lanczos_kernel(const T* __restrict__ W_all, LanczosLayout layout
     __syncthreads();
   }
   T* v = v_all + b * n;
-  T* Q = t_scratch + b * layout.t_entries();
-  T* w = Q + cap * n;
-  T* y = w + n;
-  double* alpha = d_scratch + b * layout.d_entries();
-  double* beta = alpha + cap;
-  double* s = beta + cap;
-  double* tri = s + cap;
-  const TridiagonalScratch scratch{tri,           tri + cap,     tri + 2 * cap, tri + 3 * cap,
-                                   tri + 4 * cap, tri + 5 * cap, tri + 6 * cap,
-                                   reinterpret_cast<unsigned char*>(tri + 7 * cap)};
+  LanczosBlock<T> work(layout, t_scratch, d_scratch, b);
   LanczosControl control(n, rank_bound, max_passes, rtol, eps);
-
-  double start_norm = sqrt(block_dot(v, v, n, shared));
-  if (!(start_norm > 0) || !isfinite(start_norm)) {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v[j] = static_cast<T>(default_start_entry(j));
-    __syncthreads();
-    start_norm = sqrt(block_dot(v, v, n, shared));
-  }
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = static_cast<T>(static_cast<double>(v[j]) / start_norm);
-  __syncthreads();
-
-  bool done = false;
-  while (!done) {  // one sweep per (re)start, Q[0] holding the start vector
-    control.start_sweep();
-    for (int64_t k = 0;; ++k) {
-      const T* q = Q + k * n;
-      block_matvec(W, m, n, q, y);  // w = Wᵀ (W q)
-      block_rmatvec(W, m, n, y, w);
-      ++control.passes;
-      const double a = block_dot(q, w, n, shared);
-      const double previous_beta = k > 0 ? beta[k - 1] : 0.0;  // written by thread 0 before a barrier
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        double x = static_cast<double>(w[j]) - a * static_cast<double>(q[j]);
-        if (k > 0) x -= previous_beta * static_cast<double>(Q[(k - 1) * n + j]);
-        w[j] = static_cast<T>(x);
-      }
-      __syncthreads();
-      double bnorm = sqrt(block_dot(w, w, n, shared));
-      for (int round = 0; round < 2; ++round) {
-        // Classical Gram–Schmidt against the whole basis: c = Q w, then w -= Qᵀ c.
-        const double before = bnorm;
-        block_matvec(Q, k + 1, n, w, y);
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-          T correction = 0;
-          for (int64_t i = 0; i <= k; ++i) correction += Q[i * n + j] * y[i];
-          w[j] -= correction;
-        }
-        __syncthreads();
-        bnorm = sqrt(block_dot(w, w, n, shared));
-        if (bnorm > 0.7071 * before) break;  // little was removed: orthogonal to working accuracy
-      }
-      if (threadIdx.x == 0) alpha[k] = a;
-      if (control.should_solve(k, bnorm)) {
-        if (threadIdx.x == 0) {
-          for (int64_t i = control.checked; i <= k; ++i) s[i] = 0.0;  // the previous eigenvector, padded
-          broadcast[0] = tridiagonal_top_eigenpair(alpha, beta, k + 1, s, control.checked > 0, scratch);
-          broadcast[1] = s[k];
-        }
-        __syncthreads();
-        const double theta = broadcast[0], s_k = broadcast[1];
-        __syncthreads();  // everyone has read broadcast before it is written again
-        done = control.after_solve(k, theta, s_k, bnorm);
-      }
-      if (done || control.full(k)) {
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-          double x = 0;
-          for (int64_t i = 0; i <= k; ++i) x += s[i] * static_cast<double>(Q[i * n + j]);
-          v[j] = static_cast<T>(x);
-        }
-        __syncthreads();
-        const double nv = sqrt(block_dot(v, v, n, shared));
-        block_scale(v, 1.0 / nv, n);
-        break;
-      }
-      if (threadIdx.x == 0) beta[k] = bnorm;
-      T* next = Q + (k + 1) * n;
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) next[j] = static_cast<T>(static_cast<double>(w[j]) / bnorm);
-      __syncthreads();
-    }
-    if (!done) {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) Q[j] = v[j];  // restart from the Ritz vector
-      __syncthreads();
-    }
+  work.start(v, shared);
+  control.start_sweep();
+  for (int64_t k = 0;;) {
+    block_matvec(W, m, n, work.Q + k * n, work.y);  // w = Wᵀ (W q_k)
+    block_rmatvec(W, m, n, work.y, work.w);
+    ++control.passes;
+    const auto outcome = work.advance(control, k, v, shared, broadcast);
+    if (outcome == LanczosBlock<T>::kDone) break;
+    k = outcome == LanczosBlock<T>::kRestarted ? 0 : k + 1;
   }
   T* u = u_all + b * m;
   block_matvec(W, m, n, v, u);
@@ -525,6 +576,59 @@ __global__ void lanczos_kernel(const T* __restrict__ W_all, LanczosLayout layout
   if (threadIdx.x == 0) {
     sigma_all[b] = static_cast<T>(sigma);
     rel_err_all[b] = control.rel_err;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanczos for a few large matrices, driven from the host without waiting on the device: each step
+// is the fused multi-block pass (w = WᵀW q) and then lanczos_step_kernel, one block per matrix,
+// which takes up the matrix's state from global memory, advances it (LanczosBlock::advance) and
+// writes the next q to q_cur for the next pass.  The host looks at the done flags every few steps.
+
+struct LanczosState {
+  LanczosControl control;
+  int64_t k;
+  int done;
+};
+
+template <typename T>
+__global__ void lanczos_start_kernel(LanczosLayout layout, int64_t rank_bound, int64_t max_passes, double rtol,
+                                     double eps, T* v_all, T* q_cur, T* t_scratch, double* d_scratch,
+                                     LanczosState* states) {
+  __shared__ double shared[32];
+  const int64_t b = blockIdx.x, n = layout.n;
+  LanczosBlock<T> work(layout, t_scratch, d_scratch, b);
+  work.start(v_all + b * n, shared);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) q_cur[b * n + j] = work.Q[j];
+  if (threadIdx.x == 0) {
+    LanczosState state{LanczosControl(n, rank_bound, max_passes, rtol, eps), 0, 0};
+    state.control.start_sweep();
+    states[b] = state;
+  }
+}
+
+// w_all: (B, n) the products WᵀW q_cur of the pass just made.
+template <typename T>
+__global__ void lanczos_step_kernel(LanczosLayout layout, const T* __restrict__ w_all, T* v_all, T* q_cur,
+                                    T* t_scratch, double* d_scratch, LanczosState* states, double* rel_err_all) {
+  __shared__ double shared[32];
+  __shared__ double broadcast[2];
+  const int64_t b = blockIdx.x, n = layout.n;
+  LanczosState state = states[b];  // every thread its own copy
+  if (state.done) return;
+  LanczosBlock<T> work(layout, t_scratch, d_scratch, b);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) work.w[j] = w_all[b * n + j];
+  __syncthreads();
+  ++state.control.passes;
+  const auto outcome = work.advance(state.control, state.k, v_all + b * n, shared, broadcast);
+  state.k = outcome == LanczosBlock<T>::kNext ? state.k + 1 : 0;
+  state.done = outcome == LanczosBlock<T>::kDone;
+  if (!state.done) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) q_cur[b * n + j] = work.Q[state.k * n + j];
+  }
+  if (threadIdx.x == 0) {
+    states[b] = state;
+    if (state.done) rel_err_all[b] = state.control.rel_err;
   }
 }
 
@@ -555,11 +659,64 @@ std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tenso
   return {f.W, scales};
 }
 
+// Threads per block for a Lanczos kernel whose vectors have `length` entries and whose matrix has
+// `rows` rows: as many as the longer side needs, 64 to 256.  The kernels take about 134 registers
+// per thread, so 64-thread blocks let seven small matrices share a multiprocessor instead of one.
+int lanczos_threads(int64_t rows, int64_t length) {
+  int threads = 64;
+  while (threads < kThreads && threads < std::max(rows, length)) threads *= 2;
+  return threads;
+}
+
+// Lanczos on AᵀA for every matrix of A (B, m, n), driven from the host (see lanczos_step_kernel):
+// x (B, n) start vectors in, unit Ritz vectors out; rel_err (B,) float64 filled.  The host waits on
+// the device every 8 steps only, to see whether every matrix is done.
+template <typename T>
+void device_driven_lanczos(const at::Tensor& A, const GramPassPlan& plan, at::Tensor& x, at::Tensor& rel_err,
+                           int64_t max_passes, double rtol) {
+  const int64_t B = A.size(0), m = A.size(1), n = A.size(2);
+  const LanczosLayout layout{m, n, std::min<int64_t>(lipfast::kMaxBasis, n)};
+  auto t_scratch = at::empty({B * layout.t_entries()}, A.options());
+  auto d_scratch = at::empty({B * layout.d_entries()}, A.options().dtype(at::kDouble));
+  auto q_cur = at::empty({B, n}, A.options());
+  auto w = at::empty({B, n}, A.options());
+  auto partial = at::empty({B * plan.chunks * n}, A.options());
+  auto states = at::empty({B * static_cast<int64_t>(sizeof(LanczosState))}, A.options().dtype(at::kByte));
+  auto* state_ptr = reinterpret_cast<LanczosState*>(states.mutable_data_ptr<uint8_t>());
+  const int threads = lanczos_threads(1, n);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  lanczos_start_kernel<T><<<B, threads, 0, stream>>>(layout, std::min(m, n), max_passes, rtol,
+                                                     static_cast<double>(std::numeric_limits<T>::epsilon()),
+                                                     x.mutable_data_ptr<T>(), q_cur.mutable_data_ptr<T>(),
+                                                     t_scratch.mutable_data_ptr<T>(), d_scratch.mutable_data_ptr<double>(),
+                                                     state_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t step = 1; step <= max_passes; ++step) {
+    gram_pass<T>(A, plan, q_cur.const_data_ptr<T>(), w.mutable_data_ptr<T>(), nullptr, partial.mutable_data_ptr<T>(),
+                 nullptr, stream);
+    lanczos_step_kernel<T><<<B, threads, 0, stream>>>(layout, w.const_data_ptr<T>(), x.mutable_data_ptr<T>(),
+                                                      q_cur.mutable_data_ptr<T>(), t_scratch.mutable_data_ptr<T>(),
+                                                      d_scratch.mutable_data_ptr<double>(), state_ptr,
+                                                      rel_err.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (step % 8 == 0 || step == max_passes) {
+      const at::Tensor host = states.cpu();
+      const auto* seen = reinterpret_cast<const LanczosState*>(host.const_data_ptr<uint8_t>());
+      bool all_done = true;
+      for (int64_t b = 0; b < B; ++b) all_done = all_done && seen[b].done;
+      if (all_done) break;
+    }
+  }
+}
+
 // Lanczos for every matrix of Wk (B, m, n), v (B, n) the start vectors (overwritten by the unit Ritz
 // vectors); fills u (B, m), sigma (B,) and rel_err (B,) float64.  Many matrices: lanczos_kernel,
 // one block each, over slices of the batch that keep the scratch under 512 MiB.  A few large ones
-// (fewer than the multiprocessors, 2^20 entries or more each), where one block per matrix would
-// leave the GPU idle: the ATen Lanczos loop, its products the fused multi-block pass.
+// (fewer than the multiprocessors, 2^18 entries or more each), where one block per matrix would
+// leave most of the GPU idle: Lanczos on the Gram matrix of the shorter side (on Wᵀ when W is
+// wide, so that the basis and its reorthogonalization are as small as they can be), its products
+// the fused multi-block pass, driven from the host (ATen's products and loop where the pass does
+// not apply).
 void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor& sigma, at::Tensor& rel_err,
                  int64_t max_passes, double rtol) {
   const int64_t B = Wk.size(0), m = Wk.size(1), n = Wk.size(2);
@@ -567,17 +724,31 @@ void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor&
   const int device = Wk.get_device();
   int multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  if (B < multiprocessors && m * n >= (int64_t{1} << 20)) {
-    auto rel_err_cpu = at::empty({B}, at::TensorOptions().dtype(at::kDouble));
-    at::Tensor partial;
-    for (int64_t b = 0; b < B; ++b) {
-      const auto gram = gram_function(Wk.narrow(0, b, 1), partial);
-      auto top = lipfast::lanczos_top_aten(gram, v[b], max_passes, rtol, std::min(m, n), lipfast::kMaxBasis);
-      v[b].copy_(top.v);
-      rel_err_cpu.mutable_data_ptr<double>()[b] = top.rel_err;
+  if (B < multiprocessors && m * n >= (int64_t{1} << 18)) {
+    const bool transposed = n > m;
+    const at::Tensor A = transposed ? Wk.transpose(1, 2).contiguous() : Wk;
+    // A start vector for Aᵀ A: v itself, or W v (zero, so the default start, when v is zero).
+    at::Tensor x = transposed ? at::bmm(Wk, v.unsqueeze(2)).squeeze(2).contiguous() : v.clone();
+    const GramPassPlan plan = plan_gram_pass(A);
+    if (plan.chunks > 0) {
+      AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lipfast_device_driven_lanczos", [&] {
+        device_driven_lanczos<scalar_t>(A, plan, x, rel_err, max_passes, rtol);
+      });
+    } else {
+      auto rel_err_cpu = at::empty({B}, at::TensorOptions().dtype(at::kDouble));
+      at::Tensor partial;
+      for (int64_t b = 0; b < B; ++b) {
+        const auto gram = gram_function(A.narrow(0, b, 1), partial);
+        auto top = lipfast::lanczos_top_aten(gram, x[b], max_passes, rtol, std::min(m, n), lipfast::kMaxBasis);
+        x[b].copy_(top.v);
+        rel_err_cpu.mutable_data_ptr<double>()[b] = top.rel_err;
+      }
+      rel_err.copy_(rel_err_cpu);
     }
-    rel_err.copy_(rel_err_cpu);
-    left_vectors(Wk, v, u, sigma);
+    at::Tensor y = at::empty({B, A.size(1)}, A.options());
+    left_vectors(A, x, y, sigma);  // y = A x / ‖A x‖: the other singular vector
+    v.copy_(transposed ? y : x);
+    u.copy_(transposed ? x : y);
     return;
   }
   const LanczosLayout layout{m, n, std::min<int64_t>(lipfast::kMaxBasis, n)};
@@ -590,10 +761,7 @@ void lanczos_all(const at::Tensor& Wk, at::Tensor& v, at::Tensor& u, at::Tensor&
   // kernel's static 272 bytes).
   const int64_t matrix_bytes = m * n * item;
   const bool staged = matrix_bytes <= 46 * 1024;
-  // Threads per block: as many as the longer side needs, 64 to 256.  The kernel takes 134 registers
-  // per thread, so 64-thread blocks let seven small matrices share a multiprocessor instead of one.
-  int threads = 64;
-  while (threads < kThreads && threads < std::max(m, n)) threads *= 2;
+  const int threads = lanczos_threads(m, n);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Wk.scalar_type(), "lipfast_dense_spectral_norm_cuda", [&] {
     for (int64_t b0 = 0; b0 < B; b0 += slice) {
@@ -662,19 +830,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
   at::Tensor u = at::empty({f.B, f.m}, f.W.options());
   at::Tensor sigma = at::empty({f.B}, f.W.options());
   const GramPassPlan plan = f.B > 0 ? plan_gram_pass(f.W) : GramPassPlan{};
-  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, one launch pair per step
+  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, three launches per step
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({f.B, f.n}, f.W.options());
     at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
+    at::Tensor tile_sq = at::empty({f.B * tiles(f.n)}, f.W.options().dtype(at::kDouble));
+    const at::Tensor start_norm = at::linalg_vector_norm(v.to(at::kDouble), 2, {1}, /*keepdim=*/true);
+    v.copy_(at::where(start_norm > 0, v / start_norm, v));
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_dense_power_iteration_cuda", [&] {
       scalar_t* x = v.mutable_data_ptr<scalar_t>();
-      normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(x, f.n, x);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      double* sq = tile_sq.mutable_data_ptr<double>();
       for (int64_t it = 0; it < iters; ++it) {
-        gram_pass<scalar_t>(f.W, plan, x, y.mutable_data_ptr<scalar_t>(), nullptr, partial.mutable_data_ptr<scalar_t>(),
-                            stream);
-        normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(y.const_data_ptr<scalar_t>(), f.n, x);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gram_pass<scalar_t>(f.W, plan, x, yp, nullptr, partial.mutable_data_ptr<scalar_t>(), sq, stream);
+        normalize<scalar_t>(yp, sq, f.B, f.n, x, stream);
       }
     });
     left_vectors(f.W, v, u, sigma);
@@ -718,7 +887,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step_cuda", [&] {
       for (int64_t it = 0; it < iters; ++it) {
         gram_pass<scalar_t>(f.W, plan, v.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(),
-                            t.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), stream);
+                            t.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), nullptr, stream);
         spectral_step_normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(
             t.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), f.m, f.n, eps, u.mutable_data_ptr<scalar_t>(),
             v.mutable_data_ptr<scalar_t>(), sigma.mutable_data_ptr<scalar_t>());
