@@ -6,8 +6,7 @@ Times are medians of CUDA-event-timed repeats after a warm-up.
 (a) device bandwidth: a 1 GiB device-to-device copy (bytes read + bytes written).
 (b) one power-iteration step on an 8192 x 8192 float32 matrix: lipfast's fused pass (W read once),
     from power_iteration(iters=20) minus power_iteration(iters=0), against two torch.mv calls; its
-    bandwidth as a share of (a); and the same kernel without software pipelining
-    (LIPFAST_GRAM_PASS_PIPELINE=0).
+    bandwidth as a share of (a).
 (c) a (4096, 64, 64) float32 batch to rtol 1e-5: one lipfast.spectral_norm call against one batched
     torch.linalg.matrix_norm(ord=2) call, against a Python loop of torch power iteration (stopped
     when successive estimates agree to 1e-5; run on the first 128 matrices and scaled by 32), and
@@ -70,15 +69,8 @@ def bench_step(bandwidth: float) -> list[str]:
     t_plain = timed(plain, 10) / steps
     t_none = timed(lambda: lipfast.power_iteration(W, v, 0), 10)
 
-    def fused_step() -> float:
-        return (timed(lambda: lipfast.power_iteration(W, v, steps), 10) - t_none) / steps
-
-    os.environ["LIPFAST_GRAM_PASS_PIPELINE"] = "0"  # the kernel without software pipelining
-    t_plain_loop = fused_step()
-    del os.environ["LIPFAST_GRAM_PASS_PIPELINE"]
-    t_fused = fused_step()
+    t_fused = (timed(lambda: lipfast.power_iteration(W, v, steps), 10) - t_none) / steps
     gbs = W.numel() * 4 / t_fused / 1e9
-    gbs_plain_loop = W.numel() * 4 / t_plain_loop / 1e9
     # the fused kernel must compute what the two products compute
     with lipfast.set_backend("python"):
         ref = lipfast.power_iteration(W.double(), v.double(), steps)[0].item()
@@ -87,8 +79,6 @@ def bench_step(bandwidth: float) -> list[str]:
         f"| (b) one step, {n}x{n} float32 | 2 x torch.mv {t_plain * 1e6:.0f} us | lipfast fused {t_fused * 1e6:.0f} us "
         f"| **{t_plain / t_fused:.2f}x** | {gbs:.0f} GB/s = **{100 * gbs / bandwidth:.0f}%** of the copy bandwidth; "
         f"sigma rel. diff. to float64 {abs(got - ref) / ref:.1e} |",
-        f"| (b) same, fused kernel without pipelining | | {t_plain_loop * 1e6:.0f} us | | {gbs_plain_loop:.0f} GB/s = "
-        f"{100 * gbs_plain_loop / bandwidth:.0f}% of the copy bandwidth |",
     ]
 
 
@@ -169,6 +159,14 @@ def bench_resnet50() -> list[str]:
     for s_ in sorted(stacks, key=torch.Tensor.numel, reverse=True)[:4]:
         t_s = timed(lambda: lipfast.spectral_norm_bounds(s_, rtol=1e-3), 5)
         print(f"(d) shape {tuple(s_.shape)}: bracket {t_s * 1e3:.2f} ms", flush=True)
+    # Where a bracket's time goes (host and device), for the largest shape.
+    from torch.profiler import ProfilerActivity, profile
+
+    largest = max(stacks, key=torch.Tensor.numel)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        lipfast.spectral_norm_bounds(largest, rtol=1e-3)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
     t_layer = timed(per_layer, 3)
     worst = max(((u / l - 1).max().item() for l, u in grouped()))
     biggest = max(weights, key=torch.Tensor.numel)
