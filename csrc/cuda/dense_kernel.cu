@@ -185,36 +185,19 @@ struct Vec16<float> {
   __device__ static void axpy(float s, const float4& a, float4& y) {
     y.x += s * a.x; y.y += s * a.y; y.z += s * a.z; y.w += s * a.w;
   }
-  // a /= d, each entry divided in float64 (as normalize_kernel does)
-  __device__ static void divide(float4& a, double d) {
-    a.x = static_cast<float>(a.x / d); a.y = static_cast<float>(a.y / d);
-    a.z = static_cast<float>(a.z / d); a.w = static_cast<float>(a.w / d);
-  }
 };
 template <>
 struct Vec16<double> {
   using type = double2;
   __device__ static double dot(const double2& a, const double2& b) { return a.x * b.x + a.y * b.y; }
   __device__ static void axpy(double s, const double2& a, double2& y) { y.x += s * a.x; y.y += s * a.y; }
-  __device__ static void divide(double2& a, double d) { a.x /= d; a.y /= d; }
 };
 
 constexpr int kMaxVectorsPerThread = 8;
 
-// The input vector of a fused pass: x itself, or (power iteration) x = y / ‖y‖ formed on the fly
-// from the previous pass's y and tile sums of squares, x kept where y = 0; the first block of each
-// matrix then stores the new x.
-template <typename T>
-struct GramInput {
-  T* x;
-  const T* y = nullptr;
-  const double* tile_sq = nullptr;
-  int64_t tiles = 0;
-};
-
-template <typename T, int Q, int R, int Threads>
+template <typename T, int Q, int R, bool Pipelined, int Threads>
 __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
-                                                             int64_t rows_per_chunk, GramInput<T> in,
+                                                             int64_t rows_per_chunk, const T* __restrict__ x_all,
                                                              T* __restrict__ partial, T* __restrict__ wx_all) {
   using V = typename Vec16<T>::type;
   constexpr int K = sizeof(V) / sizeof(T);
@@ -222,29 +205,19 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
   const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
   const int64_t nv = n / K;  // 16-byte vectors per row
   const V* W = reinterpret_cast<const V*>(W_all + b * m * n);
-  V* x = reinterpret_cast<V*>(in.x + b * n);
-  double norm = 0;  // of the previous y, when x is formed from it
-  if (in.y != nullptr) {
-    for (int64_t t = 0; t < in.tiles; ++t) norm += in.tile_sq[b * in.tiles + t];
-    norm = sqrt(norm);
-  }
-  const V* source = norm > 0 ? reinterpret_cast<const V*>(in.y + b * n) : x;
+  const V* x = reinterpret_cast<const V*>(x_all + b * n);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   V xr[Q], acc[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
     const int64_t c = threadIdx.x + q * Threads;
-    xr[q] = c < nv ? source[c] : V{};
-    if (norm > 0) {
-      Vec16<T>::divide(xr[q], norm);
-      if (chunk == 0 && c < nv) x[c] = xr[q];
-    }
+    xr[q] = c < nv ? x[c] : V{};
     acc[q] = V{};
   }
   const int64_t r0 = chunk * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
-  // The loads of the next group are issued before this group's barrier, so the memory system stays
-  // busy while the block reduces.
+  // Pipelined: the loads of the next group are issued before this group's barrier, so the memory
+  // system stays busy while the block reduces (more registers: fewer resident blocks).
   V w[R][Q], next[R][Q];
   auto load = [&](int64_t i, V (&rows)[R][Q]) {
 #pragma unroll
@@ -256,10 +229,11 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
       }
     }
   };
-  load(r0, w);
+  if (Pipelined) load(r0, w);
   int parity = 0;
   for (int64_t i = r0; i < r1; i += R, parity ^= 1) {
-    if (i + R < r1) load(i + R, next);
+    if (!Pipelined) load(i, w);
+    if (Pipelined && i + R < r1) load(i + R, next);
     T dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -279,10 +253,12 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
 #pragma unroll
       for (int q = 0; q < Q; ++q) Vec16<T>::axpy(si, w[r][q], acc[q]);
     }
+    if (Pipelined) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < R; ++r) {
 #pragma unroll
-      for (int q = 0; q < Q; ++q) w[r][q] = next[r][q];
+        for (int q = 0; q < Q; ++q) w[r][q] = next[r][q];
+      }
     }
   }
   V* out = reinterpret_cast<V*>(partial + (b * chunks + chunk) * n);
@@ -331,7 +307,8 @@ __global__ void normalize_kernel(const T* __restrict__ y_all, const double* __re
 // (then the one-block-per-matrix kernels are used).
 struct GramPassPlan {
   int64_t chunks = 0, rows_per_chunk = 0;
-  int vectors = 0;  // 16-byte vectors per thread at 256 threads
+  int vectors = 0;         // Q
+  bool pipelined = true;   // LIPFAST_GRAM_PASS_PIPELINE=0 selects the plain loop (for benchmarks)
 };
 
 // Threads per block of the fused pass: 256, or 512 for the longest rows (vectors = 8 16-byte vectors
@@ -341,13 +318,17 @@ int gram_pass_threads(int vectors) { return vectors > 4 ? 2 * kThreads : kThread
 
 // The kernel for `vectors` 16-byte vectors per thread at 256 threads, as a function pointer.
 template <typename T>
-void* gram_pass_function(int vectors) {
+void* gram_pass_function(int vectors, bool pipelined) {
+#define LIPFAST_GRAM_PASS(Q, R, THREADS) \
+  (pipelined ? reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, true, THREADS>) \
+             : reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, false, THREADS>))
   switch (vectors) {
-    case 1: return reinterpret_cast<void*>(&gram_pass_kernel<T, 1, 8, kThreads>);
-    case 2: return reinterpret_cast<void*>(&gram_pass_kernel<T, 2, 4, kThreads>);
-    case 4: return reinterpret_cast<void*>(&gram_pass_kernel<T, 4, 2, kThreads>);
-    default: return reinterpret_cast<void*>(&gram_pass_kernel<T, 4, 2, 2 * kThreads>);
+    case 1: return LIPFAST_GRAM_PASS(1, 8, kThreads);
+    case 2: return LIPFAST_GRAM_PASS(2, 4, kThreads);
+    case 4: return LIPFAST_GRAM_PASS(4, 2, kThreads);
+    default: return LIPFAST_GRAM_PASS(4, 2, 2 * kThreads);
   }
+#undef LIPFAST_GRAM_PASS
 }
 
 GramPassPlan plan_gram_pass(const at::Tensor& W) {
@@ -360,11 +341,13 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
   if (B >= multiprocessors || m < 64 || n % K != 0 || n > kThreads * K * kMaxVectorsPerThread || !aligned) return plan;
   plan.vectors = 1;
   while (plan.vectors * kThreads * K < n) plan.vectors *= 2;
+  const char* pipeline = std::getenv("LIPFAST_GRAM_PASS_PIPELINE");
+  plan.pipelined = pipeline == nullptr || std::string(pipeline) != "0";
   // One wave: as many blocks as fit on the device at once, shared out over the matrices.
   int resident = 1;
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lipfast_gram_pass_plan", [&] {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident, gram_pass_function<scalar_t>(plan.vectors), gram_pass_threads(plan.vectors), 0));
+        &resident, gram_pass_function<scalar_t>(plan.vectors, plan.pipelined), gram_pass_threads(plan.vectors), 0));
   });
   const int64_t want = (std::max(resident, 1) * static_cast<int64_t>(multiprocessors) + B - 1) / B;
   plan.chunks = std::max<int64_t>(1, std::min<int64_t>(want, m / 16));
@@ -379,12 +362,12 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
 int64_t tiles(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 template <typename T>
-void gram_pass(const at::Tensor& W, const GramPassPlan& plan, GramInput<T> in, T* y, T* wx, T* partial,
-               double* tile_sq, cudaStream_t stream) {
+void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, double* tile_sq,
+               cudaStream_t stream) {
   int64_t B = W.size(0), m = W.size(1), n = W.size(2), rows = plan.rows_per_chunk;
   const T* Wp = W.const_data_ptr<T>();
-  void* args[] = {&Wp, &m, &n, &rows, &in, &partial, &wx};
-  C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors), dim3(plan.chunks, B),
+  void* args[] = {&Wp, &m, &n, &rows, &x, &partial, &wx};
+  C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors, plan.pipelined), dim3(plan.chunks, B),
                                   dim3(gram_pass_threads(plan.vectors)), args, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sum_partials_kernel<T><<<dim3(tiles(n), B), kThreads, 0, stream>>>(partial, plan.chunks, n, y, tile_sq);
@@ -438,7 +421,7 @@ std::function<at::Tensor(const at::Tensor&)> gram_function(const at::Tensor& W1,
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty_like(xc);
     AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "lipfast_gram_pass", [&] {
-      gram_pass<scalar_t>(W1, plan, {xc.mutable_data_ptr<scalar_t>()}, y.mutable_data_ptr<scalar_t>(), nullptr,
+      gram_pass<scalar_t>(W1, plan, xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr,
                           partial.mutable_data_ptr<scalar_t>(), nullptr, c10::cuda::getCurrentCUDAStream());
     });
     return y;
@@ -709,7 +692,7 @@ void device_driven_lanczos(const at::Tensor& A, const GramPassPlan& plan, at::Te
                                                      state_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t step = 1; step <= max_passes; ++step) {
-    gram_pass<T>(A, plan, {q_cur.mutable_data_ptr<T>()}, w.mutable_data_ptr<T>(), nullptr, partial.mutable_data_ptr<T>(),
+    gram_pass<T>(A, plan, q_cur.const_data_ptr<T>(), w.mutable_data_ptr<T>(), nullptr, partial.mutable_data_ptr<T>(),
                  nullptr, stream);
     lanczos_step_kernel<T><<<B, threads, 0, stream>>>(layout, w.const_data_ptr<T>(), x.mutable_data_ptr<T>(),
                                                       q_cur.mutable_data_ptr<T>(), t_scratch.mutable_data_ptr<T>(),
@@ -847,7 +830,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
   at::Tensor u = at::empty({f.B, f.m}, f.W.options());
   at::Tensor sigma = at::empty({f.B}, f.W.options());
   const GramPassPlan plan = f.B > 0 ? plan_gram_pass(f.W) : GramPassPlan{};
-  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, two launches per step
+  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, three launches per step
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({f.B, f.n}, f.W.options());
     at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
@@ -859,11 +842,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
       double* sq = tile_sq.mutable_data_ptr<double>();
       for (int64_t it = 0; it < iters; ++it) {
-        GramInput<scalar_t> in{x};
-        if (it > 0) in = GramInput<scalar_t>{x, yp, sq, tiles(f.n)};  // normalize the last y on the fly
-        gram_pass<scalar_t>(f.W, plan, in, yp, nullptr, partial.mutable_data_ptr<scalar_t>(), sq, stream);
+        gram_pass<scalar_t>(f.W, plan, x, yp, nullptr, partial.mutable_data_ptr<scalar_t>(), sq, stream);
+        normalize<scalar_t>(yp, sq, f.B, f.n, x, stream);
       }
-      if (iters > 0) normalize<scalar_t>(yp, sq, f.B, f.n, x, stream);
     });
     left_vectors(f.W, v, u, sigma);
   } else if (f.B > 0) {
@@ -905,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
     at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step_cuda", [&] {
       for (int64_t it = 0; it < iters; ++it) {
-        gram_pass<scalar_t>(f.W, plan, {v.mutable_data_ptr<scalar_t>()}, z.mutable_data_ptr<scalar_t>(),
+        gram_pass<scalar_t>(f.W, plan, v.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(),
                             t.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), nullptr, stream);
         spectral_step_normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(
             t.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), f.m, f.n, eps, u.mutable_data_ptr<scalar_t>(),
