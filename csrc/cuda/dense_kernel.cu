@@ -1,18 +1,19 @@
-// CUDA kernels for the dense op family's power iterations: dense_power_iteration and
-// spectral_norm_step, with the same contracts as csrc/cpu/dense_kernel.cpp.
+// CUDA kernels for the dense op family: dense_spectral_norm and its certified bracket (Lanczos),
+// dense_power_iteration and spectral_norm_step, with the same contracts as csrc/cpu/dense_kernel.cpp.
 //
 // Shapes: W (..., m, n) is flattened to B matrices (B, m, n) in the compute dtype (float32 for the
 // half types, as on the CPU); vectors are (B, n) and (B, m).
-// Parallel axis: one thread block per matrix, running the whole iteration loop inside one launch
-// (no launch per iteration).  Each step is W x (one warp per row, lanes over the row, a shuffle
-// reduction) then Wᵀ y (threads over columns, coalesced); norms and dot products accumulate in
-// float64 through a fixed warp-shuffle and shared-memory tree, so results are deterministic.  The
-// iterates live in a global scratch buffer (B, m + n), which stays in L1/L2 for the matrices of a
-// network.  Launched on the current stream of W's device, after a device guard.
+// Parallel axis, many matrices: one thread block per matrix, running the whole iteration loop inside
+// one launch (no launch per iteration).  Each step is W x (one warp per row, lanes over the row, a
+// shuffle reduction) then Wᵀ y (threads over columns, coalesced); norms and dot products accumulate
+// in float64 through a fixed warp-shuffle and shared-memory tree, so results are deterministic.
+// A few large matrices: the fused multi-block pass WᵀW x (one read of W, 16-byte loads, partial sums
+// per block reduced in a fixed order), launched from the host step by step; Lanczos then advances
+// each matrix's state on the device between passes, and the host looks at the done flags every 8
+// steps.  Launched on the current stream of W's device, after a device guard.
 //
-// NOT YET RUN ON A GPU: compiled and registered, but until benchmarks/gpu_check.sh has run them, the
-// Python layer uses them only when LIPFAST_CUDA_UNVERIFIED=1 (lipfast/_ext.py); otherwise CUDA tensors
-// take the pure-PyTorch form.
+// Run on an H200 (benchmarks/gpu_check.sh, BENCHMARKS.md).  LIPFAST_GRAM_PASS_PIPELINE=0 selects
+// the fused pass without software pipelining, for benchmarks only.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
