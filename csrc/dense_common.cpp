@@ -10,9 +10,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <vector>
 
 namespace lipfast {
 namespace {
@@ -36,6 +38,13 @@ at::Tensor times_pow2(const at::Tensor& x, const at::Tensor& k) {
   auto p1 = at::bitwise_left_shift(k1 + 1023, 52).view(at::kDouble).view(shape);
   auto p2 = at::bitwise_left_shift(k2 + 1023, 52).view(at::kDouble).view(shape);
   return x * p1 * p2;
+}
+
+// The same for one value: x * 2^k1 * 2^k2 with the same split, so the same roundings.
+double times_pow2(double x, int64_t k) {
+  const int64_t k1 = std::clamp<int64_t>(k >= 0 ? k / 2 : -((-k + 1) / 2), -1022, 1023);
+  const int64_t k2 = std::clamp<int64_t>(k - k1, -1022, 1023);
+  return x * std::ldexp(1.0, static_cast<int>(k1)) * std::ldexp(1.0, static_cast<int>(k2));
 }
 
 // Binary exponent e of each value, with x = f * 2^e, f in [0.5, 1) (0 for x = 0), as int64.
@@ -157,32 +166,47 @@ at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64
   auto k0 = binary_exponent(norm_W);
   G = times_pow2(G, -k0).contiguous();
 
-  std::vector<at::Tensor> exponents;  // k_t
-  std::vector<at::Tensor> errors;     // e_t
-  auto upper = at::full({batch}, std::numeric_limits<double>::infinity(), G.options());
+  // The chain back from each step runs on the host over scalars (one device-to-host copy per step,
+  // in place of O(step) tensor ops per step, which dominated the bracket of a small batch on a GPU);
+  // the arithmetic is the same float64 arithmetic, operation for operation.
+  const at::Tensor target_host = target.to(at::kCPU, at::kDouble).contiguous();
+  const at::Tensor scalars0 = at::stack({norm_W, k0.to(at::kDouble)}).cpu();
+  const double* norm_W_host = scalars0.const_data_ptr<double>();
+  const double* k0_host = norm_W_host + batch;
+  std::vector<std::vector<int64_t>> exponents(batch);  // k_t, per matrix
+  std::vector<std::vector<double>> errors(batch);      // e_t, per matrix
+  std::vector<double> upper(batch, std::numeric_limits<double>::infinity());
   for (int64_t step = 0; step < max_steps; ++step) {
     const double inner = static_cast<double>(G.size(1));
     const double cols = static_cast<double>(G.size(2));
-    auto fro = frobenius_upper(G);
-    auto P = at::bmm(G.transpose(1, 2), G);
-    // Underflow: each of the cols^2 entries of P is off by at most inner * 2^-1074 beyond the
-    // relative bound, and the scaling below loses at most 2^-1074 per entry (2^k_t <= 1).
-    errors.push_back(gamma(inner) * fro * fro * (1.0 + 4.0 * kUnit) + cols * (inner + 1.0) * kTiny);
-    auto k = binary_exponent(at::linalg_vector_norm(P, 2, {1, 2}));
-    exponents.push_back(k);
+    const auto fro = frobenius_upper(G);
+    const auto P = at::bmm(G.transpose(1, 2), G);
+    const auto k = binary_exponent(at::linalg_vector_norm(P, 2, {1, 2}));
     G = times_pow2(P, -k);
-
-    auto bound = frobenius_upper(G);
-    for (int64_t j = step; j >= 0; --j) {
-      // 2 * 2^-1074 covers a product that underflows; (1 + 8u) covers the add and the sqrt.
-      bound = at::sqrt(times_pow2(bound, exponents[j]) + 2.0 * kTiny + errors[j]) * (1.0 + 8.0 * kUnit);
+    const at::Tensor scalars = at::stack({fro, k.to(at::kDouble), frobenius_upper(G)}).cpu();
+    const double* fro_host = scalars.const_data_ptr<double>();
+    const double* k_host = fro_host + batch;
+    const double* next_fro = k_host + batch;
+    bool all_reached = true;
+    for (int64_t b = 0; b < batch; ++b) {
+      // Underflow: each of the cols^2 entries of P is off by at most inner * 2^-1074 beyond the
+      // relative bound, and the scaling below loses at most 2^-1074 per entry (2^k_t <= 1).
+      errors[b].push_back(gamma(inner) * fro_host[b] * fro_host[b] * (1.0 + 4.0 * kUnit) + cols * (inner + 1.0) * kTiny);
+      exponents[b].push_back(static_cast<int64_t>(k_host[b]));
+      double bound = next_fro[b];
+      for (int64_t j = step; j >= 0; --j) {
+        // 2 * 2^-1074 covers a product that underflows; (1 + 8u) covers the add and the sqrt.
+        bound = std::sqrt(times_pow2(bound, exponents[b][j]) + 2.0 * kTiny + errors[b][j]) * (1.0 + 8.0 * kUnit);
+      }
+      const double candidate =
+          times_pow2((bound + std::sqrt(entries) * kTiny) * (1.0 + 4.0 * kUnit), static_cast<int64_t>(k0_host[b])) *
+          (1.0 + 4.0 * kUnit);
+      upper[b] = std::min(upper[b], norm_W_host[b] > 0 ? candidate : 0.0);  // W = 0: sigma = 0 exactly
+      all_reached = all_reached && upper[b] <= target_host.const_data_ptr<double>()[b];
     }
-    auto candidate =
-        times_pow2((bound + std::sqrt(entries) * kTiny) * (1.0 + 4.0 * kUnit), k0) * (1.0 + 4.0 * kUnit);
-    upper = at::minimum(upper, at::where(norm_W > 0, candidate, 0.0));  // W = 0: sigma = 0 exactly
-    if (at::le(upper, target).all().item<bool>()) break;
+    if (all_reached) break;
   }
-  return upper;
+  return at::tensor(upper, at::TensorOptions().dtype(at::kDouble)).to(W.device());
 }
 
 double bracket_stop_factor(double rtol, at::ScalarType dtype) {
