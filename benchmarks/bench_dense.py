@@ -42,6 +42,37 @@ def read_bandwidth(repeats: int) -> float:
     return x.numel() * 4 / seconds / 1e9
 
 
+def plain_power_steps(W: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
+    """The baseline step: two torch.mv calls and two normalizations, `steps` times."""
+    x = v
+    for _ in range(steps):
+        u = torch.mv(W, x)
+        u = u / u.norm()
+        x = torch.mv(W.T, u)
+        x = x / x.norm()
+    return x
+
+
+def power_iteration_loop(batch: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """The baseline a user writes: a Python loop over the matrices, each iterated until successive
+    estimates agree to `tol`."""
+    sigmas = []
+    for w in batch:
+        x = torch.ones(w.shape[1], device=w.device) / w.shape[1] ** 0.5
+        previous = 0.0
+        for _ in range(10_000):
+            u = torch.mv(w, x)
+            sigma = u.norm()
+            x = torch.mv(w.T, u / sigma)
+            x = x / x.norm()
+            s = sigma.item()
+            if abs(s - previous) <= tol * s:
+                break
+            previous = s
+        sigmas.append(sigma)
+    return torch.stack(sigmas)
+
+
 def bench_step(repeats: int, bandwidth: float, n: int = 4096) -> list[str]:
     g = torch.Generator().manual_seed(0)
     W = torch.randn(n, n, generator=g)
@@ -49,13 +80,7 @@ def bench_step(repeats: int, bandwidth: float, n: int = 4096) -> list[str]:
     steps = 20
 
     def plain():
-        x = v
-        for _ in range(steps):
-            u = torch.mv(W, x)
-            u = u / u.norm()
-            x = torch.mv(W.T, u)
-            x = x / x.norm()
-        return x
+        return plain_power_steps(W, v, steps)
 
     # power_iteration(iters=k) = k fused steps + one W v for u and sigma: difference out the latter.
     t_plain = best_time(plain, repeats) / steps
@@ -78,24 +103,8 @@ def bench_batch(repeats: int) -> list[str]:
     t_lip = best_time(lambda: lipfast.spectral_norm(W, rtol=1e-5), repeats)
     t_loop = best_time(lambda: torch.stack([torch.linalg.matrix_norm(w, ord=2) for w in W]), max(1, repeats // 2))
 
-    def power_iteration_loop():
-        sigmas = []
-        for w in W:
-            x = torch.ones(w.shape[1]) / w.shape[1] ** 0.5
-            previous = 0.0
-            for _ in range(10_000):
-                u = torch.mv(w, x)
-                sigma = u.norm()
-                x = torch.mv(w.T, u / sigma)
-                x = x / x.norm()
-                if abs(sigma.item() - previous) <= 1e-5 * sigma.item():
-                    break
-                previous = sigma.item()
-            sigmas.append(sigma)
-        return torch.stack(sigmas)
-
-    t_power = best_time(power_iteration_loop, 1)
-    err_power = ((power_iteration_loop().double() - exact).abs() / exact).max().item()
+    t_power = best_time(lambda: power_iteration_loop(W), 1)
+    err_power = ((power_iteration_loop(W).double() - exact).abs() / exact).max().item()
     t_batched = best_time(lambda: torch.linalg.matrix_norm(W, ord=2), repeats)
     err = ((lipfast.spectral_norm(W, rtol=1e-5).double() - exact).abs() / exact).max().item()
     return [

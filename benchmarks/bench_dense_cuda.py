@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("LIPFAST_CUDA_UNVERIFIED", "1")
 
@@ -27,6 +29,9 @@ import torch  # noqa: E402
 
 import lipfast  # noqa: E402
 from lipfast.models import conv_layers, resnet50_imagenet  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dense import plain_power_steps, power_iteration_loop  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -57,16 +62,7 @@ def bench_step(bandwidth: float) -> list[str]:
     W = torch.randn(n, n, device="cuda", generator=g)
     v = torch.randn(n, device="cuda", generator=g)
 
-    def plain():
-        x = v
-        for _ in range(steps):
-            u = torch.mv(W, x)
-            u = u / u.norm()
-            x = torch.mv(W.T, u)
-            x = x / x.norm()
-        return x
-
-    t_plain = timed(plain, 10) / steps
+    t_plain = timed(lambda: plain_power_steps(W, v, steps), 10) / steps
     t_none = timed(lambda: lipfast.power_iteration(W, v, 0), 10)
 
     t_fused = (timed(lambda: lipfast.power_iteration(W, v, steps), 10) - t_none) / steps
@@ -109,24 +105,7 @@ def bench_batch() -> list[str]:
 
     sample = W[:128]
 
-    def power_iteration_loop():
-        sigmas = []
-        for w in sample:
-            x = torch.ones(w.shape[1], device="cuda") / w.shape[1] ** 0.5
-            previous = 0.0
-            for _ in range(10_000):
-                u = torch.mv(w, x)
-                sigma = u.norm()
-                x = torch.mv(w.T, u / sigma)
-                x = x / x.norm()
-                s = sigma.item()
-                if abs(s - previous) <= 1e-5 * s:
-                    break
-                previous = s
-            sigmas.append(sigma)
-        return torch.stack(sigmas)
-
-    t_loop = timed(power_iteration_loop, 1) * (W.shape[0] / sample.shape[0])
+    t_loop = timed(lambda: power_iteration_loop(sample), 1) * (W.shape[0] / sample.shape[0])
     emit(f"| (c) same batch | Python loop of power iteration {t_loop:.1f} s (128 matrices x 32) | lipfast {t_lip * 1e3:.2f} ms "
          f"| **{t_loop / t_lip:.0f}x** | |")
     with lipfast.set_backend("python"):
