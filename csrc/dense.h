@@ -40,6 +40,13 @@ std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat);
 // `first_bad` is the flat index of that matrix, or a value >= the batch size when all are finite.
 void raise_if_nonfinite(const char* op, const at::Tensor& W, int64_t first_bad);
 
+// The factor by which a matrix whose largest |entry| is `largest` is iterated on: 1, or, where
+// `largest` lies outside [2^-32, 2^32], the power of two that brings it into [1, 2) (the iterations
+// form WᵀW x, whose entries are of the order of sigma^2, and that must neither underflow nor
+// overflow), capped at 2^(max_exponent - 1) so that it stays finite in a dtype of that exponent
+// range.  0 and non-finite values give 1.
+double range_scale(double largest, int max_exponent);
+
 // Certified lower bound on sigma_max(W) for each matrix of W (B, m, n) from vectors v (B, n):
 // ‖W v‖ / ‖v‖ evaluated in float64 and decreased by a bound on its rounding error.  Returns (B,) float64.
 at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v);

@@ -130,6 +130,11 @@ void raise_if_nonfinite(const char* op, const at::Tensor& W, int64_t first_bad) 
                     format_batch_index(batch_shape, first_bad), " (batch shape ", batch_shape, ")");
 }
 
+double range_scale(double largest, int max_exponent) {
+  if (!(largest > 0) || !std::isfinite(largest) || std::abs(std::ilogb(largest)) <= 32) return 1.0;
+  return std::ldexp(1.0, std::min(-std::ilogb(largest), max_exponent - 1));
+}
+
 at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v) {
   const int64_t m = W.size(1), n = W.size(2);
   auto Wd = W.to(at::kDouble);

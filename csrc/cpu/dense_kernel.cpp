@@ -317,9 +317,7 @@ void for_each_matrix(const T* W, int64_t B, int64_t m, int64_t n, const Solve& s
 }
 
 // One read of every matrix: returns the flat index of the first matrix holding a NaN or Inf (B when
-// all are finite), and fills scales[b] with 1, or, where max|W_b| lies outside [2^-32, 2^32], with
-// the power of two that brings it into [1, 2): the iterations form WᵀW x, whose entries are of the
-// order of sigma^2, and that must neither underflow nor overflow.
+// all are finite), and fills scales[b] with range_scale(max|W_b|) (dense.h).
 template <typename T>
 int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales) {
   std::atomic<int64_t> first{B};
@@ -343,12 +341,7 @@ int64_t scan_matrices(const T* data, int64_t B, int64_t m, int64_t n, T* scales)
   });
   for (int64_t b = 0; b < B; ++b) {
     const T big = *std::max_element(row_max.begin() + b * m, row_max.begin() + (b + 1) * m);
-    scales[b] = T(1);
-    if (big > 0 && std::isfinite(big) && std::abs(std::ilogb(big)) > 32) {
-      // (capped so that the factor itself stays finite when every entry is subnormal)
-      const int exponent = std::min(-std::ilogb(big), std::numeric_limits<T>::max_exponent - 1);
-      scales[b] = std::ldexp(T(1), exponent);
-    }
+    scales[b] = static_cast<T>(range_scale(big, std::numeric_limits<T>::max_exponent));
   }
   return first.load();
 }

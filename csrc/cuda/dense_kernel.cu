@@ -12,8 +12,7 @@
 // each matrix's state on the device between passes, and the host looks at the done flags every 8
 // steps.  Launched on the current stream of W's device, after a device guard.
 //
-// Run on an H200 (benchmarks/gpu_check.sh, BENCHMARKS.md).  LIPFAST_GRAM_PASS_PIPELINE=0 selects
-// the fused pass without software pipelining, for benchmarks only.
+// Run on an H200 (benchmarks/gpu_check.sh, BENCHMARKS.md).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,8 +24,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <limits>
 #include <functional>
 #include <optional>
@@ -196,7 +193,7 @@ struct Vec16<double> {
 
 constexpr int kMaxVectorsPerThread = 8;
 
-template <typename T, int Q, int R, bool Pipelined, int Threads>
+template <typename T, int Q, int R, int Threads>
 __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
                                                              int64_t rows_per_chunk, const T* __restrict__ x_all,
                                                              T* __restrict__ partial, T* __restrict__ wx_all) {
@@ -217,8 +214,8 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
   }
   const int64_t r0 = chunk * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
-  // Pipelined: the loads of the next group are issued before this group's barrier, so the memory
-  // system stays busy while the block reduces (more registers: fewer resident blocks).
+  // The loads of the next group are issued before this group's barrier, so the memory system stays
+  // busy while the block reduces.
   V w[R][Q], next[R][Q];
   auto load = [&](int64_t i, V (&rows)[R][Q]) {
 #pragma unroll
@@ -230,11 +227,10 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
       }
     }
   };
-  if (Pipelined) load(r0, w);
+  load(r0, w);
   int parity = 0;
   for (int64_t i = r0; i < r1; i += R, parity ^= 1) {
-    if (!Pipelined) load(i, w);
-    if (Pipelined && i + R < r1) load(i + R, next);
+    if (i + R < r1) load(i + R, next);
     T dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -254,12 +250,10 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
 #pragma unroll
       for (int q = 0; q < Q; ++q) Vec16<T>::axpy(si, w[r][q], acc[q]);
     }
-    if (Pipelined) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R; ++r) {
 #pragma unroll
-        for (int q = 0; q < Q; ++q) w[r][q] = next[r][q];
-      }
+      for (int q = 0; q < Q; ++q) w[r][q] = next[r][q];
     }
   }
   V* out = reinterpret_cast<V*>(partial + (b * chunks + chunk) * n);
@@ -308,8 +302,7 @@ __global__ void normalize_kernel(const T* __restrict__ y_all, const double* __re
 // (then the one-block-per-matrix kernels are used).
 struct GramPassPlan {
   int64_t chunks = 0, rows_per_chunk = 0;
-  int vectors = 0;         // Q
-  bool pipelined = true;   // LIPFAST_GRAM_PASS_PIPELINE=0 selects the plain loop (for benchmarks)
+  int vectors = 0;  // 16-byte vectors per thread at 256 threads
 };
 
 // Threads per block of the fused pass: 256, or 512 for the longest rows (vectors = 8 16-byte vectors
@@ -319,17 +312,13 @@ int gram_pass_threads(int vectors) { return vectors > 4 ? 2 * kThreads : kThread
 
 // The kernel for `vectors` 16-byte vectors per thread at 256 threads, as a function pointer.
 template <typename T>
-void* gram_pass_function(int vectors, bool pipelined) {
-#define LIPFAST_GRAM_PASS(Q, R, THREADS) \
-  (pipelined ? reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, true, THREADS>) \
-             : reinterpret_cast<void*>(&gram_pass_kernel<T, Q, R, false, THREADS>))
+void* gram_pass_function(int vectors) {
   switch (vectors) {
-    case 1: return LIPFAST_GRAM_PASS(1, 8, kThreads);
-    case 2: return LIPFAST_GRAM_PASS(2, 4, kThreads);
-    case 4: return LIPFAST_GRAM_PASS(4, 2, kThreads);
-    default: return LIPFAST_GRAM_PASS(4, 2, 2 * kThreads);
+    case 1: return reinterpret_cast<void*>(&gram_pass_kernel<T, 1, 8, kThreads>);
+    case 2: return reinterpret_cast<void*>(&gram_pass_kernel<T, 2, 4, kThreads>);
+    case 4: return reinterpret_cast<void*>(&gram_pass_kernel<T, 4, 2, kThreads>);
+    default: return reinterpret_cast<void*>(&gram_pass_kernel<T, 4, 2, 2 * kThreads>);
   }
-#undef LIPFAST_GRAM_PASS
 }
 
 GramPassPlan plan_gram_pass(const at::Tensor& W) {
@@ -342,13 +331,11 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
   if (B >= multiprocessors || m < 64 || n % K != 0 || n > kThreads * K * kMaxVectorsPerThread || !aligned) return plan;
   plan.vectors = 1;
   while (plan.vectors * kThreads * K < n) plan.vectors *= 2;
-  const char* pipeline = std::getenv("LIPFAST_GRAM_PASS_PIPELINE");
-  plan.pipelined = pipeline == nullptr || std::string(pipeline) != "0";
   // One wave: as many blocks as fit on the device at once, shared out over the matrices.
   int resident = 1;
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lipfast_gram_pass_plan", [&] {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident, gram_pass_function<scalar_t>(plan.vectors, plan.pipelined), gram_pass_threads(plan.vectors), 0));
+        &resident, gram_pass_function<scalar_t>(plan.vectors), gram_pass_threads(plan.vectors), 0));
   });
   const int64_t want = (std::max(resident, 1) * static_cast<int64_t>(multiprocessors) + B - 1) / B;
   plan.chunks = std::max<int64_t>(1, std::min<int64_t>(want, m / 16));
@@ -368,7 +355,7 @@ void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, 
   int64_t B = W.size(0), m = W.size(1), n = W.size(2), rows = plan.rows_per_chunk;
   const T* Wp = W.const_data_ptr<T>();
   void* args[] = {&Wp, &m, &n, &rows, &x, &partial, &wx};
-  C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors, plan.pipelined), dim3(plan.chunks, B),
+  C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors), dim3(plan.chunks, B),
                                   dim3(gram_pass_threads(plan.vectors)), args, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sum_partials_kernel<T><<<dim3(tiles(n), B), kThreads, 0, stream>>>(partial, plan.chunks, n, y, tile_sq);
@@ -634,10 +621,8 @@ __global__ void lanczos_step_kernel(LanczosLayout layout, const T* __restrict__ 
 }
 
 // Raises ValueError on NaN/Inf entries (naming the first bad matrix).  Returns the matrices to
-// iterate on, and the power-of-two factor of each: f.W itself with all factors 1, or, where
-// max|W_b| lies outside [2^-32, 2^32], a copy with matrix b multiplied by the power of two that
-// brings max|W_b| into [1, 2) (the iterations form WᵀW x, whose entries are of the order of
-// sigma^2, and that must neither underflow nor overflow).  The same rule as the CPU kernel.
+// iterate on, and the power-of-two factor of each (lipfast::range_scale, as on the CPU): f.W itself
+// when every factor is 1, else a copy with matrix b multiplied by its factor.
 std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tensor& W, const lipfast::Flattened& f) {
   const at::Tensor largest = f.W.abs().amax({1, 2}).to(at::kDouble).cpu();  // NaN propagates
   const double* big = largest.const_data_ptr<double>();
@@ -647,12 +632,9 @@ std::pair<at::Tensor, at::Tensor> scan_and_check(const char* op, const at::Tenso
   bool any_scaled = false;
   const int max_exponent = f.compute == at::kDouble ? DBL_MAX_EXP : FLT_MAX_EXP;
   for (int64_t b = 0; b < f.B; ++b) {
-    if (!std::isfinite(big[b])) {
-      first_bad = std::min(first_bad, b);
-    } else if (big[b] > 0 && std::abs(std::ilogb(big[b])) > 32) {
-      scale[b] = std::ldexp(1.0, std::min(-std::ilogb(big[b]), max_exponent - 1));
-      any_scaled = true;
-    }
+    if (!std::isfinite(big[b])) first_bad = std::min(first_bad, b);
+    scale[b] = lipfast::range_scale(big[b], max_exponent);
+    any_scaled = any_scaled || scale[b] != 1.0;
   }
   lipfast::raise_if_nonfinite(op, W, first_bad);
   scales = scales.to(f.W.options());
