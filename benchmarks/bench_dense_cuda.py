@@ -12,8 +12,8 @@ Times are medians of CUDA-event-timed repeats after a warm-up.
     when successive estimates agree to 1e-5; run on the first 128 matrices and scaled by 32), and
     against lipfast's pure-PyTorch Lanczos (the first 512 matrices, scaled by 8).
 (d) certified brackets (rtol 1e-3) of every layer of the ResNet-50-shaped network, each weight
-    reshaped to (out, in * k * k) as torch's spectral_norm sees it, one spectral_norm_bounds call per
-    distinct shape, and the same per layer.
+    reshaped to (out, in * k * k) as torch's spectral_norm sees it: one spectral_norm_bounds_many
+    call for all of them, against one spectral_norm_bounds call per distinct shape and per layer.
 """
 from __future__ import annotations
 
@@ -64,16 +64,23 @@ def bench_step(bandwidth: float) -> list[str]:
 
     t_plain = timed(lambda: plain_power_steps(W, v, steps), 10) / steps
     t_none = timed(lambda: lipfast.power_iteration(W, v, 0), 10)
-
     t_fused = (timed(lambda: lipfast.power_iteration(W, v, steps), 10) - t_none) / steps
     gbs = W.numel() * 4 / t_fused / 1e9
     # the fused kernel must compute what the two products compute
     with lipfast.set_backend("python"):
         ref = lipfast.power_iteration(W.double(), v.double(), steps)[0].item()
     got = lipfast.power_iteration(W, v, steps)[0].item()
+    # Where a step's time goes, kernel by kernel.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        lipfast.power_iteration(W, v, steps)
+        torch.cuda.synchronize()
+    print(f"(b) kernels of power_iteration(iters={steps}):", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=4), flush=True)
     return [
-        f"| (b) one step, {n}x{n} float32 | 2 x torch.mv {t_plain * 1e6:.0f} us | lipfast fused {t_fused * 1e6:.0f} us "
-        f"| **{t_plain / t_fused:.2f}x** | {gbs:.0f} GB/s = **{100 * gbs / bandwidth:.0f}%** of the copy bandwidth; "
+        f"| (b) one step, {n}x{n} float32 | 2 x torch.mv {t_plain * 1e6:.0f} us | lipfast fused {t_fused * 1e6:.1f} us "
+        f"| **{t_plain / t_fused:.2f}x** | {gbs:.0f} GB/s = **{100 * gbs / bandwidth:.1f}%** of the copy bandwidth; "
         f"sigma rel. diff. to float64 {abs(got - ref) / ref:.1e} |",
     ]
 
@@ -121,40 +128,44 @@ def bench_resnet50() -> list[str]:
     for w in weights:
         groups[tuple(w.shape)].append(w)
     stacks = [torch.stack(ws) for ws in groups.values()]
+    exact = [torch.linalg.matrix_norm(w.double(), ord=2).cpu() for w in weights]
 
     def grouped():
         return [lipfast.spectral_norm_bounds(s, rtol=1e-3) for s in stacks]
 
-    def per_layer():
-        return [lipfast.spectral_norm_bounds(w, rtol=1e-3) for w in weights]
+    def many():
+        return lipfast.spectral_norm_bounds_many(weights, rtol=1e-3)
 
-    t_grouped = timed(grouped, 5)
-    print(f"(d) one call per shape: {t_grouped * 1e3:.1f} ms", flush=True)
-    t_estimates = timed(lambda: [lipfast.spectral_norm(s, rtol=1e-3 / 8) for s in stacks], 5)
-    print(f"(d) of which Lanczos alone (spectral_norm to rtol 1.25e-4, one call per shape): {t_estimates * 1e3:.1f} ms",
-          flush=True)
-    for s_ in sorted(stacks, key=torch.Tensor.numel, reverse=True)[:4]:
-        t_s = timed(lambda: lipfast.spectral_norm_bounds(s_, rtol=1e-3), 5)
-        print(f"(d) shape {tuple(s_.shape)}: bracket {t_s * 1e3:.2f} ms", flush=True)
-    # Where a bracket's time goes (host and device), for the largest shape.
+    t_many = timed(many, 10)
+    brackets = many()
+    holds = all(bool(lo.double().cpu() <= e <= up.double().cpu()) for (lo, up), e in zip(brackets, exact))
+    widest = max(float(up.double() / lo.double() - 1) for lo, up in brackets)
+    print(f"(d) spectral_norm_bounds_many, all {len(weights)} layers in one call: {t_many * 1e3:.1f} ms; "
+          f"brackets hold the float64 SVD answer: {holds}; widest gap {widest:.1e}", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
-    largest = max(stacks, key=torch.Tensor.numel)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        lipfast.spectral_norm_bounds(largest, rtol=1e-3)
+        many()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
-    t_layer = timed(per_layer, 3)
-    worst = max(((u / l - 1).max().item() for l, u in grouped()))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20), flush=True)
+    t_grouped = timed(grouped, 5)
+    print(f"(d) one spectral_norm_bounds call per shape: {t_grouped * 1e3:.1f} ms", flush=True)
+    t_layer = timed(lambda: [lipfast.spectral_norm_bounds(w, rtol=1e-3) for w in weights], 3)
     biggest = max(weights, key=torch.Tensor.numel)
     return [
         f"| (d) ResNet-50 brackets, {len(weights)} layers in {len(stacks)} shapes (largest {tuple(biggest.shape)}) "
-        f"| one call per layer {t_layer * 1e3:.1f} ms | one call per shape {t_grouped * 1e3:.1f} ms "
-        f"| {t_layer / t_grouped:.1f}x | widest gap {worst:.1e} |"
+        f"| spectral_norm_bounds per layer {t_layer * 1e3:.1f} ms, per shape {t_grouped * 1e3:.1f} ms "
+        f"| spectral_norm_bounds_many **{t_many * 1e3:.1f} ms** | {t_grouped / t_many:.1f}x per shape "
+        f"| all hold the SVD answer: {holds}; widest gap {widest:.1e} |"
     ]
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="b,d,c", help="which of b, c, d to run, in order (default: b,d,c)")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_dense_cuda: no CUDA device")
     from lipfast import _ext
@@ -166,9 +177,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     bandwidth = copy_bandwidth()
     print(f"| (a) device-to-device copy, 1 GiB | {bandwidth:.0f} GB/s (read + write) | | | |")
-    for section in (bench_step, bench_resnet50, bench_batch):
-        args = (bandwidth,) if section is bench_step else ()
-        for line in section(*args):
+    sections = {"b": lambda: bench_step(bandwidth), "c": bench_batch, "d": bench_resnet50}
+    for name in args.sections.split(","):
+        for line in sections[name.strip()]():
             print(line, flush=True)
 
 

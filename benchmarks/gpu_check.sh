@@ -9,7 +9,7 @@
 # well under 8 minutes on one H100 or H200.
 #
 # GPU_CHECK_TESTS: the pytest arguments (default: tests, the whole suite); GPU_CHECK_ONLY_DENSE=1:
-# run only the dense benchmark (for a short lease).
+# run only the dense benchmark (for a short lease); GPU_CHECK_DENSE_SECTIONS: its sections (b,d,c).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -61,7 +61,8 @@ tests_s=$(($(date +%s) - start))
 cuda_cases=$(grep -c "cuda" <($PY -m pytest -q -p no:cacheprovider --collect-only tests 2>/dev/null) || true)
 
 start=$(date +%s)
-timeout 150 $PY benchmarks/bench_dense_cuda.py >"$OUT/bench_dense_cuda.txt" 2>&1
+timeout 150 $PY benchmarks/bench_dense_cuda.py ${GPU_CHECK_DENSE_SECTIONS:+--sections "$GPU_CHECK_DENSE_SECTIONS"} \
+    >"$OUT/bench_dense_cuda.txt" 2>&1
 dense_rc=$?
 dense_s=$(($(date +%s) - start))
 
@@ -88,7 +89,7 @@ echo "build: ${build_s} s"
 echo "tests: exit ${tests_rc}, ${tests_s} s, ${cuda_cases} CUDA cases collected: $(tail -1 "$OUT/tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 echo "bench_dense_cuda: exit ${dense_rc}, ${dense_s} s"
-grep -E "^(# |\| \(|Traceback|[A-Za-z]*Error)" "$OUT/bench_dense_cuda.txt"
+grep -E "^(# |\| \(|\([bcd]\) |Traceback|[A-Za-z]*Error)" "$OUT/bench_dense_cuda.txt"
 echo "bench_conv (cuda): exit ${bench_rc}, ${bench_s} s"
 grep -E "^(## |total|# )" "$OUT/bench_conv_cuda.txt"
 echo "bench_volatility (cuda): exit ${volatility_rc}, ${volatility_s} s"

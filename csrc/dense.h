@@ -3,10 +3,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ATen_fwd.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace lipfast {
@@ -31,7 +33,8 @@ at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, co
 
 // Checks the shape and dtype of a (..., m, n) batch of matrices for op `op`; throws the errors the
 // Python layer documents (TypeError for a non-floating dtype, ValueError for a bad shape).
-void check_matrix_batch(const char* op, const at::Tensor& W);
+// `name` is how the message names the tensor.
+void check_matrix_batch(const char* op, const at::Tensor& W, const std::string& name = "W");
 
 // "[i, j]": the batch index of flat matrix number `flat` in a batch of shape W.shape[:-2].
 std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat);
@@ -65,5 +68,19 @@ double bracket_stop_factor(double rtol, at::ScalarType dtype);
 // Rounds non-negative float64 values to `dtype`, upwards (up=true) or downwards, so that the rounded
 // value still bounds the float64 one on the same side.
 at::Tensor round_directed(const at::Tensor& x, at::ScalarType dtype, bool up);
+
+// Certified brackets of every matrix of every tensor in Ws (each (..., m, n), any dtype, all on one
+// device) by Gram iteration alone, the tensors with the same min(m, n) squared together in one
+// batched product per step (ATen operators; the CPU and CUDA kernels both register it):
+//   lower: ‖W x‖ / ‖x‖ in float64 less its rounding margin, x = G_t (G_t e_j) for the Gram iterate
+//          G_t and its column j of largest diagonal entry (2^t power steps from e_j; no Lanczos),
+//   upper: the Gram-iteration bound of gram_upper_bound.
+// Stops once every bracket has upper <= lower * bracket_stop_factor, or after max_gram_steps
+// squarings.  Returns (lowers, uppers, widest): for each dtype among Ws, in order of first
+// appearance, every matrix's bound (in the order of Ws and their batches, flattened) rounded
+// outwards to that dtype; and a 0-dim float64 CPU tensor, the largest upper / lower - 1 over the
+// float32 and float64 brackets (-1 when there are none).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dense_spectral_norm_bounds_many(
+    at::TensorList Ws, double rtol, int64_t max_gram_steps);
 
 }  // namespace lipfast

@@ -33,6 +33,15 @@ TORCH_LIBRARY(lipfast, m) {
   m.def(
       "dense_spectral_norm_bounds(Tensor W, float rtol, int max_iters, int max_gram_steps) "
       "-> (Tensor lower, Tensor upper)");
+  // Certified brackets of every matrix of every tensor in Ws (any shapes, one device) by Gram
+  // iteration alone, tensors with the same min(m, n) iterated together; lower ends from the Gram
+  // iterates' own columns.  Returns lower[d], upper[d] for the d-th dtype among Ws (in order of first
+  // appearance): every matrix's bound, flattened in the order of Ws, rounded outwards to that dtype;
+  // and widest_gap (0-dim float64, on the CPU): the largest upper / lower - 1 over the float32 and
+  // float64 brackets, -1 when there are none.
+  m.def(
+      "dense_spectral_norm_bounds_many(Tensor[] Ws, float rtol, int max_gram_steps) "
+      "-> (Tensor[] lower, Tensor[] upper, Tensor widest_gap)");
   // `iters` steps of power iteration on WᵀW from v (..., n), each one fused pass over W.  Returns
   // sigma = ‖W v‖ (...), u = W v / sigma (..., m) and the new unit iterate v (..., n).
   m.def("dense_power_iteration(Tensor W, Tensor v, int iters) -> (Tensor sigma, Tensor u, Tensor v)");

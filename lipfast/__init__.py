@@ -15,7 +15,7 @@ from lipfast.continuity import (
     volatility,
 )
 from lipfast.conv import conv_spectral_norm, conv_spectral_norm_bounds, operator_norm, operator_norm_bounds
-from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds
+from lipfast.linalg import power_iteration, spectral_norm, spectral_norm_bounds, spectral_norm_bounds_many
 from lipfast.local import GapReport, lipschitz_gap, local_lipschitz
 from lipfast.network import LipschitzReport, certified_accuracy, lipschitz_bound, register_lipschitz
 from lipfast import distributed  # lipfast.distributed: sharded weights on torch.distributed
@@ -47,5 +47,6 @@ __all__ = [
     "set_backend",
     "spectral_norm",
     "spectral_norm_bounds",
+    "spectral_norm_bounds_many",
     "volatility",
 ]

@@ -54,7 +54,8 @@ except Exception as exc:  # ImportError, OSError (undefined symbols), anything a
 _KERNELS: dict[str, frozenset[str]] = {}
 if HAS_EXT:
     for _op in (
-        "dense_spectral_norm", "dense_spectral_norm_bounds", "dense_power_iteration", "spectral_norm_step",
+        "dense_spectral_norm", "dense_spectral_norm_bounds", "dense_spectral_norm_bounds_many", "dense_power_iteration",
+        "spectral_norm_step",
         "conv_spectral_norm", "pairwise_volatility",
     ):
         _KERNELS[_op] = frozenset(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from lipfast import _ext, ops, reference
 
-__all__ = ["spectral_norm", "spectral_norm_bounds", "power_iteration"]
+__all__ = ["spectral_norm", "spectral_norm_bounds", "spectral_norm_bounds_many", "power_iteration"]
 
 #: Default cap on passes over W (each Lanczos or power step reads W once).
 DEFAULT_MAX_ITERS = 1000
@@ -50,14 +51,14 @@ def _check_count(fn: str, name: str, value: object, default: int, minimum: int =
     return value
 
 
-def _check_finite(fn: str, W: Tensor) -> None:
+def _check_finite(fn: str, W: Tensor, name: str = "W") -> None:
     # The compiled kernels run this check themselves, in the same pass that copies W.
     bad = reference.first_nonfinite_matrix(W)
     if bad is not None:
         batch = list(W.shape[:-2])
         index = list(torch.unravel_index(torch.tensor(bad), W.shape[:-2])) if batch else []
         raise ValueError(
-            f"lipfast.{fn}: W has a NaN or Inf entry in matrix W[{', '.join(str(int(i)) for i in index)}] "
+            f"lipfast.{fn}: {name} has a NaN or Inf entry in matrix {name}[{', '.join(str(int(i)) for i in index)}] "
             f"(batch shape {batch})"
         )
 
@@ -153,6 +154,66 @@ def spectral_norm_bounds(
                 stacklevel=2,
             )
     return lower, upper
+
+
+def spectral_norm_bounds_many(
+    Ws: Sequence[Tensor],
+    *,
+    rtol: float = 1e-3,
+    max_gram_steps: int | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Certified brackets for many weight tensors of different shapes at once, e.g. every layer of a network.
+
+    ``Ws`` is a sequence of tensors ``(..., m, n)`` (any shapes and floating dtypes, all on one
+    device); returns one ``(lower, upper)`` pair per tensor, each shaped ``W.shape[:-2]`` in W's
+    dtype, with ``lower <= sigma_max <= upper`` for every matrix, as :func:`spectral_norm_bounds`.
+
+    All matrices are bracketed by Gram iteration alone (certified as in :func:`spectral_norm_bounds`),
+    those with the same ``min(m, n)`` squared together in one batched product per step, so a whole
+    network costs a few dozen batched products and one device-to-host transfer per step, where one
+    call per shape would pay each call's fixed costs again.  The lower ends need no Lanczos: with
+    ``G_t`` the Gram iterate after t squarings and ``j`` its largest diagonal entry, ``x = G_t (G_t
+    e_j)`` is already 2^t power steps from ``e_j``, and ``‖W x‖/‖x‖`` is evaluated in float64 with
+    its rounding margin.
+    The iteration stops once every bracket has ``upper <= lower * (1 + rtol)`` or after
+    ``max_gram_steps`` squarings (default 16); a RuntimeWarning reports a wider gap.
+    """
+    fn = "spectral_norm_bounds_many"
+    if isinstance(Ws, Tensor) or not isinstance(Ws, Sequence):
+        raise TypeError(f"lipfast.{fn}: Ws must be a list or tuple of tensors, got {type(Ws).__name__}")
+    Ws = list(Ws)
+    for i, W in enumerate(Ws):
+        _check_matrices(fn, W, f"Ws[{i}]")
+        if W.device != Ws[0].device:
+            raise ValueError(f"lipfast.{fn}: every tensor must be on one device; Ws[0] is on {Ws[0].device}, "
+                             f"Ws[{i}] on {W.device}")
+    rtol = _check_rtol(fn, rtol)
+    max_gram_steps = _check_count(fn, "max_gram_steps", max_gram_steps, DEFAULT_MAX_GRAM_STEPS)
+    if not Ws:
+        return []
+    Ws = [W.detach() for W in Ws]
+    if _ext.use_kernel("dense_spectral_norm_bounds_many", Ws[0].device):
+        lowers, uppers, widest = ops.dense_spectral_norm_bounds_many(Ws, rtol, max_gram_steps)
+    else:
+        for i, W in enumerate(Ws):
+            _check_finite(fn, W, f"Ws[{i}]")
+        lowers, uppers, widest = reference.dense_spectral_norm_bounds_many(Ws, rtol, max_gram_steps)
+    if not torch.compiler.is_compiling() and not float(widest) <= rtol:
+        warnings.warn(
+            f"lipfast.{fn}: the brackets are valid but the widest is wider than rtol={rtol:g} "
+            f"(upper/lower - 1 = {float(widest):.3g}); raise max_gram_steps to tighten it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    # The op returns one flat buffer per dtype (in order of first appearance): each tensor's
+    # brackets are views of its slice.
+    dtypes = list(dict.fromkeys(W.dtype for W in Ws))
+    result, start = [], 0
+    for W in Ws:
+        d, count = dtypes.index(W.dtype), W.shape[:-2].numel()
+        result.append((lowers[d][start:start + count].view(W.shape[:-2]), uppers[d][start:start + count].view(W.shape[:-2])))
+        start += count
+    return result
 
 
 def power_iteration(W: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor]:

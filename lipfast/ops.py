@@ -22,6 +22,13 @@ def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_
     return torch.ops.lipfast.dense_spectral_norm_bounds.default(W, rtol, max_iters, max_gram_steps)
 
 
+def dense_spectral_norm_bounds_many(
+    Ws: list[Tensor], rtol: float, max_gram_steps: int
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """``torch.ops.lipfast.dense_spectral_norm_bounds_many``: certified (lowers, uppers, widest gap); see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.dense_spectral_norm_bounds_many.default(Ws, rtol, max_gram_steps)
+
+
 def dense_power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.lipfast.dense_power_iteration``: (sigma, u, v) after ``iters`` fused steps."""
     return torch.ops.lipfast.dense_power_iteration.default(W, v, iters)
@@ -81,6 +88,14 @@ if _ext.HAS_EXT:
     def _dense_spectral_norm_bounds_fake(W, rtol, max_iters, max_gram_steps):
         batch = W.shape[:-2]
         return W.new_empty(batch), W.new_empty(batch)
+
+    @torch.library.register_fake("lipfast::dense_spectral_norm_bounds_many")
+    def _dense_spectral_norm_bounds_many_fake(Ws, rtol, max_gram_steps):
+        total = sum(W.shape[:-2].numel() for W in Ws)
+        dtypes = list(dict.fromkeys(W.dtype for W in Ws))
+        lower = [Ws[0].new_empty(total, dtype=dtype) for dtype in dtypes]
+        upper = [Ws[0].new_empty(total, dtype=dtype) for dtype in dtypes]
+        return lower, upper, torch.empty((), dtype=torch.float64, device="cpu")
 
     @torch.library.register_fake("lipfast::dense_power_iteration")
     def _dense_power_iteration_fake(W, v, iters):

@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "dense_spectral_norm",
     "dense_spectral_norm_bounds",
+    "dense_spectral_norm_bounds_many",
     "dense_power_iteration",
     "first_nonfinite_matrix",
     "pairwise_volatility",
@@ -307,6 +308,223 @@ def dense_spectral_norm_bounds(W: Tensor, rtol: float, max_iters: int, max_gram_
         round_directed(lower, W.dtype, up=False).reshape(batch),
         round_directed(upper, W.dtype, up=True).reshape(batch),
     )
+
+
+def _pow2_factors(k: int) -> tuple[float, float]:
+    """2^k1, 2^k2 with k1 + k2 = k where in reach, as csrc/dense_common.cpp's pow2_factors."""
+    k1 = min(max(k // 2, -1022), 1023)
+    k2 = min(max(k - k1, -1022), 1023)
+    return math.ldexp(1.0, k1), math.ldexp(1.0, k2)
+
+
+def _ldexp2(x: float, k: int) -> float:
+    """x * 2^k as the scalar times_pow2: two factors, the same roundings."""
+    p1, p2 = _pow2_factors(k)
+    return x * p1 * p2
+
+
+def _ieee_div(x: float, y: float) -> float:
+    """x / y with IEEE results where Python raises (division by zero), as C++ computes it."""
+    if y == 0:
+        return math.nan if x == 0 or math.isnan(x) else math.copysign(math.inf, x) * math.copysign(1.0, y)
+    return x / y
+
+
+def _ieee_sqrt(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def _frobenius_upper_scalar(norm: float, entries: float) -> float:
+    return norm * (1.0 + 2.0 * _gamma(entries + 4)) + math.sqrt(entries * _TINY) + _TINY
+
+
+def _scaled_frobenius_upper(norm: float, entries: float, e: int) -> float:
+    """Upper bound on ‖fl(X 2^-e)‖_F from the computed ‖X‖_F (csrc: scaled_frobenius_upper)."""
+    return (_ldexp2(_frobenius_upper_scalar(norm, entries), -e) + math.sqrt(entries) * _TINY) * (1.0 + 4.0 * _UNIT)
+
+
+def _rayleigh_lower(norm_y: float, norm_v: float, norm_W: float, m: float, n: float) -> float:
+    """certified_rayleigh_lower's bound from its three norms, for one matrix (csrc: rayleigh_lower)."""
+    product_error = _gamma(n) * norm_W * norm_v * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
+    lower = _ieee_div(norm_y * (1.0 - 2.0 * _gamma(m + 4)) - product_error, norm_v * (1.0 + 2.0 * _gamma(n + 4)))
+    return max(lower * (1.0 - 8.0 * _UNIT), 0.0)
+
+
+class _GramChain:
+    """One matrix's Gram-iteration chain on the host (csrc/dense_common.cpp: GramChain)."""
+
+    def __init__(self, k0: int, entries: float, nonzero: bool) -> None:
+        self.k0, self.entries, self.nonzero = k0, entries, nonzero
+        self.exponents: list[int] = []
+        self.errors: list[float] = []
+        self.upper = math.inf
+
+    def add_step(self, fro: float, k: int, inner: float, cols: float, next_fro: float) -> None:
+        self.errors.append(_gamma(inner) * fro * fro * (1.0 + 4.0 * _UNIT) + cols * (inner + 1.0) * _TINY)
+        self.exponents.append(k)
+        bound = next_fro
+        for k_j, e_j in zip(reversed(self.exponents), reversed(self.errors)):
+            bound = math.sqrt(_ldexp2(bound, k_j) + 2.0 * _TINY + e_j) * (1.0 + 8.0 * _UNIT)
+        candidate = _ldexp2((bound + math.sqrt(self.entries) * _TINY) * (1.0 + 4.0 * _UNIT), self.k0) * (1.0 + 4.0 * _UNIT)
+        self.upper = min(self.upper, candidate if self.nonzero else 0.0)
+
+
+def _times_pow2_inverse(x: Tensor, e: Tensor) -> Tensor:
+    """x * 2^-e per matrix, e int32 with |e| <= 1022 (csrc: times_pow2_inverse)."""
+    bits = ((1023 - e).to(torch.int64) << 52).view(torch.float64)
+    return x * bits.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _rayleigh_estimate(G: Tensor, G1: Tensor) -> tuple[Tensor, Tensor]:
+    """x = G (G e_j), j the largest diagonal entry of G, and (xᵀ G1 x, xᵀ x) (csrc: rayleigh_estimate)."""
+    N, c = G.shape[0], G.shape[-1]
+    j = torch.argmax(torch.diagonal(G, 0, 1, 2), dim=1, keepdim=True)
+    x = G @ torch.gather(G, 2, j[:, None].expand(N, c, 1))
+    return x, (x.mT @ torch.cat([G1 @ x, x], 2)).reshape(N, 2)
+
+
+def dense_spectral_norm_bounds_many(
+    Ws: list[Tensor], rtol: float, max_gram_steps: int
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Certified brackets of every matrix of every tensor by Gram iteration alone; see csrc/dense.h.
+
+    Returns what the op does: per dtype among Ws (in order of first appearance) every matrix's
+    bounds, flattened in the order of Ws, rounded outwards to that dtype; and the widest gap.
+
+    The same float64 operations as the compiled op, in the same order: tensors of one shape (on the
+    taller side) stacked into a block, blocks of one Gram size c squared together as a group, the
+    bounds' scalar arithmetic on the host.
+    """
+    f64 = torch.float64
+    if not Ws:
+        return [], [], torch.tensor(-1.0, dtype=f64)
+    flat = [_flatten(W) for W in Ws]
+    shapes: list[tuple[int, int]] = []
+    stacked: list[list[Tensor]] = []
+    block_of, offset_in_block = [], []
+    for a, _ in flat:
+        A = a.double() if a.shape[-2] >= a.shape[-1] else a.double().mT
+        key = (A.shape[1], A.shape[2])
+        if key not in shapes:
+            shapes.append(key)
+            stacked.append([])
+        k = shapes.index(key)
+        block_of.append(k)
+        offset_in_block.append(sum(t.shape[0] for t in stacked[k]))
+        stacked[k].append(A)
+    blocks = [ts[0] if len(ts) == 1 else torch.cat(ts) for ts in stacked]
+    first = [0]
+    for blk in blocks:
+        first.append(first[-1] + blk.shape[0])
+    total = first[-1]
+    position = [0] * total  # of global matrix a in the tensors' order
+    factor = [1.0] * total
+    start = 0
+    for i, (W, (a, _)) in enumerate(zip(Ws, flat)):
+        g0 = first[block_of[i]] + offset_in_block[i]
+        for b in range(a.shape[0]):
+            position[g0 + b] = start + b
+            factor[g0 + b] = bracket_stop_factor(rtol, W.dtype)
+        start += a.shape[0]
+    big = torch.cat([blk.abs().amax((1, 2)) for blk in blocks]).tolist()
+    k_entry = [-math.frexp(x)[1] for x in big]
+
+    G0, G1s, step0 = [], [], []
+    for k, blk in enumerate(blocks):
+        p = torch.tensor([_pow2_factors(e) for e in k_entry[first[k]:first[k + 1]]], dtype=f64).T.to(blk.device)
+        scaled = blk * p[0].reshape(-1, 1, 1) * p[1].reshape(-1, 1, 1)
+        norm_scaled = torch.linalg.vector_norm(scaled, dim=(1, 2))
+        e0 = torch.frexp(norm_scaled).exponent
+        G0.append(_times_pow2_inverse(scaled, e0))
+        P = G0[-1].mT @ G0[-1]
+        norm_P = torch.linalg.vector_norm(P, dim=(1, 2))
+        e1 = torch.frexp(norm_P).exponent
+        G1s.append(_times_pow2_inverse(P, e1))
+        step0.append((norm_scaled.tolist(), norm_P.tolist()))  # the exponents are taken again on the host
+    sizes = list(dict.fromkeys(c for _, c in shapes))  # groups of one Gram size c, in order of appearance
+    members = [[k for k, (_, c) in enumerate(shapes) if c == size] for size in sizes]
+    group_offset = [0] * len(blocks)
+    for ids in members:
+        for j, k in enumerate(ids[1:], 1):
+            group_offset[k] = group_offset[ids[j - 1]] + blocks[ids[j - 1]].shape[0]
+    G1 = [torch.cat([G1s[k] for k in ids]) if len(ids) > 1 else G1s[ids[0]] for ids in members]
+    G = list(G1)
+    chains: list[_GramChain] = []
+    k0, k1, fro, fro0 = [0] * total, [0] * total, [0.0] * total, [0.0] * total
+    for k, (n_s, n_P) in enumerate(step0):
+        r, c = shapes[k]
+        for b in range(len(n_s)):
+            a = first[k] + b
+            e0 = math.frexp(n_s[b])[1]
+            k0[a], k1[a] = e0 - k_entry[a], math.frexp(n_P[b])[1]  # G0 = A 2^k_entry 2^-e0
+            fro0[a] = _scaled_frobenius_upper(n_s[b], float(r * c), e0)
+            fro[a] = _scaled_frobenius_upper(n_P[b], float(c * c), k1[a])
+            chains.append(_GramChain(k0[a], float(r * c), big[a] > 0))
+            chains[a].add_step(fro0[a], k1[a], float(r), float(c), fro[a])
+    active = [True] * len(sizes)  # a group stops squaring once its estimates say it may
+    x_of: list[Tensor] = [torch.empty(0)] * len(sizes)
+    lower = [0.0] * total
+    for step in range(max_gram_steps):
+        estimated = True
+        for g, c in enumerate(sizes):
+            if not active[g]:
+                continue
+            if step > 0:
+                P = G[g].mT @ G[g]
+                norm_P = torch.linalg.vector_norm(P, dim=(1, 2))
+                e = torch.frexp(norm_P).exponent
+                G[g] = _times_pow2_inverse(P, e)
+                n_P = norm_P.tolist()
+                for blk in members[g]:
+                    for b in range(blocks[blk].shape[0]):
+                        a, j = first[blk] + b, group_offset[blk] + b
+                        e_j = math.frexp(n_P[j])[1]
+                        following = _scaled_frobenius_upper(n_P[j], float(c * c), e_j)
+                        chains[a].add_step(fro[a], e_j, float(c), float(c), following)
+                        fro[a] = following
+            x_of[g], quad = _rayleigh_estimate(G[g], G1[g])
+            quad = quad.tolist()
+            narrow = True
+            for blk in members[g]:
+                for b in range(blocks[blk].shape[0]):
+                    a, j = first[blk] + b, group_offset[blk] + b
+                    sigma = _ldexp2(_ieee_sqrt(_ldexp2(_ieee_div(quad[j][0], quad[j][1]), k1[a])), k0[a])
+                    narrow = narrow and (chains[a].upper == 0 or chains[a].upper <= sigma * factor[a])
+            active[g] = not narrow
+            estimated = estimated and narrow
+        if not estimated and step + 1 < max_gram_steps:
+            continue
+        certified = True
+        for k, blk in enumerate(blocks):
+            g = sizes.index(shapes[k][1])
+            x = x_of[g][group_offset[k]:group_offset[k] + blk.shape[0]]
+            norm_y = torch.linalg.vector_norm(G0[k] @ x, dim=(1, 2)).tolist()
+            norm_x = torch.linalg.vector_norm(x, dim=(1, 2)).tolist()
+            r, c = shapes[k]
+            for b in range(blk.shape[0]):
+                a = first[k] + b
+                value = _ldexp2(_rayleigh_lower(norm_y[b], norm_x[b], fro0[a], float(r), float(c)), k0[a]) - _TINY
+                lower[a] = value if value >= 0 else 0.0
+                if not (chains[a].upper == 0 or chains[a].upper <= lower[a] * factor[a]):
+                    certified, active[g] = False, True  # the estimate was optimistic
+        if certified:
+            break
+    lower_all, upper_all = torch.empty(total, dtype=f64), torch.empty(total, dtype=f64)
+    for a in range(total):
+        lower_all[position[a]], upper_all[position[a]] = lower[a], chains[a].upper
+    out_lower, out_upper, widest = [], [], -1.0
+    for dtype in dict.fromkeys(W.dtype for W in Ws):
+        lo, up = round_directed(lower_all, dtype, up=False), round_directed(upper_all, dtype, up=True)
+        if dtype in (torch.float32, f64):
+            gap = up.double() / lo.double().clamp_min(torch.finfo(f64).tiny) - 1
+            start = 0
+            for W, (a, _) in zip(Ws, flat):
+                if W.dtype == dtype:
+                    widest = max(widest, float(gap[start:start + a.shape[0]].max()))
+                start += a.shape[0]
+        out_lower.append(lo.to(Ws[0].device))
+        out_upper.append(up.to(Ws[0].device))
+    return out_lower, out_upper, torch.tensor(widest, dtype=f64)
 
 
 # --- convolution operators -----------------------------------------------------------------------

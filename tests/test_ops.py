@@ -27,6 +27,7 @@ def test_opcheck(W):
     torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm.default, (Wg, None, 200, 1e-6))
     torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm.default, (Wg, v, 200, 1e-6))
     torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm_bounds.default, (W, 1e-3, 200, 16))
+    torch.library.opcheck(torch.ops.lipfast.dense_spectral_norm_bounds_many.default, ([W, W.mT.double()], 1e-3, 16))
     torch.library.opcheck(torch.ops.lipfast.dense_power_iteration.default, (Wg, v, 3))
     u = torch.randn(*W.shape[:-1]).to(W.dtype)
     torch.library.opcheck(torch.ops.lipfast.spectral_norm_step.default, (Wg, u, v, 3, 1e-12))

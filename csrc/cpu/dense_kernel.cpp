@@ -506,6 +506,7 @@ std::tuple<at::Tensor, at::Tensor> dense_spectral_norm_bounds_cpu(const at::Tens
 TORCH_LIBRARY_IMPL(lipfast, CPU, m) {
   m.impl("dense_spectral_norm", &dense_spectral_norm_cpu);
   m.impl("dense_spectral_norm_bounds", &dense_spectral_norm_bounds_cpu);
+  m.impl("dense_spectral_norm_bounds_many", &lipfast::dense_spectral_norm_bounds_many);
   m.impl("dense_power_iteration", &dense_power_iteration_cpu);
   m.impl("spectral_norm_step", &spectral_norm_step_cpu);
 }

@@ -170,7 +170,9 @@ __global__ void spectral_norm_step_kernel(const T* __restrict__ W, int64_t m, in
 // a block reduction (one barrier per group: the partial sums alternate between two shared
 // buffers), and adds s_i w_i to its accumulator from the registers it loaded, so each row is read
 // from memory once.  It writes its accumulator to partial (B, chunks, n).
-// Stage 2, grid (column tiles, B): y_j = sum over chunks of partial, in chunk order (deterministic).
+// Stage 2, grid (tiles of 32 columns, B): y_j = sum over chunks of partial, eight threads per column
+// each summing every eighth chunk, then the eight sums in order (deterministic); with many short
+// sums in flight at once (a thread summing all chunks alone waits on one load after another).
 // Bytes: m n T for W, plus chunks n T written and read for the partials (about 2 x SMs rows' worth,
 // 3% of an 8192 x 8192 W).
 
@@ -183,35 +185,58 @@ struct Vec16<float> {
   __device__ static void axpy(float s, const float4& a, float4& y) {
     y.x += s * a.x; y.y += s * a.y; y.z += s * a.z; y.w += s * a.w;
   }
+  // a /= d, each entry divided in float64 (as normalize_kernel does)
+  __device__ static void divide(float4& a, double d) {
+    a.x = static_cast<float>(a.x / d); a.y = static_cast<float>(a.y / d);
+    a.z = static_cast<float>(a.z / d); a.w = static_cast<float>(a.w / d);
+  }
 };
 template <>
 struct Vec16<double> {
   using type = double2;
   __device__ static double dot(const double2& a, const double2& b) { return a.x * b.x + a.y * b.y; }
   __device__ static void axpy(double s, const double2& a, double2& y) { y.x += s * a.x; y.y += s * a.y; }
+  __device__ static void divide(double2& a, double d) { a.x /= d; a.y /= d; }
 };
 
 constexpr int kMaxVectorsPerThread = 8;
+constexpr int kTileColumns = 32;                        // columns per block of stage 2: one warp wide
+constexpr int kChunkGroups = kThreads / kTileColumns;  // threads per column in stage 2
+
+// Stage 2's tiles for rows of n entries.
+__host__ __device__ int64_t tiles(int64_t n) { return (n + kTileColumns - 1) / kTileColumns; }
+
+// ‖y‖ from the `tiles` sums of squares of one matrix's y, summed by the whole block in a fixed order
+// (deterministic); every thread gets it.  Every thread of the block must call it.
+__device__ double tile_norm(const double* tile_sq, int64_t tiles, double* shared) {
+  double s = 0;
+  for (int64_t t = threadIdx.x; t < tiles; t += blockDim.x) s += tile_sq[t];
+  return sqrt(block_sum(s, shared));
+}
+
+// The input vector of a fused pass: x itself, or (power iteration) x = y / ‖y‖ formed on the fly
+// from the previous pass's y and its tile sums of squares (x kept where y = 0, which is in the null
+// space); the first block of each matrix then stores the new x.
+template <typename T>
+struct GramInput {
+  T* x;
+  const T* y = nullptr;
+  const double* tile_sq = nullptr;
+  int64_t tiles = 0;
+};
 
 template <typename T, int Q, int R, int Threads>
 __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict__ W_all, int64_t m, int64_t n,
-                                                             int64_t rows_per_chunk, const T* __restrict__ x_all,
+                                                             int64_t rows_per_chunk, GramInput<T> in,
                                                              T* __restrict__ partial, T* __restrict__ wx_all) {
   using V = typename Vec16<T>::type;
   constexpr int K = sizeof(V) / sizeof(T);
   __shared__ T sums[2][R][Threads / 32];
+  __shared__ double shared[32];
   const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
   const int64_t nv = n / K;  // 16-byte vectors per row
   const V* W = reinterpret_cast<const V*>(W_all + b * m * n);
-  const V* x = reinterpret_cast<const V*>(x_all + b * n);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  V xr[Q], acc[Q];
-#pragma unroll
-  for (int q = 0; q < Q; ++q) {
-    const int64_t c = threadIdx.x + q * Threads;
-    xr[q] = c < nv ? x[c] : V{};
-    acc[q] = V{};
-  }
   const int64_t r0 = chunk * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < m ? r0 + rows_per_chunk : m;
   // The loads of the next group are issued before this group's barrier, so the memory system stays
@@ -228,6 +253,21 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
     }
   };
   load(r0, w);
+  // ‖y‖ of the previous y, when x is formed from it (the same in every thread: in.y is uniform)
+  const double norm = in.y != nullptr ? tile_norm(in.tile_sq + b * in.tiles, in.tiles, shared) : 0.0;
+  V* x = reinterpret_cast<V*>(in.x + b * n);
+  const V* source = norm > 0 ? reinterpret_cast<const V*>(in.y + b * n) : x;
+  V xr[Q], acc[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int64_t c = threadIdx.x + q * Threads;
+    xr[q] = c < nv ? source[c] : V{};
+    if (norm > 0) {
+      Vec16<T>::divide(xr[q], norm);
+      if (chunk == 0 && c < nv) x[c] = xr[q];
+    }
+    acc[q] = V{};
+  }
   int parity = 0;
   for (int64_t i = r0; i < r1; i += R, parity ^= 1) {
     if (i + R < r1) load(i + R, next);
@@ -264,36 +304,45 @@ __global__ void __launch_bounds__(Threads) gram_pass_kernel(const T* __restrict_
   }
 }
 
-// Stage 2: y = the sum of the partials in chunk order; with tile_sq, also the sum of y_j² over the
-// block's columns (float64), for normalize_kernel.
+// Stage 2: y = the sum of the partials (see above); with tile_sq, also the sum of y_j² over the
+// block's 32 columns (float64), for tile_norm.  Grid (tiles(n), B), kThreads threads.
 template <typename T>
-__global__ void sum_partials_kernel(const T* __restrict__ partial, int64_t chunks, int64_t n, T* __restrict__ y,
-                                    double* __restrict__ tile_sq) {
-  __shared__ double shared[32];
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const T* __restrict__ partial, int64_t chunks,
+                                                                int64_t n, T* __restrict__ y,
+                                                                double* __restrict__ tile_sq) {
+  __shared__ T sums[kChunkGroups][kTileColumns];
   const int64_t b = blockIdx.y;
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int column = threadIdx.x % kTileColumns, group = threadIdx.x / kTileColumns;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(kTileColumns) + column;
   T total = 0;
   if (j < n) {
     const T* p = partial + b * chunks * n + j;
-    for (int64_t c = 0; c < chunks; ++c) total += p[c * n];
-    y[b * n + j] = total;
+#pragma unroll 4
+    for (int64_t c = group; c < chunks; c += kChunkGroups) total += p[c * n];
   }
-  if (tile_sq != nullptr) {
-    const double sq = block_sum(static_cast<double>(total) * static_cast<double>(total), shared);
-    if (threadIdx.x == 0) tile_sq[b * gridDim.x + blockIdx.x] = sq;
+  sums[group][column] = total;
+  __syncthreads();
+  if (group == 0) {  // the first warp: each column's eight sums in order, then the tile's squares
+    T yj = 0;
+#pragma unroll
+    for (int g = 0; g < kChunkGroups; ++g) yj += sums[g][column];
+    if (j < n) y[b * n + j] = yj;
+    if (tile_sq != nullptr) {
+      double sq = static_cast<double>(yj) * static_cast<double>(yj);  // 0 past the last column
+      for (int o = 16; o > 0; o >>= 1) sq += __shfl_down_sync(kFull, sq, o);
+      if (column == 0) tile_sq[b * gridDim.x + blockIdx.x] = sq;
+    }
   }
 }
 
-// x = y / ‖y‖ for each matrix, ‖y‖ from the tile sums of squares (summed in tile order by every
-// thread: deterministic); x is kept where y = 0 (it is in the null space).  Grid (tiles, B), the
-// tiles of sum_partials_kernel.
+// x = y / ‖y‖ for each matrix, ‖y‖ from the tile sums of squares by tile_norm; x is kept where
+// y = 0 (it is in the null space).  Grid (ceil(n / kThreads), B), kThreads threads.
 template <typename T>
 __global__ void normalize_kernel(const T* __restrict__ y_all, const double* __restrict__ tile_sq, int64_t n,
-                                 T* __restrict__ x_all) {
-  const int64_t b = blockIdx.y, tiles = gridDim.x;
-  double sq = 0;
-  for (int64_t t = 0; t < tiles; ++t) sq += tile_sq[b * tiles + t];
-  const double norm = sqrt(sq);
+                                 int64_t tiles, T* __restrict__ x_all) {
+  __shared__ double shared[32];
+  const int64_t b = blockIdx.y;
+  const double norm = tile_norm(tile_sq + b * tiles, tiles, shared);
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (norm > 0 && j < n) x_all[b * n + j] = static_cast<T>(static_cast<double>(y_all[b * n + j]) / norm);
 }
@@ -344,17 +393,16 @@ GramPassPlan plan_gram_pass(const at::Tensor& W) {
   return plan;
 }
 
-// y (B, n) = Wᵀ(W x) for W (B, m, n) and x (B, n), contiguous, with wx (B, m) = W x when wx is
-// given; partial: scratch of at least B chunks n entries; tile_sq: null, or (B, tiles(n)) float64
-// for normalize_kernel.
-int64_t tiles(int64_t n) { return (n + kThreads - 1) / kThreads; }
+// y (B, n) = Wᵀ(W x) for W (B, m, n) and the input x (B, n) of `in`, contiguous, with wx (B, m) =
+// W x when wx is given; partial: scratch of at least B chunks n entries; tile_sq: null, or
+// (B, tiles(n)) float64 for normalize_kernel or the next pass's GramInput.
 
 template <typename T>
-void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, T* wx, T* partial, double* tile_sq,
-               cudaStream_t stream) {
+void gram_pass(const at::Tensor& W, const GramPassPlan& plan, GramInput<T> in, T* y, T* wx, T* partial,
+               double* tile_sq, cudaStream_t stream) {
   int64_t B = W.size(0), m = W.size(1), n = W.size(2), rows = plan.rows_per_chunk;
   const T* Wp = W.const_data_ptr<T>();
-  void* args[] = {&Wp, &m, &n, &rows, &x, &partial, &wx};
+  void* args[] = {&Wp, &m, &n, &rows, &in, &partial, &wx};
   C10_CUDA_CHECK(cudaLaunchKernel(gram_pass_function<T>(plan.vectors), dim3(plan.chunks, B),
                                   dim3(gram_pass_threads(plan.vectors)), args, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -365,7 +413,7 @@ void gram_pass(const at::Tensor& W, const GramPassPlan& plan, const T* x, T* y, 
 // x = y / ‖y‖ per matrix after gram_pass wrote y and tile_sq (x kept where y = 0).
 template <typename T>
 void normalize(const T* y, const double* tile_sq, int64_t B, int64_t n, T* x, cudaStream_t stream) {
-  normalize_kernel<T><<<dim3(tiles(n), B), kThreads, 0, stream>>>(y, tile_sq, n, x);
+  normalize_kernel<T><<<dim3((n + kThreads - 1) / kThreads, B), kThreads, 0, stream>>>(y, tile_sq, n, tiles(n), x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -409,7 +457,7 @@ std::function<at::Tensor(const at::Tensor&)> gram_function(const at::Tensor& W1,
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty_like(xc);
     AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "lipfast_gram_pass", [&] {
-      gram_pass<scalar_t>(W1, plan, xc.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr,
+      gram_pass<scalar_t>(W1, plan, {const_cast<scalar_t*>(xc.const_data_ptr<scalar_t>())}, y.mutable_data_ptr<scalar_t>(), nullptr,
                           partial.mutable_data_ptr<scalar_t>(), nullptr, c10::cuda::getCurrentCUDAStream());
     });
     return y;
@@ -675,7 +723,7 @@ void device_driven_lanczos(const at::Tensor& A, const GramPassPlan& plan, at::Te
                                                      state_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t step = 1; step <= max_passes; ++step) {
-    gram_pass<T>(A, plan, q_cur.const_data_ptr<T>(), w.mutable_data_ptr<T>(), nullptr, partial.mutable_data_ptr<T>(),
+    gram_pass<T>(A, plan, {q_cur.mutable_data_ptr<T>()}, w.mutable_data_ptr<T>(), nullptr, partial.mutable_data_ptr<T>(),
                  nullptr, stream);
     lanczos_step_kernel<T><<<B, threads, 0, stream>>>(layout, w.const_data_ptr<T>(), x.mutable_data_ptr<T>(),
                                                       q_cur.mutable_data_ptr<T>(), t_scratch.mutable_data_ptr<T>(),
@@ -813,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
   at::Tensor u = at::empty({f.B, f.m}, f.W.options());
   at::Tensor sigma = at::empty({f.B}, f.W.options());
   const GramPassPlan plan = f.B > 0 ? plan_gram_pass(f.W) : GramPassPlan{};
-  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, three launches per step
+  if (plan.chunks > 0) {  // a few large matrices: the fused pass over many blocks, two launches per step
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     at::Tensor y = at::empty({f.B, f.n}, f.W.options());
     at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
@@ -825,9 +873,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_power_iteration_cuda(const 
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
       double* sq = tile_sq.mutable_data_ptr<double>();
       for (int64_t it = 0; it < iters; ++it) {
-        gram_pass<scalar_t>(f.W, plan, x, yp, nullptr, partial.mutable_data_ptr<scalar_t>(), sq, stream);
-        normalize<scalar_t>(yp, sq, f.B, f.n, x, stream);
+        GramInput<scalar_t> in{x};
+        if (it > 0) in = GramInput<scalar_t>{x, yp, sq, tiles(f.n)};  // the pass normalizes the last y itself
+        gram_pass<scalar_t>(f.W, plan, in, yp, nullptr, partial.mutable_data_ptr<scalar_t>(), sq, stream);
       }
+      if (iters > 0) normalize<scalar_t>(yp, sq, f.B, f.n, x, stream);
     });
     left_vectors(f.W, v, u, sigma);
   } else if (f.B > 0) {
@@ -869,7 +919,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
     at::Tensor partial = at::empty({f.B * plan.chunks * f.n}, f.W.options());
     AT_DISPATCH_FLOATING_TYPES(f.compute, "lipfast_spectral_norm_step_cuda", [&] {
       for (int64_t it = 0; it < iters; ++it) {
-        gram_pass<scalar_t>(f.W, plan, v.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(),
+        gram_pass<scalar_t>(f.W, plan, {v.mutable_data_ptr<scalar_t>()}, z.mutable_data_ptr<scalar_t>(),
                             t.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<scalar_t>(), nullptr, stream);
         spectral_step_normalize_kernel<scalar_t><<<f.B, kThreads, 0, stream>>>(
             t.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), f.m, f.n, eps, u.mutable_data_ptr<scalar_t>(),
@@ -897,6 +947,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_norm_step_cuda(const at:
 TORCH_LIBRARY_IMPL(lipfast, CUDA, m) {
   m.impl("dense_spectral_norm", &dense_spectral_norm_cuda);
   m.impl("dense_spectral_norm_bounds", &dense_spectral_norm_bounds_cuda);
+  m.impl("dense_spectral_norm_bounds_many", &lipfast::dense_spectral_norm_bounds_many);
   m.impl("dense_power_iteration", &dense_power_iteration_cuda);
   m.impl("spectral_norm_step", &spectral_norm_step_cuda);
 }
