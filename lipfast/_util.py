@@ -1,10 +1,12 @@
-"""Small helpers shared by lipfast's modules: eval-mode probes and optional progress bars."""
+"""Small helpers shared by lipfast's modules: eval-mode probes, full-float32 arithmetic, optional
+progress bars."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -18,6 +20,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 matrix products and cuDNN convolutions in full float32 (no TF32) inside the block,
+    whatever the global settings, which are restored on exit."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def progress(items: Iterable[Any], desc: str, unit: str) -> Iterable[Any]:

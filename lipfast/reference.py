@@ -7,13 +7,14 @@ follow the same rounding-error analysis as csrc/dense_common.cpp.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor
+
+from lipfast import _util
 
 __all__ = [
     "dense_spectral_norm",
@@ -696,17 +697,6 @@ def near_fraction(d: int, unit: float) -> float:
     return min(1.0, max(_NEAR_FRACTION, 8.0 * du / (1.0 - du)))
 
 
-@contextlib.contextmanager
-def _ieee_matmul() -> Iterator[None]:
-    """float32 products in full float32 (no TF32) inside the block, whatever the global setting."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def pair_distances(hidden: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """‖h_i − h_j‖₂ for index pairs (i, j), in float64 from the rows as stored: scaled by the largest
     |difference|, so that it is 0 exactly when the rows are equal and never under- or overflows."""
@@ -749,7 +739,7 @@ def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> 
     total = torch.zeros((), dtype=f64, device=device)
     counts = torch.zeros(3, dtype=torch.int64, device=device)
     T = _VOLATILITY_TILE
-    with _ieee_matmul():
+    with _util.full_float32():
         for i0 in range(0, n, T):
             I = torch.arange(i0, min(i0 + T, n), device=device)
             for j0 in range(i0, n, T):

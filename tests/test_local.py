@@ -99,3 +99,22 @@ def test_gap_refinement_climbs_and_stays_sound():
     assert flat.lower == lipfast.lipschitz_gap(relu, x3).lower and flat.note == ""
     with pytest.raises(ValueError, match="refine_steps must be an int >= 0"):
         lipfast.lipschitz_gap(relu, torch.randn(3, 4), refine_steps=-1)
+
+
+def test_full_float32_inside_and_settings_restored():
+    # No TF32 while the Jacobians are formed (the norms are accurate to rtol), the caller's settings after.
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+            return x * 2
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        local = lipfast.local_lipschitz(Probe(), torch.randn(3, 4))
+        assert seen and all(s == ("highest", False) for s in seen)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        torch.testing.assert_close(local, torch.full((3,), 2.0, dtype=torch.float64))
+    finally:
+        torch.set_float32_matmul_precision("highest")
