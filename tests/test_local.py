@@ -18,12 +18,12 @@ def jacobian_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("out_features", [5, 100])  # the whole Jacobian, and power iteration
-def test_linear_map_local_equals_global(out_features):
+def test_linear_map_local_equals_global(device, out_features):
     torch.manual_seed(out_features)
     layer = nn.Linear(30, out_features, dtype=torch.float64)
     x = torch.randn(7, 30, dtype=torch.float64)
-    local = lipfast.local_lipschitz(layer, x)
     exact = float(torch.linalg.matrix_norm(layer.weight.detach(), 2))
+    local = lipfast.local_lipschitz(layer.to(device), x.to(device)).cpu()
     assert local.shape == (7,) and local.dtype == torch.float64
     torch.testing.assert_close(local, torch.full((7,), exact, dtype=torch.float64), rtol=1e-4, atol=0)
 
@@ -41,7 +41,7 @@ def test_relu_network_active_path():
 
 
 @pytest.mark.parametrize("outputs", [10, 90])
-def test_against_autograd_jacobian(outputs):
+def test_against_autograd_jacobian(device, outputs):
     torch.manual_seed(outputs)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, outputs)
@@ -51,9 +51,15 @@ def test_against_autograd_jacobian(outputs):
         model[1].running_var.uniform_(0.5, 2.0)
     model.train()
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
-    local = lipfast.local_lipschitz(model, x, chunk_size=2)
+    expected = jacobian_norms(model, x)
+    model.train()
+    local = lipfast.local_lipschitz(model.to(device), x.to(device), chunk_size=2)
     assert model.training and model[1].training  # modes restored
-    torch.testing.assert_close(local, jacobian_norms(model, x), rtol=1e-4, atol=0)
+    assert local.device == x.to(device).device
+    torch.testing.assert_close(local.cpu(), expected, rtol=1e-4, atol=0)
+    # float32 on the device, with the default chunk: the same norms to float32 accuracy
+    local32 = lipfast.local_lipschitz(model.float(), x.float().to(device))
+    torch.testing.assert_close(local32.cpu(), expected, rtol=1e-4, atol=0)
 
 
 def test_gap_is_sound():
