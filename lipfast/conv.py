@@ -726,6 +726,20 @@ def _module_operator(fn: str, module: nn.Module, input_size: IntOrTuple | None) 
     )
 
 
+def dense_form(module: nn.Module, input_size: IntOrTuple | None) -> Tensor | None:
+    """The matrices (groups, out/groups, in/groups) whose largest spectral norm is exactly the layer's
+    operator norm, when there are such: nn.Linear (one matrix), and convs that are S ⊗ W per group
+    with S a selection of input positions (1-tap kernels with no copying padding; see _pointwise).
+    None for every other conv.  Lets a caller bracket many such layers in one batched call."""
+    op = _module_operator("operator_norm_bounds", module, input_size)
+    if op is None:
+        return module.weight.detach()[None]
+    if not _pointwise(op):
+        return None
+    weight = op.weight.detach()
+    return weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])
+
+
 def operator_norm(module: nn.Module, input_size: IntOrTuple | None = None, *, rtol: float = 1e-5) -> Tensor:
     """The operator norm of a layer's linear map (bias excluded): nn.Linear (input_size not needed),
     nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d (input_size: the spatial size of one input).

@@ -368,6 +368,37 @@ def _share_out(costs: list[float], world: int) -> list[int]:
     return owner
 
 
+def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]) -> list:
+    """Brackets every layer of ``items`` whose norm is that of a few matrices (nn.Linear, and 1-tap
+    convs that pad with zeros: conv.dense_form), all in one spectral_norm_bounds_many call, into
+    ``results``; each shares the call's time equally.  Returns the other items.  Where that call
+    fails (a NaN weight, say), those layers are left to the one-by-one path, which names the layer."""
+    dense, rest = [], []
+    for item in items:
+        name, module, in_shape, _ = item
+        matrices = None
+        if not isinstance(module, tuple(_REGISTRY)) and isinstance(module, (nn.Linear, *_CONVS)):
+            try:
+                matrices = conv.dense_form(module, in_shape[1:] if isinstance(module, _CONVS) else None)
+            except (TypeError, ValueError):
+                matrices = None  # the one-by-one path reports it
+        (dense if matrices is not None else rest).append((item, matrices))
+    if not dense:
+        return items
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
+            brackets = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
+    except ValueError:
+        return items
+    share = (time.perf_counter() - t0) / len(dense)
+    for ((name, module, in_shape, out_shape), _), (lower, upper) in zip(dense, brackets):
+        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, float(lower.max()),
+                                   float(upper.max()), share)
+    return [item for item, _ in rest]
+
+
 def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> list[LayerBound]:
     """Every distinct leaf's LayerBound, in call order; with a process group, each rank bounds its
     share of the layers and the results are all-gathered (every rank returns the same list)."""
@@ -375,8 +406,9 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
     mine = [item for item, r in zip(unique, owner) if r == rank]
-    iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     results: dict[str, LayerBound] = {}
+    mine = _bound_dense_layers(mine, rtol, results)
+    iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     failure = None
     for name, module, in_shape, out_shape in iterator:
         t0 = time.perf_counter()

@@ -30,6 +30,46 @@ def test_chain_with_known_norms():
     assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
 
 
+def test_matrix_layers_bracketed_in_one_call(monkeypatch):
+    # Linear layers and 1x1 convs (grouped, strided, zero-padded) are matrices: one batched call for
+    # all of them, each layer's bracket still holding its exact norm (the largest over its groups).
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 1, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 6 * 6, 10), nn.Tanh(), nn.Linear(10, 3),
+    ).double()
+    calls = []
+    original = lipfast.linalg.spectral_norm_bounds_many
+
+    def counting(Ws, **kwargs):
+        calls.append(len(Ws))
+        return original(Ws, **kwargs)
+
+    monkeypatch.setattr(lipfast.linalg, "spectral_norm_bounds_many", counting)
+    report = lipfast.lipschitz_bound(model, (4, 8, 8), rtol=1e-4, progress=False)
+    assert calls == [4]
+    W2 = model[2].weight.detach().reshape(2, 4, 4)
+    exact = {
+        "0": float(torch.linalg.matrix_norm(model[0].weight.detach().reshape(8, 4), 2)),
+        "2": float(torch.linalg.matrix_norm(W2, 2).max()),
+        "6": float(torch.linalg.matrix_norm(model[6].weight.detach(), 2)),
+        "8": float(torch.linalg.matrix_norm(model[8].weight.detach(), 2)),
+    }
+    layers = {layer.name: layer for layer in report.layers}
+    for name, value in exact.items():
+        assert layers[name].lower <= value * (1 + 1e-12) and value <= layers[name].upper * (1 + 1e-12)
+        assert layers[name].upper <= layers[name].lower * (1 + 1e-4) and layers[name].seconds >= 0
+    assert layers["4"].upper >= layers["4"].lower > 0  # the 3x3 conv: the one-by-one path
+
+
+def test_nan_weight_still_named_with_batched_layers():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lipfast.lipschitz_bound(model, (3,), progress=False)
+
+
 class Residual(nn.Module):
     def __init__(self):
         super().__init__()
