@@ -4,7 +4,8 @@
 are seen, propagates shapes with one zero input, gives every leaf module a certified constant
 (Linear and conv layers through :func:`lipfast.operator_norm_bounds`, the others from their
 definition), and composes them node by node with sound rules (each stated beside its code).  Where
-tracing fails it falls back to the leaf modules in call order, a chain, and says so.
+tracing fails it falls back to the leaf modules in call order, a chain, and says so.  A TorchScript
+model is first translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
@@ -237,6 +238,8 @@ class _Tracer(torch.fx.Tracer):
     register_lipschitz too, so that the registered constant is the one used."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) is nn.Module:  # a bare namespace for submodules (it has no forward): look inside
+            return False
         return isinstance(m, tuple(_REGISTRY)) or super().is_leaf_module(m, module_qualified_name)
 
 
@@ -452,15 +455,21 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         raise ValueError(f"lipfast.lipschitz_bound: input_shape must be a non-empty tuple of positive ints, got {input_shape!r}")
     rtol = linalg._check_rtol("lipschitz_bound", rtol)
     start = time.perf_counter()
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError("lipfast.lipschitz_bound: a TorchScript model cannot be traced by torch.fx nor hooked; "
-                         "pass the Python module (or its state_dict with the architecture)")
+    notes: list[str] = []
+    if isinstance(model, torch.jit.ScriptModule):  # neither torch.fx nor hooks can follow it: translate it
+        from lipfast import _torchscript
+
+        try:
+            model = _torchscript.to_graph_module(model)
+        except ValueError as exc:
+            raise ValueError(f"lipfast.lipschitz_bound: cannot follow this TorchScript model: {exc}") from exc
+        notes.append("TorchScript model: its torch.nn layers rebuilt from their weights, the rest followed "
+                     "through its TorchScript graphs")
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
     example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
                           device=param.device if param is not None else None)
-    notes: list[str] = []
     try:
         leaves = _leaf_modules(model, example)
     except Exception as exc:  # the model rejects this input: say so plainly

@@ -89,7 +89,16 @@ def test_bound_model_files(tmp_path):
     assert trusted.returncode == 0, trusted.stderr
     torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
     scripted = _run("bound", str(tmp_path / "scripted.pt"), "--input-shape", "4", "--no-progress")
-    assert scripted.returncode == 2 and "TorchScript" in scripted.stderr  # read, but not traceable yet
+    assert scripted.returncode == 0, scripted.stderr
+    assert "TorchScript" in scripted.stdout and "network bound (composed over the graph, fx)" in scripted.stdout
+
+    class Branching(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    torch.jit.script(Branching()).save(str(tmp_path / "branching.pt"))
+    refused = _run("bound", str(tmp_path / "branching.pt"), "--input-shape", "4", "--no-progress")
+    assert refused.returncode == 2 and "prim::If" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("args, message", [

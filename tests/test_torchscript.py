@@ -1,0 +1,102 @@
+"""lipschitz_bound on TorchScript models: the same layers and bound as the Python module."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+from lipfast import _torchscript
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(x + self.bn(self.conv(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(Block(6), Block(6))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(6, 4)
+        self.shared = nn.Tanh()  # called twice
+
+    def forward(self, x):
+        x = self.shared(self.stem(x))
+        x = self.blocks(x)
+        x = torch.flatten(self.pool(x), 1)
+        return self.shared(self.head(x)) * 0.5 - 1.0
+
+
+def _net(dtype: torch.dtype = torch.float32) -> Net:
+    torch.manual_seed(0)
+    net = Net().to(dtype).eval()
+    with torch.no_grad():
+        for block in net.blocks:
+            block.bn.running_var.uniform_(0.5, 2.0)
+            block.bn.weight.uniform_(-2.0, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scripted_model_gets_the_python_models_bound(dtype):
+    net = _net(dtype)
+    scripted = torch.jit.script(net)
+    eager = lipfast.lipschitz_bound(net, (3, 8, 8), progress=False)
+    report = lipfast.lipschitz_bound(scripted, (3, 8, 8), progress=False)
+    assert report.method == "fx" and any("TorchScript" in note for note in report.notes)
+    assert [layer.name for layer in report.layers] == [layer.name for layer in eager.layers]
+    for a, b in zip(report.layers, eager.layers):
+        assert (a.kind, a.input_shape, a.output_shape) == (b.kind, b.input_shape, b.output_shape)
+        assert a.upper == pytest.approx(b.upper, rel=1e-12) and a.lower == pytest.approx(b.lower, rel=1e-12)
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=1e-12)
+
+
+def test_translation_computes_what_the_script_computes():
+    net = _net(torch.float64)
+    scripted = torch.jit.script(net)
+    graph_module = _torchscript.to_graph_module(scripted)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(graph_module(x), scripted(x), rtol=0, atol=0)
+    assert isinstance(graph_module.get_submodule("blocks.1.conv"), nn.Conv2d)
+    assert graph_module.get_submodule("blocks.1.conv").weight.dtype == torch.float64
+
+
+def test_one_scripted_layer():
+    torch.manual_seed(1)
+    layer = nn.Linear(7, 5)
+    report = lipfast.lipschitz_bound(torch.jit.script(layer), (7,), progress=False)
+    sigma = float(torch.linalg.matrix_norm(layer.weight.detach().double(), 2))
+    assert sigma * (1 - 1e-6) <= report.upper <= sigma * (1 + 1e-3)
+
+
+def test_untranslatable_scripts_raise_naming_the_operation():
+    class Branching(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match=r"cannot follow this TorchScript model: .*prim::If"):
+        lipfast.lipschitz_bound(torch.jit.script(Branching()), (4,), progress=False)
+
+
+def test_scaling_by_a_stored_tensor_has_no_finite_bound():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.tensor([2.0, -3.0]))
+
+        def forward(self, x):
+            return x * self.scale
+
+    report = lipfast.lipschitz_bound(torch.jit.script(Scaled()), (2,), progress=False)
+    assert report.upper == math.inf and any("no finite bound" in note for note in report.notes)
