@@ -119,7 +119,9 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
             if cls is None:
                 env[outputs[0].debugName()] = _inline(module, module_path, graph, root, call_args)
             else:
-                if _missing(root, module_path):  # a layer called twice is rebuilt once
+                try:  # a layer called twice is rebuilt once
+                    root.get_submodule(module_path)
+                except AttributeError:
                     _install(root, module_path, module=_rebuild(cls, module, module_path))
                 env[outputs[0].debugName()] = graph.call_module(module_path, tuple(call_args))
         elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
@@ -134,15 +136,6 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
     results = [get(v) for v in ts.outputs()]
     return results[0] if len(results) == 1 else tuple(results)
-
-
-def _missing(root: nn.Module, path: str) -> bool:
-    owner = root
-    for part in path.split("."):
-        if not hasattr(owner, part):
-            return True
-        owner = getattr(owner, part)
-    return False
 
 
 def _aten(graph: torch.fx.Graph, name: str, args: list) -> torch.fx.Node:

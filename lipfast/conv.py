@@ -456,15 +456,14 @@ def _ranking_estimates(Hr: Tensor, Hi: Tensor, steps: int) -> Tensor:
     B, q = Hr.shape[0], Hr.shape[-1]
     generator = torch.Generator().manual_seed(0x6C6970)
     start = (torch.rand(2, q, 1, generator=generator, dtype=torch.float64) - 0.5).to(Hr.dtype)
+    start = start / start.square().sum().sqrt()  # a unit vector, and so is every later iterate
     xr, xi = start[0].expand(B, q, 1), start[1].expand(B, q, 1)
     gain = Hr.new_zeros(B)
     for _ in range(steps):
         yr = torch.baddbmm(Hr @ xr, Hi, xi, alpha=-1)
         yi = torch.baddbmm(Hi @ xr, Hr, xi)
-        norm_x = (xr.square().sum((1, 2)) + xi.square().sum((1, 2))).sqrt()
-        norm_y = (yr.square().sum((1, 2)) + yi.square().sum((1, 2))).sqrt()
-        gain = norm_y / norm_x.clamp_min(torch.finfo(Hr.dtype).tiny)
-        scale = norm_y.clamp_min(torch.finfo(Hr.dtype).tiny)[:, None, None]
+        gain = (yr.square().sum((1, 2)) + yi.square().sum((1, 2))).sqrt()  # ‖H x‖ for the unit x
+        scale = gain.clamp_min(torch.finfo(Hr.dtype).tiny)[:, None, None]
         xr, xi = yr / scale, yi / scale
     return gain
 

@@ -75,8 +75,8 @@ def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, ite
     the examples, stopped when every estimate moved by at most ``rtol`` (relative) in one step, or after
     ``iters`` steps (a RuntimeWarning then).  Examples are processed ``chunk_size`` at a time, which
     bounds memory (default: 32 on a CPU, where larger batches no longer fit the caches and gain
-    nothing, and 256 on other devices, where small batches leave a GPU idle).  Each value is a lower bound on the model's global Lipschitz constant (up to the
-    estimate's accuracy).
+    nothing, and 256 on other devices, where small batches leave a GPU idle).  Each value is a lower
+    bound on the model's global Lipschitz constant (up to the estimate's accuracy).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipfast.local_lipschitz: model must be an nn.Module, got {type(model).__name__}")
