@@ -58,6 +58,15 @@ TORCH_LIBRARY(lipfast, m) {
       "conv_spectral_norm(Tensor weight, Tensor? v0, int[] input_size, int[] stride, int[] pad_lo, "
       "int[] pad_hi, int[] dilation, int groups, str padding_mode, int[] output_size, int max_iters, "
       "float rtol) -> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
+  // Whether the Cholesky factorization of the Hermitian M = re + i im + diag(shift) completes (every
+  // pivot positive), for each matrix of re, im (B, q, q) (lower triangles read; re symmetric, im
+  // antisymmetric) and shift (B,).  Returns bool (B,).  The circulant bound's certificate: the usual
+  // backward-error bound of Cholesky holds for the factorization tried.
+  m.def("hermitian_cholesky_test(Tensor re, Tensor im, Tensor shift) -> Tensor");
+  // ‖H x‖ after `steps` power steps x <- H x / ‖H x‖ on each H = re + i im (B, q, q), from the unit
+  // start x = start[0] + i start[1] (start (2, q)) for every matrix.  Returns gain (B,): lower
+  // estimates of the largest eigenvalue magnitudes, for ranking.
+  m.def("hermitian_power_gain(Tensor re, Tensor im, Tensor start, int steps) -> Tensor");
   // k-volatility over all unordered pairs {i, j} of the rows of hidden (n, d), with losses (n,) float64:
   // d_ij = ‖h_i − h_j‖₂, a pair is valid when 0 < d_ij <= delta (no upper limit when delta is None),
   // r_ij = |l_i − l_j| / d_ij.  Returns score (0-dim float64, mean r over valid pairs, NaN if none),

@@ -56,7 +56,7 @@ if HAS_EXT:
     for _op in (
         "dense_spectral_norm", "dense_spectral_norm_bounds", "dense_spectral_norm_bounds_many", "dense_power_iteration",
         "spectral_norm_step",
-        "conv_spectral_norm", "pairwise_volatility",
+        "conv_spectral_norm", "pairwise_volatility", "hermitian_cholesky_test", "hermitian_power_gain",
     ):
         _KERNELS[_op] = frozenset(
             device
@@ -102,7 +102,9 @@ def _restore(previous: str) -> Iterator[None]:
 #: Compiled kernels that have not yet run on real hardware of that kind (the CUDA code is compiled on
 #: machines without a GPU).  They are used only when LIPFAST_CUDA_UNVERIFIED=1 (benchmarks/gpu_check.sh
 #: sets it, to verify them); otherwise those ops take the pure-PyTorch form there.
-_UNVERIFIED: frozenset[tuple[str, str]] = frozenset()  # every CUDA kernel has run on an H100 or H200
+_UNVERIFIED: frozenset[tuple[str, str]] = frozenset(
+    {("hermitian_cholesky_test", "cuda"), ("hermitian_power_gain", "cuda")}  # ATen forms, compiled only
+)
 
 
 def use_kernel(op: str, device: torch.device) -> bool:

@@ -390,7 +390,8 @@ def _negated_gram(S: Tensor, p: int) -> tuple[Tensor, Tensor]:
     product takes 8); -H_i exactly antisymmetric.  Negated, exactly, for the Cholesky test."""
     X = S[:, :p].mT @ S[:, p:]
     Hr = torch.baddbmm(S.new_empty(()), S.mT, S, beta=0, alpha=-1)
-    return Hr, X.mT - X
+    Hi = torch.empty_like(X)  # row-major, as the kernels read it (X.mT - X alone would follow X.mT)
+    return Hr, torch.sub(X.mT, X, out=Hi)
 
 
 def _real_gram(Hr: Tensor, Hi: Tensor, dtype: torch.dtype) -> Tensor:
@@ -411,8 +412,9 @@ def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, mu: Tensor, p: int) -> 
     Rounding: ‖fl(H) - KᴴK‖_2 <= e_H = 8 gamma(4p + 4) ‖K‖_F^2 (H_r: sums of 2p products, |dH_r| <=
     gamma(2p) |S|ᵀ|S|; H_i: sums of p, one subtraction; ‖|S|ᵀ|S|‖_F <= ‖S‖_F^2 = ‖K‖_F^2), plus an
     underflow term.  The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a =
-    mu^2 - e_H - delta, completes.  Its backward error (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any
-    summation order; c = 8 gamma(2q + 4) covers complex arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q
+    mu^2 - e_H - delta, completes (hermitian_cholesky_test: the compiled kernel, or LAPACK).  Its
+    backward error (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any summation order; c = 8 gamma(2q + 4)
+    covers complex arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q
     mu^2, and forming M's diagonal costs u (mu^2 + H_ii) <= u (mu^2 + ‖K‖_F^2); delta exceeds all
     that, so KᴴK <= fl(H) + e_H I <= (a + ‖D‖ + ‖dM‖ + e_H) I < mu^2 I.  The weights were scaled to
     O(1) by a power of two, so nothing needs scaling here."""
@@ -422,10 +424,11 @@ def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, mu: Tensor, p: int) -> 
     c = 8 * _gamma(2 * q + 4)
     delta = 2 * (2 * c * q * mu**2 + 3 * _UNIT * mu**2 + _UNIT * fro2) + 2.0**-1000
     a = mu**2 - e_H - delta
-    M = torch.complex(Hr, Hi)
-    M.diagonal(dim1=-2, dim2=-1).add_(a[:, None])
-    _, info = torch.linalg.cholesky_ex(M)
-    return (info == 0) & (a > 0) & torch.isfinite(fro2)
+    if _ext.use_kernel("hermitian_cholesky_test", Hr.device):
+        completes = ops.hermitian_cholesky_test(Hr, Hi, a)
+    else:
+        completes = reference.hermitian_cholesky_test(Hr, Hi, a)
+    return completes & (a > 0) & torch.isfinite(fro2)
 
 
 def _dense_top(A: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
@@ -453,19 +456,13 @@ def _ranking_estimates(Hr: Tensor, Hi: Tensor, steps: int) -> Tensor:
     """‖H x‖ / ‖x‖ after `steps` power steps on every frequency's -H = Hr + i Hi (batched real
     products, a fixed pseudo-random complex start): lower estimates of sigma_max(K)^2, only to rank
     the frequencies (nothing certified rests on them)."""
-    B, q = Hr.shape[0], Hr.shape[-1]
+    q = Hr.shape[-1]
     generator = torch.Generator().manual_seed(0x6C6970)
-    start = (torch.rand(2, q, 1, generator=generator, dtype=torch.float64) - 0.5).to(Hr.dtype)
+    start = (torch.rand(2, q, generator=generator, dtype=torch.float64) - 0.5).to(Hr.dtype)
     start = start / start.square().sum().sqrt()  # a unit vector, and so is every later iterate
-    xr, xi = start[0].expand(B, q, 1), start[1].expand(B, q, 1)
-    gain = Hr.new_zeros(B)
-    for _ in range(steps):
-        yr = torch.baddbmm(Hr @ xr, Hi, xi, alpha=-1)
-        yi = torch.baddbmm(Hi @ xr, Hr, xi)
-        gain = (yr.square().sum((1, 2)) + yi.square().sum((1, 2))).sqrt()  # ‖H x‖ for the unit x
-        scale = gain.clamp_min(torch.finfo(Hr.dtype).tiny)[:, None, None]
-        xr, xi = yr / scale, yi / scale
-    return gain
+    if _ext.use_kernel("hermitian_power_gain", Hr.device):
+        return ops.hermitian_power_gain(Hr, Hi, start, steps)
+    return reference.hermitian_power_gain(Hr, Hi, start, steps)
 
 
 def _circulant_upper(sym: _Symbols, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> tuple[float, Tensor, Tensor]:

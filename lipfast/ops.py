@@ -50,6 +50,16 @@ def conv_spectral_norm(
     )
 
 
+def hermitian_cholesky_test(re: Tensor, im: Tensor, shift: Tensor) -> Tensor:
+    """``torch.ops.lipfast.hermitian_cholesky_test``: whether each Cholesky factorization completes; see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.hermitian_cholesky_test.default(re, im, shift)
+
+
+def hermitian_power_gain(re: Tensor, im: Tensor, start: Tensor, steps: int) -> Tensor:
+    """``torch.ops.lipfast.hermitian_power_gain``: ‖H x‖ after ``steps`` power steps; see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.hermitian_power_gain.default(re, im, start, steps)
+
+
 def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.lipfast.pairwise_volatility``: (score, per_sample, counts); see csrc/lipfast.cpp."""
     return torch.ops.lipfast.pairwise_volatility.default(hidden, losses, delta)
@@ -146,6 +156,14 @@ if _ext.HAS_EXT:
     torch.library.register_autograd(
         "lipfast::conv_spectral_norm", _conv_sigma_backward, setup_context=_conv_setup_context
     )
+
+    @torch.library.register_fake("lipfast::hermitian_cholesky_test")
+    def _hermitian_cholesky_test_fake(re, im, shift):
+        return re.new_empty(re.shape[:1], dtype=torch.bool)
+
+    @torch.library.register_fake("lipfast::hermitian_power_gain")
+    def _hermitian_power_gain_fake(re, im, start, steps):
+        return re.new_empty(re.shape[:1])
 
     @torch.library.register_fake("lipfast::pairwise_volatility")
     def _pairwise_volatility_fake(hidden, losses, delta):

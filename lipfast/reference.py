@@ -22,6 +22,8 @@ __all__ = [
     "dense_spectral_norm_bounds_many",
     "dense_power_iteration",
     "first_nonfinite_matrix",
+    "hermitian_cholesky_test",
+    "hermitian_power_gain",
     "pairwise_volatility",
     "sampled_volatility",
 ]
@@ -526,6 +528,33 @@ def dense_spectral_norm_bounds_many(
         out_lower.append(lo.to(Ws[0].device))
         out_upper.append(up.to(Ws[0].device))
     return out_lower, out_upper, torch.tensor(widest, dtype=f64)
+
+
+# --- batched Hermitian matrices (the circulant bound's helpers) -----------------------------------
+# Each Hermitian H = re + i im is held as two real (B, q, q) tensors: re symmetric, im antisymmetric.
+
+
+def hermitian_cholesky_test(re: Tensor, im: Tensor, shift: Tensor) -> Tensor:
+    """``torch.ops.lipfast.hermitian_cholesky_test``: whether the Cholesky factorization of re + i im
+    + diag(shift) completes (lower triangles read), bool (B,); see csrc/lipfast.cpp."""
+    M = torch.complex(re, im)
+    M.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    return torch.linalg.cholesky_ex(M).info == 0
+
+
+def hermitian_power_gain(re: Tensor, im: Tensor, start: Tensor, steps: int) -> Tensor:
+    """``torch.ops.lipfast.hermitian_power_gain``: ‖H x‖ after ``steps`` normalized power steps from
+    the unit start[0] + i start[1], for every H = re + i im; see csrc/lipfast.cpp."""
+    B, q = re.shape[0], re.shape[-1]
+    xr, xi = start[0].reshape(1, q, 1).expand(B, q, 1), start[1].reshape(1, q, 1).expand(B, q, 1)
+    gain = re.new_zeros(B)
+    for _ in range(steps):
+        yr = torch.baddbmm(re @ xr, im, xi, alpha=-1)
+        yi = torch.baddbmm(im @ xr, re, xi)
+        gain = (yr.square().sum((1, 2)) + yi.square().sum((1, 2))).sqrt()
+        scale = gain.clamp_min(torch.finfo(re.dtype).tiny)[:, None, None]
+        xr, xi = yr / scale, yi / scale
+    return gain
 
 
 # --- convolution operators -----------------------------------------------------------------------
