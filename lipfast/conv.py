@@ -453,9 +453,9 @@ _RANKING_STEPS = 6
 
 
 def _ranking_estimates(Hr: Tensor, Hi: Tensor, steps: int) -> Tensor:
-    """‖H x‖ / ‖x‖ after `steps` power steps on every frequency's -H = Hr + i Hi (batched real
-    products, a fixed pseudo-random complex start): lower estimates of sigma_max(K)^2, only to rank
-    the frequencies (nothing certified rests on them)."""
+    """‖H x‖ / ‖x‖ after `steps` power steps on every frequency's -H = Hr + i Hi (hermitian_power_gain,
+    from a fixed pseudo-random complex start): lower estimates of sigma_max(K)^2, only to rank the
+    frequencies (nothing certified rests on them)."""
     q = Hr.shape[-1]
     generator = torch.Generator().manual_seed(0x6C6970)
     start = (torch.rand(2, q, generator=generator, dtype=torch.float64) - 0.5).to(Hr.dtype)
