@@ -27,6 +27,14 @@ void check_hermitian_args(const char* op, const at::Tensor& re, const at::Tensor
   }
 }
 
+void check_gram_args(const char* op, const at::Tensor& S, int64_t p) {
+  TORCH_CHECK_VALUE(p >= 1, op, ": p must be >= 1, got ", p);
+  TORCH_CHECK_VALUE(S.dim() == 3 && S.size(1) == 2 * p, op, ": S must be (B, 2p, q) = (B, ", 2 * p, ", q), got ",
+                    S.sizes());
+  TORCH_CHECK_VALUE(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op,
+                    ": S must be float32 or float64, got ", S.scalar_type());
+}
+
 at::Tensor hermitian_cholesky_test_aten(const at::Tensor& re, const at::Tensor& im, const at::Tensor& shift) {
   check_hermitian_args("hermitian_cholesky_test", re, im, shift, false);
   at::Tensor M = at::complex(re, im);
@@ -53,5 +61,20 @@ at::Tensor hermitian_power_gain_aten(const at::Tensor& re, const at::Tensor& im,
   }
   return gain;
 }
+
+std::tuple<at::Tensor, at::Tensor> hermitian_gram_aten(const at::Tensor& S, int64_t p, bool negate) {
+  check_gram_args("hermitian_gram", S, p);
+  const at::Tensor A = S.narrow(1, 0, p), B = S.narrow(1, p, p);
+  at::Tensor re = at::bmm(S.mT(), S);
+  re = re.tril() + re.tril(-1).mT();  // exactly symmetric
+  const at::Tensor X = at::bmm(A.mT(), B);
+  at::Tensor im = X - X.mT();  // exactly antisymmetric
+  if (negate) {
+    re.neg_();
+    im.neg_();
+  }
+  return {re, im};
+}
+
 
 }  // namespace lipfast

@@ -67,6 +67,10 @@ TORCH_LIBRARY(lipfast, m) {
   // start x = start[0] + i start[1] (start (2, q)) for every matrix.  Returns gain (B,): lower
   // estimates of the largest eigenvalue magnitudes, for ranking.
   m.def("hermitian_power_gain(Tensor re, Tensor im, Tensor start, int steps) -> Tensor");
+  // The Gram matrices H = KᴴK of complex matrices K = A + i B stacked as S (B, 2p, q) = [A; B]:
+  // re + i im = H (or -H when negate), re exactly symmetric and im exactly antisymmetric.  Each entry
+  // is a sum of 2p products, accumulated in some order.
+  m.def("hermitian_gram(Tensor S, int p, bool negate=False) -> (Tensor re, Tensor im)");
   // k-volatility over all unordered pairs {i, j} of the rows of hidden (n, d), with losses (n,) float64:
   // d_ij = ‖h_i − h_j‖₂, a pair is valid when 0 < d_ij <= delta (no upper limit when delta is None),
   // r_ij = |l_i − l_j| / d_ij.  Returns score (0-dim float64, mean r over valid pairs, NaN if none),

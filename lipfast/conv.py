@@ -386,12 +386,12 @@ def _frobenius_squared_upper(S: Tensor) -> Tensor:
 
 def _negated_gram(S: Tensor, p: int) -> tuple[Tensor, Tensor]:
     """(-H_r, -H_i) with KᴴK = H_r + i H_i for K = A + i B stacked as S = [A; B] (B, 2p, q):
-    H_r = AᵀA + BᵀB = SᵀS and H_i = AᵀB - BᵀA = X - Xᵀ with X = AᵀB (6 p q^2 flops; a complex
-    product takes 8); -H_i exactly antisymmetric.  Negated, exactly, for the Cholesky test."""
-    X = S[:, :p].mT @ S[:, p:]
-    Hr = torch.baddbmm(S.new_empty(()), S.mT, S, beta=0, alpha=-1)
-    Hi = torch.empty_like(X)  # row-major, as the kernels read it (X.mT - X alone would follow X.mT)
-    return Hr, torch.sub(X.mT, X, out=Hi)
+    H_r = AᵀA + BᵀB = SᵀS and H_i = AᵀB - BᵀA, each entry a sum of 2p products in some order
+    (hermitian_gram: the compiled kernel forms the lower triangles only, 4 p q^2 flops); H_r exactly
+    symmetric, H_i exactly antisymmetric.  Negated, exactly, for the Cholesky test."""
+    if _ext.use_kernel("hermitian_gram", S.device):
+        return ops.hermitian_gram(S, p, True)
+    return reference.hermitian_gram(S, p, True)
 
 
 def _real_gram(Hr: Tensor, Hi: Tensor, dtype: torch.dtype) -> Tensor:
@@ -410,8 +410,8 @@ def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, mu: Tensor, p: int) -> 
     """True where sigma_max(K_b) <= mu_b is proven, from -H = -fl(KᴴK) = Hr + i Hi (_negated_gram).
 
     Rounding: ‖fl(H) - KᴴK‖_2 <= e_H = 8 gamma(4p + 4) ‖K‖_F^2 (H_r: sums of 2p products, |dH_r| <=
-    gamma(2p) |S|ᵀ|S|; H_i: sums of p, one subtraction; ‖|S|ᵀ|S|‖_F <= ‖S‖_F^2 = ‖K‖_F^2), plus an
-    underflow term.  The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a =
+    gamma(2p) |S|ᵀ|S|; H_i: sums of 2p products, or of p and one subtraction, |dH_i| <= gamma(2p + 1)
+    (|A|ᵀ|B| + |B|ᵀ|A|); both Frobenius norms <= ‖S‖_F^2 = ‖K‖_F^2), plus an underflow term.  The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a =
     mu^2 - e_H - delta, completes (hermitian_cholesky_test: the compiled kernel, or LAPACK).  Its
     backward error (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any summation order; c = 8 gamma(2q + 4)
     covers complex arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q

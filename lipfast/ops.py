@@ -60,6 +60,11 @@ def hermitian_power_gain(re: Tensor, im: Tensor, start: Tensor, steps: int) -> T
     return torch.ops.lipfast.hermitian_power_gain.default(re, im, start, steps)
 
 
+def hermitian_gram(S: Tensor, p: int, negate: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lipfast.hermitian_gram``: (re, im) of KᴴK (or -KᴴK) for K = S[:, :p] + i S[:, p:]; see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.hermitian_gram.default(S, p, negate)
+
+
 def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.lipfast.pairwise_volatility``: (score, per_sample, counts); see csrc/lipfast.cpp."""
     return torch.ops.lipfast.pairwise_volatility.default(hidden, losses, delta)
@@ -164,6 +169,11 @@ if _ext.HAS_EXT:
     @torch.library.register_fake("lipfast::hermitian_power_gain")
     def _hermitian_power_gain_fake(re, im, start, steps):
         return re.new_empty(re.shape[:1])
+
+    @torch.library.register_fake("lipfast::hermitian_gram")
+    def _hermitian_gram_fake(S, p, negate=False):
+        shape = (S.shape[0], S.shape[-1], S.shape[-1])
+        return S.new_empty(shape), S.new_empty(shape)
 
     @torch.library.register_fake("lipfast::pairwise_volatility")
     def _pairwise_volatility_fake(hidden, losses, delta):

@@ -23,6 +23,7 @@ __all__ = [
     "dense_power_iteration",
     "first_nonfinite_matrix",
     "hermitian_cholesky_test",
+    "hermitian_gram",
     "hermitian_power_gain",
     "pairwise_volatility",
     "sampled_volatility",
@@ -540,6 +541,17 @@ def hermitian_cholesky_test(re: Tensor, im: Tensor, shift: Tensor) -> Tensor:
     M = torch.complex(re, im)
     M.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
     return torch.linalg.cholesky_ex(M).info == 0
+
+
+def hermitian_gram(S: Tensor, p: int, negate: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lipfast.hermitian_gram``: (re, im) with re + i im = KᴴK (-KᴴK when negate) for
+    K = A + i B stacked as S = [A; B] (B, 2p, q): re = AᵀA + BᵀB = SᵀS, im = AᵀB - BᵀA, made exactly
+    symmetric and antisymmetric; see csrc/lipfast.cpp."""
+    re = S.mT @ S
+    re = re.tril() + re.tril(-1).mT
+    X = S[:, :p].mT @ S[:, p:]
+    im = X - X.mT
+    return (-re, -im) if negate else (re, im)
 
 
 def hermitian_power_gain(re: Tensor, im: Tensor, start: Tensor, steps: int) -> Tensor:

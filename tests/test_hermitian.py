@@ -1,5 +1,5 @@
-"""The batched Hermitian ops behind the circulant bound: the Cholesky test and the power gain,
-compiled kernel and pure-PyTorch form, against exact eigenvalues."""
+"""The batched Hermitian ops behind the circulant bound: the Gram matrices, the Cholesky test and
+the power gain, compiled kernel and pure-PyTorch form, against exact products and eigenvalues."""
 from __future__ import annotations
 
 import pytest
@@ -28,7 +28,7 @@ def _tests():
     return {"cpp": ops.hermitian_cholesky_test, "python": reference.hermitian_cholesky_test}
 
 
-@pytest.mark.parametrize("q", [1, 2, 3, 5, 8, 64, 130])
+@pytest.mark.parametrize("q", [1, 2, 3, 5, 8, 17, 64, 130, 300])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cholesky_test_decides_definiteness(q, dtype):
     """shift I - H is positive definite exactly when shift exceeds the top eigenvalue: tested just
@@ -42,6 +42,50 @@ def test_cholesky_test_decides_definiteness(q, dtype):
         neg_re, neg_im = (-re).to(dtype), (-im).to(dtype)
         assert test(neg_re, neg_im, above).tolist() == [True] * 6, name
         assert test(neg_re, neg_im, below).tolist() == [False] * 6, name
+
+
+def _grams():
+    """Both forms of the Gram op: the kernel's and reference.py's."""
+    require_ext()
+    return {"cpp": ops.hermitian_gram, "python": reference.hermitian_gram}
+
+
+@pytest.mark.parametrize("p, q", [(1, 1), (5, 3), (2, 17), (7, 37), (64, 64), (129, 33), (200, 70), (3, 130)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_matches_exact_product(p, q, dtype):
+    """re + i im = KᴴK (or -KᴴK) for K = A + i B, within the rounding of sums of 2p products, against
+    the float64 complex product; re exactly symmetric, im exactly antisymmetric with a zero
+    diagonal.  Sizes cover partial tiles, several slabs of rows (p > 128) and odd shapes."""
+    g = torch.Generator().manual_seed(100 * p + q)
+    S = torch.randn(3, 2 * p, q, generator=g, dtype=torch.float64).to(dtype)
+    K = torch.complex(S[:, :p].double(), S[:, p:].double())
+    H = K.mH @ K
+    Sd = S.double().abs()
+    A, B = Sd[:, :p], Sd[:, p:]
+    eps = 2 * p * torch.finfo(dtype).eps  # over gamma(2p), generously
+    bound_re = eps * (Sd.mT @ Sd) + 1e-300  # the products' magnitudes: |A|ᵀ|A| + |B|ᵀ|B| for re
+    bound_im = eps * (A.mT @ B + B.mT @ A) + 1e-300  # |A|ᵀ|B| + |B|ᵀ|A| for im
+    for name, gram in _grams().items():
+        for negate in (False, True):
+            re, im = gram(S, p, negate)
+            assert re.dtype == dtype and re.shape == (3, q, q), name
+            sign = -1 if negate else 1
+            assert ((re.double() - sign * H.real).abs() <= bound_re).all(), name
+            assert ((im.double() - sign * H.imag).abs() <= bound_im).all(), name
+            assert torch.equal(re, re.mT) and torch.equal(im, -im.mT), name
+            assert (im.diagonal(dim1=-2, dim2=-1) == 0).all(), name
+
+
+def test_gram_reads_any_layout_and_empty_batches():
+    require_ext()
+    S = torch.randn(4, 10, 6, dtype=torch.float64)
+    want = ops.hermitian_gram(S, 5)
+    S_t = S.mT.contiguous().mT  # the same values, column-major
+    assert not S_t.is_contiguous()
+    got = ops.hermitian_gram(S_t, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    re, im = ops.hermitian_gram(torch.zeros(0, 4, 3, dtype=torch.float32), 2)
+    assert re.shape == im.shape == (0, 3, 3)
 
 
 def test_cholesky_test_reads_lower_triangles_and_any_layout():
@@ -109,6 +153,15 @@ def test_errors_name_the_argument():
         ops.hermitian_power_gain(re, im, start[:, :3], 2)
     with pytest.raises(ValueError, match="steps must be"):
         ops.hermitian_power_gain(re, im, start, 0)
+    S = torch.ones(2, 6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        ops.hermitian_gram(S, 0)
+    with pytest.raises(ValueError, match=r"S must be \(B, 2p, q\)"):
+        ops.hermitian_gram(S, 2)
+    with pytest.raises(ValueError, match=r"S must be \(B, 2p, q\)"):
+        ops.hermitian_gram(S[0], 3)
+    with pytest.raises(ValueError, match="S must be float32 or float64"):
+        ops.hermitian_gram(S.half(), 3)
 
 
 def test_opcheck():
@@ -118,6 +171,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lipfast.hermitian_cholesky_test.default, (-re, -im, shift))
     start = torch.ones(2, 6, dtype=torch.float64) / 12**0.5
     torch.library.opcheck(torch.ops.lipfast.hermitian_power_gain.default, (re, im, start, 3))
+    S = torch.randn(2, 8, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lipfast.hermitian_gram.default, (S, 4, True))
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
@@ -132,3 +187,8 @@ def test_cuda_forms_match_cpu(device):
         torch.ops.lipfast.hermitian_power_gain(re.to(device), im.to(device), start.to(device), 5).cpu(),
         reference.hermitian_power_gain(re, im, start, 5), rtol=1e-12, atol=0,
     )
+    S = torch.randn(3, 14, 9, dtype=torch.float64)
+    got = torch.ops.lipfast.hermitian_gram(S.to(device), 7, True)
+    want = reference.hermitian_gram(S, 7, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-12, atol=1e-12)
