@@ -274,9 +274,12 @@ class _DimGrid:
         shift = torch.div(offsets - phase, s, rounding_mode="floor")
         w = torch.arange(M, dtype=torch.int64)
         # the angle pi t / M with t = shift (2w + twist) reduced mod 2M exactly in integers
-        t = torch.remainder(shift[None, :] * (2 * w[:, None] + self.twist), 2 * M).double()
-        angle = -math.pi * t / M
+        t = torch.remainder(shift[None, :] * (2 * w[:, None] + self.twist), 2 * M)
+        angle = -math.pi * t.double() / M
         values = torch.polar(torch.ones_like(angle), angle)  # (M, k)
+        # angles 0 and -pi exactly: +-1, so that the self-conjugate frequencies' matrices come out
+        # exactly real (the Gram and Cholesky kernels then skip the imaginary parts)
+        values = torch.where(t == 0, 1.0, torch.where(t == M, -1.0, values))
         mask = phase[None, :] == torch.arange(s)[:, None]  # (s, k)
         return values[:, None, :] * mask[None].to(values.dtype)
 
@@ -447,8 +450,11 @@ def _real_form(S: Tensor, p: int) -> Tensor:
 
 
 #: Frequencies given a Lanczos estimate up front (the highest after a few power steps); the rest
-#: are certified at the same mu, and one that fails gets its own estimate then.
-_LANCZOS_CANDIDATES = 8
+#: are certified at the same mu, and one that fails gets its own estimate then.  Six power steps
+#: rank the frequencies only roughly (on ResNet-18 the top one was often outside the first eight),
+#: so more candidates buy little: 4 instead of 8 made its circular layers 8% faster, with the same
+#: brackets on all but one layer (there 2e-5 higher at both ends).
+_LANCZOS_CANDIDATES = 4
 _RANKING_STEPS = 6
 
 

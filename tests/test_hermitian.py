@@ -76,6 +76,28 @@ def test_gram_matches_exact_product(p, q, dtype):
             assert (im.diagonal(dim1=-2, dim2=-1) == 0).all(), name
 
 
+def test_real_matrices_take_the_real_paths():
+    """Matrices whose imaginary parts are zero (the self-conjugate frequencies) go through the
+    kernels' real paths: the same Gram matrices (im exactly zero) and the same definiteness answers
+    as LAPACK's, next to complex matrices in the same batch."""
+    require_ext()
+    g = torch.Generator().manual_seed(7)
+    p, q = 150, 70
+    S = torch.randn(4, 2 * p, q, generator=g, dtype=torch.float64)
+    S[1:3, p:] = 0  # two real K
+    re, im = ops.hermitian_gram(S, p, True)
+    want_re, want_im = reference.hermitian_gram(S, p, True)
+    torch.testing.assert_close(re, want_re, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(im, want_im, rtol=1e-13, atol=1e-12)
+    assert (im[1:3] == 0).all() and (im[0] != 0).any()
+    K = torch.complex(S[:, :p], S[:, p:])
+    top = torch.linalg.matrix_norm(K, ord=2).square()
+    for factor, expect in ((1 + 1e-9, True), (1 - 1e-9, False)):
+        shift = top * factor
+        assert ops.hermitian_cholesky_test(re, im, shift).tolist() == [expect] * 4
+        assert reference.hermitian_cholesky_test(re, im, shift).tolist() == [expect] * 4
+
+
 def test_gram_reads_any_layout_and_empty_batches():
     require_ext()
     S = torch.randn(4, 10, 6, dtype=torch.float64)

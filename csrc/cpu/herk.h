@@ -78,6 +78,7 @@ struct Tiles {
 
   // One tile: rows i0 .. i0 + kTileRows - 1 (packed at ir/ii, offset within their panel), columns of
   // the panel at jr/ji; sum over kc rows, then C += sign * sum on the entries inside [0, n)^2.
+  template <bool kReal>
   static inline __attribute__((always_inline)) void tile(const T* __restrict__ jr, const T* __restrict__ ji,
                                                          const T* __restrict__ ir, const T* __restrict__ ii,
                                                          int64_t kc, bool subtract, T* __restrict__ cr,
@@ -90,6 +91,15 @@ struct Tiles {
     }
     for (int64_t r = 0; r < kc; ++r) {
       const Vec ar0 = load(jr + r * kCols), ar1 = load(jr + r * kCols + kLanes);
+      if (kReal) {  // X real: re only, im stays zero
+#pragma GCC unroll 4
+        for (int64_t m = 0; m < kTileRows; ++m) {
+          const Vec br = splat(ir[r * kCols + m]);
+          re[m][0] += br * ar0;
+          re[m][1] += br * ar1;
+        }
+        continue;
+      }
       const Vec ai0 = load(ji + r * kCols), ai1 = load(ji + r * kCols + kLanes);
 #pragma GCC unroll 4
       for (int64_t m = 0; m < kTileRows; ++m) {
@@ -113,7 +123,7 @@ struct Tiles {
           T* dr = cr + m * ldc + h * kLanes;
           T* di = ci + m * ldc + h * kLanes;
           store(dr, subtract ? load(dr) - re[m][h] : load(dr) + re[m][h]);
-          store(di, subtract ? load(di) - im[m][h] : load(di) + im[m][h]);
+          if (!kReal) store(di, subtract ? load(di) - im[m][h] : load(di) + im[m][h]);
         }
       }
       return;
@@ -126,28 +136,37 @@ struct Tiles {
       T* __restrict__ di = ci + m * ldc;
       for (int64_t c = 0; c < cols; ++c) {
         dr[c] = subtract ? dr[c] - sr[m][c] : dr[c] + sr[m][c];
-        di[c] = subtract ? di[c] - si[m][c] : di[c] + si[m][c];
+        if (!kReal) di[c] = subtract ? di[c] - si[m][c] : di[c] + si[m][c];
       }
     }
   }
 
+  // xi == nullptr: X real (C's im untouched, half the work).
   static inline __attribute__((always_inline)) void run(const T* xr, const T* xi, int64_t ldx, int64_t k,
                                                         int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
                                                         T* work) {
+    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work);
+    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+  }
+
+  template <bool kReal>
+  static inline __attribute__((always_inline)) void run_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
+                                                           int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
+                                                           T* work) {
     const int64_t panels = (n + kCols - 1) / kCols;
     for (int64_t r0 = 0; r0 < k; r0 += kSlab) {
       const int64_t kc = std::min(kSlab, k - r0);
       T* pr = work;
       T* pi = work + panels * kc * kCols;
       pack(xr + r0 * ldx, ldx, kc, n, pr);
-      pack(xi + r0 * ldx, ldx, kc, n, pi);
+      if (!kReal) pack(xi + r0 * ldx, ldx, kc, n, pi);
       for (int64_t pb = 0; pb < panels; ++pb) {
         const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
         const T* jr = pr + pb * kc * kCols;
         const T* ji = pi + pb * kc * kCols;
         for (int64_t i0 = j0; i0 < n; i0 += kTileRows) {  // tiles on or below the diagonal
           const int64_t ib = i0 / kCols, offset = i0 - ib * kCols;
-          tile(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
+          tile<kReal>(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
                cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kTileRows, n - i0), cols);
         }
       }
@@ -168,7 +187,9 @@ __attribute__((target("arch=x86-64-v3"))) void run_v3(const T* xr, const T* xi, 
 }
 #endif
 
-// C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.
+// C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.  xi == nullptr
+// means X is real: only C's real part is updated (X's products have no imaginary part), with a
+// quarter of the multiply-adds.
 template <typename T>
 void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, bool subtract, T* cr, T* ci,
                 int64_t ldc, T* work) {

@@ -47,6 +47,14 @@ inline __attribute__((always_inline)) void panel_column_body(T* __restrict__ dr,
   }
 }
 
+// The same for a real panel: d_i -= l_i a.
+template <typename T>
+inline __attribute__((always_inline)) void panel_column_real_body(T* __restrict__ d, const T* __restrict__ l, T a,
+                                                                 int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] -= l[i] * a;
+}
+
 // (yr, yi) = H x for one matrix (rows of re and im, length q).
 template <typename T>
 inline __attribute__((always_inline)) void hermitian_matvec_body(const T* __restrict__ re, const T* __restrict__ im,
@@ -69,6 +77,9 @@ inline __attribute__((always_inline)) void hermitian_matvec_body(const T* __rest
 #define LIPFAST_HERMITIAN_KERNELS(T)                                                                        \
   LIPFAST_SIMD_CLONES void panel_column(T* dr, T* di, const T* lr, const T* li, T a, T b, int64_t n) {         \
     panel_column_body<T>(dr, di, lr, li, a, b, n);                                                          \
+  }                                                                                                          \
+  LIPFAST_SIMD_CLONES void panel_column_real(T* d, const T* l, T a, int64_t n) {                              \
+    panel_column_real_body<T>(d, l, a, n);                                                                   \
   }                                                                                                          \
   LIPFAST_SIMD_CLONES void hermitian_matvec(const T* re, const T* im, const T* xr, const T* xi, T* yr, T* yi, \
                                             int64_t q) {                                                     \
@@ -122,12 +133,14 @@ bool cholesky_completes(const T* re, const T* im, T shift, int64_t q, T* work) {
   T* pr = wi + q * q;        // the panel's columns (real parts), column t at pr + t q, rows >= its start
   T* pi = pr + kBlock * q;   // imaginary parts
   T* packed = pi + kBlock * q;
+  bool real = true;  // im zero below the diagonal: a real factorization (a quarter of the work)
   for (int64_t i = 0; i < q; ++i) {  // lower triangles in, zeros above (read by tiles, never used)
     std::copy(re + i * q, re + i * q + i + 1, wr + i * q);
     std::copy(im + i * q, im + i * q + i + 1, wi + i * q);
     std::fill(wr + i * q + i + 1, wr + (i + 1) * q, T(0));
     std::fill(wi + i * q + i + 1, wi + (i + 1) * q, T(0));
     wr[i * q + i] += shift;
+    for (int64_t j = 0; j < i; ++j) real = real && wi[i * q + j] == T(0);
   }
   const int64_t block = panel_width(q);
   for (int64_t j0 = 0; j0 < q; j0 += block) {
@@ -147,20 +160,24 @@ bool cholesky_completes(const T* re, const T* im, T shift, int64_t q, T* work) {
       const T diag = std::sqrt(pivot);
       for (int64_t i = j + 1; i < q; ++i) {
         cr[i] /= diag;
-        ci[i] /= diag;
+        ci[i] /= diag;  // zeros stay zeros when real
       }
       for (int64_t u = t + 1; u < width; ++u) {  // the panel's later columns l = j0 + u, rows i >= l
         const int64_t l = j0 + u;
-        panel_column(pr + u * q + l, pi + u * q + l, cr + l, ci + l, cr[l], ci[l], q - l);
+        if (real) {
+          panel_column_real(pr + u * q + l, cr + l, cr[l], q - l);
+        } else {
+          panel_column(pr + u * q + l, pi + u * q + l, cr + l, ci + l, cr[l], ci[l], q - l);
+        }
       }
     }
     const int64_t next = j0 + width;
     if (next == q) break;
-    for (int64_t t = 0; t < width; ++t) {  // X_ti = conj(L_i,j0+t), so that Xᴴ X = L Lᴴ
+    for (int64_t t = 0; t < width && !real; ++t) {  // X_ti = conj(L_i,j0+t), so that Xᴴ X = L Lᴴ
       for (int64_t i = next; i < q; ++i) pi[t * q + i] = -pi[t * q + i];
     }
-    herk::herk_lower(pr + next, pi + next, q, width, q - next, true, wr + next * q + next, wi + next * q + next, q,
-                     packed);
+    herk::herk_lower(pr + next, real ? nullptr : pi + next, q, width, q - next, true, wr + next * q + next,
+                     wi + next * q + next, q, packed);
   }
   return true;
 }
@@ -202,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> hermitian_gram_cpu(const at::Tensor& S_in, in
         scalar_t* ci = out_i + b * q * q;
         std::fill(cr, cr + q * q, scalar_t(0));
         std::fill(ci, ci + q * q, scalar_t(0));
-        herk::herk_lower(x, x + p * q, q, p, q, negate, cr, ci, q, work.data());
+        const bool real = std::all_of(x + p * q, x + 2 * p * q, [](scalar_t v) { return v == scalar_t(0); });
+        herk::herk_lower(x, real ? nullptr : x + p * q, q, p, q, negate, cr, ci, q, work.data());
         mirror_lower(cr, ci, q);
       }
     });
