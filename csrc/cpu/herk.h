@@ -53,11 +53,23 @@ struct Tiles {
 
   static inline __attribute__((always_inline)) void store(T* p, Vec v) { __builtin_memcpy(p, &v, sizeof(Vec)); }
 
-  // x in every lane (a broadcast load; `Vec{} + x` would add a zero first, to keep the sign of -0).
-  static inline __attribute__((always_inline)) Vec splat(T x) {
+  // *p in every lane.  On x86 with 256- or 512-bit vectors, one broadcast load (a load-port uop):
+  // written out, GCC merges the tile's four neighbouring scalars into one vector load and spreads it
+  // with two shuffles per lane-fill, which compete with the multiply-adds for their port.
+  static inline __attribute__((always_inline)) Vec splat(const T* p) {
     Vec v;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if constexpr (kBytes >= 32) {
+      if constexpr (sizeof(T) == 8) {
+        asm("vbroadcastsd %1, %0" : "=v"(v) : "m"(*p));
+      } else {
+        asm("vbroadcastss %1, %0" : "=v"(v) : "m"(*p));
+      }
+      return v;
+    }
+#endif
 #pragma GCC unroll 16
-    for (int64_t l = 0; l < kLanes; ++l) v[l] = x;
+    for (int64_t l = 0; l < kLanes; ++l) v[l] = *p;  // `Vec{} + x` would add a zero: -0 + 0 is +0
     return v;
   }
 
@@ -94,7 +106,7 @@ struct Tiles {
       if (kReal) {  // X real: re only, im stays zero
 #pragma GCC unroll 4
         for (int64_t m = 0; m < kTileRows; ++m) {
-          const Vec br = splat(ir[r * kCols + m]);
+          const Vec br = splat(ir + r * kCols + m);
           re[m][0] += br * ar0;
           re[m][1] += br * ar1;
         }
@@ -103,8 +115,8 @@ struct Tiles {
       const Vec ai0 = load(ji + r * kCols), ai1 = load(ji + r * kCols + kLanes);
 #pragma GCC unroll 4
       for (int64_t m = 0; m < kTileRows; ++m) {
-        const Vec br = splat(ir[r * kCols + m]);
-        const Vec bi = splat(ii[r * kCols + m]);
+        const Vec br = splat(ir + r * kCols + m);
+        const Vec bi = splat(ii + r * kCols + m);
         re[m][0] += br * ar0;
         re[m][0] += bi * ai0;
         re[m][1] += br * ar1;
