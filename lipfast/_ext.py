@@ -57,7 +57,7 @@ if HAS_EXT:
         "dense_spectral_norm", "dense_spectral_norm_bounds", "dense_spectral_norm_bounds_many", "dense_power_iteration",
         "spectral_norm_step",
         "conv_spectral_norm", "pairwise_volatility", "hermitian_cholesky_test", "hermitian_power_gain",
-        "hermitian_gram",
+        "hermitian_gram", "bjorck_step",
     ):
         _KERNELS[_op] = frozenset(
             device
@@ -104,7 +104,8 @@ def _restore(previous: str) -> Iterator[None]:
 #: machines without a GPU).  They are used only when LIPFAST_CUDA_UNVERIFIED=1 (benchmarks/gpu_check.sh
 #: sets it, to verify them); otherwise those ops take the pure-PyTorch form there.
 _UNVERIFIED: frozenset[tuple[str, str]] = frozenset(
-    {("hermitian_cholesky_test", "cuda"), ("hermitian_power_gain", "cuda"), ("hermitian_gram", "cuda")}  # ATen forms, compiled only
+    {("hermitian_cholesky_test", "cuda"), ("hermitian_power_gain", "cuda"), ("hermitian_gram", "cuda"),
+     ("bjorck_step", "cuda")}  # ATen forms, compiled only
 )
 
 

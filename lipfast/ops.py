@@ -65,6 +65,11 @@ def hermitian_gram(S: Tensor, p: int, negate: bool = False) -> tuple[Tensor, Ten
     return torch.ops.lipfast.hermitian_gram.default(S, p, negate)
 
 
+def bjorck_step(Q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lipfast.bjorck_step``: (out, G) with G = QᵀQ and out = (1 + beta) Q - beta Q G; see csrc/lipfast.cpp."""
+    return torch.ops.lipfast.bjorck_step.default(Q, beta)
+
+
 def pairwise_volatility(hidden: Tensor, losses: Tensor, delta: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.lipfast.pairwise_volatility``: (score, per_sample, counts); see csrc/lipfast.cpp."""
     return torch.ops.lipfast.pairwise_volatility.default(hidden, losses, delta)
@@ -174,6 +179,32 @@ if _ext.HAS_EXT:
     def _hermitian_gram_fake(S, p, negate=False):
         shape = (S.shape[0], S.shape[-1], S.shape[-1])
         return S.new_empty(shape), S.new_empty(shape)
+
+    @torch.library.register_fake("lipfast::bjorck_step")
+    def _bjorck_step_fake(Q, beta):
+        return torch.empty_like(Q, memory_format=torch.contiguous_format), Q.new_empty((Q.shape[-1], Q.shape[-1]))
+
+    def _bjorck_setup_context(ctx, inputs, output) -> None:
+        ctx.beta = inputs[1]
+        ctx.save_for_backward(inputs[0], output[1])
+
+    def _bjorck_backward(ctx, grad_out: Tensor | None, grad_gram: Tensor | None):
+        # out = (1 + b) Q - b Q G with G = QᵀQ, so for the cotangent Y of out:
+        #   dL/dQ = (1 + b) Y - b (Y G + Q (QᵀY + YᵀQ)),
+        # and a cotangent Ḡ of G adds Q (Ḡ + Ḡᵀ).  Written in torch ops, so it is differentiable again.
+        Q, G = ctx.saved_tensors
+        b = ctx.beta
+        grad = None
+        if grad_out is not None:
+            T = Q.mT @ grad_out
+            grad = torch.addmm(grad_out, grad_out, G, beta=1 + b, alpha=-b)
+            grad = torch.addmm(grad, Q, T + T.mT, alpha=-b)
+        if grad_gram is not None:
+            extra = Q @ (grad_gram + grad_gram.mT)
+            grad = extra if grad is None else grad + extra
+        return grad, None
+
+    torch.library.register_autograd("lipfast::bjorck_step", _bjorck_backward, setup_context=_bjorck_setup_context)
 
     @torch.library.register_fake("lipfast::pairwise_volatility")
     def _pairwise_volatility_fake(hidden, losses, delta):

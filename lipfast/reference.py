@@ -17,6 +17,7 @@ from torch import Tensor
 from lipfast import _util
 
 __all__ = [
+    "bjorck_step",
     "dense_spectral_norm",
     "dense_spectral_norm_bounds",
     "dense_spectral_norm_bounds_many",
@@ -552,6 +553,14 @@ def hermitian_gram(S: Tensor, p: int, negate: bool = False) -> tuple[Tensor, Ten
     X = S[:, :p].mT @ S[:, p:]
     im = X - X.mT
     return (-re, -im) if negate else (re, im)
+
+
+def bjorck_step(Q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``torch.ops.lipfast.bjorck_step``: (out, G) with G = QᵀQ made exactly symmetric and
+    out = (1 + beta) Q - beta Q G, for Q (m, n); see csrc/lipfast.cpp."""
+    G = Q.mT @ Q
+    G = G.tril() + G.tril(-1).mT
+    return torch.addmm(Q, Q, G, beta=1 + beta, alpha=-beta), G
 
 
 def hermitian_power_gain(re: Tensor, im: Tensor, start: Tensor, steps: int) -> Tensor:

@@ -33,16 +33,25 @@ constexpr int64_t kSlab = 128;
 
 // Values of workspace herk_lower needs for n columns (the packed slab, re and im, at the widest
 // vector width).
+// The widest panel (columns) any build uses: a `width` that is a multiple of it is never rounded up.
+template <typename T>
+constexpr int64_t kMaxPanel = 2 * 64 / static_cast<int64_t>(sizeof(T));
+
 template <typename T>
 constexpr int64_t workspace(int64_t n) {
-  constexpr int64_t widest = 2 * 64 / static_cast<int64_t>(sizeof(T));
-  return 2 * kSlab * ((n + widest - 1) / widest) * widest;
+  return 2 * kSlab * ((n + kMaxPanel<T> - 1) / kMaxPanel<T>) * kMaxPanel<T>;
 }
 
 template <typename T, int kBytes>
 struct Tiles {
   static constexpr int64_t kLanes = kBytes / static_cast<int64_t>(sizeof(T));
   static constexpr int64_t kCols = 2 * kLanes;  // NR: a tile's columns, two vectors
+  // A tile's rows: kTileRows for complex X (4 kTileRows accumulators); twice that for real X, whose
+  // tile has only re (2 rows' worth of accumulators per row), so that it too keeps 16 of them in
+  // flight (8 would leave the multiply-adds waiting on their own latency).  At most kCols, so that a
+  // tile's rows never straddle two packed panels.
+  template <bool kReal>
+  static constexpr int64_t kRows = std::min<int64_t>(kReal ? 2 * kTileRows : kTileRows, kCols);
   typedef T Vec __attribute__((vector_size(kBytes)));
 
   static inline __attribute__((always_inline)) Vec load(const T* p) {
@@ -88,7 +97,7 @@ struct Tiles {
     }
   }
 
-  // One tile: rows i0 .. i0 + kTileRows - 1 (packed at ir/ii, offset within their panel), columns of
+  // One tile: rows i0 .. i0 + kRows - 1 (packed at ir/ii, offset within their panel), columns of
   // the panel at jr/ji; sum over kc rows, then C += sign * sum on the entries inside [0, n)^2.
   template <bool kReal>
   static inline __attribute__((always_inline)) void tile(const T* __restrict__ jr, const T* __restrict__ ji,
@@ -96,16 +105,17 @@ struct Tiles {
                                                          int64_t kc, bool subtract, T* __restrict__ cr,
                                                          T* __restrict__ ci, int64_t ldc, int64_t rows,
                                                          int64_t cols) {
-    Vec re[kTileRows][2], im[kTileRows][2];
-#pragma GCC unroll 4
-    for (int64_t m = 0; m < kTileRows; ++m) {
+    constexpr int64_t R = kRows<kReal>;
+    Vec re[R][2], im[R][2];
+#pragma GCC unroll 8
+    for (int64_t m = 0; m < R; ++m) {
       re[m][0] = re[m][1] = im[m][0] = im[m][1] = Vec{};
     }
     for (int64_t r = 0; r < kc; ++r) {
       const Vec ar0 = load(jr + r * kCols), ar1 = load(jr + r * kCols + kLanes);
       if (kReal) {  // X real: re only, im stays zero
-#pragma GCC unroll 4
-        for (int64_t m = 0; m < kTileRows; ++m) {
+#pragma GCC unroll 8
+        for (int64_t m = 0; m < R; ++m) {
           const Vec br = splat(ir + r * kCols + m);
           re[m][0] += br * ar0;
           re[m][1] += br * ar1;
@@ -113,8 +123,8 @@ struct Tiles {
         continue;
       }
       const Vec ai0 = load(ji + r * kCols), ai1 = load(ji + r * kCols + kLanes);
-#pragma GCC unroll 4
-      for (int64_t m = 0; m < kTileRows; ++m) {
+#pragma GCC unroll 8
+      for (int64_t m = 0; m < R; ++m) {
         const Vec br = splat(ir + r * kCols + m);
         const Vec bi = splat(ii + r * kCols + m);
         re[m][0] += br * ar0;
@@ -127,9 +137,9 @@ struct Tiles {
         im[m][1] -= bi * ar1;
       }
     }
-    if (rows == kTileRows && cols == kCols) {
-#pragma GCC unroll 4
-      for (int64_t m = 0; m < kTileRows; ++m) {
+    if (rows == R && cols == kCols) {
+#pragma GCC unroll 8
+      for (int64_t m = 0; m < R; ++m) {
 #pragma GCC unroll 2
         for (int64_t h = 0; h < 2; ++h) {
           T* dr = cr + m * ldc + h * kLanes;
@@ -140,7 +150,7 @@ struct Tiles {
       }
       return;
     }
-    T sr[kTileRows][kCols], si[kTileRows][kCols];
+    T sr[R][kCols], si[R][kCols];
     __builtin_memcpy(sr, re, sizeof(sr));
     __builtin_memcpy(si, im, sizeof(si));
     for (int64_t m = 0; m < rows; ++m) {
@@ -156,30 +166,34 @@ struct Tiles {
   // xi == nullptr: X real (C's im untouched, half the work).
   static inline __attribute__((always_inline)) void run(const T* xr, const T* xi, int64_t ldx, int64_t k,
                                                         int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                        T* work) {
-    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work);
-    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+                                                        T* work, int64_t width) {
+    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work, width);
+    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
   }
 
   template <bool kReal>
   static inline __attribute__((always_inline)) void run_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
                                                            int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                           T* work) {
+                                                           T* work, int64_t width) {
+    // a real slab has twice the rows: its packed panel holds no imaginary parts, so it takes the
+    // same room in L1, and C (read and written once per slab) is swept half as often
+    constexpr int64_t slab = kReal ? 2 * kSlab : kSlab;
     const int64_t panels = (n + kCols - 1) / kCols;
-    for (int64_t r0 = 0; r0 < k; r0 += kSlab) {
-      const int64_t kc = std::min(kSlab, k - r0);
+    const int64_t computed = (std::min(width, n) + kCols - 1) / kCols;
+    for (int64_t r0 = 0; r0 < k; r0 += slab) {
+      const int64_t kc = std::min(slab, k - r0);
       T* pr = work;
       T* pi = work + panels * kc * kCols;
       pack(xr + r0 * ldx, ldx, kc, n, pr);
       if (!kReal) pack(xi + r0 * ldx, ldx, kc, n, pi);
-      for (int64_t pb = 0; pb < panels; ++pb) {
+      for (int64_t pb = 0; pb < computed; ++pb) {
         const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
         const T* jr = pr + pb * kc * kCols;
         const T* ji = pi + pb * kc * kCols;
-        for (int64_t i0 = j0; i0 < n; i0 += kTileRows) {  // tiles on or below the diagonal
+        for (int64_t i0 = j0; i0 < n; i0 += kRows<kReal>) {  // tiles on or below the diagonal
           const int64_t ib = i0 / kCols, offset = i0 - ib * kCols;
           tile<kReal>(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
-               cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kTileRows, n - i0), cols);
+               cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kRows<kReal>, n - i0), cols);
         }
       }
     }
@@ -189,22 +203,25 @@ struct Tiles {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void run_v4(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
-  Tiles<T, 64>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work,
+                                                      int64_t width) {
+  Tiles<T, 64>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void run_v3(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
-  Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work,
+                                                      int64_t width) {
+  Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
 }
 #endif
 
 // C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.  xi == nullptr
 // means X is real: only C's real part is updated (X's products have no imaginary part), with a
-// quarter of the multiply-adds.
+// quarter of the multiply-adds.  width < n: only the lower triangle's first `width` columns (rounded
+// up to a whole panel: use multiples of kMaxPanel<T>), so that threads can share one C by columns.
 template <typename T>
 void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, bool subtract, T* cr, T* ci,
-                int64_t ldc, T* work) {
+                int64_t ldc, T* work, int64_t width = INT64_MAX) {
   if (k <= 0 || n <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -212,10 +229,10 @@ void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, boo
                                ? 4
                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3
                                                                                              : 1;
-  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
-  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
 #endif
-  Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+  Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
 }
 
 }  // namespace herk
