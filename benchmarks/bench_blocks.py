@@ -6,10 +6,10 @@
   matrix of the kernel as a (512, 9 * 512) matrix (each pair of kernel positions once: 2.2e10 flops);
   the plain way convolves the kernel with itself (F.conv2d with padding k - 1: every shift times every
   kernel position, 6.0e11 multiply-adds counted with the zero padding).
-* One Björck step on a 1024 x 1024 weight: lipfast's fused op (1 + b) Q - b Q (QᵀQ), which forms
-  only the lower triangle of QᵀQ (half its multiply-adds) and fuses the scaling into one addmm,
-  against the textbook (1 + b) W - b W Wᵀ W (two 1024³ products, 4.3 GFLOP): at most 4/3 faster
-  by the count, and only if the triangle runs as fast per multiply-add as the library's product.
+* One Björck step on a 1024 x 1024 weight: lipfast's op (1 + b) Q - b Q (QᵀQ), one product and one
+  addmm with the scaling fused in, against the textbook (1 + b) W - b W Wᵀ W (two products and three
+  elementwise passes).  Both are two 1024³ products (4.3 GFLOP), so only the elementwise passes
+  can be saved.
 Times: the median of --repeat runs after one warm-up.
 """
 from __future__ import annotations

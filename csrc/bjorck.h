@@ -10,7 +10,7 @@ namespace lipfast {
 // Checks Q (m, n) float32 or float64 and beta finite; raises naming the argument.
 void check_bjorck_args(const at::Tensor& Q, double beta);
 
-// (out, G): G = QᵀQ made exactly symmetric, out = (1 + beta) Q - beta Q G (one addmm).
+// (out, G): G = QᵀQ, out = (1 + beta) Q - beta Q G (one addmm).
 std::tuple<at::Tensor, at::Tensor> bjorck_step_aten(const at::Tensor& Q, double beta);
 
 }  // namespace lipfast

@@ -81,8 +81,8 @@ TORCH_LIBRARY(lipfast, m) {
       "pairwise_volatility(Tensor hidden, Tensor losses, float? delta) "
       "-> (Tensor score, Tensor per_sample, Tensor counts)");
   // One Björck–Bowie step on Q (m, n), float32 or float64: out = Q ((1 + beta) I - beta G) =
-  // (1 + beta) Q - beta Q G with G = QᵀQ (n, n), returned too (exactly symmetric; the backward
-  // formula uses it).  For a wide matrix, pass its transpose: the Gram is taken over the columns.
+  // (1 + beta) Q - beta Q G with G = QᵀQ (n, n), returned too (the backward formula uses it).  For a
+  // wide matrix, pass its transpose: the Gram is taken over the columns.
   m.def("bjorck_step(Tensor Q, float beta) -> (Tensor out, Tensor gram)");
 }
 

@@ -168,8 +168,8 @@ class _Bjorck(nn.Module):
 
 
 def _bjorck_step(Q: Tensor, beta: float) -> Tensor:
-    """(1 + beta) Q − beta Q QᵀQ: one fused op (csrc/cpu/bjorck_kernel.cpp forms QᵀQ's lower triangle
-    only), or its PyTorch form."""
+    """(1 + beta) Q − beta Q QᵀQ: one op (two products, the scaling fused into the second), or its
+    PyTorch form."""
     if Q.dtype in (torch.float32, torch.float64) and _ext.use_kernel("bjorck_step", Q.device):
         return ops.bjorck_step(Q, beta)[0]
     return reference.bjorck_step(Q, beta)[0]
@@ -181,9 +181,8 @@ def orthogonal(module: nn.Module, name: str = "weight", *, method: str = "bjorck
     module: the weight used is W / sigma carried through ``iters`` Björck steps (sigma a warm-started
     power-method estimate of ‖W‖), differentiable through all of them.  After convergence its singular
     values are 1 to within the iteration's residual, which :func:`lipfast.lipschitz_bound` certifies from
-    the actual weight (so the residual is part of the certified constant).  Each step is one fused op
-    of two matrix products on the smaller side's Gram matrix (only the Gram matrix's lower triangle
-    is formed, so the step costs 1.5 products)."""
+    the actual weight (so the residual is part of the certified constant).  Each step is one op: two
+    matrix products through the smaller side's Gram matrix, the scaling fused into the second."""
     if method != "bjorck":
         raise ValueError(f"lipfast.nn.orthogonal: method must be 'bjorck', got {method!r}")
     if not isinstance(module, nn.Linear):

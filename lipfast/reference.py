@@ -556,10 +556,9 @@ def hermitian_gram(S: Tensor, p: int, negate: bool = False) -> tuple[Tensor, Ten
 
 
 def bjorck_step(Q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """``torch.ops.lipfast.bjorck_step``: (out, G) with G = QᵀQ made exactly symmetric and
-    out = (1 + beta) Q - beta Q G, for Q (m, n); see csrc/lipfast.cpp."""
+    """``torch.ops.lipfast.bjorck_step``: (out, G) with G = QᵀQ and out = (1 + beta) Q - beta Q G,
+    for Q (m, n); see csrc/lipfast.cpp."""
     G = Q.mT @ Q
-    G = G.tril() + G.tril(-1).mT
     return torch.addmm(Q, Q, G, beta=1 + beta, alpha=-beta), G
 
 

@@ -17,8 +17,11 @@
 // zero-padded), so the register tile (kTileRows rows x NR columns, re and im: 4 kTileRows vector
 // accumulators of NR / 2 lanes) reads two vectors and 2 kTileRows scalars per row of X for 8
 // kTileRows vector fused multiply-adds, all from a packed panel that stays in L1 (kSlab NR re and im
-// values: 32 KiB).  The tile is written with GCC vector extensions; the x86-64 build compiles it for
-// 512-bit vectors (x86-64-v4), 256-bit (x86-64-v3) and 128-bit (baseline) and picks by CPU at run time.
+// values: 32 KiB).  Real X: tiles of 2 kTileRows rows (re only, the same 16 accumulators) and slabs
+// of 2 kSlab rows (the same room in L1).  The row scalars are broadcast loads, which the multiply-
+// adds' port never sees.  The tile is written with GCC vector extensions; the x86-64 build compiles
+// it for 512-bit vectors (x86-64-v4), 256-bit (x86-64-v3) and 128-bit (baseline) and picks by CPU at
+// run time.
 #pragma once
 
 #include <algorithm>
@@ -33,13 +36,10 @@ constexpr int64_t kSlab = 128;
 
 // Values of workspace herk_lower needs for n columns (the packed slab, re and im, at the widest
 // vector width).
-// The widest panel (columns) any build uses: a `width` that is a multiple of it is never rounded up.
-template <typename T>
-constexpr int64_t kMaxPanel = 2 * 64 / static_cast<int64_t>(sizeof(T));
-
 template <typename T>
 constexpr int64_t workspace(int64_t n) {
-  return 2 * kSlab * ((n + kMaxPanel<T> - 1) / kMaxPanel<T>) * kMaxPanel<T>;
+  constexpr int64_t widest = 2 * 64 / static_cast<int64_t>(sizeof(T));
+  return 2 * kSlab * ((n + widest - 1) / widest) * widest;
 }
 
 template <typename T, int kBytes>
@@ -166,27 +166,26 @@ struct Tiles {
   // xi == nullptr: X real (C's im untouched, half the work).
   static inline __attribute__((always_inline)) void run(const T* xr, const T* xi, int64_t ldx, int64_t k,
                                                         int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                        T* work, int64_t width) {
-    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work, width);
-    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+                                                        T* work) {
+    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work);
+    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
   }
 
   template <bool kReal>
   static inline __attribute__((always_inline)) void run_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
                                                            int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                           T* work, int64_t width) {
+                                                           T* work) {
     // a real slab has twice the rows: its packed panel holds no imaginary parts, so it takes the
     // same room in L1, and C (read and written once per slab) is swept half as often
     constexpr int64_t slab = kReal ? 2 * kSlab : kSlab;
     const int64_t panels = (n + kCols - 1) / kCols;
-    const int64_t computed = (std::min(width, n) + kCols - 1) / kCols;
     for (int64_t r0 = 0; r0 < k; r0 += slab) {
       const int64_t kc = std::min(slab, k - r0);
       T* pr = work;
       T* pi = work + panels * kc * kCols;
       pack(xr + r0 * ldx, ldx, kc, n, pr);
       if (!kReal) pack(xi + r0 * ldx, ldx, kc, n, pi);
-      for (int64_t pb = 0; pb < computed; ++pb) {
+      for (int64_t pb = 0; pb < panels; ++pb) {
         const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
         const T* jr = pr + pb * kc * kCols;
         const T* ji = pi + pb * kc * kCols;
@@ -203,25 +202,22 @@ struct Tiles {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void run_v4(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work,
-                                                      int64_t width) {
-  Tiles<T, 64>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
+  Tiles<T, 64>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void run_v3(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work,
-                                                      int64_t width) {
-  Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
+  Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 }
 #endif
 
 // C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.  xi == nullptr
 // means X is real: only C's real part is updated (X's products have no imaginary part), with a
-// quarter of the multiply-adds.  width < n: only the lower triangle's first `width` columns (rounded
-// up to a whole panel: use multiples of kMaxPanel<T>), so that threads can share one C by columns.
+// quarter of the multiply-adds.
 template <typename T>
 void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, bool subtract, T* cr, T* ci,
-                int64_t ldc, T* work, int64_t width = INT64_MAX) {
+                int64_t ldc, T* work) {
   if (k <= 0 || n <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -229,10 +225,10 @@ void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, boo
                                ? 4
                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3
                                                                                              : 1;
-  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
-  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 #endif
-  Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work, width);
+  Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 }
 
 }  // namespace herk
