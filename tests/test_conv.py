@@ -181,7 +181,8 @@ def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config):
     grids, exact, _ = conv._grids(op)
     assert exact
     sym = conv._symbol_stack(op.weight.detach(), op.groups, grids[0])
-    _, estimate, v = conv._circulant_upper(sym, 1e-6, 1000, torch.float64)
+    circulant = conv._CirculantBound(sym, 1e-6, 1000, torch.float64)
+    estimate, v = circulant.estimate, circulant.v
     top = int(estimate.argmax())
     x = conv._plane_wave(op, grids[0], sym, top, v[top])
     gain = float(op.apply(x[None], op.weight.detach()).norm() / x.norm())
