@@ -501,6 +501,7 @@ class _CirculantBound:
         self.lanczos[idx] = True
 
     def top(self) -> float:
+        """The largest estimate: no certified bound of this operator is below it."""
         return float(self.estimate.max())
 
     def certify(self) -> float:
@@ -713,7 +714,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
         # the circulant's top plane wave (grid positions [0, n) hold the input when nothing is
         # padded by copying) starts the operator's own Lanczos close to its top singular vector
         start = _plane_wave(op, grid, sym, top, circulant.v[top])
-    del candidates, circulant, sym
+    del candidates, circulant, sym  # the Gram matrices are not needed by the operator's Lanczos
     if not exact:
         lower = _operator_lower_bound(op, start, upper, rtol, max_iters, scaled, e)
     if not exact:
