@@ -103,7 +103,7 @@ def _restore(previous: str) -> Iterator[None]:
 #: Compiled kernels that have not yet run on real hardware of that kind (the CUDA code is compiled on
 #: machines without a GPU).  They are used only when LIPFAST_CUDA_UNVERIFIED=1 (benchmarks/gpu_check.sh
 #: sets it, to verify them); otherwise those ops take the pure-PyTorch form there.
-_UNVERIFIED: frozenset[tuple[str, str]] = frozenset()  # all have run on an H200 (BENCHMARKS.md)
+_UNVERIFIED: frozenset[tuple[str, str]] = frozenset()  # every CUDA kernel has run on an H100 or H200
 
 
 def use_kernel(op: str, device: torch.device) -> bool:

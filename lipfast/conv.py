@@ -684,11 +684,11 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
         error += math.prod(op.kernel) * math.sqrt(weight.shape[0] * weight.shape[1] * math.prod(op.stride)) * 2.0**-1074
     error = math.ldexp(error, e)  # in the weight's units from here on
     estimate_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    lower = 0.0
     start = None
     candidates = []
+    scaled_cpu = scaled.cpu()
     for grid in grids:
-        sym = _symbol_stack(scaled.cpu(), op.groups, grid)
+        sym = _symbol_stack(scaled_cpu, op.groups, grid)
         candidates.append((_CirculantBound(sym, rtol, max_iters, estimate_dtype), grid, sym))
     # Certify the candidates in the order of their largest estimates, skipping any whose estimate
     # is already above the best bound so far: its own bound would be at least its sigma_max, which
@@ -717,7 +717,6 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     del candidates, circulant, sym  # the Gram matrices are not needed by the operator's Lanczos
     if not exact:
         lower = _operator_lower_bound(op, start, upper, rtol, max_iters, scaled, e)
-    if not exact:
         n_in = op.weight.shape[1] * op.groups * math.prod(op.input_size)
         n_out = op.weight.shape[0] * math.prod(op.output_size)
         if upper > lower * (1 + rtol) and n_in * n_out <= EXPLICIT_MATRIX_LIMIT and min(n_in, n_out) <= 1024:
