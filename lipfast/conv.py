@@ -15,9 +15,13 @@ How (see the comments beside each bound for its inequality):
   complex matrix per frequency, stride handled exactly by the polyphase (space-to-depth) form.  Each
   frequency's norm is certified by a Cholesky factorization of mu^2 I - KᴴK in float64 whose rounding
   error is bounded (a Rump-style test), at mu just above a Lanczos estimate of that frequency's norm.
+  KᴴK comes from the frequency's matrix K, or, where that costs fewer flops (large grids, strides),
+  from the kernel's autocorrelation: KᴴK is a trigonometric polynomial in the frequency whose matrix
+  coefficients are sums of tap-pair products W_jᵀW_j', formed once for all frequencies and grids.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -299,9 +303,21 @@ class _Symbols:
     kept: Tensor  # the kept frequencies' flat indices on the grid
 
 
-def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Symbols:
+def _kept_frequencies(grids: Sequence[_DimGrid]) -> Tensor:
+    """Flat indices of the frequencies f <= their mirror: one of each conjugate pair (the other's
+    matrix is the complex conjugate, with the same singular values)."""
+    sizes = [g.frequencies for g in grids]
+    flat = torch.arange(math.prod(sizes)).reshape(sizes)
+    mirror = flat
+    for d, g in enumerate(grids):
+        mirror = mirror.index_select(d, g.mirror())
+    return (flat <= mirror).reshape(-1).nonzero()[:, 0]
+
+
+def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid], only: Tensor | None = None) -> _Symbols:
     """The block-circulant operator's per-frequency matrices K_f = A_f + i B_f, one frequency of each
-    conjugate pair only, stacked as S (F * groups, 2p, q) = [A_f; B_f] in float64.
+    conjugate pair only (or the frequencies whose flat indices are ``only``), stacked as S (F *
+    groups, 2p, q) = [A_f; B_f] in float64.
 
     Each matrix is K_f (C_out/groups x C_in/groups * phases) or its transpose, whichever has p >= q
     (same singular values); its columns are ordered (phase, channel), a permutation of the
@@ -311,17 +327,11 @@ def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Sy
     letters = "abc"[:dims]
     freq, phase = "xyz"[:dims], "rst"[:dims]
     spec = ",".join(f"{freq[d]}{phase[d]}{letters[d]}" for d in range(dims)) + f"->{freq}{phase}{letters}"
-    sizes = [g.frequencies for g in grids]
-    F = math.prod(sizes)
+    F = math.prod(g.frequencies for g in grids)
     R = math.prod(g.phases for g in grids)
     taps = math.prod(weight.shape[2:])
     E = torch.einsum(spec, *[g.twiddles() for g in grids]).reshape(F, R, taps)
-    # keep frequency f when f <= its mirror: the other half has conjugate matrices, same singular values
-    flat = torch.arange(F).reshape(sizes)
-    mirror = flat
-    for d, g in enumerate(grids):
-        mirror = mirror.index_select(d, g.mirror())
-    kept = (flat <= mirror).reshape(-1).nonzero()[:, 0]
+    kept = _kept_frequencies(grids) if only is None else only
     E = E.index_select(0, kept)
     F = E.shape[0]
     E = torch.stack([E.real, E.imag], 1).reshape(F * 2 * R, taps)  # rows (f, re/im, phase)
@@ -340,17 +350,18 @@ def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Sy
 def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: int, z: Tensor) -> Tensor:
     """An input (C_in, *input_size) on which the block-circulant operator gains sigma_max(K_b): for
     a right singular vector c of K_b (phase r, channel i) at angles theta, x(s m + r)_i = Re(conj(c_ri)
-    e^(i theta . m)), since then y(t) = conj(K_b) conj(c) e^(i theta . t).  z (2q,) is the top
-    eigenvector of the real form of the stored matrix's Gram (re; im).  Used as a Lanczos start."""
-    S, p = sym.S[b], sym.p
+    e^(i theta . m)), since then y(t) = conj(K_b) conj(c) e^(i theta . t).  sym: the symbols of
+    K_b's frequency alone (_single_symbol, matrix b % groups); z (2q,) the top eigenvector of the
+    real form of the stored matrix's Gram (re; im).  Used as a Lanczos start."""
+    groups = op.groups
+    S, p = sym.S[b % groups], sym.p
     q = S.shape[-1]
     M = torch.complex(S[:p], S[p:])
     vec = torch.complex(z[:q].double(), z[q:].double())
     c = (M @ vec).conj() if sym.transposed else vec  # K = Mᵀ: its right singular vector is conj(M z)
-    groups = op.groups
     c_in = op.weight.shape[1]
     sizes = [g.frequencies for g in grids]
-    index = torch.unravel_index(sym.kept[b // groups], sizes)
+    index = torch.unravel_index(sym.kept[0], sizes)
     c = c.conj().reshape(*[g.phases for g in grids], c_in)
     phase = torch.zeros((), dtype=torch.float64)
     picks = []
@@ -409,21 +420,183 @@ def _real_gram(Hr: Tensor, Hi: Tensor, dtype: torch.dtype) -> Tensor:
     return Z
 
 
-def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, mu: Tensor, p: int) -> Tensor:
-    """True where sigma_max(K_b) <= mu_b is proven, from -H = -fl(KᴴK) = Hr + i Hi (_negated_gram).
+@dataclass(frozen=True)
+class _Grams:
+    """Every kept frequency's Gram matrix H_b = S_bᴴS_b of the stored matrix S_b (K_b, or K_bᵀ when
+    transposed: the orientation whose Gram is the smaller), negated: Hr + i Hi = -fl(H_b), Hr's and
+    Hi's lower triangles what the certificate reads.  fro2[b] >= ‖K_b‖_F^2 and rounding[b] >=
+    ‖fl(H_b) - H_b‖_2: the certificate's inputs.  Built by _direct_grams or _Autocorrelation."""
 
-    Rounding: ‖fl(H) - KᴴK‖_2 <= e_H = 8 gamma(4p + 4) ‖K‖_F^2 (H_r: sums of 2p products, |dH_r| <=
+    Hr: Tensor  # (F * groups, q, q) float64
+    Hi: Tensor
+    fro2: Tensor  # (F * groups,) float64
+    rounding: Tensor  # (F * groups,) float64
+    transposed: bool
+    kept: Tensor  # the kept frequencies' flat indices on the grid
+
+
+def _direct_grams(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Grams:
+    """The Gram matrices from the stacked symbols (_symbol_stack, then hermitian_gram).
+
+    Rounding: ‖fl(H) - KᴴK‖_2 <= 8 gamma(4p + 4) ‖K‖_F^2 (H_r: sums of 2p products, |dH_r| <=
     gamma(2p) |S|ᵀ|S|; H_i: sums of 2p products, or of p and one subtraction, |dH_i| <= gamma(2p + 1)
-    (|A|ᵀ|B| + |B|ᵀ|A|); both Frobenius norms <= ‖S‖_F^2 = ‖K‖_F^2), plus an underflow term.  The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a =
-    mu^2 - e_H - delta, completes (hermitian_cholesky_test: the compiled kernel, or LAPACK).  Its
-    backward error (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any summation order; c = 8 gamma(2q + 4)
-    covers complex arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q
-    mu^2, and forming M's diagonal costs u (mu^2 + H_ii) <= u (mu^2 + ‖K‖_F^2); delta exceeds all
-    that, so KᴴK <= fl(H) + e_H I <= (a + ‖D‖ + ‖dM‖ + e_H) I < mu^2 I.  The weights were scaled to
-    O(1) by a power of two, so nothing needs scaling here."""
+    (|A|ᵀ|B| + |B|ᵀ|A|); both Frobenius norms <= ‖S‖_F^2 = ‖K‖_F^2), plus an underflow term; K here
+    is the computed symbol, within _symbol_error of the exact one."""
+    sym = _symbol_stack(weight, groups, grids)
+    fro2 = _frobenius_squared_upper(sym.S)
+    Hr, Hi = _negated_gram(sym.S, sym.p)
+    q, inner = Hr.shape[-1], 2 * sym.p
+    rounding = 8 * _gamma(2 * inner + 4) * fro2 + q * inner * 2.0**-1000
+    return _Grams(Hr, Hi, fro2, rounding, sym.transposed, sym.kept)
+
+
+class _Autocorrelation:
+    """The Gram matrices of every kept frequency of any grid with these offsets and phases, from
+    the kernel's autocorrelation (the same for both grids of a zero-padded conv).
+
+    Write the stored matrix as S_f = sum over taps j of tau_j(f) P_j, with P_j real (tap j's channel
+    matrix W_j, transposed when S_f = K_fᵀ, in its phase's block) and tau_j(f) = e^(-i w_f . h_j),
+    h_j the tap's shift on the grid (its offset divided by the stride, rounded down).  Then
+    S_fᴴS_f = sum over pairs (j, j') of e^(i w_f . (h_j - h_j')) P_jᵀP_j' = sum over d of
+    e^(i w_f . d) H_d, with H_d the sum of P_jᵀP_j' over the pairs with h_j - h_j' = d, and H_-d =
+    H_dᵀ.  So over the d > 0 (one of each pair):
+
+        H_r(f) = H_0 + sum_d cos(w_f . d) (H_d + H_dᵀ),    H_i(f) = sum_d sin(w_f . d) (H_d - H_dᵀ),
+
+    two real matrix products (frequencies x coefficients) @ (coefficients x q^2) for all f at once.
+    The H_d cost a product per pair of taps, once; the Gram matrices then cost 2 (1 + 2D) q^2 flops
+    each (D the number of d > 0, 12 for a 3x3 kernel) where the symbols' cost 4 p q^2: far less on
+    large grids and with stride (p = phases x channels), the same on small grids.
+
+    Rounding, entry by entry: every H_d entry is a sum of at most m products (m = the pairs
+    times the inner channel count), off by gamma(m + 1) T_d with T_d the same sums of |P_j|ᵀ|P_j'|
+    (one more rounding in H_d +- H_dᵀ or H_0's symmetrization); every coefficient is within e_c = 64
+    dims u of e^(i w_f . d) (as in _symbol_error; exactly +-1 and 0 where the frequency is its own
+    mirror, so those matrices come out exactly real); every output entry is a sum of K <= 1 + D
+    products, off by gamma(K) times the sum of their absolute values.  Altogether |dH_r|, |dH_i| <=
+    c T with c = 2 (e_c + gamma(m + 1) + gamma(K)) and T = sum over all pairs of |P_j|ᵀ|P_j'| =
+    |P|ᵀ|P|, |P| = sum_j |P_j|.  So ‖fl(H) - H‖_2 <= ‖|dH_r| + |dH_i|‖_2 <= 2 c ‖|P|‖_F^2 <= 2 c w1^2,
+    with w1 = ‖(sum_j |w_oij|)_oi‖_F (merging |P|'s phase blocks only increases its Frobenius norm),
+    plus an underflow term.  Here H is the Gram matrix of the exact symbol of the (scaled) weights."""
+
+    def __init__(self, weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> None:
+        kernel = weight.shape[2:]
+        self.dims = len(kernel)
+        self.groups = groups
+        c_out, c_in = weight.shape[0] // groups, weight.shape[1]
+        R = math.prod(g.phases for g in grids)
+        self.transposed = R * c_in >= c_out  # as _symbol_stack
+        self.q = c_out if self.transposed else R * c_in
+        phases, shifts = [], []
+        for j in itertools.product(*[range(k) for k in kernel]):
+            r, h = 0, []
+            for d, g in enumerate(grids):
+                r = r * g.phases + g.offsets[j[d]] % g.phases
+                h.append(g.offsets[j[d]] // g.phases)
+            phases.append(r)
+            shifts.append(tuple(h))
+        # the pairs (j, j') by d = h_j - h_j', for d = 0 and d > 0 (lexicographically); with
+        # S_f = K_fᵀ only pairs of one phase meet (P_jᵀP_j' = 0 otherwise)
+        zero = (0,) * self.dims
+        pairs: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for j, (rj, hj) in enumerate(zip(phases, shifts)):
+            for k, (rk, hk) in enumerate(zip(phases, shifts)):
+                d = tuple(a - b for a, b in zip(hj, hk))
+                if d >= zero and (rj == rk or not self.transposed):
+                    pairs.setdefault(d, []).append((j, k))
+        self.shifts = sorted(d for d in pairs if d > zero)
+        self.pairs = pairs
+        inner = c_in if self.transposed else c_out
+        self.m = max(len(p) for p in pairs.values()) * inner
+        block = c_out if self.transposed else c_in  # each pair's product: block x inner x block
+        self.pair_flops = 2 * groups * sum(len(p) for p in pairs.values()) * block * inner * block
+        self.weight, self.phases, self.c_in = weight, phases, c_in
+
+    def flops(self, frequencies: int) -> float:
+        """Multiply-adds (times 2) for the Gram matrices of `frequencies` kept frequencies."""
+        return self.pair_flops + 2 * frequencies * self.groups * (1 + 2 * len(self.shifts)) * self.q**2
+
+    def _basis(self) -> tuple[Tensor, Tensor]:
+        """(H_0; H_d + H_dᵀ ...) and (H_d - H_dᵀ ...) as (terms, groups * q^2) float64."""
+        groups, q, c_in = self.groups, self.q, self.c_in
+        taps = math.prod(self.weight.shape[2:])
+        w = self.weight.double().reshape(groups, -1, c_in, taps).permute(3, 0, 1, 2).contiguous()  # W_j = w[j]
+        H = {}
+        for d, pairs in self.pairs.items():
+            out = w.new_zeros(groups, q, q)
+            for j, k in pairs:
+                if self.transposed:  # W_j W_kᵀ
+                    out.baddbmm_(w[j], w[k].mT)
+                else:  # W_jᵀ W_k into block (phase j, phase k)
+                    rj, rk = self.phases[j], self.phases[k]
+                    out[:, rj * c_in : (rj + 1) * c_in, rk * c_in : (rk + 1) * c_in].baddbmm_(w[j].mT, w[k])
+            H[d] = out
+        H0 = H[(0,) * self.dims]
+        real = [(H0 + H0.mT) * 0.5] + [H[d] + H[d].mT for d in self.shifts]
+        imag = [H[d] - H[d].mT for d in self.shifts] or [H0.new_zeros(H0.shape)]
+        return torch.stack(real).reshape(len(real), -1), torch.stack(imag).reshape(len(imag), -1)
+
+    def grams(self, grid_list: Sequence[Sequence[_DimGrid]]) -> list[_Grams]:
+        """The (negated) Gram matrices of every grid in grid_list (same offsets and phases)."""
+        basis_r, basis_i = self._basis()
+        groups, q, D = self.groups, self.q, len(self.shifts)
+        w1 = torch.linalg.vector_norm(self.weight.double().abs().sum(dim=tuple(range(2, self.weight.dim())))).item()
+        w1 *= 1 + 4 * _gamma(self.weight.numel() + 4)
+        c = 2 * (64 * self.dims * _UNIT + _gamma(self.m + 1) + _gamma(D + 1))
+        underflow = q * (self.m + D + 1) * 2.0**-1000
+        out = []
+        for grids in grid_list:
+            kept = _kept_frequencies(grids)
+            index = torch.stack(torch.unravel_index(kept, [g.frequencies for g in grids]), 1)
+            coef = torch.ones(kept.numel(), D, dtype=torch.complex128)
+            for d, g in enumerate(grids):
+                shift = torch.tensor([h[d] for h in self.shifts], dtype=torch.int64)
+                # e^(i pi t / M), t = shift (2 w + twist) reduced mod 2M exactly in integers
+                t = torch.remainder(shift[None, :] * (2 * index[:, d : d + 1] + g.twist), 2 * g.frequencies)
+                angle = math.pi * t.double() / g.frequencies
+                value = torch.polar(torch.ones_like(angle), angle)
+                coef = coef * torch.where(t == 0, 1.0, torch.where(t == g.frequencies, -1.0, value))
+            minus_one = torch.full((kept.numel(), 1), -1.0, dtype=torch.float64)
+            Hr = (torch.cat([minus_one, -coef.real], 1) @ basis_r).reshape(-1, q, q)
+            Hi = (-coef.imag @ basis_i).reshape(-1, q, q) if D else torch.zeros_like(Hr)  # (no d > 0: H real)
+            # ‖K_b‖_F^2 = tr H_r(b) <= |tr fl(H_r)| + c tr T, tr T = ‖|P|‖_F^2 <= w1^2
+            trace = torch.diagonal(Hr, dim1=-2, dim2=-1).abs().sum(-1) * (1 + _gamma(q + 1))
+            fro2 = (trace + c * w1 * w1) * (1 + 4 * _UNIT) + _TINY
+            rounding = torch.full_like(fro2, 2 * c * w1 * w1 * (1 + 4 * _UNIT) + underflow)
+            out.append(_Grams(Hr, Hi, fro2, rounding, self.transposed, kept))
+        return out
+
+
+def _gram_stacks(weight: Tensor, groups: int, grid_list: Sequence[Sequence[_DimGrid]]) -> list[_Grams]:
+    """The Gram matrices of every candidate grid, by whichever way costs fewer flops: the kernel's
+    autocorrelation (shared by the grids) or each grid's stacked symbols."""
+    auto = _Autocorrelation(weight, groups, grid_list[0])
+    frequencies = sum(_kept_frequencies(grids).numel() for grids in grid_list)
+    p = weight.shape[1] * math.prod(g.phases for g in grid_list[0]) if auto.transposed else weight.shape[0] // groups
+    direct = 4 * frequencies * groups * p * auto.q**2
+    if _use_autocorrelation(auto.flops(frequencies), direct):
+        return auto.grams(grid_list)
+    return [_direct_grams(weight, groups, grids) for grids in grid_list]
+
+
+def _use_autocorrelation(auto_flops: float, direct_flops: float) -> bool:
+    """Whether the Gram matrices come from the autocorrelation (a seam for the tests)."""
+    return auto_flops < direct_flops
+
+
+def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, rounding: Tensor, mu: Tensor) -> Tensor:
+    """True where sigma_max(K_b) <= mu_b is proven, from -fl(H) = Hr + i Hi with ‖fl(H) - KᴴK‖_2 <=
+    rounding (H, fro2 >= ‖K‖_F^2 and rounding: a _Grams).
+
+    The test: the Cholesky factorization of the complex M = fl(a I - fl(H)), a = mu^2 - rounding -
+    delta, completes (hermitian_cholesky_test: the compiled kernel, or LAPACK).  Its backward error
+    (R̃ᴴR̃ = M + D, |D| <= c |R̃ᴴ||R̃| for any summation order; c = 8 gamma(2q + 4) covers complex
+    arithmetic) gives ‖D‖ <= c ‖R̃‖_F^2 <= 2 c q mu^2, and forming M's diagonal costs u (mu^2 +
+    H_ii) <= u (mu^2 + ‖K‖_F^2); delta exceeds all that, so KᴴK <= fl(H) + rounding I <= (a + ‖D‖ +
+    ‖dM‖ + rounding) I < mu^2 I.  The weights were scaled to O(1) by a power of two, so nothing
+    needs scaling here."""
     q = Hr.shape[-1]
-    inner = 2 * p
-    e_H = 8 * _gamma(2 * inner + 4) * fro2 + q * inner * 2.0**-1000
+    e_H = rounding
     c = 8 * _gamma(2 * q + 4)
     delta = 2 * (2 * c * q * mu**2 + 3 * _UNIT * mu**2 + _UNIT * fro2) + 2.0**-1000
     a = mu**2 - e_H - delta
@@ -472,8 +645,8 @@ def _ranking_estimates(Hr: Tensor, Hi: Tensor, steps: int) -> Tensor:
 
 
 class _CirculantBound:
-    """The circulant bound of one block-circulant operator (its matrices K_b stacked as S by
-    _symbol_stack), in two steps: the estimates (built here), then the certificate (certify()).
+    """The circulant bound of one block-circulant operator (the Gram matrices of its per-frequency
+    matrices K_b: a _Grams), in two steps: the estimates (built here), then the certificate (certify()).
 
     The estimates: a few batched power steps on every frequency's fl(KᴴK) rank the frequencies, and
     Lanczos on the real form of fl(KᴴK) in estimate_dtype (whose singular values are the squares of
@@ -482,10 +655,11 @@ class _CirculantBound:
     elsewhere), for a lower bound.  Every estimate is at most the matrix's sigma_max (up to the
     rounding of fl(KᴴK)), so no certified bound of this operator can fall below top()."""
 
-    def __init__(self, sym: _Symbols, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> None:
-        self.p, self.rtol, self.max_iters, self.estimate_dtype = sym.p, rtol, max_iters, estimate_dtype
-        self.fro2 = _frobenius_squared_upper(sym.S)
-        self.Hr, self.Hi = _negated_gram(sym.S, sym.p)
+    def __init__(self, grams: _Grams, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> None:
+        self.rtol, self.max_iters, self.estimate_dtype = rtol, max_iters, estimate_dtype
+        self.grams = grams
+        self.fro2, self.rounding = grams.fro2, grams.rounding
+        self.Hr, self.Hi = grams.Hr, grams.Hi
         B, q = self.Hr.shape[0], self.Hr.shape[-1]
         self.estimate = _ranking_estimates(self.Hr, self.Hi, _RANKING_STEPS).double().clamp_min(0).sqrt()
         self.v = self.Hr.new_zeros(B, 2 * q, dtype=estimate_dtype)
@@ -508,15 +682,15 @@ class _CirculantBound:
         """Certified max over b of sigma_max(K_b).  Every matrix is certified at the same mu just
         above the largest estimate; those whose Frobenius norm is already below mu need no test, and
         any that fails gets its own Lanczos estimate and is retried alone higher up."""
-        rtol, p, fro2 = self.rtol, self.p, self.fro2
+        rtol, fro2, rounding = self.rtol, self.fro2, self.rounding
         Hr, Hi, estimate = self.Hr, self.Hi, self.estimate
         mu = estimate.max() * (1 + rtol / 4)
         bound = fro2.sqrt() * (1 + 2 * _UNIT)  # sigma <= ‖K‖_F always
         test = (bound > mu).nonzero()[:, 0]
         if test.numel() == Hr.shape[0]:
-            proven = _certify_below(Hr, Hi, fro2, mu.expand(test.numel()), p)
+            proven = _certify_below(Hr, Hi, fro2, rounding, mu.expand(test.numel()))
         else:
-            proven = _certify_below(Hr[test], Hi[test], fro2[test], mu.expand(test.numel()), p)
+            proven = _certify_below(Hr[test], Hi[test], fro2[test], rounding[test], mu.expand(test.numel()))
         bound[test[proven]] = mu
         pending = test[~proven]
         if pending.numel():  # above mu (or an estimate that missed): each gets its own estimate first
@@ -529,7 +703,7 @@ class _CirculantBound:
             candidate = torch.maximum(estimate[pending] * (1 + rtol / 4), mu) * (1 + rtol) ** (4**attempt - 1)
             still = candidate < bound[pending]
             idx = pending[still]
-            ok = _certify_below(Hr[idx], Hi[idx], fro2[idx], candidate[still], p)
+            ok = _certify_below(Hr[idx], Hi[idx], fro2[idx], rounding[idx], candidate[still])
             bound[idx[ok]] = candidate[still][ok]
             pending = idx[~ok]
         return float(bound.max())
@@ -685,11 +859,11 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     error = math.ldexp(error, e)  # in the weight's units from here on
     estimate_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     start = None
-    candidates = []
     scaled_cpu = scaled.cpu()
-    for grid in grids:
-        sym = _symbol_stack(scaled_cpu, op.groups, grid)
-        candidates.append((_CirculantBound(sym, rtol, max_iters, estimate_dtype), grid, sym))
+    candidates = [
+        (_CirculantBound(grams, rtol, max_iters, estimate_dtype), grid)
+        for grams, grid in zip(_gram_stacks(scaled_cpu, op.groups, grids), grids)
+    ]
     # Certify the candidates in the order of their largest estimates, skipping any whose estimate
     # is already above the best bound so far: its own bound would be at least its sigma_max, which
     # is at least its estimate (up to the estimate's rounding, under 1e-5 even in float32), so the
@@ -698,16 +872,18 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     # certificate on most layers, so one Cholesky test of every frequency is saved there.
     candidates.sort(key=lambda c: c[0].top())
     upper_scaled = math.inf
-    for circulant, _, _ in candidates:
+    for circulant, _ in candidates:
         if circulant.top() * (1 - 1e-5) < upper_scaled:
             upper_scaled = min(upper_scaled, circulant.certify())
     upper = (math.ldexp(upper_scaled, e) + error) * (1 + 4 * _UNIT) * factor * (1 + 4 * _UNIT)
     # the first candidate was certified, so its estimates include any frequency the ranking missed
-    circulant, grid, sym = candidates[0]
+    circulant, grid = candidates[0]
     top = int(circulant.estimate.argmax())
+    # the symbols of the top matrix's frequency (the Gram matrices may come without them)
+    sym = _symbol_stack(scaled_cpu, op.groups, grid, circulant.grams.kept[top // op.groups : top // op.groups + 1])
     if exact:
         # op is unitarily equivalent to the block-diagonal of the K_f: its norm is max_f sigma(K_f)
-        R = _real_form(sym.S[top : top + 1], sym.p)
+        R = _real_form(sym.S[top % op.groups : top % op.groups + 1], sym.p)
         rayleigh = float(reference.certified_rayleigh_lower(R, circulant.v[top : top + 1].double())[0])
         lower = max((math.ldexp(rayleigh, e) - error) * (1 - 4 * _UNIT), 0.0)
     elif op.padding_mode in ("zeros", "circular"):

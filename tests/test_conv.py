@@ -147,9 +147,17 @@ def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return clone
 
 
+@pytest.fixture(params=["autocorrelation", "symbols"])
+def gram_method(request, monkeypatch):
+    """The circulant bound's Gram matrices made one way only (the library picks the cheaper)."""
+    monkeypatch.setattr(conv, "_use_autocorrelation", lambda auto, direct: request.param == "autocorrelation")
+    return request.param
+
+
 @pytest.mark.parametrize("config", CONFIGS[:24] + CONFIGS[-10:], ids=_id)
-def test_circulant_bounds_alone_are_valid(config, monkeypatch):
-    """The structural bounds without the explicit-matrix refinement: still never below the norm."""
+def test_circulant_bounds_alone_are_valid(config, monkeypatch, gram_method):
+    """The structural bounds without the explicit-matrix refinement: still never below the norm,
+    and within rtol of it on circulant layers, whichever way the Gram matrices were made."""
     monkeypatch.setattr(conv, "EXPLICIT_MATRIX_LIMIT", 0)
     module, size = config
     exact = exact_norm(module, size)
@@ -157,6 +165,47 @@ def test_circulant_bounds_alone_are_valid(config, monkeypatch):
         warnings.simplefilter("ignore", RuntimeWarning)
         lower, upper = lipfast.operator_norm_bounds(module.double(), size)
     assert float(lower) <= exact <= float(upper)
+    if _is_circulant(module, size):
+        assert float(upper) <= exact * (1 + 1e-3)
+
+
+def _circulant_configs() -> list:
+    ops = [(conv._module_operator("test", module.double(), size), (module, size)) for module, size in CONFIGS]
+    return [pytest.param(op, id=_id(config)) for op, config in ops if not conv._pointwise(op)]
+
+
+@pytest.mark.parametrize("op", _circulant_configs())
+def test_autocorrelation_grams_match_the_symbols(op):
+    """The Gram matrices from the kernel's autocorrelation against those of the stacked symbols, on
+    every candidate grid (strides, groups, dilation, 1-3 dims, both orientations, twisted grids):
+    the same matrices to rounding, each within the other's stated rounding bound, their fro2 an
+    upper bound on the symbols' Frobenius norms (and not a loose one), and exactly real matrices
+    at the frequencies that are their own mirrors."""
+    w = op.weight.detach()
+    grids, _, _ = conv._grids(op)
+    auto = conv._Autocorrelation(w, op.groups, grids[0]).grams(grids)
+    for grid, a in zip(grids, auto):
+        d = conv._direct_grams(w, op.groups, grid)
+        sym = conv._symbol_stack(w, op.groups, grid)
+        assert a.transposed == d.transposed and torch.equal(a.kept, d.kept)
+        assert a.Hr.shape == d.Hr.shape and a.Hi.shape == d.Hi.shape
+        lower = lambda X: torch.tril(X)  # what the certificate reads
+        diff = torch.complex(lower(a.Hr - d.Hr), lower(a.Hi - d.Hi))
+        diff = diff + diff.mH - torch.diag_embed(torch.diagonal(diff, dim1=-2, dim2=-1))
+        gap = torch.linalg.matrix_norm(diff, 2)
+        scale = torch.linalg.matrix_norm(torch.complex(d.Hr, d.Hi), 2)
+        assert bool((gap <= 1e-13 * scale + 1e-300).all())
+        symbol = conv._symbol_error(w, w.dim() - 2)
+        slack = 2 * d.fro2.sqrt() * symbol + symbol**2
+        assert bool((gap <= a.rounding + d.rounding + slack).all())
+        fro2 = torch.linalg.vector_norm(sym.S, dim=(-2, -1)).square()
+        assert bool((a.fro2 >= fro2 * (1 - 1e-12)).all()) and bool((a.fro2 <= fro2 * (1 + 1e-9) + 1e-300).all())
+        index = torch.stack(torch.unravel_index(a.kept, [g.frequencies for g in grid]), 1)
+        own_mirror = torch.ones(a.kept.numel(), dtype=torch.bool)
+        for dim, g in enumerate(grid):
+            own_mirror &= g.mirror()[index[:, dim]] == index[:, dim]
+        own_mirror = own_mirror.repeat_interleave(op.groups)
+        assert bool((a.Hi[own_mirror] == 0).all())
 
 
 def test_low_estimates_are_retried(monkeypatch):
@@ -173,17 +222,19 @@ def test_low_estimates_are_retried(monkeypatch):
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS[48:] if _is_circulant(*c)], ids=_id)
-def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config):
+def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config, gram_method):
     """The Lanczos start built from the top frequency (used for zero padding) gains exactly the
     circulant's norm on circular layers, whatever the stride, groups or matrix orientation."""
     module, size = config
     op = conv._module_operator("test", module.double(), size)
     grids, exact, _ = conv._grids(op)
     assert exact
-    sym = conv._symbol_stack(op.weight.detach(), op.groups, grids[0])
-    circulant = conv._CirculantBound(sym, 1e-6, 1000, torch.float64)
+    w = op.weight.detach()
+    circulant = conv._CirculantBound(conv._gram_stacks(w, op.groups, grids)[0], 1e-6, 1000, torch.float64)
     estimate, v = circulant.estimate, circulant.v
     top = int(estimate.argmax())
+    f = top // op.groups
+    sym = conv._symbol_stack(w, op.groups, grids[0], circulant.grams.kept[f : f + 1])
     x = conv._plane_wave(op, grids[0], sym, top, v[top])
     gain = float(op.apply(x[None], op.weight.detach()).norm() / x.norm())
     assert abs(gain - float(estimate[top])) <= 1e-6 * float(estimate[top])
