@@ -337,14 +337,21 @@ def _symbol_stack(weight: Tensor, groups: int, grids: Sequence[_DimGrid], only: 
     E = torch.stack([E.real, E.imag], 1).reshape(F * 2 * R, taps)  # rows (f, re/im, phase)
     c_out, c_in = weight.shape[0] // groups, weight.shape[1]
     w = weight.double().reshape(groups, c_out, c_in, taps)
-    if R * c_in >= c_out:  # K_fᵀ: rows (phase, in channel), columns out channel
+    transposed = R * c_in >= c_out  # K_fᵀ: rows (phase, in channel), columns out channel
+    if F * 2 * R < taps:
+        # few frequencies (one, for a plane wave): the product in the weight's own layout, whose
+        # output is smaller than the weight, rather than on a tap-major copy of the weight
+        S = (w.reshape(-1, taps) @ E.T).reshape(groups, c_out, c_in, F, 2, R)
+        S = S.permute(3, 0, 4, 5, 2, 1) if transposed else S.permute(3, 0, 4, 1, 5, 2)
+    elif transposed:
         S = (E @ w.permute(3, 0, 2, 1).reshape(taps, -1)).reshape(F, 2, R, groups, c_in, c_out)
-        S = S.permute(0, 3, 1, 2, 4, 5).reshape(F * groups, 2 * R * c_in, c_out)
-        return _Symbols(S, R * c_in, True, kept)
-    # K_f: rows out channel, columns (phase, in channel)
-    S = (E @ w.permute(3, 0, 1, 2).reshape(taps, -1)).reshape(F, 2, R, groups, c_out, c_in)
-    S = S.permute(0, 3, 1, 4, 2, 5).reshape(F * groups, 2 * c_out, R * c_in)
-    return _Symbols(S, c_out, False, kept)
+        S = S.permute(0, 3, 1, 2, 4, 5)
+    else:  # K_f: rows out channel, columns (phase, in channel)
+        S = (E @ w.permute(3, 0, 1, 2).reshape(taps, -1)).reshape(F, 2, R, groups, c_out, c_in)
+        S = S.permute(0, 3, 1, 4, 2, 5)
+    if transposed:  # S: (F, groups, 2, R, c_in, c_out)
+        return _Symbols(S.reshape(F * groups, 2 * R * c_in, c_out), R * c_in, True, kept)
+    return _Symbols(S.reshape(F * groups, 2 * c_out, R * c_in), c_out, False, kept)  # (F, groups, 2, c_out, R, c_in)
 
 
 def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: int, z: Tensor) -> Tensor:

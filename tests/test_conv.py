@@ -206,6 +206,12 @@ def test_autocorrelation_grams_match_the_symbols(op):
             own_mirror &= g.mirror()[index[:, dim]] == index[:, dim]
         own_mirror = own_mirror.repeat_interleave(op.groups)
         assert bool((a.Hi[own_mirror] == 0).all())
+        # one frequency's symbols alone (as for the plane wave): the same matrices
+        f = int(a.kept.numel()) // 2
+        one = conv._symbol_stack(w, op.groups, grid, a.kept[f : f + 1])
+        assert one.p == sym.p and one.transposed == sym.transposed
+        want = sym.S[f * op.groups : (f + 1) * op.groups]
+        assert torch.allclose(one.S, want, rtol=0, atol=1e-13 * float(want.abs().max()))
 
 
 def test_low_estimates_are_retried(monkeypatch):
