@@ -524,24 +524,28 @@ class _Autocorrelation:
         return self.pair_flops + 2 * frequencies * self.groups * (1 + 2 * len(self.shifts)) * self.q**2
 
     def _basis(self) -> tuple[Tensor, Tensor]:
-        """(H_0; H_d + H_dᵀ ...) and (H_d - H_dᵀ ...) as (terms, groups * q^2) float64."""
-        groups, q, c_in = self.groups, self.q, self.c_in
+        """(H_0; H_d + H_dᵀ ...) and (H_d - H_dᵀ ...) as (terms, groups * q^2) float64 (written in
+        place: at 512 channels each term is 2 MB, and fresh buffers cost their page faults)."""
+        groups, q, c_in, D = self.groups, self.q, self.c_in, len(self.shifts)
         taps = math.prod(self.weight.shape[2:])
         w = self.weight.double().reshape(groups, -1, c_in, taps).permute(3, 0, 1, 2).contiguous()  # W_j = w[j]
-        H = {}
-        for d, pairs in self.pairs.items():
-            out = w.new_zeros(groups, q, q)
-            for j, k in pairs:
+        real = w.new_empty(1 + D, groups, q, q)
+        imag = w.new_zeros(max(D, 1), groups, q, q)
+        H = w.new_empty(groups, q, q)
+        for i, d in enumerate([(0,) * self.dims] + self.shifts):
+            H.zero_()
+            for j, k in self.pairs[d]:
                 if self.transposed:  # W_j W_kᵀ
-                    out.baddbmm_(w[j], w[k].mT)
+                    H.baddbmm_(w[j], w[k].mT)
                 else:  # W_jᵀ W_k into block (phase j, phase k)
                     rj, rk = self.phases[j], self.phases[k]
-                    out[:, rj * c_in : (rj + 1) * c_in, rk * c_in : (rk + 1) * c_in].baddbmm_(w[j].mT, w[k])
-            H[d] = out
-        H0 = H[(0,) * self.dims]
-        real = [(H0 + H0.mT) * 0.5] + [H[d] + H[d].mT for d in self.shifts]
-        imag = [H[d] - H[d].mT for d in self.shifts] or [H0.new_zeros(H0.shape)]
-        return torch.stack(real).reshape(len(real), -1), torch.stack(imag).reshape(len(imag), -1)
+                    H[:, rj * c_in : (rj + 1) * c_in, rk * c_in : (rk + 1) * c_in].baddbmm_(w[j].mT, w[k])
+            torch.add(H, H.mT, out=real[i])
+            if i == 0:
+                real[0].mul_(0.5)  # H_0 made exactly symmetric
+            else:
+                torch.sub(H, H.mT, out=imag[i - 1])
+        return real.reshape(1 + D, -1), imag.reshape(imag.shape[0], -1)
 
     def grams(self, grid_list: Sequence[Sequence[_DimGrid]]) -> list[_Grams]:
         """The (negated) Gram matrices of every grid in grid_list (same offsets and phases)."""
