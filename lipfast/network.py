@@ -413,17 +413,18 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     mine = _bound_dense_layers(mine, rtol, results)
     iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     failure = None
-    for name, module, in_shape, out_shape in iterator:
-        t0 = time.perf_counter()
-        try:
-            lower, upper, note = _layer_constant(name, module, in_shape, rtol)
-        except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
-            failure = f"{name} ({type(module).__name__}): {type(exc).__name__}: {exc}"
-            if group is None:
-                raise
-            break
-        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
-                                   time.perf_counter() - t0, note)
+    with conv.reused_buffers():  # the conv layers' Gram matrices reuse one set of buffers
+        for name, module, in_shape, out_shape in iterator:
+            t0 = time.perf_counter()
+            try:
+                lower, upper, note = _layer_constant(name, module, in_shape, rtol)
+            except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
+                failure = f"{name} ({type(module).__name__}): {type(exc).__name__}: {exc}"
+                if group is None:
+                    raise
+                break
+            results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
+                                       time.perf_counter() - t0, note)
     if group is not None and world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (results, failure), group=group)

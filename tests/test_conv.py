@@ -334,3 +334,21 @@ def test_bad_modules():
         lipfast.operator_norm_bounds(nn.ReLU(), (4, 4))
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         lipfast.conv_spectral_norm([1.0], (4,))
+
+
+def test_reused_buffers_change_nothing(monkeypatch):
+    """Inside conv.reused_buffers() the Gram matrices of one layer after another are written into
+    the same buffers (grown as needed): every bracket is the same to the bit as outside it, and the
+    buffers are gone after the block."""
+    monkeypatch.setattr(conv, "_use_autocorrelation", lambda auto, direct: True)
+    configs = [(m, s) for m, s in CONFIGS[:30] if not conv._pointwise(conv._module_operator("t", m, s))]
+    configs = configs + configs[::-1]  # buffers grown, then smaller layers in larger buffers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fresh = [lipfast.operator_norm_bounds(m, s) for m, s in configs]
+        with conv.reused_buffers():
+            reused = [lipfast.operator_norm_bounds(m, s) for m, s in configs]
+            assert conv._buffers.get()  # the buffers were used
+    assert conv._buffers.get() is None
+    for (lo, up), (lo2, up2) in zip(fresh, reused):
+        assert float(lo) == float(lo2) and float(up) == float(up2)
