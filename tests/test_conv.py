@@ -352,3 +352,31 @@ def test_reused_buffers_change_nothing(monkeypatch):
     assert conv._buffers.get() is None
     for (lo, up), (lo2, up2) in zip(fresh, reused):
         assert float(lo) == float(lo2) and float(up) == float(up2)
+
+
+def test_border_envelope_brings_the_start_closer():
+    """With zero padding, the circulant's top plane wave times the border envelope lies closer to
+    the operator's top right singular vector (explicit-matrix SVD) than the plane wave alone: on
+    17 of 18 seeded layers here (the exception: a plane wave nearly orthogonal to it either way)."""
+    closer, total = 0, 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        for c_in, c_out, k, stride, size in [(4, 4, 3, 1, (12, 12)), (3, 6, 3, 2, (12, 10)), (4, 4, 5, 1, (10, 9))]:
+            module = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False).double()
+            v = torch.linalg.svd(explicit_matrix(module, size))[2][0]
+            op = conv._module_operator("test", module, size)
+            grids, _, _ = conv._grids(op)
+            w = op.weight.detach()
+            bounds = [(conv._CirculantBound(g, 1e-6, 1000, torch.float64), grid)
+                      for g, grid in zip(conv._gram_stacks(w, op.groups, grids), grids)]
+            circulant, grid = min(bounds, key=lambda c: c[0].top())
+            top = int(circulant.estimate.argmax())
+            f = top // op.groups
+            sym = conv._symbol_stack(w, op.groups, grid, circulant.grams.kept[f : f + 1])
+            x = conv._plane_wave(op, grid, sym, top, circulant.v[top])
+            faded = conv._border_envelope(x)
+            assert faded.shape == x.shape
+            cosine = [float((y.flatten() @ v).abs() / y.norm()) for y in (x, faded)]
+            closer += cosine[1] > cosine[0]
+            total += 1
+    assert closer >= 16 and total == 18
