@@ -169,9 +169,43 @@ def test_circulant_bounds_alone_are_valid(config, monkeypatch, gram_method):
         assert float(upper) <= exact * (1 + 1e-3)
 
 
+def _seeded(module: nn.Module) -> nn.Module:
+    torch.manual_seed(sum(module.weight.shape))
+    nn.init.normal_(module.weight)
+    return module
+
+
+# Strided layers whose stored per-frequency matrix is K_f itself (more output channels than phases x
+# input channels): the autocorrelation's Gram matrices then have cross-phase blocks.
+WIDE_STRIDED = [
+    (_seeded(nn.Conv2d(2, 16, 3, stride=2, padding=1, bias=False)), (6, 6)),
+    (_seeded(nn.Conv1d(1, 8, 5, stride=3, padding=2, bias=False)), (9,)),
+    (_seeded(nn.Conv2d(2, 12, 3, stride=(2, 1), padding=1, padding_mode="circular", bias=False)), (6, 5)),
+    (_seeded(nn.Conv3d(1, 9, 3, stride=2, padding=1, bias=False)), (4, 4, 4)),
+    (_seeded(nn.Conv2d(4, 20, 3, stride=2, padding=1, groups=2, bias=False)), (6, 6)),
+]
+
+
 def _circulant_configs() -> list:
-    ops = [(conv._module_operator("test", module.double(), size), (module, size)) for module, size in CONFIGS]
+    ops = [(conv._module_operator("test", module.double(), size), (module, size)) for module, size in CONFIGS + WIDE_STRIDED]
     return [pytest.param(op, id=_id(config)) for op, config in ops if not conv._pointwise(op)]
+
+
+@pytest.mark.parametrize("config", WIDE_STRIDED, ids=_id)
+def test_wide_strided_brackets(config, gram_method, monkeypatch):
+    """The circulant brackets alone (no explicit-matrix refinement) of the layers with cross-phase
+    Gram blocks, both ways, against the explicit SVD."""
+    monkeypatch.setattr(conv, "EXPLICIT_MATRIX_LIMIT", 0)
+    module, size = config
+    assert not conv._Autocorrelation(module.weight, module.groups, conv._grids(
+        conv._module_operator("test", module, size))[0][0]).transposed
+    exact = exact_norm(module, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lower, upper = lipfast.operator_norm_bounds(module.double(), size)
+    assert float(lower) <= exact <= float(upper)
+    if _is_circulant(module, size):
+        assert float(upper) <= exact * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("op", _circulant_configs())
