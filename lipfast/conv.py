@@ -519,7 +519,7 @@ class _Autocorrelation:
         self.m = max(len(p) for p in pairs.values()) * inner
         block = c_out if self.transposed else c_in  # each pair's product: block x inner x block
         self.pair_flops = 2 * groups * sum(len(p) for p in pairs.values()) * block * inner * block
-        self.weight, self.phases, self.c_in = weight, phases, c_in
+        self.weight, self.phases, self.c_in, self.grids = weight, phases, c_in, grids
 
     def flops(self, frequencies: int) -> float:
         """Multiply-adds (times 2) for the Gram matrices of `frequencies` kept frequencies."""
@@ -559,6 +559,8 @@ class _Autocorrelation:
         underflow = q * (self.m + D + 1) * 2.0**-1000
         out = []
         for number, grids in enumerate(grid_list):
+            # the H_d hold for any grid with the same taps' phases and shifts (twists may differ)
+            assert all((g.offsets, g.phases) == (h.offsets, h.phases) for g, h in zip(grids, self.grids))
             kept = _kept_frequencies(grids)
             index = torch.stack(torch.unravel_index(kept, [g.frequencies for g in grids]), 1)
             coef = torch.ones(kept.numel(), D, dtype=torch.complex128)
