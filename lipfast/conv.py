@@ -387,17 +387,22 @@ def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: i
     return out
 
 
-def _symbol_error(weight: Tensor, dims: int) -> float:
-    """Bound on ‖K_computed - K_exact‖_2 for every frequency's matrix.
+def _tap_abs_norm(weight: Tensor) -> float:
+    """Upper bound on w1 = ‖(sum_j |w_oij|)_oi‖_F, the sum over taps j (what both the symbols' and
+    the autocorrelation's rounding bounds scale with)."""
+    w1 = torch.linalg.vector_norm(weight.double().abs().sum(dim=tuple(range(2, weight.dim())))).item()
+    return w1 * (1 + 4 * _gamma(weight.numel() + 4))
+
+
+def _symbol_error(w1: float, dims: int, taps: int) -> float:
+    """Bound on ‖K_computed - K_exact‖_2 for every frequency's matrix, w1 = _tap_abs_norm(weight).
 
     Each twiddle's angle pi t / M (t exact) is off by at most 4 u |angle| <= 8 pi u, and cos/sin by
     one more unit (the libm assumption); a product of `dims` twiddles then lies within 64 dims u of
     the exact one, and each entry sum_j w_j E_j adds 4 gamma(2 taps + 8) sum_j |w_j|.  So every
-    entry is off by c sum_j |w_j| (the taps of its phase), and ‖dK‖_2 <= ‖dK‖_F <= c ‖(sum_j |w_oij|)_oi‖_F."""
-    taps = math.prod(weight.shape[2:])
+    entry is off by c sum_j |w_j| (the taps of its phase), and ‖dK‖_2 <= ‖dK‖_F <= c w1."""
     c = 64 * dims * _UNIT + 4 * _gamma(2 * taps + 8)
-    w1 = torch.linalg.vector_norm(weight.double().abs().sum(dim=tuple(range(2, weight.dim())))).item()
-    return c * w1 * (1 + 4 * _gamma(weight.numel() + 4)) + 64 * _TINY
+    return c * w1 + 64 * _TINY
 
 
 def _frobenius_squared_upper(S: Tensor) -> Tensor:
@@ -549,12 +554,11 @@ class _Autocorrelation:
                 torch.sub(H, H.mT, out=imag[i - 1])
         return real.reshape(1 + D, -1), imag.reshape(imag.shape[0], -1)
 
-    def grams(self, grid_list: Sequence[Sequence[_DimGrid]]) -> list[_Grams]:
-        """The (negated) Gram matrices of every grid in grid_list (same offsets and phases)."""
+    def grams(self, grid_list: Sequence[Sequence[_DimGrid]], w1: float) -> list[_Grams]:
+        """The (negated) Gram matrices of every grid in grid_list (same offsets and phases);
+        w1 = _tap_abs_norm(weight)."""
         basis_r, basis_i = self._basis()
         groups, q, D = self.groups, self.q, len(self.shifts)
-        w1 = torch.linalg.vector_norm(self.weight.double().abs().sum(dim=tuple(range(2, self.weight.dim())))).item()
-        w1 *= 1 + 4 * _gamma(self.weight.numel() + 4)
         c = 2 * (64 * self.dims * _UNIT + _gamma(self.m + 1) + _gamma(D + 1))
         underflow = q * (self.m + D + 1) * 2.0**-1000
         out = []
@@ -616,15 +620,15 @@ def _buffer(role: str, rows: int, cols: int) -> Tensor:
     return kept[: rows * cols].view(rows, cols)
 
 
-def _gram_stacks(weight: Tensor, groups: int, grid_list: Sequence[Sequence[_DimGrid]]) -> list[_Grams]:
+def _gram_stacks(weight: Tensor, groups: int, grid_list: Sequence[Sequence[_DimGrid]], w1: float) -> list[_Grams]:
     """The Gram matrices of every candidate grid, by whichever way costs fewer flops: the kernel's
-    autocorrelation (shared by the grids) or each grid's stacked symbols."""
+    autocorrelation (shared by the grids) or each grid's stacked symbols; w1 = _tap_abs_norm(weight)."""
     auto = _Autocorrelation(weight, groups, grid_list[0])
     frequencies = sum(_kept_frequencies(grids).numel() for grids in grid_list)
     p = weight.shape[1] * math.prod(g.phases for g in grid_list[0]) if auto.transposed else weight.shape[0] // groups
     direct = 4 * frequencies * groups * p * auto.q**2
     if _use_autocorrelation(auto.flops(frequencies), direct):
-        return auto.grams(grid_list)
+        return auto.grams(grid_list, w1)
     return [_direct_grams(weight, groups, grids) for grids in grid_list]
 
 
@@ -915,7 +919,8 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     # entries that become subnormal, each off by at most 2^-1075 (so each K entry by taps 2^-1075)
     e = int(torch.frexp(weight.abs().max().double()).exponent)
     scaled = torch.ldexp(weight.double(), torch.tensor(-e, dtype=torch.float64, device=weight.device))
-    error = _symbol_error(scaled, dims)
+    w1 = _tap_abs_norm(scaled)
+    error = _symbol_error(w1, dims, math.prod(op.kernel))
     if e > 0:
         error += math.prod(op.kernel) * math.sqrt(weight.shape[0] * weight.shape[1] * math.prod(op.stride)) * 2.0**-1074
     error = math.ldexp(error, e)  # in the weight's units from here on
@@ -924,7 +929,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     scaled_cpu = scaled.cpu()
     candidates = [
         (_CirculantBound(grams, rtol, max_iters, estimate_dtype), grid)
-        for grams, grid in zip(_gram_stacks(scaled_cpu, op.groups, grids), grids)
+        for grams, grid in zip(_gram_stacks(scaled_cpu, op.groups, grids, w1), grids)
     ]
     # Certify the candidates in the order of their largest estimates, skipping any whose estimate
     # is already above the best bound so far: its own bound would be at least its sigma_max, which
@@ -941,20 +946,22 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     # the first candidate was certified, so its estimates include any frequency the ranking missed
     circulant, grid = candidates[0]
     top = int(circulant.estimate.argmax())
-    # the symbols of the top matrix's frequency (the Gram matrices may come without them)
-    sym = _symbol_stack(scaled_cpu, op.groups, grid, circulant.grams.kept[top // op.groups : top // op.groups + 1])
-    if exact:
-        # op is unitarily equivalent to the block-diagonal of the K_f: its norm is max_f sigma(K_f)
-        R = _real_form(sym.S[top % op.groups : top % op.groups + 1], sym.p)
-        rayleigh = float(reference.certified_rayleigh_lower(R, circulant.v[top : top + 1].double())[0])
-        lower = max((math.ldexp(rayleigh, e) - error) * (1 - 4 * _UNIT), 0.0)
-    elif op.padding_mode in ("zeros", "circular"):
-        # the circulant's top plane wave (grid positions [0, n) hold the input when nothing is
-        # padded by copying) starts the operator's own Lanczos close to its top singular vector
-        start = _plane_wave(op, grid, sym, top, circulant.v[top])
-        if op.padding_mode == "zeros":
-            start = _border_envelope(start)
-    del candidates, circulant, sym  # the Gram matrices are not needed by the operator's Lanczos
+    if exact or op.padding_mode in ("zeros", "circular"):
+        # the symbols of the top matrix's frequency alone (the Gram matrices may come without them)
+        f = top // op.groups
+        sym = _symbol_stack(scaled_cpu, op.groups, grid, circulant.grams.kept[f : f + 1])
+        if exact:
+            # op is unitarily equivalent to the block-diagonal of the K_f: its norm is max_f sigma(K_f)
+            R = _real_form(sym.S[top % op.groups : top % op.groups + 1], sym.p)
+            rayleigh = float(reference.certified_rayleigh_lower(R, circulant.v[top : top + 1].double())[0])
+            lower = max((math.ldexp(rayleigh, e) - error) * (1 - 4 * _UNIT), 0.0)
+        else:
+            # the circulant's top plane wave (grid positions [0, n) hold the input when nothing is
+            # padded by copying) starts the operator's own Lanczos close to its top singular vector
+            start = _plane_wave(op, grid, sym, top, circulant.v[top])
+            if op.padding_mode == "zeros":
+                start = _border_envelope(start)
+    del candidates, circulant  # the Gram matrices are not needed by the operator's Lanczos
     if not exact:
         lower = _operator_lower_bound(op, start, upper, rtol, max_iters, scaled, e)
         n_in = op.weight.shape[1] * op.groups * math.prod(op.input_size)

@@ -208,7 +208,7 @@ def test_autocorrelation_grams_match_the_symbols(op):
     at the frequencies that are their own mirrors."""
     w = op.weight.detach()
     grids, _, _ = conv._grids(op)
-    auto = conv._Autocorrelation(w, op.groups, grids[0]).grams(grids)
+    auto = conv._Autocorrelation(w, op.groups, grids[0]).grams(grids, conv._tap_abs_norm(w))
     for grid, a in zip(grids, auto):
         d = conv._direct_grams(w, op.groups, grid)
         sym = conv._symbol_stack(w, op.groups, grid)
@@ -220,7 +220,7 @@ def test_autocorrelation_grams_match_the_symbols(op):
         gap = torch.linalg.matrix_norm(diff, 2)
         scale = torch.linalg.matrix_norm(torch.complex(d.Hr, d.Hi), 2)
         assert bool((gap <= 1e-13 * scale + 1e-300).all())
-        symbol = conv._symbol_error(w, w.dim() - 2)
+        symbol = conv._symbol_error(conv._tap_abs_norm(w), w.dim() - 2, math.prod(w.shape[2:]))
         slack = 2 * d.fro2.sqrt() * symbol + symbol**2
         assert bool((gap <= a.rounding + d.rounding + slack).all())
         fro2 = torch.linalg.vector_norm(sym.S, dim=(-2, -1)).square()
@@ -261,7 +261,7 @@ def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config, gram_method)
     grids, exact, _ = conv._grids(op)
     assert exact
     w = op.weight.detach()
-    circulant = conv._CirculantBound(conv._gram_stacks(w, op.groups, grids)[0], 1e-6, 1000, torch.float64)
+    circulant = conv._CirculantBound(conv._gram_stacks(w, op.groups, grids, conv._tap_abs_norm(w))[0], 1e-6, 1000, torch.float64)
     estimate, v = circulant.estimate, circulant.v
     top = int(estimate.argmax())
     f = top // op.groups
@@ -393,7 +393,7 @@ def test_border_envelope_brings_the_start_closer():
             grids, _, _ = conv._grids(op)
             w = op.weight.detach()
             bounds = [(conv._CirculantBound(g, 1e-6, 1000, torch.float64), grid)
-                      for g, grid in zip(conv._gram_stacks(w, op.groups, grids), grids)]
+                      for g, grid in zip(conv._gram_stacks(w, op.groups, grids, conv._tap_abs_norm(w)), grids)]
             circulant, grid = min(bounds, key=lambda c: c[0].top())
             top = int(circulant.estimate.argmax())
             f = top // op.groups
