@@ -711,17 +711,15 @@ class _CirculantBound:
     def __init__(self, grams: _Grams, rtol: float, max_iters: int, estimate_dtype: torch.dtype) -> None:
         self.rtol, self.max_iters, self.estimate_dtype = rtol, max_iters, estimate_dtype
         self.grams = grams
-        self.fro2, self.rounding = grams.fro2, grams.rounding
-        self.Hr, self.Hi = grams.Hr, grams.Hi
-        B, q = self.Hr.shape[0], self.Hr.shape[-1]
-        self.estimate = _ranking_estimates(self.Hr, self.Hi, _RANKING_STEPS).double().clamp_min(0).sqrt()
-        self.v = self.Hr.new_zeros(B, 2 * q, dtype=estimate_dtype)
+        B, q = grams.Hr.shape[0], grams.Hr.shape[-1]
+        self.estimate = _ranking_estimates(grams.Hr, grams.Hi, _RANKING_STEPS).double().clamp_min(0).sqrt()
+        self.v = grams.Hr.new_zeros(B, 2 * q, dtype=estimate_dtype)
         self.lanczos = torch.zeros(B, dtype=torch.bool)
         self._refine(self.estimate.argsort(descending=True)[:_LANCZOS_CANDIDATES])
 
     def _refine(self, idx: Tensor) -> None:
         """Lanczos estimates (and vectors) for the matrices idx."""
-        Z = _real_gram(self.Hr[idx], self.Hi[idx], self.estimate_dtype)  # -Z: the same singular values
+        Z = _real_gram(self.grams.Hr[idx], self.grams.Hi[idx], self.estimate_dtype)  # -Z: the same singular values
         square, top = _dense_top(Z, self.rtol / 8, self.max_iters)
         self.estimate[idx] = square.double().clamp_min(0).sqrt()
         self.v[idx] = top
@@ -735,8 +733,8 @@ class _CirculantBound:
         """Certified max over b of sigma_max(K_b).  Every matrix is certified at the same mu just
         above the largest estimate; those whose Frobenius norm is already below mu need no test, and
         any that fails gets its own Lanczos estimate and is retried alone higher up."""
-        rtol, fro2, rounding = self.rtol, self.fro2, self.rounding
-        Hr, Hi, estimate = self.Hr, self.Hi, self.estimate
+        rtol, estimate = self.rtol, self.estimate
+        Hr, Hi, fro2, rounding = self.grams.Hr, self.grams.Hi, self.grams.fro2, self.grams.rounding
         mu = estimate.max() * (1 + rtol / 4)
         bound = fro2.sqrt() * (1 + 2 * _UNIT)  # sigma <= ‖K‖_F always
         test = (bound > mu).nonzero()[:, 0]
