@@ -272,20 +272,24 @@ class _DimGrid:
     offsets: tuple[int, ...]
     twist: int  # 0: circulant; 1: skew-circulant (frequencies shifted by half a step)
 
+    def waves(self, w: Tensor, shifts: Tensor) -> Tensor:
+        """exp(-i (2 pi (w + twist/2) / M) shift) for frequencies w (rows) and integer shifts
+        (columns), complex128: the angle pi t / M with t = shift (2w + twist) reduced mod 2M exactly
+        in integers, and exactly +-1 at angles 0 and -pi, so that the self-conjugate frequencies'
+        matrices come out exactly real (the Gram and Cholesky kernels then skip the imaginary parts)."""
+        M = self.frequencies
+        t = torch.remainder(shifts[None, :] * (2 * w[:, None] + self.twist), 2 * M)
+        angle = -math.pi * t.double() / M
+        values = torch.polar(torch.ones_like(angle), angle)
+        return torch.where(t == 0, 1.0, torch.where(t == M, -1.0, values))
+
     def twiddles(self) -> Tensor:
         """E[w, r, j] = [offset_j in phase r] exp(-i (2 pi (w + twist/2) / M) floor(offset_j / s)), complex128."""
-        M, s = self.frequencies, self.phases
+        s = self.phases
         offsets = torch.tensor(self.offsets, dtype=torch.int64)
         phase = torch.remainder(offsets, s)
         shift = torch.div(offsets - phase, s, rounding_mode="floor")
-        w = torch.arange(M, dtype=torch.int64)
-        # the angle pi t / M with t = shift (2w + twist) reduced mod 2M exactly in integers
-        t = torch.remainder(shift[None, :] * (2 * w[:, None] + self.twist), 2 * M)
-        angle = -math.pi * t.double() / M
-        values = torch.polar(torch.ones_like(angle), angle)  # (M, k)
-        # angles 0 and -pi exactly: +-1, so that the self-conjugate frequencies' matrices come out
-        # exactly real (the Gram and Cholesky kernels then skip the imaginary parts)
-        values = torch.where(t == 0, 1.0, torch.where(t == M, -1.0, values))
+        values = self.waves(torch.arange(self.frequencies), shift)  # (M, k)
         mask = phase[None, :] == torch.arange(s)[:, None]  # (s, k)
         return values[:, None, :] * mask[None].to(values.dtype)
 
@@ -360,7 +364,7 @@ def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: i
     """An input (C_in, *input_size) on which the block-circulant operator gains sigma_max(K_b): for
     a right singular vector c of K_b (phase r, channel i) at angles theta, x(s m + r)_i = Re(conj(c_ri)
     e^(i theta . m)), since then y(t) = conj(K_b) conj(c) e^(i theta . t).  sym: the symbols of
-    K_b's frequency alone (_single_symbol, matrix b % groups); z (2q,) the top eigenvector of the
+    K_b's frequency alone (_symbol_stack with only=, matrix b % groups); z (2q,) the top eigenvector of the
     real form of the stored matrix's Gram (re; im).  Used as a Lanczos start."""
     groups = op.groups
     S, p = sym.S[b % groups], sym.p
@@ -567,14 +571,10 @@ class _Autocorrelation:
             assert all((g.offsets, g.phases) == (h.offsets, h.phases) for g, h in zip(grids, self.grids))
             kept = _kept_frequencies(grids)
             index = torch.stack(torch.unravel_index(kept, [g.frequencies for g in grids]), 1)
-            coef = torch.ones(kept.numel(), D, dtype=torch.complex128)
+            coef = torch.ones(kept.numel(), D, dtype=torch.complex128)  # e^(i w_f . d), d > 0
             for d, g in enumerate(grids):
                 shift = torch.tensor([h[d] for h in self.shifts], dtype=torch.int64)
-                # e^(i pi t / M), t = shift (2 w + twist) reduced mod 2M exactly in integers
-                t = torch.remainder(shift[None, :] * (2 * index[:, d : d + 1] + g.twist), 2 * g.frequencies)
-                angle = math.pi * t.double() / g.frequencies
-                value = torch.polar(torch.ones_like(angle), angle)
-                coef = coef * torch.where(t == 0, 1.0, torch.where(t == g.frequencies, -1.0, value))
+                coef = coef * g.waves(index[:, d], shift).conj()
             minus_one = torch.full((kept.numel(), 1), -1.0, dtype=torch.float64)
             Hr = torch.mm(torch.cat([minus_one, -coef.real], 1), basis_r, out=_buffer(f"{number}r", len(kept), basis_r.shape[1]))
             Hr = Hr.view(-1, q, q)
