@@ -649,10 +649,9 @@ def _certify_below(Hr: Tensor, Hi: Tensor, fro2: Tensor, rounding: Tensor, mu: T
     ‖dM‖ + rounding) I < mu^2 I.  The weights were scaled to O(1) by a power of two, so nothing
     needs scaling here."""
     q = Hr.shape[-1]
-    e_H = rounding
     c = 8 * _gamma(2 * q + 4)
     delta = 2 * (2 * c * q * mu**2 + 3 * _UNIT * mu**2 + _UNIT * fro2) + 2.0**-1000
-    a = mu**2 - e_H - delta
+    a = mu**2 - rounding - delta
     if _ext.use_kernel("hermitian_cholesky_test", Hr.device):
         completes = ops.hermitian_cholesky_test(Hr, Hi, a)
     else:
