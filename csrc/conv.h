@@ -17,6 +17,7 @@ namespace lipfast {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
     const at::Tensor& weight, const std::optional<at::Tensor>& v0, at::IntArrayRef input_size,
     at::IntArrayRef stride, at::IntArrayRef pad_lo, at::IntArrayRef pad_hi, at::IntArrayRef dilation,
-    int64_t groups, c10::string_view padding_mode, at::IntArrayRef output_size, int64_t max_iters, double rtol);
+    int64_t groups, c10::string_view padding_mode, at::IntArrayRef output_size, int64_t max_iters, double rtol,
+    std::optional<double> upper);
 
 }  // namespace lipfast

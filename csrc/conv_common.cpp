@@ -4,7 +4,8 @@
 // Numerical contract: sigma = ‖A v‖ for the returned unit v (so never above sigma_max beyond
 // rounding), and rel_err bounds the relative error of the top Ritz value when the residual test is
 // trusted (the same stopping rules as the dense kernel: confirmation after p + max(p, 16) passes,
-// and small operators, rank <= 16, run until their Krylov space is exhausted).
+// and small operators, rank <= 16, run until their Krylov space is exhausted).  Given a known upper
+// bound of sigma_max, it also stops once the bracket [sigma, upper] is narrow (LanczosControl).
 #include "conv.h"
 #include "lanczos.h"
 
@@ -147,7 +148,8 @@ class ConvOperator {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
     const at::Tensor& weight, const std::optional<at::Tensor>& v0, at::IntArrayRef input_size,
     at::IntArrayRef stride, at::IntArrayRef pad_lo, at::IntArrayRef pad_hi, at::IntArrayRef dilation,
-    int64_t groups, c10::string_view padding_mode, at::IntArrayRef output_size, int64_t max_iters, double rtol) {
+    int64_t groups, c10::string_view padding_mode, at::IntArrayRef output_size, int64_t max_iters, double rtol,
+    std::optional<double> upper) {
   const int64_t dims = weight.dim() - 2;
   TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()),
                    "lipfast.conv_spectral_norm: weight must be a floating-point tensor, got ", weight.scalar_type());
@@ -161,6 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
                     "lipfast.conv_spectral_norm: weight.shape[0] must be divisible by groups, got ", weight.size(0),
                     " and groups=", groups);
   TORCH_CHECK_VALUE(max_iters >= 1, "lipfast.conv_spectral_norm: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK_VALUE(!upper.has_value() || *upper >= 0, "lipfast.conv_spectral_norm: upper must be >= 0, got ",
+                    upper.value_or(0.0));
   const auto mode = parse_mode(padding_mode);
   const auto compute = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // A weight whose max |entry| lies outside [2^-32, 2^32] is iterated on w * 2^-e (max |entry| in
@@ -199,7 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
   auto gram = [&](const at::Tensor& x) { return op.adjoint(op.apply(x.view(in_shape))).reshape({n}); };
   const int64_t itemsize = compute == at::kDouble ? 8 : 4;
   const int64_t basis_cap = std::max<int64_t>(16, std::min<int64_t>(kMaxBasis, (int64_t{256} << 20) / (n * itemsize)));
-  auto top = lanczos_top_aten(gram, start, max_iters, rtol, std::min(n, m), basis_cap);
+  // theta is the top eigenvalue of the scaled operator's AᵀA: upper goes into the same units
+  const double scaled_upper = upper.has_value() ? std::ldexp(*upper, -exponent) : 0.0;
+  auto top = lanczos_top_aten(gram, start, max_iters, rtol, std::min(n, m), basis_cap, scaled_upper);
 
   auto y = op.apply(top.v.view(in_shape)).reshape({-1});
   const auto sigma = at::linalg_vector_norm(y.to(at::kDouble), 2);

@@ -21,10 +21,11 @@ at::Tensor default_start_vector(int64_t n, const at::TensorOptions& options) {
 }
 
 TopRitz lanczos_top_aten(const std::function<at::Tensor(const at::Tensor&)>& gram, at::Tensor v,
-                         int64_t max_passes, double rtol, int64_t rank_bound, int64_t max_basis) {
+                         int64_t max_passes, double rtol, int64_t rank_bound, int64_t max_basis, double upper) {
   const int64_t n = v.numel();
   const double eps = v.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
   LanczosControl control(n, rank_bound, max_passes, rtol, eps, max_basis);
+  control.upper = upper;
   const int64_t cap = control.cap;
   std::vector<double> alpha(cap), beta(cap), s(cap), tri(7 * cap);
   std::vector<unsigned char> swapped(cap);

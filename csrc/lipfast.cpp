@@ -53,11 +53,13 @@ TORCH_LIBRARY(lipfast, m) {
   // (x (C_in, *input_size) -> crop(conv(pad(x)))), by Lanczos on AᵀA with A and Aᵀ applied as ATen
   // convolutions.  weight is (C_out, C_in/groups, *k); v0 (C_in, *input_size) or None (a fixed
   // pseudo-random start).  Returns sigma (0-dim), u (C_out, *output_size), v (C_in, *input_size)
-  // with sigma = ‖A v‖, and rel_err (0-dim, float64).
+  // with sigma = ‖A v‖, and rel_err (0-dim, float64).  upper, if given, is a known upper bound of
+  // sigma_max (>= 0): the loop then also stops, with no confirmation steps, once upper / sigma - 1 is
+  // at most 8 rtol or at least 8 rel_err (the lower end of a bracket; csrc/lanczos.h).
   m.def(
       "conv_spectral_norm(Tensor weight, Tensor? v0, int[] input_size, int[] stride, int[] pad_lo, "
       "int[] pad_hi, int[] dilation, int groups, str padding_mode, int[] output_size, int max_iters, "
-      "float rtol) -> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
+      "float rtol, float? upper=None) -> (Tensor sigma, Tensor u, Tensor v, Tensor rel_err)");
   // Whether the Cholesky factorization of the Hermitian M = re + i im + diag(shift) completes (every
   // pivot positive), for each matrix of re, im (B, q, q) (lower triangles read; re symmetric, im
   // antisymmetric) and shift (B,).  Returns bool (B,).  The circulant bound's certificate: the usual

@@ -42,11 +42,12 @@ def spectral_norm_step(W: Tensor, u: Tensor, v: Tensor, iters: int, eps: float) 
 def conv_spectral_norm(
     weight: Tensor, v0: Tensor | None, input_size: list[int], stride: list[int], pad_lo: list[int],
     pad_hi: list[int], dilation: list[int], groups: int, padding_mode: str, output_size: list[int],
-    max_iters: int, rtol: float,
+    max_iters: int, rtol: float, upper: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``torch.ops.lipfast.conv_spectral_norm``: (sigma, u, v, rel_err) of a conv operator; see csrc/conv.h."""
     return torch.ops.lipfast.conv_spectral_norm.default(
-        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol,
+        upper,
     )
 
 
@@ -139,7 +140,8 @@ if _ext.HAS_EXT:
 
     @torch.library.register_fake("lipfast::conv_spectral_norm")
     def _conv_spectral_norm_fake(
-        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+        weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol,
+        upper=None,
     ):
         return (
             weight.new_empty(()),
@@ -155,7 +157,7 @@ if _ext.HAS_EXT:
 
         u, v, weight = ctx.saved_tensors
         grad = reference.conv_weight_gradient(weight, u, v, *ctx.geometry)
-        return (grad * grad_sigma,) + (None,) * 11
+        return (grad * grad_sigma,) + (None,) * 12
 
     def _conv_setup_context(ctx, inputs, output) -> None:
         weight, _, _, stride, pad_lo, pad_hi, dilation, groups, padding_mode = inputs[:9]

@@ -78,10 +78,19 @@ def _gram(A: Tensor, x: Tensor) -> Tensor:
 
 
 def _lanczos_top(
-    gram: Callable[[Tensor], Tensor], v: Tensor, max_passes: int, rtol: float, rank_bound: int, max_basis: int = _MAX_BASIS
+    gram: Callable[[Tensor], Tensor],
+    v: Tensor,
+    max_passes: int,
+    rtol: float,
+    rank_bound: int,
+    max_basis: int = _MAX_BASIS,
+    upper: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Batched Lanczos on the symmetric operators x -> gram(x) = AᵀA x (x: (B, n)) with full
     reorthogonalization, all operators in lock step.  rank_bound >= rank(A) (min(m, n) for a matrix).
+    upper > 0: a known upper bound of every sigma_max, as LanczosControl's (csrc/lanczos.h): an
+    operator is also done, unconfirmed, once width = upper / sqrt(theta) - 1 <= 8 rtol, or (residual
+    trusted, and after _MIN_CONFIRMATION passes) 8 rel_err <= width.
 
     Returns the unit Ritz vectors (B, n) of the largest Ritz values and the residual bounds
     ‖AᵀA y - theta y‖ / (2 theta), as dense_spectral_norm's rel_err.
@@ -128,6 +137,10 @@ def _lanczos_top(
                 torch.where(residual > 0, math.inf, 0.0),
             )
             exhausted = (b <= breakdown * theta) | (b == 0) | (k + 1 == n)
+            if upper > 0:
+                width = torch.where(theta > 0, upper / theta.clamp_min(torch.finfo(f64).tiny).sqrt() - 1, math.inf)
+                narrow = (width <= 8 * rtol) | ((8 * rel_err <= width) & (trust_residual and passes >= _MIN_CONFIRMATION))
+                confirmed |= narrow & torch.isfinite(width) & ~exhausted
             if trust_residual:
                 small = (rel_err <= rtol) & ~exhausted
                 due = small & (confirm_at >= 0) & (passes >= confirm_at)
@@ -688,9 +701,11 @@ def conv_weight_gradient(weight, u, v, stride, pad_lo, pad_hi, dilation, groups,
 
 
 def conv_spectral_norm(
-    weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol
+    weight, v0, input_size, stride, pad_lo, pad_hi, dilation, groups, padding_mode, output_size, max_iters, rtol,
+    upper=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Lanczos on AᵀA for the canonical conv operator A; returns (sigma, u, v, rel_err) like the op."""
+    """Lanczos on AᵀA for the canonical conv operator A; returns (sigma, u, v, rel_err) like the op
+    (upper: a known upper bound of sigma_max, or None; see _lanczos_top)."""
     ct = _compute_dtype(weight.dtype)
     # max |entry| outside [2^-32, 2^32]: iterate on w * 2^-e, max |entry| in [0.5, 1), as the op does
     largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
@@ -710,7 +725,8 @@ def conv_spectral_norm(
 
     start = torch.zeros(1, n, dtype=ct, device=w.device) if v0 is None else v0.reshape(1, n).to(ct)
     rank = min(n, w.shape[0] * int(math.prod(output_size)))
-    v, rel_err = _lanczos_top(gram, start, max_iters, rtol, rank, max_basis=_conv_basis_cap(n, ct))
+    scaled_upper = 0.0 if upper is None else math.ldexp(upper, -exponent)
+    v, rel_err = _lanczos_top(gram, start, max_iters, rtol, rank, max_basis=_conv_basis_cap(n, ct), upper=scaled_upper)
     u, sigma = _normalized(forward(v).reshape(1, -1))
     u = torch.where(sigma > 0, u, torch.zeros_like(u))
     dt = weight.dtype

@@ -405,3 +405,37 @@ def test_border_envelope_brings_the_start_closer():
             closer += cosine[1] > cosine[0]
             total += 1
     assert closer >= 16 and total == 18
+
+
+def test_lanczos_told_the_upper_end_stops_for_the_bracket(backend):
+    """Given a known upper bound U of sigma_max, the operator's Lanczos stops once the bracket
+    [sigma, U] is within 8 rtol or its residual bound is an eighth of the bracket's width (after 16
+    passes at least), with sigma still a lower bound; without U it converges to rtol."""
+    torch.manual_seed(3)
+    module = nn.Conv2d(6, 8, 3, padding=1, bias=False).double()
+    size = (10, 10)
+    exact = exact_norm(module, size)
+    op = conv._module_operator("test", module, size)
+    rtol = 1e-9
+    with torch.no_grad():
+        sigma, _, _, rel_err = conv._top_singular(op, rtol, 1000)
+        assert float(rel_err) <= rtol and abs(float(sigma) / exact - 1) <= 1e-8
+        # a wide bracket: stopped on the residual test long before rtol
+        upper = 2 * exact
+        sigma, _, _, rel_err = conv._top_singular(op, rtol, 1000, None, upper)
+        width = upper / float(sigma) - 1
+        assert float(sigma) <= exact * (1 + 1e-12)
+        assert 8 * float(rel_err) <= width and float(rel_err) > 1e3 * rtol
+        # a narrow one: stopped once within 8 rtol of U
+        upper = exact * (1 + 4 * rtol)
+        sigma, _, _, rel_err = conv._top_singular(op, rtol, 1000, None, upper)
+        assert exact * (1 + 1e-12) >= float(sigma) >= upper / (1 + 8 * rtol)
+
+
+def test_lanczos_upper_end_must_not_be_negative():
+    from conftest import require_ext
+
+    require_ext()
+    w = torch.randn(3, 2, 3)
+    with pytest.raises(ValueError, match="upper must be >= 0"):
+        torch.ops.lipfast.conv_spectral_norm(w, None, [6], [1], [1], [1], [1], 1, "zeros", [6], 100, 1e-6, -1.0)

@@ -63,6 +63,7 @@ def test_conv_opcheck():
     geometry32 = ([6], [1], [2], [0], [1], 3, "zeros", [6])
     torch.library.opcheck(torch.ops.lipfast.conv_spectral_norm.default, (w64, None, *geometry64, 300, 1e-8))
     torch.library.opcheck(torch.ops.lipfast.conv_spectral_norm.default, (w32, torch.ones(3, 6), *geometry32, 300, 1e-6))
+    torch.library.opcheck(torch.ops.lipfast.conv_spectral_norm.default, (w64, None, *geometry64, 300, 1e-8, 50.0))
 
 
 def test_conv_torch_compile_fullgraph():
