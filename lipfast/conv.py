@@ -818,7 +818,7 @@ def _operator_lower(op: ConvOperator, v: Tensor, w: Tensor, abs_norm: float) -> 
     """‖A v‖ / ‖v‖ evaluated in float64, decreased by a bound on its rounding error: each output is a
     sum of C_in/groups * taps products, off by gamma(that) (|A| |v|)_i, and ‖|A| |v|‖ <= _abs_norm ‖v‖.
     For the operator with weight w (float64), not op.weight: the caller's scaled copy, whose
-    _abs_norm the caller passes (computed once for all rounds)."""
+    _abs_norm the caller passes."""
     vd = v.detach().double().reshape(1, -1, *op.input_size)
     y = op.apply(vd, w)
     norm_y = torch.linalg.vector_norm(y).item()
