@@ -1051,6 +1051,64 @@ def dense_form(module: nn.Module, input_size: IntOrTuple | None) -> Tensor | Non
     return weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])
 
 
+#: dense_brackets' Lanczos estimate of sigma^2 runs to this fraction of rtol, and mu starts as far
+#: above it: a Gram matrix of a few hundred rows is cheap to iterate on, and a tight upper end keeps
+#: a network's bound (a product over its layers) as tight as Gram iteration made it.
+_DENSE_ESTIMATE_RTOL = 1e-3
+
+
+def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> list[tuple[float, float]] | None:
+    """Certified (lower, upper) in float64 for the spectral norm of each matrix, by the circulant
+    bound's certificate with one "frequency": G = fl(AᵀA) in float64 (A the matrix on its taller
+    side, times 2^-e so that its largest entry is in [0.5, 1)), a Lanczos estimate of lambda_max(G)
+    to rtol / 1000, and one Cholesky test of mu^2 I - G at mu just above the estimate (_certify_below,
+    with ‖fl(G) - AᵀA‖_2 <= gamma(r) ‖A‖_F^2 for r rows: |dG| <= gamma(r) |A|ᵀ|A| entrywise, in any
+    summation order).  The lower end is A's certified Rayleigh quotient at the estimate's vector.
+    Matrices of one shape go together.  One Gram product and a q^3 / 3 factorization per matrix,
+    where Gram iteration (spectral_norm_bounds_many) squares q x q matrices a dozen times before its
+    bound on a random matrix is within 1e-3: ResNet-50's 37 matrix layers 0.72 -> 0.36 s.  Returns
+    None if some matrix is not certified within a few raised mu (the caller then uses Gram iteration)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    tall = []
+    for i, W in enumerate(matrices):
+        A = W.detach().double()
+        tall.append(A.mT if A.shape[0] < A.shape[1] else A)
+        groups.setdefault(tuple(tall[-1].shape), []).append(i)
+    result: list[tuple[float, float]] = [(0.0, 0.0)] * len(matrices)
+    for (r, c), members in groups.items():
+        A = torch.stack([tall[i] for i in members])
+        largest = A.abs().amax(dim=(1, 2))
+        if not bool(torch.isfinite(largest).all() and (largest > 0).all()):
+            return None  # NaN/Inf (the caller names the layer) or a zero matrix (Gram iteration: 0 exactly)
+        e = torch.frexp(largest).exponent
+        A = torch.ldexp(A, -e.double()[:, None, None])  # exact, but for entries that become subnormal
+        # each entry off by at most 2^-1075 where e > 0: ‖dA‖_2 <= sqrt(r c) 2^-1075
+        underflow = math.sqrt(r * c) * 2.0**-1074
+        G = A.mT @ A
+        fro2 = _frobenius_squared_upper(A)
+        rounding = _gamma(r) * fro2 * (1 + 4 * _UNIT)
+        square, v = _dense_top(G, _DENSE_ESTIMATE_RTOL * rtol, max_iters)
+        estimate = square.double().clamp_min(0).sqrt()
+        upper = torch.full_like(estimate, math.inf)
+        pending = torch.arange(len(members))
+        for attempt in range(6):  # mu just above the estimate, then higher where it missed
+            candidate = estimate[pending] * (1 + _DENSE_ESTIMATE_RTOL * rtol * 4**attempt)
+            proven = _certify_below(-G[pending], torch.zeros_like(G[pending]), fro2[pending], rounding[pending], candidate)
+            upper[pending[proven]] = candidate[proven]
+            pending = pending[~proven]
+            if pending.numel() == 0:
+                break
+        if pending.numel():
+            return None
+        lower = reference.certified_rayleigh_lower(A, v.double())
+        for k, i in enumerate(members):
+            scale = int(e[k])
+            up = math.ldexp(float(upper[k]) + (underflow if scale > 0 else 0.0), scale) * (1 + 4 * _UNIT)
+            lo = max(math.ldexp(float(lower[k]) - (underflow if scale > 0 else 0.0), scale) * (1 - 4 * _UNIT), 0.0)
+            result[i] = (lo, max(up, lo))
+    return result
+
+
 def operator_norm(module: nn.Module, input_size: IntOrTuple | None = None, *, rtol: float = 1e-5) -> Tensor:
     """The operator norm of a layer's linear map (bias excluded): nn.Linear (input_size not needed),
     nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d (input_size: the spatial size of one input).

@@ -373,9 +373,11 @@ def _share_out(costs: list[float], world: int) -> list[int]:
 
 def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]) -> list:
     """Brackets every layer of ``items`` whose norm is that of a few matrices (nn.Linear, and 1-tap
-    convs that pad with zeros: conv.dense_form), all in one spectral_norm_bounds_many call, into
-    ``results``; each shares the call's time equally.  Returns the other items.  Where that call
-    fails (a NaN weight, say), those layers are left to the one-by-one path, which names the layer."""
+    convs that pad with zeros: conv.dense_form), all in one batched call, into ``results``; each
+    shares the call's time equally.  Returns the other items.  The call is conv.dense_brackets (one
+    Gram product and one Cholesky test per matrix), or where that does not certify every matrix,
+    spectral_norm_bounds_many (Gram iteration); where that fails too (a NaN weight, say), those
+    layers are left to the one-by-one path, which names the layer."""
     dense, rest = [], []
     for item in items:
         name, module, in_shape, _ = item
@@ -389,12 +391,21 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]
     if not dense:
         return items
     t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
-            brackets = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
-    except ValueError:
-        return items
+    flat = [matrix for _, matrices in dense for matrix in matrices.reshape(-1, *matrices.shape[-2:])]
+    pairs = conv.dense_brackets(flat, rtol, linalg.DEFAULT_MAX_ITERS)
+    if pairs is not None:
+        brackets, start = [], 0
+        for _, matrices in dense:
+            count = matrices.shape[:-2].numel()
+            brackets.append(tuple(torch.tensor([p[end] for p in pairs[start : start + count]]) for end in (0, 1)))
+            start += count
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
+                brackets = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
+        except ValueError:
+            return items
     share = (time.perf_counter() - t0) / len(dense)
     for ((name, module, in_shape, out_shape), _), (lower, upper) in zip(dense, brackets):
         results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, float(lower.max()),

@@ -439,3 +439,54 @@ def test_lanczos_upper_end_must_not_be_negative():
     w = torch.randn(3, 2, 3)
     with pytest.raises(ValueError, match="upper must be >= 0"):
         torch.ops.lipfast.conv_spectral_norm(w, None, [6], [1], [1], [1], [1], 1, "zeros", [6], 100, 1e-6, -1.0)
+
+
+def _dense_cases():
+    from conftest import with_singular_values
+
+    g = torch.Generator().manual_seed(5)
+    clustered = torch.tensor([3.0, 2.9999, 2.9998] + [1.0] * 37, dtype=torch.float64)
+    return [
+        torch.randn(30, 12, generator=g, dtype=torch.float64),
+        torch.randn(12, 30, generator=g),  # wide, float32
+        torch.randn(12, 30, generator=g, dtype=torch.float64) * 2.0**600,
+        torch.randn(12, 30, generator=g, dtype=torch.float64) * 2.0**-600,
+        with_singular_values(40, 40, clustered, seed=6),
+        torch.randn(64, 64, generator=g),
+        torch.randn(64, 64, generator=g),  # same shape: batched with the one before
+    ]
+
+
+def test_dense_brackets_against_svd():
+    """Each matrix's bracket holds the float64 SVD's largest singular value, and is narrow: the
+    Lanczos estimate runs to rtol / 1000 and mu starts that far above it."""
+    matrices = _dense_cases()
+    brackets = conv.dense_brackets(matrices, 1e-3, 1000)
+    assert brackets is not None and len(brackets) == len(matrices)
+    for W, (lower, upper) in zip(matrices, brackets):
+        exact = float(torch.linalg.matrix_norm(W.double(), ord=2))
+        assert lower <= exact <= upper
+        assert upper <= lower * (1 + 1e-5)
+
+
+def test_dense_brackets_retry_a_low_estimate_and_give_up_on_a_bad_one(monkeypatch):
+    matrices = _dense_cases()[:2]
+    exact = [float(torch.linalg.matrix_norm(W.double(), ord=2)) for W in matrices]
+    real_top = conv._dense_top
+
+    def low(factor):
+        def top(G, rtol, max_iters):
+            square, v = real_top(G, rtol, max_iters)
+            return square * factor**2, v
+        return top
+
+    monkeypatch.setattr(conv, "_dense_top", low(1 - 1e-5))  # certified at the third mu
+    for (lower, upper), sigma in zip(conv.dense_brackets(matrices, 1e-3, 1000), exact):
+        assert lower <= sigma <= upper <= sigma * (1 + 1e-4)
+    monkeypatch.setattr(conv, "_dense_top", low(0.5))  # no mu tried reaches sigma
+    assert conv.dense_brackets(matrices, 1e-3, 1000) is None
+
+
+def test_dense_brackets_leave_nan_and_zero_matrices_to_gram_iteration():
+    assert conv.dense_brackets([torch.full((3, 2), math.nan)], 1e-3, 1000) is None
+    assert conv.dense_brackets([torch.zeros(3, 2), torch.ones(3, 2)], 1e-3, 1000) is None

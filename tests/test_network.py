@@ -30,24 +30,31 @@ def test_chain_with_known_norms():
     assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
 
 
-def test_matrix_layers_bracketed_in_one_call(monkeypatch):
+@pytest.mark.parametrize("cholesky", [True, False], ids=["dense_brackets", "gram_iteration"])
+def test_matrix_layers_bracketed_in_one_call(monkeypatch, cholesky):
     # Linear layers and 1x1 convs (grouped, strided, zero-padded) are matrices: one batched call for
-    # all of them, each layer's bracket still holding its exact norm (the largest over its groups).
+    # all of them (conv.dense_brackets, or where that certifies not all, Gram iteration), each
+    # layer's bracket still holding its exact norm (the largest over its groups).
     torch.manual_seed(5)
     model = nn.Sequential(
         nn.Conv2d(4, 8, 1, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2, padding=1), nn.ReLU(),
         nn.Conv2d(8, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 6 * 6, 10), nn.Tanh(), nn.Linear(10, 3),
     ).double()
-    calls = []
-    original = lipfast.linalg.spectral_norm_bounds_many
+    calls, gram_calls = [], []
+    original, original_gram = lipfast.conv.dense_brackets, lipfast.linalg.spectral_norm_bounds_many
 
-    def counting(Ws, **kwargs):
-        calls.append(len(Ws))
-        return original(Ws, **kwargs)
+    def counting(matrices, rtol, max_iters):
+        calls.append(len(matrices))
+        return original(matrices, rtol, max_iters) if cholesky else None
 
-    monkeypatch.setattr(lipfast.linalg, "spectral_norm_bounds_many", counting)
+    def counting_gram(Ws, **kwargs):
+        gram_calls.append(len(Ws))
+        return original_gram(Ws, **kwargs)
+
+    monkeypatch.setattr(lipfast.conv, "dense_brackets", counting)
+    monkeypatch.setattr(lipfast.linalg, "spectral_norm_bounds_many", counting_gram)
     report = lipfast.lipschitz_bound(model, (4, 8, 8), rtol=1e-4, progress=False)
-    assert calls == [4]
+    assert calls == [5] and gram_calls == ([] if cholesky else [4])  # layer 2 is two matrices
     W2 = model[2].weight.detach().reshape(2, 4, 4)
     exact = {
         "0": float(torch.linalg.matrix_norm(model[0].weight.detach().reshape(8, 4), 2)),
