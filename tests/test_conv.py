@@ -490,3 +490,40 @@ def test_dense_brackets_retry_a_low_estimate_and_give_up_on_a_bad_one(monkeypatc
 def test_dense_brackets_leave_nan_and_zero_matrices_to_gram_iteration():
     assert conv.dense_brackets([torch.full((3, 2), math.nan)], 1e-3, 1000) is None
     assert conv.dense_brackets([torch.zeros(3, 2), torch.ones(3, 2)], 1e-3, 1000) is None
+
+
+def test_skipped_grids_could_not_narrow_the_bracket_much(monkeypatch):
+    """A zero-padded layer's second candidate grid is certified only where it could lower the upper
+    end by more than an eighth of the bracket's width: certified afterwards, a skipped grid's bound
+    is never below upper * (1 - width / 8)."""
+    made, certified = [], []
+    original, original_certify = conv._CirculantBound.__init__, conv._CirculantBound.certify
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    def certifying(self):
+        certified.append(self)
+        return original_certify(self)
+
+    monkeypatch.setattr(conv._CirculantBound, "__init__", recording)
+    monkeypatch.setattr(conv._CirculantBound, "certify", certifying)
+    skipped = 0
+    for seed, (channels, size) in enumerate([(32, 8), (32, 16), (24, 12), (16, 24)]):
+        torch.manual_seed(seed)
+        module = nn.Conv2d(channels, channels, 3, padding=1, bias=False).double()
+        with torch.no_grad():
+            module.weight.mul_(0.75 / module.weight.abs().max())  # max |w| in [0.5, 1): no rescaling
+        made.clear()
+        certified.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lower, upper = (float(x) for x in lipfast.operator_norm_bounds(module, (size, size)))
+        assert len(made) == 2
+        width = upper / lower - 1
+        for circulant in made:
+            if not any(circulant is c for c in certified):
+                skipped += 1
+                assert original_certify(circulant) >= upper * (1 - width / 8) * (1 - 1e-9)
+    assert skipped > 0
