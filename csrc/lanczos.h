@@ -232,7 +232,8 @@ LIPFAST_HD inline double tridiagonal_top_eigenpair(const double* a_in, const dou
 // at least (more passes would not narrow it noticeably; before 16 passes, the Ritz value of a small
 // operator, 512 channels on 4 x 4, lay 0.3-0.7% below its converged value when that test first
 // passed), with no confirmation steps: should the residual test pass on a lower singular value,
-// sigma is still a lower bound and the bracket is only wider.  Between eigen-solves it aims at max(rtol, width / 8).
+// sigma is still a lower bound and the bracket is only wider.  Between eigen-solves it aims at
+// max(rtol, width / 8).
 struct LanczosControl {
   int64_t n = 0, cap = 0, max_passes = 0;
   double rtol = 0, breakdown = 0;

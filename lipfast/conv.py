@@ -1065,7 +1065,7 @@ def dense_form(module: nn.Module, input_size: IntOrTuple | None) -> Tensor | Non
 
 #: dense_brackets' Lanczos estimate of sigma^2 runs to this fraction of rtol, and mu starts as far
 #: above it: a Gram matrix of a few hundred rows is cheap to iterate on, and a tight upper end keeps
-#: a network's bound (a product over its layers) as tight as Gram iteration made it.
+#: a network's bound (a product over its layers) at least as tight as Gram iteration made it.
 _DENSE_ESTIMATE_RTOL = 1e-3
 
 
