@@ -393,23 +393,24 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]
     t0 = time.perf_counter()
     flat = [matrix for _, matrices in dense for matrix in matrices.reshape(-1, *matrices.shape[-2:])]
     pairs = conv.dense_brackets(flat, rtol, linalg.DEFAULT_MAX_ITERS)
+    brackets = []  # per layer: the largest lower and upper end over its matrices
     if pairs is not None:
-        brackets, start = [], 0
+        start = 0
         for _, matrices in dense:
-            count = matrices.shape[:-2].numel()
-            brackets.append(tuple(torch.tensor([p[end] for p in pairs[start : start + count]]) for end in (0, 1)))
-            start += count
+            mine = pairs[start : start + matrices.shape[:-2].numel()]
+            brackets.append((max(lower for lower, _ in mine), max(upper for _, upper in mine)))
+            start += len(mine)
     else:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
-                brackets = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
+                many = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
         except ValueError:
             return items
+        brackets = [(float(lower.max()), float(upper.max())) for lower, upper in many]
     share = (time.perf_counter() - t0) / len(dense)
     for ((name, module, in_shape, out_shape), _), (lower, upper) in zip(dense, brackets):
-        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, float(lower.max()),
-                                   float(upper.max()), share)
+        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper, share)
     return [item for item, _ in rest]
 
 
