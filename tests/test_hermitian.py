@@ -76,13 +76,15 @@ def test_gram_matches_exact_product(p, q, dtype):
             assert (im.diagonal(dim1=-2, dim2=-1) == 0).all(), name
 
 
-def test_real_matrices_take_the_real_paths():
+@pytest.mark.parametrize("q", [70, 300])
+def test_real_matrices_take_the_real_paths(q):
     """Matrices whose imaginary parts are zero (the self-conjugate frequencies) go through the
     kernels' real paths: the same Gram matrices (im exactly zero) and the same definiteness answers
-    as LAPACK's, next to complex matrices in the same batch."""
+    as LAPACK's, next to complex matrices in the same batch.  q = 300: the Cholesky test's update
+    from the rows above a panel spans more than one slab of the real kernel (256 rows)."""
     require_ext()
     g = torch.Generator().manual_seed(7)
-    p, q = 150, 70
+    p = 150
     S = torch.randn(4, 2 * p, q, generator=g, dtype=torch.float64)
     S[1:3, p:] = 0  # two real K
     re, im = ops.hermitian_gram(S, p, True)

@@ -2,7 +2,8 @@
 // kernels (hermitian_kernel.cpp), where the Gram matrices KᴴK of the circulant bound are formed and
 // where their Cholesky test spends its time.
 //
-//   C += sign * Xᴴ X   on the lower triangle of C,
+//   C += sign * Xᴴ X   on the lower triangle of C (herk_lower), or on the first rows of its upper
+//                      triangle (herk_upper_rows: the Cholesky test's left-looking update),
 //
 // X (k x n complex) held as two real arrays (xr, xi) with row r at xr + r ldx, C (n x n) as two real
 // row-major arrays (cr, ci) with leading dimension ldc.  Entry (i, j) gains sign * sum_r conj(X_ri) X_rj:
@@ -197,6 +198,42 @@ struct Tiles {
       }
     }
   }
+
+  // Rows [0, rows) of C += sign Xᴴ X, columns [0, n), by whole tiles that reach the diagonal or
+  // lie above it (a tile straddling the diagonal also writes some entries below it, with their own
+  // exact values of the product; no tile lies wholly below).  The same slabs, packing and tiles as
+  // run_as, with the tile rows taken from the first packed panels.
+  static inline __attribute__((always_inline)) void run_rows(const T* xr, const T* xi, int64_t ldx, int64_t k,
+                                                             int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
+                                                             int64_t ldc, T* work) {
+    if (xi == nullptr) return run_rows_as<true>(xr, xr, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+    run_rows_as<false>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+  }
+
+  template <bool kReal>
+  static inline __attribute__((always_inline)) void run_rows_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
+                                                                int64_t n, int64_t rows, bool subtract, T* cr,
+                                                                T* ci, int64_t ldc, T* work) {
+    constexpr int64_t slab = kReal ? 2 * kSlab : kSlab;
+    const int64_t panels = (n + kCols - 1) / kCols;
+    for (int64_t r0 = 0; r0 < k; r0 += slab) {
+      const int64_t kc = std::min(slab, k - r0);
+      T* pr = work;
+      T* pi = work + panels * kc * kCols;
+      pack(xr + r0 * ldx, ldx, kc, n, pr);
+      if (!kReal) pack(xi + r0 * ldx, ldx, kc, n, pi);
+      for (int64_t pb = 0; pb < panels; ++pb) {
+        const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
+        const T* jr = pr + pb * kc * kCols;
+        const T* ji = pi + pb * kc * kCols;
+        for (int64_t i0 = 0; i0 < rows && i0 < j0 + cols; i0 += kRows<kReal>) {  // tiles reaching j >= i
+          const int64_t ib = i0 / kCols, offset = i0 - ib * kCols;
+          tile<kReal>(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
+                      cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kRows<kReal>, rows - i0), cols);
+        }
+      }
+    }
+  }
 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -210,6 +247,28 @@ __attribute__((target("arch=x86-64-v3"))) void run_v3(const T* xr, const T* xi, 
                                                       bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
   Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 }
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) void run_rows_v4(const T* xr, const T* xi, int64_t ldx, int64_t k,
+                                                           int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
+                                                           int64_t ldc, T* work) {
+  Tiles<T, 64>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void run_rows_v3(const T* xr, const T* xi, int64_t ldx, int64_t k,
+                                                           int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
+                                                           int64_t ldc, T* work) {
+  Tiles<T, 32>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+}
+
+// The vector width this CPU runs: 4 (512-bit, x86-64-v4), 3 (256-bit, x86-64-v3) or 1 (128-bit).
+inline int vector_level() {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+                               ? 4
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3
+                                                                                             : 1;
+  return level;
+}
 #endif
 
 // C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.  xi == nullptr
@@ -220,15 +279,26 @@ void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, boo
                 int64_t ldc, T* work) {
   if (k <= 0 || n <= 0) return;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
-                               ? 4
-                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3
-                                                                                             : 1;
+  const int level = vector_level();
   if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
   if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
 #endif
   Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+}
+
+// C_ij += (subtract ? -1 : 1) sum_r conj(X_ri) X_rj for rows i in [0, rows) and columns j in [i, n):
+// the first rows of the upper triangle of Xᴴ X (some entries just below the diagonal are written
+// too, never read by the Cholesky test); work: workspace<T>(n) values.  xi == nullptr: X real.
+template <typename T>
+void herk_upper_rows(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, int64_t rows, bool subtract, T* cr,
+                     T* ci, int64_t ldc, T* work) {
+  if (k <= 0 || n <= 0 || rows <= 0) return;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const int level = vector_level();
+  if (level == 4) return run_rows_v4<T>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+  if (level == 3) return run_rows_v3<T>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+#endif
+  Tiles<T, 16>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
 }
 
 }  // namespace herk
