@@ -164,18 +164,21 @@ struct Tiles {
     }
   }
 
-  // xi == nullptr: X real (C's im untouched, half the work).
+  // xi == nullptr: X real (C's im untouched, half the work).  upper_rows: rows [0, rows) of C,
+  // by whole tiles that reach the diagonal or lie above it (a tile straddling the diagonal also
+  // writes some entries below it, with their own exact values of the product); otherwise the lower
+  // triangle (rows is n).
   static inline __attribute__((always_inline)) void run(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                        int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                        T* work) {
-    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, subtract, cr, ci, ldc, work);
-    run_as<false>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+                                                        int64_t n, int64_t rows, bool upper_rows, bool subtract,
+                                                        T* cr, T* ci, int64_t ldc, T* work) {
+    if (xi == nullptr) return run_as<true>(xr, xr, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
+    run_as<false>(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
   }
 
   template <bool kReal>
   static inline __attribute__((always_inline)) void run_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                           int64_t n, bool subtract, T* cr, T* ci, int64_t ldc,
-                                                           T* work) {
+                                                           int64_t n, int64_t rows, bool upper_rows, bool subtract,
+                                                           T* cr, T* ci, int64_t ldc, T* work) {
     // a real slab has twice the rows: its packed panel holds no imaginary parts, so it takes the
     // same room in L1, and C (read and written once per slab) is swept half as often
     constexpr int64_t slab = kReal ? 2 * kSlab : kSlab;
@@ -190,43 +193,9 @@ struct Tiles {
         const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
         const T* jr = pr + pb * kc * kCols;
         const T* ji = pi + pb * kc * kCols;
-        for (int64_t i0 = j0; i0 < n; i0 += kRows<kReal>) {  // tiles on or below the diagonal
-          const int64_t ib = i0 / kCols, offset = i0 - ib * kCols;
-          tile<kReal>(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
-               cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kRows<kReal>, n - i0), cols);
-        }
-      }
-    }
-  }
-
-  // Rows [0, rows) of C += sign Xᴴ X, columns [0, n), by whole tiles that reach the diagonal or
-  // lie above it (a tile straddling the diagonal also writes some entries below it, with their own
-  // exact values of the product; no tile lies wholly below).  The same slabs, packing and tiles as
-  // run_as, with the tile rows taken from the first packed panels.
-  static inline __attribute__((always_inline)) void run_rows(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                             int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
-                                                             int64_t ldc, T* work) {
-    if (xi == nullptr) return run_rows_as<true>(xr, xr, ldx, k, n, rows, subtract, cr, ci, ldc, work);
-    run_rows_as<false>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
-  }
-
-  template <bool kReal>
-  static inline __attribute__((always_inline)) void run_rows_as(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                                int64_t n, int64_t rows, bool subtract, T* cr,
-                                                                T* ci, int64_t ldc, T* work) {
-    constexpr int64_t slab = kReal ? 2 * kSlab : kSlab;
-    const int64_t panels = (n + kCols - 1) / kCols;
-    for (int64_t r0 = 0; r0 < k; r0 += slab) {
-      const int64_t kc = std::min(slab, k - r0);
-      T* pr = work;
-      T* pi = work + panels * kc * kCols;
-      pack(xr + r0 * ldx, ldx, kc, n, pr);
-      if (!kReal) pack(xi + r0 * ldx, ldx, kc, n, pi);
-      for (int64_t pb = 0; pb < panels; ++pb) {
-        const int64_t j0 = pb * kCols, cols = std::min(kCols, n - j0);
-        const T* jr = pr + pb * kc * kCols;
-        const T* ji = pi + pb * kc * kCols;
-        for (int64_t i0 = 0; i0 < rows && i0 < j0 + cols; i0 += kRows<kReal>) {  // tiles reaching j >= i
+        // tiles on or below the diagonal (lower), or on or above it (upper_rows)
+        const int64_t first = upper_rows ? 0 : j0, last = upper_rows ? std::min(rows, j0 + cols) : n;
+        for (int64_t i0 = first; i0 < last; i0 += kRows<kReal>) {
           const int64_t ib = i0 / kCols, offset = i0 - ib * kCols;
           tile<kReal>(jr, ji, pr + ib * kc * kCols + offset, pi + ib * kc * kCols + offset, kc, subtract,
                       cr + i0 * ldc + j0, ci + i0 * ldc + j0, ldc, std::min(kRows<kReal>, rows - i0), cols);
@@ -239,25 +208,15 @@ struct Tiles {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void run_v4(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
-  Tiles<T, 64>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+                                                      int64_t rows, bool upper_rows, bool subtract, T* cr, T* ci,
+                                                      int64_t ldc, T* work) {
+  Tiles<T, 64>::run(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void run_v3(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n,
-                                                      bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
-  Tiles<T, 32>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
-}
-template <typename T>
-__attribute__((target("arch=x86-64-v4"))) void run_rows_v4(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                           int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
-                                                           int64_t ldc, T* work) {
-  Tiles<T, 64>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
-}
-template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void run_rows_v3(const T* xr, const T* xi, int64_t ldx, int64_t k,
-                                                           int64_t n, int64_t rows, bool subtract, T* cr, T* ci,
-                                                           int64_t ldc, T* work) {
-  Tiles<T, 32>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+                                                      int64_t rows, bool upper_rows, bool subtract, T* cr, T* ci,
+                                                      int64_t ldc, T* work) {
+  Tiles<T, 32>::run(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
 }
 
 // The vector width this CPU runs: 4 (512-bit, x86-64-v4), 3 (256-bit, x86-64-v3) or 1 (128-bit).
@@ -271,6 +230,18 @@ inline int vector_level() {
 }
 #endif
 
+// The widest vector code this CPU runs: run_v4 (512-bit), run_v3 (256-bit), or the baseline.
+template <typename T>
+void dispatch(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, int64_t rows, bool upper_rows,
+              bool subtract, T* cr, T* ci, int64_t ldc, T* work) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const int level = vector_level();
+  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
+  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
+#endif
+  Tiles<T, 16>::run(xr, xi, ldx, k, n, rows, upper_rows, subtract, cr, ci, ldc, work);
+}
+
 // C += (subtract ? -1 : 1) Xᴴ X on the lower triangle; work: workspace<T>(n) values.  xi == nullptr
 // means X is real: only C's real part is updated (X's products have no imaginary part), with a
 // quarter of the multiply-adds.
@@ -278,12 +249,7 @@ template <typename T>
 void herk_lower(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, bool subtract, T* cr, T* ci,
                 int64_t ldc, T* work) {
   if (k <= 0 || n <= 0) return;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const int level = vector_level();
-  if (level == 4) return run_v4<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
-  if (level == 3) return run_v3<T>(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
-#endif
-  Tiles<T, 16>::run(xr, xi, ldx, k, n, subtract, cr, ci, ldc, work);
+  dispatch(xr, xi, ldx, k, n, n, false, subtract, cr, ci, ldc, work);
 }
 
 // C_ij += (subtract ? -1 : 1) sum_r conj(X_ri) X_rj for rows i in [0, rows) and columns j in [i, n):
@@ -293,12 +259,7 @@ template <typename T>
 void herk_upper_rows(const T* xr, const T* xi, int64_t ldx, int64_t k, int64_t n, int64_t rows, bool subtract, T* cr,
                      T* ci, int64_t ldc, T* work) {
   if (k <= 0 || n <= 0 || rows <= 0) return;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  const int level = vector_level();
-  if (level == 4) return run_rows_v4<T>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
-  if (level == 3) return run_rows_v3<T>(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
-#endif
-  Tiles<T, 16>::run_rows(xr, xi, ldx, k, n, rows, subtract, cr, ci, ldc, work);
+  dispatch(xr, xi, ldx, k, n, std::min(rows, n), true, subtract, cr, ci, ldc, work);
 }
 
 }  // namespace herk
