@@ -12,7 +12,8 @@
 // panel's rows above it by the same kernel.  It answers whether every pivot was positive; each
 // entry of the factor is the usual (M_ij - a sum of products, in some order) / L_jj, so the usual
 // backward-error bound of Cholesky holds for it (the caller's certificate rests on that bound).
-// Memory: 2 q (q + 8) scratch values per task (re and im), and a packed slab.
+// Memory: 2 q ld scratch values per task (re and im; ld = q rounded up to 8, plus 8), and a packed
+// slab.
 //
 // hermitian_power_gain: `steps` power steps y = H x, x = y / ‖y‖ from one start for every matrix,
 // all steps while the matrix is in cache (the batched ATen form reads every matrix once per step).
@@ -196,11 +197,11 @@ bool cholesky_completes(const T* re, const T* im, T shift, int64_t q, T* work) {
   for (int64_t j0 = 0; j0 < q; j0 += kSide) {
     for (int64_t i0 = j0; i0 < q; i0 += kSide) {
       for (int64_t i = i0; i < std::min(i0 + kSide, q); ++i) {
-        const int64_t j1 = std::min({j0 + kSide, i + 1});
+        const int64_t j1 = std::min(j0 + kSide, i + 1);
         for (int64_t j = j0; j < j1; ++j) {
           ur[j * ld + i] = re[i * q + j];
           ui[j * ld + i] = -im[i * q + j];
-          real = real && im[i * q + j] == T(0);
+          real = real && (j == i || im[i * q + j] == T(0));  // the diagonal's im is never read
         }
       }
     }
