@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -173,7 +174,7 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
         value = max(1.0, abs(module.negative_slope))
         return value, value, ""
     if isinstance(module, nn.ELU):
-        value = max(1.0, module.alpha)  # slope 1 above 0, alpha e^x below
+        value = max(1.0, abs(module.alpha))  # slope 1 above 0, alpha e^x below
         return value, value, ""
     if isinstance(module, nn.Sigmoid):
         return 0.25, 0.25, ""
@@ -221,12 +222,17 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
 # --- composition over the graph ------------------------------------------------------------------
 
 _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                         torch.transpose, F.dropout, operator.getitem}
+                         torch.transpose, F.dropout}
 _SHAPE_ONLY_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                       "clone", "detach", "float", "double", "to", "type_as", "expand_as"}
+                       "clone", "detach", "float", "double", "to", "type_as"}
+# copies of every entry, each entry the same number of times (numel(out) / numel(in))
+_REPLICATING_FUNCTIONS = {torch.tile, torch.broadcast_to}
+_REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
+                    torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
+                    F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
                     torch.sigmoid: 0.25, F.sigmoid: 0.25}
-_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25}
+_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0}
 
 
 class _Unsupported(Exception):
@@ -247,41 +253,105 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, _Tracer().trace(model))
 
 
-def _is_tensor_arg(arg, bounds: dict) -> bool:
-    return isinstance(arg, torch.fx.Node) and arg in bounds
+def _nodes_in(args) -> list[torch.fx.Node]:
+    """The graph values in args (nested), each as often as it is passed: f(y, y) sees y twice, and
+    node.all_input_nodes, which lists each input once, would miss that."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(args, found.append)
+    return found
+
+
+def _passed(args, bounds: dict) -> list[torch.fx.Node]:
+    """The graph values in args that have a bound, with repeats."""
+    return [a for a in _nodes_in(args) if a in bounds]
+
+
+def _concatenated(args, bounds: dict) -> float:
+    """Lip of the values in args taken together: ‖(Δa, Δb, ...)‖ = sqrt(‖Δa‖^2 + ‖Δb‖^2 + ...) <=
+    sqrt(L_a^2 + L_b^2 + ...) ‖Δx‖, a value passed twice counted twice."""
+    return math.sqrt(sum(bounds[a] ** 2 for a in _passed(args, bounds)))
 
 
 def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float]) -> float:
     """L(node) bounds the Lipschitz constant of node's value as a function of the model's input."""
     bounds: dict[torch.fx.Node, float] = {}
     for node in graph_module.graph.nodes:
-        tensor_args = [a for a in node.all_input_nodes if a in bounds]
         if node.op == "placeholder":
             bounds[node] = 1.0
         elif node.op == "get_attr":
             bounds[node] = 0.0  # a constant
         elif node.op == "call_module":
             # composition: Lip(f o g) <= Lip(f) Lip(g); a module of several tensor inputs sees them as
-            # one concatenated input, whose constant is sqrt(sum L_i^2)
-            bounds[node] = constants[node.target] * math.sqrt(sum(bounds[a] ** 2 for a in tensor_args))
+            # one concatenated input
+            bounds[node] = constants[node.target] * _concatenated((node.args, node.kwargs), bounds)
         elif node.op in ("call_function", "call_method"):
-            bounds[node] = _function_bound(node, tensor_args, bounds)
+            bounds[node] = _function_bound(node, bounds)
         elif node.op == "output":
-            outputs = [a for a in node.all_input_nodes if a in bounds]
-            return math.sqrt(sum(bounds[a] ** 2 for a in outputs))  # a tuple of outputs: concatenation
+            return _concatenated(node.args, bounds)  # a tuple of outputs: their concatenation
     raise _Unsupported("the graph has no output")
 
 
-def _function_bound(node: torch.fx.Node, tensor_args: list, bounds: dict) -> float:
+def _index_copies(index) -> int:
+    """An upper bound on how many times x[index] holds one entry of x (fx's getitem): 1 for ints,
+    slices, None and Ellipsis (a selection of distinct entries); a list of ints may name one entry
+    several times, and the lists of one index, broadcast together, at most the product of their
+    counts.  A tensor index (a graph value) is not followed."""
+    parts = index if isinstance(index, tuple) else (index,)
+    copies = 1
+    for part in parts:
+        if isinstance(part, (list, tuple)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in part):
+                raise _Unsupported(f"an index {part!r} that is not a list of ints")
+            # an entry is named by i >= 0 or by i - size < 0: without the size, count both signs together
+            counts: dict[int, int] = {}
+            for i in part:
+                counts[i] = counts.get(i, 0) + 1
+            same_sign = all(i >= 0 for i in part) or all(i < 0 for i in part)
+            copies *= max(counts.values(), default=1) if same_sign else len(part)
+        elif isinstance(part, torch.fx.Node):
+            if part.meta.get("type") is not int:  # an int computed in the graph selects; a tensor may repeat
+                raise _Unsupported(f"indexing with {part.name}, not known to be an int")
+        elif not (part is None or part is Ellipsis or isinstance(part, (int, slice))):
+            raise _Unsupported(f"an index {part!r}")
+    return copies
+
+
+def _needs_sizes(node: torch.fx.Node) -> bool:
+    """Whether node's rule reads sizes or types that only a forward through the graph tells."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target is operator.getitem:
+        return bool(_nodes_in(node.args[1:]))
+    return node.target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and node.target in _REPLICATING_METHODS)
+
+
+def _replication(node: torch.fx.Node) -> float:
+    """sqrt(numel(out) / numel(in)) for an op that copies every entry of its input the same number
+    of times (expand, repeat, ...): ‖Δy‖^2 = copies ‖Δx‖^2.  The sizes come from the shape
+    propagation run on the traced graph."""
+    source = node.args[0]
+    shapes = [n.meta.get("tensor_meta") if isinstance(n, torch.fx.Node) else None for n in (node, source)]
+    if any(s is None or not hasattr(s, "shape") for s in shapes):
+        raise _Unsupported(f"{node.name}: the sizes of {node.target} are not known")
+    out, inp = (math.prod(s.shape) for s in shapes)
+    return math.sqrt(out / inp) if inp else 0.0
+
+
+def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    if not tensor_args:
-        return 0.0  # a function of constants only
+    tensor_args = _passed((node.args, node.kwargs), bounds)
+    if all(bounds[a] == 0 for a in tensor_args):
+        return 0.0  # a function of constants only (sizes, buffers, arithmetic on them)
     first = bounds[tensor_args[0]]
     if target in (operator.add, torch.add, operator.sub, torch.sub) or name in ("add", "sub", "__add__", "__sub__"):
-        # f(x) ± g(x): Lip <= Lip(f) + Lip(g); a constant term adds nothing
-        alpha = abs(node.kwargs.get("alpha", 1.0)) if isinstance(node.kwargs.get("alpha", 1.0), (int, float)) else 1.0
-        return sum(bounds[a] * (alpha if i else 1.0) for i, a in enumerate(tensor_args))
+        # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds nothing
+        alpha = node.kwargs.get("alpha", 1)
+        if not isinstance(alpha, (int, float)):
+            raise _Unsupported(f"{node.name}: {name} with alpha={alpha!r}")
+        operands = list(node.args[:2]) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
+        return sum(bounds[a] * (abs(alpha) if i == 1 else 1.0)
+                   for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds)
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in ("mul", "div", "__mul__", "__truediv__"):
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
@@ -293,12 +363,18 @@ def _function_bound(node: torch.fx.Node, tensor_args: list, bounds: dict) -> flo
             return first * abs(other[0])
         if not (isinstance(node.args[0], torch.fx.Node) and other[0] != 0):
             raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
+        if node.kwargs.get("rounding_mode") is not None:  # floor or trunc: steps, no constant
+            raise _Unsupported(f"{node.name}: division with rounding_mode={node.kwargs['rounding_mode']!r}")
         return first / abs(other[0])  # x / c
     if target in (torch.cat, torch.stack):
-        # concatenated branches: ‖(Δa, Δb)‖ = sqrt(‖Δa‖^2 + ‖Δb‖^2) <= sqrt(L_a^2 + L_b^2) ‖Δx‖
-        return math.sqrt(sum(bounds[a] ** 2 for a in tensor_args))
+        return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
     if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
-        return first  # a permutation or a selection of entries: norm <= 1
+        return first  # a permutation of the entries, or a conversion: norm 1
+    if target is operator.getitem:
+        # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
+        return first * math.sqrt(_index_copies(node.args[1]))
+    if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
+        return first * _replication(node)
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target in _FUNCTION_SLOPES:
@@ -308,9 +384,28 @@ def _function_bound(node: torch.fx.Node, tensor_args: list, bounds: dict) -> flo
     if target in (F.leaky_relu,):
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
         return first * max(1.0, abs(slope))
+    if target is F.gelu:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return first * _gelu_slope(approximate)
+    if target is F.silu:
+        return first * _silu_slope()
+    if target is F.elu:
+        return first * _elu_slope(node)
     if target in (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean) or (node.op == "call_method" and name == "mean"):
         raise _Unsupported(f"{node.name}: {name} as a function (use the nn module form, whose constant is computed)")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _elu_slope(node: torch.fx.Node) -> float:
+    """F.elu(x, alpha), or aten::elu(x, alpha, scale, input_scale) from a TorchScript graph: slope
+    scale above 0 and scale alpha input_scale e^(input_scale x) below, so |slope| <= |scale|
+    max(1, |alpha input_scale|) when input_scale >= 0 (and unbounded otherwise)."""
+    alpha = node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
+    scale, input_scale = (node.args[2], node.args[3]) if len(node.args) == 4 else (1.0, 1.0)
+    numbers = (alpha, scale, input_scale)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or input_scale < 0:
+        raise _Unsupported(f"{node.name}: elu with alpha, scale, input_scale = {numbers!r}")
+    return abs(scale) * max(1.0, abs(alpha * input_scale))
 
 
 def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module, tuple, tuple]]:
@@ -371,7 +466,7 @@ def _share_out(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]) -> list:
+def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple], LayerBound]) -> list:
     """Brackets every layer of ``items`` whose norm is that of a few matrices (nn.Linear, and 1-tap
     convs that pad with zeros: conv.dense_form), all in one batched call, into ``results``; each
     shares the call's time equally.  Returns the other items.  The call is conv.dense_brackets (one
@@ -410,18 +505,23 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[str, LayerBound]
         brackets = [(float(lower.max()), float(upper.max())) for lower, upper in many]
     share = (time.perf_counter() - t0) / len(dense)
     for ((name, module, in_shape, out_shape), _), (lower, upper) in zip(dense, brackets):
-        results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper, share)
+        results[name, in_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper, share)
     return [item for item, _ in rest]
 
 
 def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> list[LayerBound]:
-    """Every distinct leaf's LayerBound, in call order; with a process group, each rank bounds its
-    share of the layers and the results are all-gathered (every rank returns the same list)."""
-    unique = list({name: (name, module, in_shape, out_shape) for name, module, in_shape, out_shape in reversed(leaves)}.values())[::-1]
+    """A LayerBound for every distinct leaf and input shape (a conv's norm depends on its input's
+    size, so a layer called on two sizes is bounded on each), in call order; with a process group,
+    each rank bounds its share of the layers and the results are all-gathered (every rank returns
+    the same list)."""
+    first_calls: dict[tuple[str, tuple], tuple] = {}
+    for leaf in leaves:
+        first_calls.setdefault((leaf[0], leaf[2]), leaf)
+    unique = list(first_calls.values())
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
     mine = [item for item, r in zip(unique, owner) if r == rank]
-    results: dict[str, LayerBound] = {}
+    results: dict[tuple[str, tuple], LayerBound] = {}
     mine = _bound_dense_layers(mine, rtol, results)
     iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     failure = None
@@ -435,8 +535,8 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
                 if group is None:
                     raise
                 break
-            results[name] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
-                                       time.perf_counter() - t0, note)
+            results[name, in_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
+                                                 time.perf_counter() - t0, note)
     if group is not None and world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (results, failure), group=group)
@@ -445,7 +545,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
             raise RuntimeError("lipfast.lipschitz_bound: bounding layers failed on " + "; ".join(failures))
         for part, _ in gathered:
             results.update(part)
-    return [results[name] for name, *_ in unique]
+    return [results[name, in_shape] for name, _, in_shape, _ in unique]
 
 
 def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True,
@@ -492,7 +592,9 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
 
         group = require_group("lipschitz_bound", group)
     layers = _bound_layers(leaves, rtol, progress, group)
-    constants = {layer.name: layer.upper for layer in layers}
+    constants: dict[str, float] = {}  # a layer called on several input sizes: the largest of its constants
+    for layer in layers:
+        constants[layer.name] = max(constants.get(layer.name, 0.0), layer.upper)
     for layer in layers:
         if not math.isfinite(layer.upper):
             notes.append(f"{layer.name} ({layer.kind}): {layer.note}")
@@ -502,10 +604,17 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         traced = _trace(model)
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
-        upper = naive
+        per_call = {(layer.name, layer.input_shape): layer.upper for layer in layers}
+        upper = math.prod(per_call[name, in_shape] for name, _, in_shape, _ in leaves)  # every call, repeats too
         notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
                      "leaf modules as a chain in call order, which misses operations made outside modules")
     else:
+        if any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
+            try:
+                with _util.eval_mode(traced), torch.no_grad():
+                    torch.fx.passes.shape_prop.ShapeProp(traced).propagate(example)
+            except Exception:  # nodes then lack sizes, and the rules that need them give no finite bound
+                pass
         try:
             upper = _compose(traced, constants)
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
@@ -520,11 +629,14 @@ def certified_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, eps: fl
     """The fraction of ``inputs`` that ``model`` classifies as ``labels`` with a certified L2 radius
     above ``eps`` (global margin radius, :func:`lipfast.certified_radius`, with the bound of
     :func:`lipschitz_bound`, computed unless ``report`` is given)."""
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"lipfast.certified_accuracy: eps must be a number >= 0, got {eps!r}")
+    if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+        raise ValueError(f"lipfast.certified_accuracy: inputs must be a batch tensor (N, ...), got "
+                         f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
     if report is None:
         report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=False)
-    logits = model(inputs)
+    logits = eval_forward(model, inputs)  # the bound is the eval-mode network's; and nothing is updated
     radius = certified_radius(logits, labels, report.upper)
     correct = logits.argmax(1) == labels.to(logits.device)
     return float((correct & (radius > eps)).double().mean()) if len(labels) else 0.0

@@ -173,6 +173,24 @@ def test_certified_accuracy():
         expected = float(((model(x).argmax(1) == labels) & (radius > eps)).double().mean())
         assert lipfast.certified_accuracy(model, x, labels, eps, report=report) == expected
     assert lipfast.certified_accuracy(model, x, labels, 0.05) == lipfast.certified_accuracy(model, x, labels, 0.05, report=report)
+    for eps in (-0.1, math.nan):
+        with pytest.raises(ValueError, match="eps"):
+            lipfast.certified_accuracy(model, x, labels, eps, report=report)
+
+
+def test_certified_accuracy_judges_the_eval_mode_network_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    labels = model.eval()(x).argmax(1)
+    model.train()
+    stats = model[1].running_mean.clone(), model[1].num_batches_tracked.clone()
+    report = lipfast.lipschitz_bound(model, (6,), progress=False)
+    assert lipfast.certified_accuracy(model, x, labels, 0.0, report=report) == 1.0  # eval mode: every label right
+    assert model.training and torch.equal(model[1].running_mean, stats[0])
+    assert torch.equal(model[1].num_batches_tracked, stats[1])
 
 
 def test_registered_custom_module_is_kept_whole_and_probes_leave_no_trace():
@@ -210,3 +228,139 @@ def test_scaling_rules():
     assert abs(lipfast.lipschitz_bound(Half(), (4,), progress=False).upper - 3.5) < 1e-12
     report = lipfast.lipschitz_bound(Reciprocal(), (4,), progress=False)
     assert report.upper == math.inf and any("dividing by the input" in note for note in report.notes)
+
+
+class _Uses(nn.Module):
+    """y = W x, then `use(self, y)`: a value passed twice, copied or picked by an index."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.lin = nn.Linear(4, 4, bias=False).double()
+        self.register_buffer("wide", torch.zeros(1, 3, 4, dtype=torch.float64))
+        self.register_buffer("picks", torch.tensor([0, 0, 1]))
+
+    def forward(self, x):
+        return self.use(self, self.lin(x))
+
+
+@pytest.mark.parametrize("use, factor", [
+    (lambda m, y: y + y, 2.0),  # one value on both sides of a sum counts twice
+    (lambda m, y: torch.cat([y, y], 1), math.sqrt(2)),
+    (lambda m, y: torch.sub(1.0, y, alpha=3), 3.0),  # alpha scales the second operand, a constant first
+    (lambda m, y: y.unsqueeze(1).expand(-1, 3, -1), math.sqrt(3)),  # every entry copied 3 times
+    (lambda m, y: y.unsqueeze(1).expand_as(m.wide), math.sqrt(3)),
+    (lambda m, y: y.repeat(1, 2), math.sqrt(2)),
+    (lambda m, y: y[:, [0, 0, 1]], math.sqrt(2)),  # entry 0 picked twice: at most sqrt(2)
+    (lambda m, y: y[:, [0, -4]], math.sqrt(2)),  # 0 and -4 may name one entry: counted as two
+    (lambda m, y: y[:, 1:3], 1.0),
+    (lambda m, y: y[:, : y.size(1) // 2], 1.0),  # an int computed in the graph still selects
+    (lambda m, y: (y, y), math.sqrt(2)),  # two outputs: their concatenation
+    (lambda m, y: -y - y / 4, 1.25),
+], ids=["sum", "cat", "alpha", "expand", "expand_as", "repeat", "list-index", "signed-index", "slice",
+        "computed-slice", "two-outputs", "neg"])
+def test_values_used_twice_or_copied(use, factor):
+    torch.manual_seed(0)
+    model = _Uses(use).eval()
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    x = torch.randn(1, 4, dtype=torch.float64)
+
+    def flat(t):
+        out = model(t)
+        return torch.cat([o.reshape(-1) for o in out]) if isinstance(out, tuple) else out.reshape(-1)
+
+    exact = float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(flat, x).reshape(-1, 4), 2))
+    layer = report.layers[0]
+    assert report.method == "fx"
+    assert exact * (1 - 1e-12) <= report.upper <= factor * layer.upper * (1 + 1e-12)
+    assert report.upper >= factor * layer.lower * (1 - 1e-12)  # the rule's own factor, not a looser one
+
+
+@pytest.mark.parametrize("use, reason", [
+    (lambda m, y: y[:, m.picks], "picks"),  # a tensor index may pick an entry any number of times
+    (lambda m, y: torch.add(y, y, alpha=m.picks[0]), "alpha"),
+    (lambda m, y: torch.div(y, 2, rounding_mode="floor"), "rounding_mode"),  # steps
+], ids=["tensor-index", "tensor-alpha", "floor-division"])
+def test_indices_and_factors_that_are_tensors_give_no_finite_bound(use, reason):
+    report = lipfast.lipschitz_bound(_Uses(use).eval(), (4,), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
+class _Applies(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("fn, module", [
+    (torch.nn.functional.gelu, nn.GELU()),
+    (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), nn.GELU(approximate="tanh")),
+    (torch.nn.functional.silu, nn.SiLU()),
+    (lambda x: torch.nn.functional.elu(x, 1.5), nn.ELU(alpha=1.5)),
+    (torch.nn.functional.softplus, nn.Softplus()),
+    (lambda x: torch.nn.functional.softplus(x, beta=5.0), nn.Softplus(beta=5.0)),
+], ids=["gelu", "gelu-tanh", "silu", "elu", "softplus", "softplus-beta"])
+def test_functional_activations_get_their_modules_constants(fn, module):
+    functional = lipfast.lipschitz_bound(_Applies(fn), (3,), progress=False)
+    assert functional.notes == [] and functional.upper == lipfast.lipschitz_bound(module, (3,), progress=False).upper
+    # and the constant holds: no difference quotient above it
+    x = torch.linspace(-6, 6, 20001, dtype=torch.float64)
+    y = fn(x)
+    assert float(((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs().max()) <= functional.upper
+
+
+def test_abs_and_negative_elu():
+    assert lipfast.lipschitz_bound(_Applies(torch.abs), (3,), progress=False).upper == 1.0
+    assert lipfast.lipschitz_bound(_Applies(lambda x: x.abs()), (3,), progress=False).upper == 1.0
+    # alpha < 0: the slope below 0 is alpha e^x, up to |alpha| in size
+    assert lipfast.lipschitz_bound(nn.ELU(alpha=-2.0), (3,), progress=False).upper == 2.0
+    assert lipfast.lipschitz_bound(_Applies(lambda x: torch.nn.functional.elu(x, -2.0)), (3,), progress=False).upper == 2.0
+
+
+class _TwoSizes(nn.Module):
+    """One conv called on a 2x2 corner of the input, then on the whole 8x8 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False).double()
+
+    def forward(self, x):
+        return torch.cat([self.conv(x[:, :, :2, :2]).flatten(1), self.conv(x).flatten(1)], 1)
+
+
+def test_a_layer_called_on_two_input_sizes_is_bounded_on_each():
+    torch.manual_seed(1)
+    model = _TwoSizes().eval()
+    report = lipfast.lipschitz_bound(model, (2, 8, 8), progress=False)
+    assert [(layer.name, layer.input_shape) for layer in report.layers] == [("conv", (2, 2, 2)), ("conv", (2, 8, 8))]
+    small, large = report.layers
+    assert small.upper < large.upper  # the norm grows with the input: the first call's would not do
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
+    assert report.upper >= float(torch.linalg.matrix_norm(J, 2))
+    assert abs(report.upper - math.sqrt(2) * large.upper) <= 1e-12 * report.upper  # each call: the larger constant
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it), and one layer applied twice."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.lin = _linear(W)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.lin(self.act(self.lin(x)))
+
+
+def test_untraceable_model_falls_back_to_a_chain_of_every_call():
+    W = with_singular_values(3, 3, torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64), seed=0)
+    report = lipfast.lipschitz_bound(_Branchy(W).double(), (3,), progress=False)
+    assert report.method == "hooks" and any("could not trace" in note for note in report.notes)
+    assert [layer.name for layer in report.layers] == ["lin", "act"]
+    assert 9.0 <= report.upper <= 9.0 * (1 + 1e-3) ** 2  # the layer counts once per call: 3 * 1 * 3
