@@ -117,17 +117,31 @@ class _AOL(nn.Module):
 
 def aol(module: nn.Module, name: str = "weight") -> nn.Module:
     """Registers the almost-orthogonal (AOL) rescaling on ``module.<name>`` and returns the module:
-    an nn.Linear, or an nn.Conv2d with stride 1, dilation 1 and one group (any padding).  The layer
-    is 1-Lipschitz by construction: with D = diag(Σ_j |AᵀA|_ij)^(-1/2) over the input channels,
-    ‖A D‖² = ‖D AᵀA D‖ <= max_i Σ_j |D AᵀA D|_ij <= 1 (Prach and Lampert, ECCV 2022); for a
-    convolution the sums run over the kernel of AᵀA, K ⋆ K, which bounds the operator on any input
-    size and with any padding.  One scale per input channel keeps it cheap: one Gram matrix per
-    forward (of the kernel as an out × (kh kw in) matrix for a conv)."""
+    an nn.Linear, or an nn.Conv2d with stride 1, dilation 1 and one group, padded with zeros (any
+    amount) or circularly by at most kernel_size - 1 in total per dim.  The layer is 1-Lipschitz by
+    construction: with D = diag(Σ_j |AᵀA|_ij)^(-1/2) over the input channels, ‖A D‖² = ‖D AᵀA D‖
+    <= max_i Σ_j |D AᵀA D|_ij <= 1 (Prach and Lampert, ECCV 2022); for a convolution the sums run
+    over the kernel of AᵀA, K ⋆ K, whose absolute row sums bound those of AᵀA on any input size when
+    A is a set of rows of a convolution on a zero-padded or circular signal.  Reflect and replicate
+    padding, and circular padding beyond kernel_size - 1, copy input entries (the operator's norm
+    can then exceed 1 by up to the padding's own norm): refused.  One scale per input channel keeps
+    it cheap: one Gram matrix per forward (of the kernel as an out × (kh kw in) matrix for a conv)."""
     if isinstance(module, nn.Conv2d):
         if module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1:
             raise ValueError(
                 "lipfast.nn.aol: a Conv2d needs stride 1, dilation 1 and groups 1 (the AOL bound is for that "
                 f"operator), got stride={module.stride}, dilation={module.dilation}, groups={module.groups}"
+            )
+        # padding "same" pads kernel_size - 1 in total per dim, "valid" none, an int or tuple p: 2 p
+        totals = (0, 0) if module.padding == "valid" else \
+            tuple(k - 1 for k in module.kernel_size) if module.padding == "same" else tuple(2 * p for p in module.padding)
+        copies = module.padding_mode in ("reflect", "replicate") or (
+            module.padding_mode == "circular" and any(t > k - 1 for t, k in zip(totals, module.kernel_size)))
+        if copies and any(totals):
+            raise ValueError(
+                f"lipfast.nn.aol: padding_mode={module.padding_mode!r} with padding={module.padding!r} copies input "
+                "entries, and the AOL bound holds only for a convolution that does not (zero padding, or circular "
+                "padding of at most kernel_size - 1 in total per dim)"
             )
     elif not isinstance(module, nn.Linear):
         raise TypeError(f"lipfast.nn.aol: module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
