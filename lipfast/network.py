@@ -9,6 +9,7 @@ model is first translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import operator
@@ -73,7 +74,14 @@ class LipschitzReport:
 
 _CONVS = conv._CONVS
 _ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+        # permutations of the entries, and padding with a constant (or cropping, for negative amounts)
+        nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.modules.padding._ConstantPadNd)
+#: linear maps with nonnegative weights, bounded by _linear_pool_bound: averages, interpolation
+#: (upsampling other than bicubic, whose weights take both signs), padding that copies entries
+_NONNEGATIVE_LINEAR = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                       nn.AdaptiveAvgPool3d, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+                       nn.modules.padding._CircularPadNd)
 _NO_CONSTANT = {
     nn.LayerNorm: "LayerNorm divides by the input's own standard deviation: no global Lipschitz constant",
     nn.GroupNorm: "GroupNorm divides by the input's own standard deviation: no global Lipschitz constant",
@@ -133,15 +141,17 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
 
 
 def _linear_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[float, float]:
-    """(‖A 1‖ / ‖1‖, sqrt(‖A‖_1 ‖A‖_inf)) for a linear pooling map A with nonnegative weights: a
-    Rayleigh quotient below, and above the row sums A 1 and column sums Aᵀ 1, computed in float64
-    (relative margins of 1e-12 cover that arithmetic)."""
+    """(‖A 1‖ / ‖1‖, sqrt(‖A‖_1 ‖A‖_inf)) for a linear map A whose weights all have one sign (a
+    pooling, an interpolation, a padding; an average pool with a negative divisor_override): a
+    Rayleigh quotient below, and above from the row sums A 1 and column sums Aᵀ 1, whose sizes are
+    the absolute row and column sums, computed in float64 (relative margins of 1e-12 cover that
+    arithmetic)."""
     x = torch.ones(1, *input_shape, dtype=torch.float64, requires_grad=True)
     y = module(x)
     (columns,) = torch.autograd.grad(y.sum(), x)
     y = y.detach()
     lower = float(torch.linalg.vector_norm(y)) / math.sqrt(x.numel()) * (1 - 1e-12)
-    return lower, math.sqrt(float(y.max()) * float(columns.max())) * (1 + 1e-12)
+    return lower, math.sqrt(float(y.abs().max()) * float(columns.abs().max())) * (1 + 1e-12)
 
 
 def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], rtol: float) -> tuple[float, float, str]:
@@ -206,8 +216,7 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
                     counts[i] += 1
             m *= max(counts)
         return 1.0, math.sqrt(m), ""
-    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                           nn.AdaptiveAvgPool3d)):
+    if isinstance(module, _NONNEGATIVE_LINEAR) or (isinstance(module, nn.Upsample) and module.mode != "bicubic"):
         return (*_linear_pool_bound(module, input_shape), "")
     for kind, reason in _NO_CONSTANT.items():
         if isinstance(module, kind):
@@ -466,7 +475,7 @@ def _share_out(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple], LayerBound]) -> list:
+def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple, tuple], LayerBound]) -> list:
     """Brackets every layer of ``items`` whose norm is that of a few matrices (nn.Linear, and 1-tap
     convs that pad with zeros: conv.dense_form), all in one batched call, into ``results``; each
     shares the call's time equally.  Returns the other items.  The call is conv.dense_brackets (one
@@ -505,8 +514,26 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple
         brackets = [(float(lower.max()), float(upper.max())) for lower, upper in many]
     share = (time.perf_counter() - t0) / len(dense)
     for ((name, module, in_shape, out_shape), _), (lower, upper) in zip(dense, brackets):
-        results[name, in_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper, share)
+        results[name, in_shape, out_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper, share)
     return [item for item, _ in rest]
+
+
+def _as_called(module: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Module:
+    """The module as the call applied it.  A transposed conv called with output_size picks its
+    output_padding then, and a larger output_padding adds output rows, and with them norm: the
+    bound is for a shallow copy (the same weights) holding the output_padding the call used."""
+    if not isinstance(module, nn.modules.conv._ConvTransposeNd) or len(out_shape) != len(in_shape):
+        return module
+    used = tuple(
+        out - ((n - 1) * s - 2 * p + d * (k - 1) + 1)
+        for n, out, s, p, d, k in zip(in_shape[1:], out_shape[1:], module.stride, module.padding, module.dilation,
+                                      module.kernel_size)
+    )
+    if used == tuple(module.output_padding):
+        return module
+    called = copy.copy(module)  # shares the parameters; the attribute set below is the copy's own
+    called.output_padding = used
+    return called
 
 
 def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> list[LayerBound]:
@@ -514,14 +541,14 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     size, so a layer called on two sizes is bounded on each), in call order; with a process group,
     each rank bounds its share of the layers and the results are all-gathered (every rank returns
     the same list)."""
-    first_calls: dict[tuple[str, tuple], tuple] = {}
-    for leaf in leaves:
-        first_calls.setdefault((leaf[0], leaf[2]), leaf)
+    first_calls: dict[tuple[str, tuple, tuple], tuple] = {}
+    for name, module, in_shape, out_shape in leaves:
+        first_calls.setdefault((name, in_shape, out_shape), (name, _as_called(module, in_shape, out_shape), in_shape, out_shape))
     unique = list(first_calls.values())
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
     mine = [item for item, r in zip(unique, owner) if r == rank]
-    results: dict[tuple[str, tuple], LayerBound] = {}
+    results: dict[tuple[str, tuple, tuple], LayerBound] = {}
     mine = _bound_dense_layers(mine, rtol, results)
     iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     failure = None
@@ -535,7 +562,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
                 if group is None:
                     raise
                 break
-            results[name, in_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
+            results[name, in_shape, out_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
                                                  time.perf_counter() - t0, note)
     if group is not None and world > 1:
         gathered: list = [None] * world
@@ -545,7 +572,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
             raise RuntimeError("lipfast.lipschitz_bound: bounding layers failed on " + "; ".join(failures))
         for part, _ in gathered:
             results.update(part)
-    return [results[name, in_shape] for name, _, in_shape, _ in unique]
+    return [results[name, in_shape, out_shape] for name, _, in_shape, out_shape in unique]
 
 
 def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True,
@@ -604,8 +631,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         traced = _trace(model)
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
-        per_call = {(layer.name, layer.input_shape): layer.upper for layer in layers}
-        upper = math.prod(per_call[name, in_shape] for name, _, in_shape, _ in leaves)  # every call, repeats too
+        per_call = {(layer.name, layer.input_shape, layer.output_shape): layer.upper for layer in layers}
+        upper = math.prod(per_call[name, in_shape, out_shape] for name, _, in_shape, out_shape in leaves)  # every call
         notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
                      "leaf modules as a chain in call order, which misses operations made outside modules")
     else:

@@ -364,3 +364,48 @@ def test_untraceable_model_falls_back_to_a_chain_of_every_call():
     assert report.method == "hooks" and any("could not trace" in note for note in report.notes)
     assert [layer.name for layer in report.layers] == ["lin", "act"]
     assert 9.0 <= report.upper <= 9.0 * (1 + 1e-3) ** 2  # the layer counts once per call: 3 * 1 * 3
+
+
+class _UpTo(nn.Module):
+    """A transposed conv called with output_size, which picks output_padding = 1 at call time."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, bias=False).double()
+
+    def forward(self, x):
+        return self.up(x, output_size=(8, 8))
+
+
+def test_transposed_conv_is_bounded_with_the_output_padding_of_its_call():
+    torch.manual_seed(0)
+    model = _UpTo().eval()
+    with torch.no_grad():
+        model.up.weight.uniform_(0, 1)
+    report = lipfast.lipschitz_bound(model, (2, 4, 4), progress=False)
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert report.layers[0].output_shape == (2, 8, 8) and model.up.output_padding == (0, 0)  # the module untouched
+    assert exact <= report.upper <= exact * (1 + 1e-3)
+    # the module's own output_padding (0) gives a smaller operator, whose bound is below the truth
+    assert float(lipfast.operator_norm_bounds(model.up, (4, 4))[1]) < exact
+
+
+@pytest.mark.parametrize("module", [
+    nn.Upsample(scale_factor=2), nn.Upsample(scale_factor=(2, 3), mode="bilinear"),
+    nn.Upsample(size=(7, 5), mode="bilinear", align_corners=True), nn.UpsamplingNearest2d(scale_factor=3),
+    nn.ReflectionPad2d(2), nn.ReplicationPad2d((1, 0, 2, 1)), nn.CircularPad2d(1), nn.ZeroPad2d(2),
+    nn.ConstantPad2d(-1, 3.0), nn.PixelShuffle(2), nn.PixelUnshuffle(2), nn.ChannelShuffle(2),
+    nn.AvgPool2d(2, divisor_override=-3),
+], ids=lambda m: type(m).__name__)
+def test_linear_resampling_and_padding_layers(module):
+    shape = (4, 4, 6)
+    report = lipfast.lipschitz_bound(nn.Sequential(module), shape, progress=False)
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: module(t).flatten(), x).reshape(-1, x.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    layer = report.layers[0]
+    assert layer.lower <= exact * (1 + 1e-9) and exact <= report.upper
+    if not isinstance(module, nn.Upsample) or module.mode == "nearest":
+        assert report.upper <= exact * (1 + 1e-9)  # copies and permutations: sqrt of the largest count, exact
