@@ -140,7 +140,7 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _linear_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[float, float]:
+def _linear_pool_bound(module: Callable[[Tensor], Tensor], input_shape: tuple[int, ...]) -> tuple[float, float]:
     """(‖A 1‖ / ‖1‖, sqrt(‖A‖_1 ‖A‖_inf)) for a linear map A whose weights all have one sign (a
     pooling, an interpolation, a padding; an average pool with a negative divisor_override): a
     Rayleigh quotient below, and above from the row sums A 1 and column sums Aᵀ 1, whose sizes are
@@ -237,6 +237,12 @@ _SHAPE_ONLY_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "co
 # copies of every entry, each entry the same number of times (numel(out) / numel(in))
 _REPLICATING_FUNCTIONS = {torch.tile, torch.broadcast_to}
 _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
+# each output the mean (the sum) of m = numel(in) / numel(out) entries, each entry in one output
+_REDUCING_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum"}
+_REDUCING_METHODS = {"mean", "sum"}
+# linear maps with weights of one sign, bounded on their input's size as the module forms are
+_FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.adaptive_avg_pool3d, F.interpolate}
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
@@ -331,19 +337,26 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return bool(_nodes_in(node.args[1:]))
-    return node.target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and node.target in _REPLICATING_METHODS)
+    if node.op == "call_method":
+        return node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
+    return node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS or node.target in _FUNCTIONAL_POOLS
 
 
-def _replication(node: torch.fx.Node) -> float:
-    """sqrt(numel(out) / numel(in)) for an op that copies every entry of its input the same number
-    of times (expand, repeat, ...): ‖Δy‖^2 = copies ‖Δx‖^2.  The sizes come from the shape
-    propagation run on the traced graph."""
-    source = node.args[0]
-    shapes = [n.meta.get("tensor_meta") if isinstance(n, torch.fx.Node) else None for n in (node, source)]
-    if any(s is None or not hasattr(s, "shape") for s in shapes):
+def _shape(node: torch.fx.Node, value) -> tuple[int, ...]:
+    """The shape of a graph value, from the shape propagation run on the traced graph."""
+    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
         raise _Unsupported(f"{node.name}: the sizes of {node.target} are not known")
-    out, inp = (math.prod(s.shape) for s in shapes)
-    return math.sqrt(out / inp) if inp else 0.0
+    return tuple(meta.shape)
+
+
+def _copies(node: torch.fx.Node) -> float:
+    """numel(out) / numel(in) of a node whose input is its first argument: for an op that copies
+    every entry the same number of times (expand, repeat, ...), the number of copies, so ‖Δy‖^2 =
+    copies ‖Δx‖^2; for a mean over m entries per output, 1 / m, the square of its norm
+    (‖(1/m) sum of m entries‖ <= ‖those entries‖ / sqrt(m), equal for equal entries)."""
+    out, inp = math.prod(_shape(node, node)), math.prod(_shape(node, node.args[0]))
+    return out / inp if inp else 0.0
 
 
 def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
@@ -383,7 +396,18 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
         return first * math.sqrt(_index_copies(node.args[1]))
     if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
-        return first * _replication(node)
+        return first * math.sqrt(_copies(node))
+    if target in _REDUCING_FUNCTIONS or (node.op == "call_method" and name in _REDUCING_METHODS):
+        reduction = _REDUCING_FUNCTIONS.get(target, name)
+        ratio = _copies(node)  # 1 / m
+        return first * (math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
+    if target in _FUNCTIONAL_POOLS:
+        if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "bicubic":
+            raise _Unsupported(f"{node.name}: bicubic interpolation (weights of both signs)")
+        shape = _shape(node, node.args[0])
+        if _nodes_in((node.args[1:], node.kwargs)):
+            raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
+        return first * _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1]
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target in _FUNCTION_SLOPES:
@@ -400,8 +424,6 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return first * _silu_slope()
     if target is F.elu:
         return first * _elu_slope(node)
-    if target in (F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean) or (node.op == "call_method" and name == "mean"):
-        raise _Unsupported(f"{node.name}: {name} as a function (use the nn module form, whose constant is computed)")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
 
 

@@ -409,3 +409,45 @@ def test_linear_resampling_and_padding_layers(module):
     assert layer.lower <= exact * (1 + 1e-9) and exact <= report.upper
     if not isinstance(module, nn.Upsample) or module.mode == "nearest":
         assert report.upper <= exact * (1 + 1e-9)  # copies and permutations: sqrt of the largest count, exact
+
+
+@pytest.mark.parametrize("use, factor", [  # of the 4 outputs: the mean's norm is ‖W‖ / 2 at most, the sum's 2 ‖W‖
+    (lambda m, y: y.mean(), 0.5), (lambda m, y: y.mean(dim=1, keepdim=True), 0.5),
+    (lambda m, y: torch.mean(y, (0, 1)), 0.5), (lambda m, y: y.sum(1), 2.0), (lambda m, y: torch.sum(y), 2.0),
+], ids=["mean", "mean-dim", "torch-mean", "sum-dim", "torch-sum"])
+def test_means_and_sums(use, factor):
+    torch.manual_seed(0)
+    model = _Uses(use).eval()
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        lambda t: model(t).reshape(-1), x).reshape(-1, 4), 2))
+    assert report.notes == [] and exact * (1 - 1e-12) <= report.upper
+    assert report.upper <= factor * report.layers[0].upper * (1 + 1e-12)
+
+
+class _GlobalPool(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1).double()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda y: y.mean((2, 3)), lambda y: torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1),
+    lambda y: torch.nn.functional.avg_pool2d(y, 3, stride=1), lambda y: torch.nn.functional.interpolate(y, scale_factor=2),
+    lambda y: torch.nn.functional.interpolate(y, size=(5, 7), mode="bilinear"),
+], ids=["mean", "adaptive", "avg-overlapping", "nearest", "bilinear"])
+def test_functional_pools_match_their_modules(fn):
+    torch.manual_seed(0)
+    model = _GlobalPool(fn).eval()
+    report = lipfast.lipschitz_bound(model, (2, 6, 6), progress=False)
+    x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
+    assert report.notes == [] and float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+    bicubic = _GlobalPool(lambda y: torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic"))
+    report = lipfast.lipschitz_bound(bicubic, (2, 6, 6), progress=False)
+    assert report.upper == math.inf and any("bicubic" in note for note in report.notes)
