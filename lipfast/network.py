@@ -243,6 +243,15 @@ _REDUCING_METHODS = {"mean", "sum"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate}
+# max pools: the module built from the same arguments (the functions take them in another order)
+_FUNCTIONAL_MAX_POOLS = {
+    F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.max_pool3d: (nn.MaxPool3d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    F.adaptive_max_pool1d: (nn.AdaptiveMaxPool1d, ("output_size", "return_indices")),
+    F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
+    F.adaptive_max_pool3d: (nn.AdaptiveMaxPool3d, ("output_size", "return_indices")),
+}
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
@@ -339,7 +348,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return bool(_nodes_in(node.args[1:]))
     if node.op == "call_method":
         return node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
-    return node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS or node.target in _FUNCTIONAL_POOLS
+    return (node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
+            or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS)
 
 
 def _shape(node: torch.fx.Node, value) -> tuple[int, ...]:
@@ -408,6 +418,13 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if _nodes_in((node.args[1:], node.kwargs)):
             raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
         return first * _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1]
+    if target in _FUNCTIONAL_MAX_POOLS:
+        shape = _shape(node, node.args[0])
+        if _nodes_in((node.args[1:], node.kwargs)):
+            raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
+        kind, names = _FUNCTIONAL_MAX_POOLS[target]
+        module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
+        return first * _layer_constant(node.name, module, shape[1:], 1e-3)[1]
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target in _FUNCTION_SLOPES:

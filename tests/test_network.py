@@ -436,18 +436,24 @@ class _GlobalPool(nn.Module):
         return self.fn(self.conv(x))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda y: y.mean((2, 3)), lambda y: torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1),
-    lambda y: torch.nn.functional.avg_pool2d(y, 3, stride=1), lambda y: torch.nn.functional.interpolate(y, scale_factor=2),
-    lambda y: torch.nn.functional.interpolate(y, size=(5, 7), mode="bilinear"),
-], ids=["mean", "adaptive", "avg-overlapping", "nearest", "bilinear"])
-def test_functional_pools_match_their_modules(fn):
+@pytest.mark.parametrize("fn, factor", [  # factor: the pool's exact constant, where it is simple
+    (lambda y: y.mean((2, 3)), 1 / 6), (lambda y: torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1), 1 / 6),
+    (lambda y: torch.nn.functional.avg_pool2d(y, 3, stride=1), None),
+    (lambda y: torch.nn.functional.interpolate(y, scale_factor=2), 2.0),
+    (lambda y: torch.nn.functional.interpolate(y, size=(5, 7), mode="bilinear"), None),
+    (lambda y: torch.nn.functional.max_pool2d(y, 3, 1, 1), 3.0),  # up to 9 windows hold one entry
+    (lambda y: torch.nn.functional.max_pool2d(y, 2, ceil_mode=True), 1.0),
+    (lambda y: torch.nn.functional.adaptive_max_pool2d(y, (4, 5)), 2.0),  # 2 windows per dim
+], ids=["mean", "adaptive", "avg-overlapping", "nearest", "bilinear", "max-overlapping", "max-ceil", "adaptive-max"])
+def test_functional_pools_match_their_modules(fn, factor):
     torch.manual_seed(0)
     model = _GlobalPool(fn).eval()
     report = lipfast.lipschitz_bound(model, (2, 6, 6), progress=False)
     x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
     J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
     assert report.notes == [] and float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+    if factor is not None:
+        assert report.upper <= factor * report.layers[0].upper * (1 + 1e-9)
     bicubic = _GlobalPool(lambda y: torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic"))
     report = lipfast.lipschitz_bound(bicubic, (2, 6, 6), progress=False)
     assert report.upper == math.inf and any("bicubic" in note for note in report.notes)
