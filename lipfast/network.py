@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import operator
 import time
@@ -308,11 +309,38 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float]) ->
             # composition: Lip(f o g) <= Lip(f) Lip(g); a module of several tensor inputs sees them as
             # one concatenated input
             bounds[node] = constants[node.target] * _concatenated((node.args, node.kwargs), bounds)
+            if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
+                _overwrites(node, bounds)
         elif node.op in ("call_function", "call_method"):
             bounds[node] = _function_bound(node, bounds)
+            if _in_place(node):
+                _overwrites(node, bounds)
         elif node.op == "output":
             return _concatenated(node.args, bounds)  # a tuple of outputs: their concatenation
     raise _Unsupported("the graph has no output")
+
+
+def _in_place(node: torch.fx.Node) -> bool:
+    """Whether a function or method call writes its result into its first argument (inplace=True,
+    or a trailing underscore)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    if node.op != "call_function":
+        return False
+    try:
+        arguments = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # a builtin without a Python signature, or arguments it would refuse
+        return node.kwargs.get("inplace") is True
+    return arguments.get("inplace") is True
+
+
+def _overwrites(node: torch.fx.Node, bounds: dict) -> None:
+    """An in-place call replaces its first argument's value by its result, and later uses of that
+    argument's node see the result: the node's bound becomes the larger of the two."""
+    target = node.args[0] if node.args else None
+    if isinstance(target, torch.fx.Node) and target in bounds:
+        bounds[target] = max(bounds[target], bounds[node])
 
 
 def _index_copies(index) -> int:

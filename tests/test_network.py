@@ -457,3 +457,32 @@ def test_functional_pools_match_their_modules(fn, factor):
     bicubic = _GlobalPool(lambda y: torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic"))
     report = lipfast.lipschitz_bound(bicubic, (2, 6, 6), progress=False)
     assert report.upper == math.inf and any("bicubic" in note for note in report.notes)
+
+
+class _InPlace(nn.Module):
+    def __init__(self, use):
+        super().__init__()
+        self.lin = nn.Linear(4, 4).double()
+        self.act = nn.LeakyReLU(3.0, inplace=True)
+        self.use = use
+
+    def forward(self, x):
+        return self.use(self, self.lin(x))
+
+
+@pytest.mark.parametrize("use", [
+    lambda m, y: m.act(y) + y,  # y itself now holds act(y): the output is 2 act(y)
+    lambda m, y: torch.nn.functional.leaky_relu(y, 3.0, True) + y,
+    lambda m, y: torch.nn.functional.elu(y, alpha=3.0, inplace=True) + y,
+], ids=["module", "function", "keyword"])
+def test_in_place_activations_overwrite_their_input(use):
+    torch.manual_seed(0)
+    model = _InPlace(use).eval()
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    with torch.no_grad():
+        model.lin.bias.fill_(-1e-9)  # at x = 0 every output just below 0: slope 3 (the bias changes no constant)
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(-1, 4)
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert exact > 5.9 * report.layers[0].upper  # 2 x 3 x ‖W‖: above the 3 + 1 of reading y as untouched
+    assert report.upper >= exact
