@@ -77,7 +77,22 @@ _CONVS = conv._CONVS
 _ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
         # permutations of the entries, and padding with a constant (or cropping, for negative amounts)
-        nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.modules.padding._ConstantPadNd)
+        nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.modules.padding._ConstantPadNd,
+        # slopes in [0, 1]: 1 / (1 + |x|)^2, sigmoid(-x), tanh(x)^2, 0 or 1
+        nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink)
+#: elementwise activations by their largest |slope| (module type: slope, or a function of the module)
+_SLOPES: dict[type, Callable[[nn.Module], float]] = {
+    nn.Hardswish: lambda m: 1.5,  # (2x + 3) / 6 on (-3, 3), 0 below, 1 above: largest 9 / 6 just below 3
+    nn.Hardsigmoid: lambda m: 1 / 6,
+    # scale x above 0, scale alpha (e^x - 1) below: largest scale * alpha as x -> 0-
+    nn.SELU: lambda m: 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717 * (1 + 1e-15),
+    nn.CELU: lambda m: 1.0 if m.alpha > 0 else math.inf,  # slope e^(x / alpha) <= 1 below 0 (unbounded if alpha < 0)
+    nn.Mish: lambda m: _mish_slope(),
+    nn.PReLU: lambda m: max(1.0, float(m.weight.detach().abs().max())),
+    # softmax's Jacobian diag(p) - p pᵀ is the covariance of v_X, X ~ p, for a unit v: by
+    # Popoviciu's inequality at most (max v - min v)^2 / 4 <= 2 / 4
+    nn.Softmax: lambda m: 0.5,
+}
 #: linear maps with nonnegative weights, bounded by _linear_pool_bound: averages, interpolation
 #: (upsampling other than bicubic, whose weights take both signs), padding that copies entries
 _NONNEGATIVE_LINEAR = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -116,6 +131,15 @@ def _gelu_slope(approximate: str) -> float:
     def derivative(x: Tensor) -> Tensor:
         x = x.clone().requires_grad_()
         (grad,) = torch.autograd.grad(F.gelu(x, approximate=approximate).sum(), x)
+        return grad
+    return _max_slope(derivative)
+
+
+@functools.lru_cache(maxsize=None)
+def _mish_slope() -> float:
+    def derivative(x: Tensor) -> Tensor:
+        x = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(F.mish(x).sum(), x)
         return grad
     return _max_slope(derivative)
 
@@ -195,6 +219,16 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
     if isinstance(module, nn.SiLU):
         value = _silu_slope()
         return value, value, ""
+    for kind, slope in _SLOPES.items():
+        if isinstance(module, kind):
+            value = slope(module)
+            return (value, value, "") if math.isfinite(value) else (0.0, value, "CELU with alpha <= 0 has no constant")
+    if isinstance(module, (nn.Hardshrink, nn.Threshold)):
+        # a jump at ±lambd (or at threshold to value): no constant, unless there is no jump
+        if (isinstance(module, nn.Hardshrink) and module.lambd == 0) or \
+                (isinstance(module, nn.Threshold) and module.value == module.threshold):
+            return 1.0, 1.0, ""
+        return 0.0, math.inf, f"{type(module).__name__} jumps: no Lipschitz constant"
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         # ‖Δy‖^2 = sum over windows of (max over the window of Δx)^2 <= sum over windows ‖Δx_window‖^2
         # <= m ‖Δx‖^2, m the largest number of windows holding one input: L <= sqrt(m)
@@ -256,7 +290,8 @@ _FUNCTIONAL_MAX_POOLS = {
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
-                    torch.sigmoid: 0.25, F.sigmoid: 0.25}
+                    torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: 1.5, F.hardsigmoid: 1 / 6,
+                    F.softmax: 0.5, torch.softmax: 0.5}  # slopes as for the module forms (_SLOPES)
 _METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0}
 
 

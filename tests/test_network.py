@@ -486,3 +486,32 @@ def test_in_place_activations_overwrite_their_input(use):
     exact = float(torch.linalg.matrix_norm(J, 2))
     assert exact > 5.9 * report.layers[0].upper  # 2 x 3 x ‖W‖: above the 3 + 1 of reading y as untouched
     assert report.upper >= exact
+
+
+@pytest.mark.parametrize("module, exact", [
+    (nn.Hardswish(), 1.5), (nn.Hardsigmoid(), 1 / 6), (nn.SELU(), 1.0507009873554805 * 1.6732632423543772),
+    (nn.CELU(2.0), 1.0), (nn.Mish(), 1.0884), (nn.Softsign(), 1.0), (nn.LogSigmoid(), 1.0), (nn.Tanhshrink(), 1.0),
+    (nn.Softshrink(0.5), 1.0), (nn.Softmax(dim=1), 0.5),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+def test_more_activations(module, exact):
+    report = lipfast.lipschitz_bound(nn.Sequential(module), (6,), progress=False)
+    assert report.notes == [] and exact * (1 - 1e-4) <= report.upper <= exact * (1 + 1e-4)
+    # no difference quotient along a line exceeds it (softmax: along a random direction)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(6, generator=g, dtype=torch.float64)
+    direction /= direction.norm()
+    t = torch.linspace(-8, 8, 40001, dtype=torch.float64)
+    y = module(t[:, None] * direction)
+    quotient = (y[1:] - y[:-1]).norm(dim=1) / (t[1:] - t[:-1])
+    assert float(quotient.max()) <= report.upper * (1 + 1e-9)
+
+
+def test_prelu_and_jumps():
+    prelu = nn.PReLU(3, init=0.25)
+    with torch.no_grad():
+        prelu.weight[1] = -2.5
+    assert lipfast.lipschitz_bound(nn.Sequential(prelu), (3, 4), progress=False).upper == 2.5
+    for module in (nn.Hardshrink(0.5), nn.Threshold(0.1, 20.0), nn.CELU(-1.0)):
+        report = lipfast.lipschitz_bound(nn.Sequential(module), (3,), progress=False)
+        assert report.upper == math.inf and report.notes, module
+    assert lipfast.lipschitz_bound(nn.Sequential(nn.Threshold(0.1, 0.1)), (3,), progress=False).upper == 1.0
