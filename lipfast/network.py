@@ -299,14 +299,40 @@ class _Unsupported(Exception):
     pass
 
 
+#: what a subclass of a torch.nn layer may define and still compute what the layer computes
+_NOT_COMPUTING = {"__init__", "reset_parameters", "extra_repr", "__repr__", "__init_subclass__", "__setstate__",
+                  "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                  "__firstlineno__", "__static_attributes__", "__constants__", "_version", "__parameters__",
+                  "__orig_bases__"}
+
+
+def _computes_as_torch_layer(m: nn.Module) -> bool:
+    """Whether m is an instance of a subclass of a torch.nn layer (a user's nn.Linear with its own
+    initialization, say) that overrides nothing the forward pass uses: only __init__,
+    reset_parameters, extra_repr and plain class attributes.  It then computes what that layer
+    computes, and gets that layer's constant; anything else (a forward, a _conv_forward, a
+    property) is traced into."""
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn.") and cls is not nn.Module:
+            return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        if cls is nn.Module or any(
+            name not in _NOT_COMPUTING and (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
+            for name, value in vars(cls).items()
+        ):
+            return False
+    return False
+
+
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, keeping whole (as leaves) the module types given a constant with
-    register_lipschitz too, so that the registered constant is the one used."""
+    register_lipschitz too, so that the registered constant is the one used, and subclasses of
+    torch.nn layers that compute what their layer does (_computes_as_torch_layer)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Module:  # a bare namespace for submodules (it has no forward): look inside
             return False
-        return isinstance(m, tuple(_REGISTRY)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, tuple(_REGISTRY)) or super().is_leaf_module(m, module_qualified_name) \
+            or _computes_as_torch_layer(m)
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:

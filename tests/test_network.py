@@ -515,3 +515,34 @@ def test_prelu_and_jumps():
         report = lipfast.lipschitz_bound(nn.Sequential(module), (3,), progress=False)
         assert report.upper == math.inf and report.notes, module
     assert lipfast.lipschitz_bound(nn.Sequential(nn.Threshold(0.1, 0.1)), (3,), progress=False).upper == 1.0
+
+
+class _InitOnlyLinear(nn.Linear):
+    """A user's nn.Linear with its own initialization: it computes what nn.Linear computes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.orthogonal_(self.weight)
+
+
+class _InitOnlyConv(nn.Conv2d):
+    scale = 2.0  # a plain class attribute changes nothing
+
+
+class _DoubledConv(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):  # not what nn.Conv2d computes: traced into, not trusted
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+def test_subclasses_of_torch_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(_InitOnlyLinear(5, 5).double(), nn.ReLU(), _InitOnlyLinear(5, 3).double())
+    report = lipfast.lipschitz_bound(model, (5,), progress=False)
+    assert [layer.kind for layer in report.layers] == ["_InitOnlyLinear", "ReLU", "_InitOnlyLinear"]
+    assert abs(report.upper - 1.0) < 1e-5  # orthogonal rows and columns: norm 1 each
+    conv = _InitOnlyConv(2, 3, 3, padding=1).double()
+    report = lipfast.lipschitz_bound(conv, (2, 5, 5), progress=False)
+    assert report.layers[0].kind == "_InitOnlyConv"
+    assert report.upper == float(lipfast.operator_norm_bounds(nn.Sequential(conv)[0], (5, 5))[1])
+    report = lipfast.lipschitz_bound(nn.Sequential(_DoubledConv(2, 3, 3, padding=1)), (2, 5, 5), progress=False)
+    assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
