@@ -358,11 +358,80 @@ def _concatenated(args, bounds: dict) -> float:
     return math.sqrt(sum(bounds[a] ** 2 for a in _passed(args, bounds)))
 
 
-def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float]) -> float:
-    """L(node) bounds the Lipschitz constant of node's value as a function of the model's input."""
+#: functions that apply a stored weight, by their arguments' names in order
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_FUNCTIONAL_LAYERS = {
+    F.linear: ("input", "weight", "bias"),
+    F.conv1d: _CONV_ARGUMENTS, F.conv2d: _CONV_ARGUMENTS, F.conv3d: _CONV_ARGUMENTS,
+    F.conv_transpose1d: _TRANSPOSED_ARGUMENTS, F.conv_transpose2d: _TRANSPOSED_ARGUMENTS,
+    F.conv_transpose3d: _TRANSPOSED_ARGUMENTS,
+}
+
+
+def _layer_arguments(node: torch.fx.Node) -> dict | None:
+    """F.linear / F.conv*d / F.conv_transpose*d's arguments by name, where the weight is stored in
+    the model (a parameter or buffer: a get_attr node) and nothing but the input and the bias is
+    computed in the graph; None otherwise (the call is then bounded by no rule)."""
+    names = _FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
+    if names is None or len(node.args) > len(names):
+        return None
+    arguments = dict(zip(names, node.args), **node.kwargs)
+    weight = arguments.get("weight")
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr") or "input" not in arguments:
+        return None
+    if _nodes_in([value for name, value in arguments.items() if name not in ("input", "weight", "bias")]):
+        return None
+    return arguments
+
+
+def _example_shape(value) -> tuple[int, ...]:
+    """One example's shape of a graph value, from the shape propagation; () where it did not run."""
+    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
+    return tuple(meta.shape[1:]) if meta is not None else ()
+
+
+def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, rtol: float) -> LayerBound | None:
+    """The bracket of a linear or conv layer applied as a function to a stored weight (a custom
+    module's forward calling F.conv2d(x, self.weight, ...)), as nn.Linear's or nn.ConvNd's would be
+    (a conv on the input size the shape propagation recorded); None if node is no such call."""
+    arguments = _layer_arguments(node)
+    if arguments is None:
+        return None
+    t0 = time.perf_counter()
+    weight = graph_module
+    for part in arguments["weight"].target.split("."):
+        weight = getattr(weight, part)
+    weight = weight.detach()
+    in_shape, out_shape = _example_shape(arguments["input"]), _example_shape(node)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
+        if node.target is F.linear:
+            lower, upper = linalg.spectral_norm_bounds(weight, rtol=rtol)
+        else:
+            if not in_shape:
+                raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")
+            options = {k: arguments[k] for k in ("stride", "padding", "dilation", "groups", "output_padding")
+                       if k in arguments}
+            lower, upper = conv.conv_spectral_norm_bounds(
+                weight, in_shape[1:], transposed=node.target.__name__.startswith("conv_transpose"), rtol=rtol, **options)
+    return LayerBound(node.name, f"F.{node.target.__name__}", in_shape, out_shape, float(lower), float(upper),
+                      time.perf_counter() - t0)
+
+
+def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
+             functional: dict[torch.fx.Node, float] | None = None) -> float:
+    """L(node) bounds the Lipschitz constant of node's value as a function of the model's input;
+    functional: the constants of the functional layers (_functional_layer)."""
     bounds: dict[torch.fx.Node, float] = {}
+    functional = functional or {}
     for node in graph_module.graph.nodes:
-        if node.op == "placeholder":
+        if node in functional:
+            # W x + b: Lip <= ‖W‖ Lip(x) + Lip(b) (b is a constant, but could be computed from x)
+            arguments = _layer_arguments(node)
+            bounds[node] = functional[node] * _concatenated([arguments["input"]], bounds) + \
+                _concatenated([arguments.get("bias")], bounds)
+        elif node.op == "placeholder":
             bounds[node] = 1.0
         elif node.op == "get_attr":
             bounds[node] = 0.0  # a constant
@@ -435,6 +504,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return bool(_nodes_in(node.args[1:]))
+    if node.target in _FUNCTIONAL_LAYERS:
+        return True  # a conv's norm depends on its input's size
     if node.op == "call_method":
         return node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
     return (node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
@@ -753,7 +824,6 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     for layer in layers:
         if not math.isfinite(layer.upper):
             notes.append(f"{layer.name} ({layer.kind}): {layer.note}")
-    naive = math.prod(layer.upper for layer in layers) if layers else 1.0
     method = "fx"
     try:
         traced = _trace(model)
@@ -771,10 +841,17 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             except Exception:  # nodes then lack sizes, and the rules that need them give no finite bound
                 pass
         try:
-            upper = _compose(traced, constants)
+            functional = {}
+            for node in traced.graph.nodes:
+                layer = _functional_layer(traced, node, rtol)
+                if layer is not None:
+                    layers.append(layer)
+                    functional[node] = layer.upper
+            upper = _compose(traced, constants, functional)
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
             upper = math.inf
             notes.append(f"no finite bound: {exc}")
+    naive = math.prod(layer.upper for layer in layers) if layers else 1.0
     return LipschitzReport(float(upper), float(naive), layers, method, notes, time.perf_counter() - start)
 
 

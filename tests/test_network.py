@@ -546,3 +546,50 @@ def test_subclasses_of_torch_layers():
     assert report.upper == float(lipfast.operator_norm_bounds(nn.Sequential(conv)[0], (5, 5))[1])
     report = lipfast.lipschitz_bound(nn.Sequential(_DoubledConv(2, 3, 3, padding=1)), (2, 5, 5), progress=False)
     assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
+
+
+class _Functional(nn.Module):
+    """A custom module applying its stored weights through torch.nn.functional."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.kernel = nn.Parameter(torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64))
+        self.register_buffer("up", torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64))
+        self.weight = nn.Parameter(torch.randn(6, 2, generator=g, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.zeros(6, dtype=torch.float64))
+
+    def forward(self, x):
+        y = torch.nn.functional.conv2d(x, self.kernel, padding=1)
+        z = torch.nn.functional.conv_transpose2d(y, self.up, stride=2, padding=1, output_padding=1)
+        return torch.nn.functional.linear(z.mean((2, 3)), self.weight, bias=self.bias)
+
+
+def test_functional_layers_with_stored_weights():
+    model = _Functional()
+    report = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
+    kinds = {layer.kind: layer for layer in report.layers}
+    assert list(kinds) == ["F.conv2d", "F.conv_transpose2d", "F.linear"]
+    x = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+    # each layer as the module form bounds it, on the sizes the calls saw; the mean over 10 x 10: 1/10
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(model.kernel)
+        up.weight.copy_(model.up)
+    assert kinds["F.conv2d"].upper == float(lipfast.operator_norm_bounds(conv, (5, 5))[1])
+    assert kinds["F.conv_transpose2d"].upper == float(lipfast.operator_norm_bounds(up, (5, 5))[1])
+    assert kinds["F.conv_transpose2d"].input_shape == (3, 5, 5) and kinds["F.conv_transpose2d"].output_shape == (2, 10, 10)
+    expected = kinds["F.conv2d"].upper * kinds["F.conv_transpose2d"].upper / 10 * kinds["F.linear"].upper
+    assert abs(report.upper - expected) <= 1e-12 * expected
+
+
+def test_functional_layer_with_a_computed_weight_gives_no_finite_bound():
+    class Scaled(_Functional):
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, 2 * self.kernel, padding=1)
+
+    report = lipfast.lipschitz_bound(Scaled(), (2, 5, 5), progress=False)
+    assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
