@@ -616,28 +616,33 @@ def _elu_slope(node: torch.fx.Node) -> float:
     return abs(scale) * max(1.0, abs(alpha * input_scale))
 
 
-def _leaf_modules(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module, tuple, tuple]]:
-    """(name, module, input shape, output shape) of the leaf modules a forward on example reaches, in order."""
+def _leaf_modules(model: nn.Module, example: Tensor) -> tuple[list[tuple[str, nn.Module, tuple, tuple]], bool]:
+    """(name, module, input shape, output shape) of the leaf modules a forward on example reaches, in
+    order; and whether they form a chain: each called with one tensor, the previous one's output
+    (the first with the input), and the model returning the last one's output."""
     found = []
     hooks = []
     tracer = _Tracer()
     leaves: list[str] = []
+    chain = {"ok": True, "last": example}
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in leaves):
             continue  # the model itself, or inside a module already taken whole
         if tracer.is_leaf_module(module, name):  # the modules torch.fx keeps whole (torch.nn's own)
             leaves.append(name)
-            def hook(mod, args, out, name=name):
+            def hook(mod, args, kwargs, out, name=name):
                 x = args[0] if args and isinstance(args[0], Tensor) else None
                 found.append((name, mod, tuple(x.shape[1:]) if x is not None else (),
                               tuple(out.shape[1:]) if isinstance(out, Tensor) else ()))
-            hooks.append(module.register_forward_hook(hook))
+                chain["ok"] = chain["ok"] and x is chain["last"] and len(args) == 1 and not kwargs
+                chain["last"] = out
+            hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
-        eval_forward(model, example)
+        result = eval_forward(model, example)
     finally:
         for h in hooks:
             h.remove()
-    return found
+    return found, chain["ok"] and result is chain["last"]
 
 
 def _layer_cost(module: nn.Module, in_shape: tuple) -> float:
@@ -810,7 +815,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
                           device=param.device if param is not None else None)
     try:
-        leaves = _leaf_modules(model, example)
+        leaves, chain = _leaf_modules(model, example)
     except Exception as exc:  # the model rejects this input: say so plainly
         raise ValueError(f"lipfast.lipschitz_bound: the model does not accept an input of shape {tuple(input_shape)}: {exc}") from exc
     if group is not None or (dist.is_available() and dist.is_initialized()):
@@ -831,8 +836,14 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         method = "hooks"
         per_call = {(layer.name, layer.input_shape, layer.output_shape): layer.upper for layer in layers}
         upper = math.prod(per_call[name, in_shape, out_shape] for name, _, in_shape, out_shape in leaves)  # every call
-        notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
-                     "leaf modules as a chain in call order, which misses operations made outside modules")
+        if chain:
+            notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); its leaf modules "
+                         "form a chain (each takes the previous one's output, and the model returns the last "
+                         "one's), so the product of their constants bounds it")
+        else:
+            notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
+                         "leaf modules as a chain in call order, but they are not one (operations outside modules, "
+                         "or a module's input from elsewhere): NOT CERTIFIED, it misses what happens between them")
     else:
         if any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
             try:

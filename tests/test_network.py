@@ -364,6 +364,16 @@ def test_untraceable_model_falls_back_to_a_chain_of_every_call():
     assert report.method == "hooks" and any("could not trace" in note for note in report.notes)
     assert [layer.name for layer in report.layers] == ["lin", "act"]
     assert 9.0 <= report.upper <= 9.0 * (1 + 1e-3) ** 2  # the layer counts once per call: 3 * 1 * 3
+    assert any("form a chain" in note for note in report.notes)  # on the zero input nothing came between
+
+    class Skip(_Branchy):
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            return self.lin(self.act(self.lin(x))) + x  # a skip outside the modules: the chain misses it
+
+    report = lipfast.lipschitz_bound(Skip(W).double(), (3,), progress=False)
+    assert report.method == "hooks" and any("NOT CERTIFIED" in note for note in report.notes)
 
 
 class _UpTo(nn.Module):
