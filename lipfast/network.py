@@ -307,32 +307,38 @@ _NOT_COMPUTING = {"__init__", "reset_parameters", "extra_repr", "__repr__", "__i
 
 
 def _computes_as_torch_layer(m: nn.Module) -> bool:
-    """Whether m is an instance of a subclass of a torch.nn layer (a user's nn.Linear with its own
-    initialization, say) that overrides nothing the forward pass uses: only __init__,
-    reset_parameters, extra_repr and plain class attributes.  It then computes what that layer
-    computes, and gets that layer's constant; anything else (a forward, a _conv_forward, a
-    property) is traced into."""
+    """Whether m computes what a torch.nn layer computes: it is one, or an instance of a subclass
+    of one (a user's nn.Linear with its own initialization, say) that overrides nothing the forward
+    pass uses: only __init__, reset_parameters, extra_repr and plain class attributes.  It then
+    gets that layer's constant; anything else (a forward, a _conv_forward, a property) is traced
+    into.  The classes torch.nn.utils.parametrize makes for a parametrized module only compute its
+    parametrized tensors, and are looked through (torch.fx itself takes them for torch.nn layers,
+    whatever the class below them computes)."""
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
     for cls in type(m).__mro__:
-        if cls.__module__.startswith("torch.nn.") and cls is not nn.Module:
-            return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-        if cls is nn.Module or any(
-            name not in _NOT_COMPUTING and (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
-            for name, value in vars(cls).items()
-        ):
+        if cls.__module__ == "torch.nn.utils.parametrize":
+            continue
+        if cls is nn.Module:
+            return False
+        if cls.__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+            return True
+        if any(name not in _NOT_COMPUTING and (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
+               for name, value in vars(cls).items()):
             return False
     return False
 
 
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, keeping whole (as leaves) the module types given a constant with
-    register_lipschitz too, so that the registered constant is the one used, and subclasses of
-    torch.nn layers that compute what their layer does (_computes_as_torch_layer)."""
+    register_lipschitz, so that the registered constant is the one used, and the modules that
+    compute what a torch.nn layer does (_computes_as_torch_layer: torch.fx's own rule, which keeps
+    every torch.nn class whole, made exact for subclasses and parametrized modules)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Module:  # a bare namespace for submodules (it has no forward): look inside
             return False
-        return isinstance(m, tuple(_REGISTRY)) or super().is_leaf_module(m, module_qualified_name) \
-            or _computes_as_torch_layer(m)
+        return isinstance(m, tuple(_REGISTRY)) or _computes_as_torch_layer(m)
 
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -437,8 +443,10 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             bounds[node] = 0.0  # a constant
         elif node.op == "call_module":
             # composition: Lip(f o g) <= Lip(f) Lip(g); a module of several tensor inputs sees them as
-            # one concatenated input
-            bounds[node] = constants[node.target] * _concatenated((node.args, node.kwargs), bounds)
+            # one concatenated input; a module of constants only (a parametrization computing a
+            # weight, say) gives a constant
+            inputs = _concatenated((node.args, node.kwargs), bounds)
+            bounds[node] = constants[node.target] * inputs if inputs > 0 else 0.0
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
                 _overwrites(node, bounds)
         elif node.op in ("call_function", "call_method"):
@@ -601,6 +609,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return first * _silu_slope()
     if target is F.elu:
         return first * _elu_slope(node)
+    if target in _FUNCTIONAL_LAYERS:
+        raise _Unsupported(f"{node.name}: {name} with a weight computed in the graph (only a stored parameter or "
+                           "buffer is bounded; a parametrized layer whose forward is its torch.nn class's is kept whole)")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
 
 
@@ -628,6 +639,9 @@ def _leaf_modules(model: nn.Module, example: Tensor) -> tuple[list[tuple[str, nn
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in leaves):
             continue  # the model itself, or inside a module already taken whole
+        if isinstance(module, torch.nn.utils.parametrize.ParametrizationList):
+            leaves.append(name)  # it computes a weight from other weights: not a layer of the network
+            continue
         if tracer.is_leaf_module(module, name):  # the modules torch.fx keeps whole (torch.nn's own)
             leaves.append(name)
             def hook(mod, args, kwargs, out, name=name):

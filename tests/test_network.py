@@ -603,3 +603,18 @@ def test_functional_layer_with_a_computed_weight_gives_no_finite_bound():
 
     report = lipfast.lipschitz_bound(Scaled(), (2, 5, 5), progress=False)
     assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
+
+
+def test_a_parametrized_subclass_with_its_own_forward_is_traced_into():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    layer = torch.nn.utils.parametrizations.spectral_norm(Doubled(4, 4).double())
+    report = lipfast.lipschitz_bound(layer, (4,), progress=False)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(layer.eval(), x).reshape(4, 4), 2))
+    assert report.upper == math.inf or report.upper >= exact  # never its Linear's constant alone
+    plain = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4).double())  # still a layer
+    assert [layer.kind for layer in lipfast.lipschitz_bound(plain, (4,), progress=False).layers] == ["ParametrizedLinear"]
