@@ -595,6 +595,11 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return first * _layer_constant(node.name, module, shape[1:], 1e-3)[1]
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
+    if target is getattr and len(node.args) == 2:  # x.shape and the like: constants; x.T: a permutation
+        if node.args[1] in ("shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"):
+            return 0.0
+        if node.args[1] in ("T", "mT", "H", "mH", "data"):
+            return first
     if target in _FUNCTION_SLOPES:
         return first * _FUNCTION_SLOPES[target]
     if node.op == "call_method" and name in _METHOD_SLOPES:

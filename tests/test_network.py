@@ -618,3 +618,18 @@ def test_a_parametrized_subclass_with_its_own_forward_is_traced_into():
     assert report.upper == math.inf or report.upper >= exact  # never its Linear's constant alone
     plain = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4).double())  # still a layer
     assert [layer.kind for layer in lipfast.lipschitz_bound(plain, (4,), progress=False).layers] == ["ParametrizedLinear"]
+
+
+def test_tensor_attributes():
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6).double()
+
+        def forward(self, x):
+            y = self.lin(x.reshape(x.shape[0], -1))[:, : x.shape[1] * 3]
+            return y.T
+
+    model = Shaped()
+    report = lipfast.lipschitz_bound(model, (2, 3), progress=False)
+    assert report.notes == [] and report.upper == report.layers[0].upper  # a slice and a transpose: 1
