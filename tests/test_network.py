@@ -633,3 +633,77 @@ def test_tensor_attributes():
     model = Shaped()
     report = lipfast.lipschitz_bound(model, (2, 3), progress=False)
     assert report.notes == [] and report.upper == report.layers[0].upper  # a slice and a transpose: 1
+
+
+_ACTIVATIONS = [nn.ReLU, lambda: nn.ReLU(inplace=True), lambda: nn.LeakyReLU(2.5, inplace=True), lambda: nn.ELU(1.7),
+                nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.SELU, lambda: nn.PReLU(init=-1.3), nn.Sigmoid]
+
+
+class _RandomBlock(nn.Module):
+    """One of ten small blocks mixing the composition rules: skips, reuse, in-place activations,
+    concatenation and slices, functional convs and pools, means expanded back, copies."""
+
+    def __init__(self, c: int, kind: int, rng: "random.Random"):
+        super().__init__()
+        self.kind = kind
+        mode = rng.choice(["zeros", "circular", "reflect", "replicate"])
+        self.conv = nn.Conv2d(c, c, 3, padding=1, padding_mode=mode).double()
+        self.conv2 = nn.Conv2d(c, c, rng.choice([1, 3]), padding="same", groups=rng.choice([1, c])).double()
+        self.bn = nn.BatchNorm2d(c).double()
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.2, 2)
+            self.bn.weight.uniform_(-2, 2)
+        self.act = _ACTIVATIONS[rng.randrange(len(_ACTIVATIONS))]().double()
+        self.act2 = _ACTIVATIONS[rng.randrange(len(_ACTIVATIONS))]().double()
+        self.w = nn.Parameter(0.3 * torch.randn(c, c, 3, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        F = torch.nn.functional
+        k = self.kind
+        if k == 0:
+            return x + self.bn(self.conv(self.act(x)))
+        if k == 1:
+            y = self.act(self.conv(x))
+            return y + y * 0.5 - x
+        if k == 2:
+            return torch.cat([self.conv(x), self.act(x)], 1)[:, : x.shape[1]] + self.conv2(x)
+        if k == 3:
+            y = self.conv(x)
+            return self.act(y) + self.act2(y)
+        if k == 4:
+            return F.conv2d(self.act(x), self.w, padding=1) + self.conv(x).mean((2, 3), keepdim=True).expand_as(x)
+        if k == 5:
+            y = self.conv(x)
+            self.act(y)  # in place or not: y may now hold act(y)
+            return y + x
+        if k == 6:
+            return self.conv2(self.conv2(x)) + F.avg_pool2d(x, 3, 1, 1)
+        if k == 7:
+            return F.interpolate(F.max_pool2d(x, 2), scale_factor=2) + self.act(self.conv(x))
+        if k == 8:
+            return self.conv(x)[:, :, :, [0, 1, 1, 2, 3, 3]][:, :, :, :4] * 2
+        return self.act(x)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_networks_are_never_bounded_below_their_jacobians(seed):
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c = rng.choice([2, 4])
+    model = nn.Sequential(*[_RandomBlock(c, rng.randrange(10), rng) for _ in range(rng.randint(1, 3))],
+                          nn.Flatten(), nn.Linear(c * 16, 3).double()).eval()
+    report = lipfast.lipschitz_bound(model, (c, 4, 4), progress=False)
+    assert math.isfinite(report.upper), report.notes
+    f = lambda z: model(z.clone()).flatten()  # noqa: E731
+    for t in range(8):
+        x = torch.randn(1, c, 4, 4, dtype=torch.float64) * (3 if t % 2 else 0.3)
+        try:
+            J = torch.autograd.functional.jacobian(f, x).reshape(-1, x.numel())
+            assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 1e-9)
+        except RuntimeError:  # autograd cannot follow some in-place patterns: difference quotients instead
+            with torch.no_grad():
+                for v in torch.randn(32, *x.shape, dtype=torch.float64):
+                    v /= v.norm()
+                    assert float((f(x + 1e-3 * v) - f(x)).norm()) / 1e-3 <= report.upper * (1 + 1e-9)
