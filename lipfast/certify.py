@@ -56,11 +56,15 @@ def certified_radius(
     if last_layer_weight is None:
         margin = gaps.min(dim=1).values.clamp_min(0)
         return margin / (math.sqrt(2) * L)
-    W = last_layer_weight.detach().to(z.dtype).to(z.device)
+    W = last_layer_weight.detach().to(z.device)
     if W.dim() != 2 or W.shape[0] != C:
         raise ValueError(f"lipfast.{fn}: last_layer_weight must be (C, F) with C = {C} classes, got {tuple(W.shape)}")
-    distance = torch.cdist(W, W)[labels]  # (N, C): ‖w_y - w_j‖
-    per_pair = gaps.clamp_min(0) / (L * distance)
+    # ‖w_y - w_j‖ from the differences, in float64: cdist's default for many rows expands
+    # ‖a‖^2 + ‖b‖^2 - 2 a.b, which cancels for near rows (two rows 0.0155 apart, of norm 160, came
+    # out 0 in float32), and a distance too small is a radius too large
+    W = W.double()
+    distance = torch.cdist(W, W, compute_mode="donot_use_mm_for_euclid_dist")[labels]  # (N, C)
+    per_pair = gaps.double().clamp_min(0) / (L * distance)
     per_pair = torch.where(gaps > 0, per_pair, torch.zeros_like(per_pair))  # 0/0 when the gap is 0
     per_pair[rows, labels] = math.inf
-    return per_pair.min(dim=1).values
+    return per_pair.min(dim=1).values.to(z.dtype)

@@ -44,6 +44,25 @@ def test_pairwise_radius_formula_and_soundness():
     assert (r >= global_r * (1 - 1e-12)).all()
 
 
+def test_pairwise_radius_with_near_rows_in_float32():
+    # two class rows 0.0155 apart at norm 160: the distance must come from their difference, not
+    # from ‖a‖^2 + ‖b‖^2 - 2 a.b (which gave 0 in float32, and an infinite radius against class 1)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 256, generator=g) * 10
+    W[1] = W[0] + 1e-3 * torch.randn(256, generator=g)
+    features = torch.randn(8, 256, generator=g)
+    logits = features @ W.T
+    labels = torch.zeros(8, dtype=torch.int64)
+    logits[:, 0] = logits[:, 2:].max(dim=1).values + 5.0  # class 0 wins, by little over class 1 only:
+    logits[:, 1] = logits[:, 0] - 1e-4                      # the pair (0, 1) sets every radius
+    r = lipfast.certified_radius(logits, labels, 1.0, last_layer_weight=W)
+    assert r.dtype == torch.float32
+    W64, z = W.double(), logits.double()
+    for i in range(8):
+        exact = min(float(z[i, 0] - z[i, j]) / float((W64[0] - W64[j]).norm()) for j in range(1, 40))
+        assert abs(float(r[i]) - exact) <= 1e-6 * exact
+
+
 def test_bad_arguments():
     logits, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="lipschitz"):
