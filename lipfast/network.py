@@ -533,7 +533,8 @@ def _copies(node: torch.fx.Node) -> float:
     every entry the same number of times (expand, repeat, ...), the number of copies, so ‖Δy‖^2 =
     copies ‖Δx‖^2; for a mean over m entries per output, 1 / m, the square of its norm
     (‖(1/m) sum of m entries‖ <= ‖those entries‖ / sqrt(m), equal for equal entries)."""
-    out, inp = math.prod(_shape(node, node)), math.prod(_shape(node, node.args[0]))
+    source = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    out, inp = math.prod(_shape(node, node)), math.prod(_shape(node, source))
     return out / inp if inp else 0.0
 
 
@@ -579,6 +580,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
         return first * (math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
+    if (target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS) and not (
+            node.args and isinstance(node.args[0], torch.fx.Node)):
+        raise _Unsupported(f"{node.name}: {name} with its input passed by keyword")
     if target in _FUNCTIONAL_POOLS:
         if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "bicubic":
             raise _Unsupported(f"{node.name}: bicubic interpolation (weights of both signs)")

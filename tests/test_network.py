@@ -424,7 +424,8 @@ def test_linear_resampling_and_padding_layers(module):
 @pytest.mark.parametrize("use, factor", [  # of the 4 outputs: the mean's norm is ‖W‖ / 2 at most, the sum's 2 ‖W‖
     (lambda m, y: y.mean(), 0.5), (lambda m, y: y.mean(dim=1, keepdim=True), 0.5),
     (lambda m, y: torch.mean(y, (0, 1)), 0.5), (lambda m, y: y.sum(1), 2.0), (lambda m, y: torch.sum(y), 2.0),
-], ids=["mean", "mean-dim", "torch-mean", "sum-dim", "torch-sum"])
+    (lambda m, y: torch.sum(input=y, dim=1), 2.0),
+], ids=["mean", "mean-dim", "torch-mean", "sum-dim", "torch-sum", "keyword-input"])
 def test_means_and_sums(use, factor):
     torch.manual_seed(0)
     model = _Uses(use).eval()
