@@ -450,7 +450,13 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
                 _overwrites(node, bounds)
         elif node.op in ("call_function", "call_method"):
-            bounds[node] = _function_bound(node, bounds)
+            try:
+                bounds[node] = _function_bound(node, bounds)
+            except _Unsupported:
+                raise
+            except Exception as exc:  # a call a rule did not foresee: no finite bound (inf is always sound)
+                raise _Unsupported(f"{node.name}: the rule for {node.target} could not be applied "
+                                   f"({type(exc).__name__}: {exc})") from exc
             if _in_place(node):
                 _overwrites(node, bounds)
         elif node.op == "output":

@@ -280,7 +280,8 @@ def test_values_used_twice_or_copied(use, factor):
     (lambda m, y: y[:, m.picks], "picks"),  # a tensor index may pick an entry any number of times
     (lambda m, y: torch.add(y, y, alpha=m.picks[0]), "alpha"),
     (lambda m, y: torch.div(y, 2, rounding_mode="floor"), "rounding_mode"),  # steps
-], ids=["tensor-index", "tensor-alpha", "floor-division"])
+    (lambda m, y: torch.nn.functional.leaky_relu(y, y.shape[1] * 0.5), "could not be applied"),  # a computed slope
+], ids=["tensor-index", "tensor-alpha", "floor-division", "computed-argument"])
 def test_indices_and_factors_that_are_tensors_give_no_finite_bound(use, reason):
     report = lipfast.lipschitz_bound(_Uses(use).eval(), (4,), progress=False)
     assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
