@@ -44,3 +44,14 @@ def progress(items: Iterable[Any], desc: str, unit: str) -> Iterable[Any]:
     except ImportError:
         return items
     return tqdm(items, desc=desc, unit=unit, leave=False)
+
+
+def unravel(flat, sizes) -> list:
+    """torch.unravel_index(flat, sizes) (row-major; flat an int or an integer tensor), without it:
+    its argument check imports torch.fx.experimental.symbolic_shapes and sympy, about 0.3 s that
+    the first bound in a process (the `lipfast bound` command's only one) would pay."""
+    index = []
+    for size in reversed(list(sizes)):
+        index.append(flat % size)
+        flat = flat // size
+    return index[::-1]

@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lipfast import _ext, linalg, ops, reference
+from lipfast import _ext, _util, linalg, ops, reference
 
 __all__ = ["conv_spectral_norm", "conv_spectral_norm_bounds", "operator_norm", "operator_norm_bounds"]
 
@@ -375,7 +375,7 @@ def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: i
     c = (M @ vec).conj() if sym.transposed else vec  # K = Mᵀ: its right singular vector is conj(M z)
     c_in = op.weight.shape[1]
     sizes = [g.frequencies for g in grids]
-    index = torch.unravel_index(sym.kept[0], sizes)
+    index = _util.unravel(sym.kept[0], sizes)
     c = c.conj().reshape(*[g.phases for g in grids], c_in)
     phase = torch.zeros((), dtype=torch.float64)
     picks = []
@@ -571,7 +571,7 @@ class _Autocorrelation:
             # the H_d hold for any grid with the same taps' phases and shifts (twists may differ)
             assert all((g.offsets, g.phases) == (h.offsets, h.phases) for g, h in zip(grids, self.grids))
             kept = _kept_frequencies(grids)
-            index = torch.stack(torch.unravel_index(kept, [g.frequencies for g in grids]), 1)
+            index = torch.stack(_util.unravel(kept, [g.frequencies for g in grids]), 1)
             coef = torch.ones(kept.numel(), D, dtype=torch.complex128)  # e^(i w_f . d), d > 0
             for d, g in enumerate(grids):
                 shift = torch.tensor([h[d] for h in self.shifts], dtype=torch.int64)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lipfast import _ext, ops, reference
+from lipfast import _ext, _util, ops, reference
 
 __all__ = ["spectral_norm", "spectral_norm_bounds", "spectral_norm_bounds_many", "power_iteration"]
 
@@ -56,7 +56,7 @@ def _check_finite(fn: str, W: Tensor, name: str = "W") -> None:
     bad = reference.first_nonfinite_matrix(W)
     if bad is not None:
         batch = list(W.shape[:-2])
-        index = list(torch.unravel_index(torch.tensor(bad), W.shape[:-2])) if batch else []
+        index = _util.unravel(bad, W.shape[:-2]) if batch else []
         raise ValueError(
             f"lipfast.{fn}: {name} has a NaN or Inf entry in matrix {name}[{', '.join(str(int(i)) for i in index)}] "
             f"(batch shape {batch})"
