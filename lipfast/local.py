@@ -30,15 +30,18 @@ _FULL_JACOBIAN_OUTPUTS = 64
 
 def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tuple[Tensor, bool]:
     """‖J_f(x_i)‖₂ for each example of the chunk x, and whether every one reached rtol."""
-    x = x.detach()
-    out, vjp_fn = torch.func.vjp(model, x)
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out = model(x)
     outputs = out[0].numel()
     if outputs <= _FULL_JACOBIAN_OUTPUTS:
         # the whole Jacobian, one output at a time over the batch: J (B, outputs, inputs), then exact norms
         # one backward per output over the whole chunk (torch.func.vmap over the outputs was 6x slower
-        # on ResNet-18 on a CPU)
+        # on ResNet-18 on a CPU), by torch.autograd: torch.func's vjp imports torch._dynamo on its
+        # first backward, 1.2 s here, which the `lipfast bound` command would pay every time
         basis = torch.eye(outputs, dtype=out.dtype, device=out.device)
-        rows = [vjp_fn(basis[k].expand(out.shape[0], outputs).reshape(out.shape))[0] for k in range(outputs)]
+        rows = [torch.autograd.grad(out, x, basis[k].expand(out.shape[0], outputs).reshape(out.shape),
+                                    retain_graph=k < outputs - 1)[0] for k in range(outputs)]
         J = torch.stack(rows).reshape(outputs, x.shape[0], -1).transpose(0, 1).double()
         # sigma_max(J)^2 = lambda_max(J Jᵀ), the small (outputs x outputs) Gram matrix, in float64:
         # its rounding moves lambda_max by at most gamma(inputs) ‖J‖_F^2 (Weyl), far below rtol, and a
@@ -46,6 +49,8 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
         gram = J @ J.mT
         return torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt(), True
     # power iteration on JᵀJ: v <- Jᵀ J v / ‖.‖, sigma = ‖J v‖, per example
+    x = x.detach()
+    _, vjp_fn = torch.func.vjp(model, x)
     generator = torch.Generator().manual_seed(0x6C6970)
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     v = v / v.reshape(x.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
