@@ -448,7 +448,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             inputs = _concatenated((node.args, node.kwargs), bounds)
             bounds[node] = constants[node.target] * inputs if inputs > 0 else 0.0
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
-                _overwrites(node, bounds)
+                _overwrites(node, bounds, graph_module)
         elif node.op in ("call_function", "call_method"):
             try:
                 bounds[node] = _function_bound(node, bounds)
@@ -458,7 +458,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
                 raise _Unsupported(f"{node.name}: the rule for {node.target} could not be applied "
                                    f"({type(exc).__name__}: {exc})") from exc
             if _in_place(node):
-                _overwrites(node, bounds)
+                _overwrites(node, bounds, graph_module)
         elif node.op == "output":
             return _concatenated(node.args, bounds)  # a tuple of outputs: their concatenation
     raise _Unsupported("the graph has no output")
@@ -479,12 +479,48 @@ def _in_place(node: torch.fx.Node) -> bool:
     return arguments.get("inplace") is True
 
 
-def _overwrites(node: torch.fx.Node, bounds: dict) -> None:
+def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphModule) -> None:
     """An in-place call replaces its first argument's value by its result, and later uses of that
-    argument's node see the result: the node's bound becomes the larger of the two."""
+    argument's node see the result: the node's bound becomes the larger of the two.  Where that
+    raises it, a value taken from the argument before the call may be a view of it (a reshape, a
+    slice, an Identity module) and change too; that is not followed: no finite bound then."""
     target = node.args[0] if node.args else None
-    if isinstance(target, torch.fx.Node) and target in bounds:
-        bounds[target] = max(bounds[target], bounds[node])
+    if not (isinstance(target, torch.fx.Node) and target in bounds) or bounds[node] <= bounds[target]:
+        return
+    # the users already bounded came before node
+    views = [user.name for user in target.users if user is not node and user in bounds and _may_alias(user, graph_module)]
+    if _may_alias(target, graph_module):  # then what it views changes too
+        views.append(f"{target.name}'s own source")
+    if views:
+        raise _Unsupported(f"{node.name}: an in-place call that can raise {target.name}'s constant after "
+                           f"{', '.join(views)} took a value from it that may share its memory")
+    bounds[target] = bounds[node]
+
+
+#: calls whose result may share its input's memory (a view, or the input itself)
+_ALIASING_METHODS = {"view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+                     "squeeze", "unsqueeze", "detach", "to", "float", "double", "type_as", "expand", "expand_as",
+                     "broadcast_to", "narrow", "select", "split", "chunk", "unbind", "movedim", "swapaxes",
+                     "as_strided"}
+_ALIASING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                       torch.broadcast_to, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
+                       operator.getitem, getattr, F.dropout}
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                     nn.AlphaDropout, nn.Sequential)
+
+
+def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
+    """Whether node's value may share memory with its input: a view or the input itself (an
+    in-place call, an Identity or eval-mode Dropout module, a module lipfast does not know)."""
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        return isinstance(module, _ALIASING_MODULES) or getattr(module, "inplace", False) is True or \
+            isinstance(module, tuple(_REGISTRY)) or not _computes_as_torch_layer(module)
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS or _in_place(node)
+    if node.op == "call_function":
+        return node.target in _ALIASING_FUNCTIONS or _in_place(node)
+    return False
 
 
 def _index_copies(index) -> int:

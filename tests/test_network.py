@@ -709,3 +709,27 @@ def test_random_networks_are_never_bounded_below_their_jacobians(seed):
                 for v in torch.randn(32, *x.shape, dtype=torch.float64):
                     v /= v.norm()
                     assert float((f(x + 1e-3 * v) - f(x)).norm()) / 1e-3 <= report.upper * (1 + 1e-9)
+
+
+def test_in_place_raise_after_a_possible_view_gives_no_finite_bound():
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4).double()
+            self.act = nn.LeakyReLU(3.0, inplace=True)
+
+        def forward(self, x):
+            y = self.lin(x)
+            v = y.view(-1, 4)  # shares y's storage: act below changes it too
+            self.act(y)
+            return v
+
+    class ViewOf(Viewed):
+        def forward(self, x):
+            y = self.lin(x)
+            self.act(y.view(-1, 4))  # a view is overwritten: y changes too
+            return y
+
+    for model in (Viewed(), ViewOf()):
+        report = lipfast.lipschitz_bound(model, (4,), progress=False)
+        assert report.upper == math.inf and any("in-place" in note for note in report.notes), report.notes
