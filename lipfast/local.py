@@ -48,17 +48,15 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
         # batch of symmetric eigenvalue problems of that size is much cheaper than batched SVDs.
         gram = J @ J.mT
         return torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt(), True
-    # power iteration on JᵀJ: v <- Jᵀ J v / ‖.‖, sigma = ‖J v‖, per example
-    x = x.detach()
-    _, vjp_fn = torch.func.vjp(model, x)
+    # power iteration on JᵀJ: v <- Jᵀ J v / ‖.‖, sigma = ‖J v‖, per example (Jᵀ from the forward above)
     generator = torch.Generator().manual_seed(0x6C6970)
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     v = v / v.reshape(x.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
     sigma = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(iters):
-        _, Jv = torch.func.jvp(model, (x,), (v,))
+        _, Jv = torch.func.jvp(model, (x.detach(),), (v,))
         new = Jv.reshape(x.shape[0], -1).double().norm(dim=1)
-        w = vjp_fn(Jv)[0]
+        (w,) = torch.autograd.grad(out, x, Jv, retain_graph=True)
         norms = w.reshape(x.shape[0], -1).norm(dim=1)
         v = w / torch.where(norms > 0, norms, 1).reshape(-1, *[1] * (x.dim() - 1))
         # a step that moves every estimate by at most rtol / 16 (relative): power iteration's error is a

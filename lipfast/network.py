@@ -290,8 +290,9 @@ _FUNCTIONAL_MAX_POOLS = {
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
-                    torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: 1.5, F.hardsigmoid: 1 / 6,
-                    F.softmax: 0.5, torch.softmax: 0.5}  # slopes as for the module forms (_SLOPES)
+                    torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: _SLOPES[nn.Hardswish](None),
+                    F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
+                    torch.softmax: _SLOPES[nn.Softmax](None)}
 _METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0}
 
 
@@ -391,10 +392,17 @@ def _layer_arguments(node: torch.fx.Node) -> dict | None:
     return arguments
 
 
-def _example_shape(value) -> tuple[int, ...]:
-    """One example's shape of a graph value, from the shape propagation; () where it did not run."""
+def _propagated_shape(value) -> tuple[int, ...] | None:
+    """The shape of a graph value (batch of one) from the shape propagation; None where it did not
+    run, or the value is no tensor."""
     meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
-    return tuple(meta.shape[1:]) if meta is not None else ()
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _example_shape(value) -> tuple[int, ...]:
+    """One example's shape of a graph value; () where it is not known."""
+    shape = _propagated_shape(value)
+    return shape[1:] if shape is not None else ()
 
 
 def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, rtol: float) -> LayerBound | None:
@@ -563,11 +571,11 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
 
 
 def _shape(node: torch.fx.Node, value) -> tuple[int, ...]:
-    """The shape of a graph value, from the shape propagation run on the traced graph."""
-    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
-    if meta is None or not hasattr(meta, "shape"):
+    """The shape of a graph value that node's rule needs (no finite bound without it)."""
+    shape = _propagated_shape(value)
+    if shape is None:
         raise _Unsupported(f"{node.name}: the sizes of {node.target} are not known")
-    return tuple(meta.shape)
+    return shape
 
 
 def _copies(node: torch.fx.Node) -> float:
