@@ -1,11 +1,15 @@
 """Whole-network Lipschitz bounds (L2 -> L2) and certified accuracy.
 
 :func:`lipschitz_bound` traces the model with torch.fx, so that residual connections and branches
-are seen, propagates shapes with one zero input, gives every leaf module a certified constant
-(Linear and conv layers through :func:`lipfast.operator_norm_bounds`, the others from their
-definition), and composes them node by node with sound rules (each stated beside its code).  Where
-tracing fails it falls back to the leaf modules in call order, a chain, and says so.  A TorchScript
-model is first translated into an fx graph (lipfast/_torchscript.py).
+are seen, records every leaf module's input and output shapes on one zero input, gives every leaf
+module a certified constant for each input size it is called on (Linear and conv layers through
+:func:`lipfast.operator_norm_bounds`, the others from their definition), and composes them node by
+node with sound rules (each stated beside its code): a value counts as often as it is used, copies
+as copies, an in-place call overwrites its input.  Linear and conv functions applied to stored
+weights get brackets of their own; rules that need sizes read them from a shape propagation through
+the traced graph.  What no rule covers gives no finite bound (inf), with the reason in the report.
+Where tracing fails it falls back to the leaf modules in call order, a chain, and says whether they
+are one.  A TorchScript model is first translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
