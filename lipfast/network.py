@@ -799,6 +799,32 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple
     return [item for item, _ in rest]
 
 
+def _weight_hooks() -> tuple:
+    """Forward pre-hooks that only recompute a module's weight from other tensors (torch's
+    spectral_norm, weight_norm and pruning; lipfast.nn's input-size record), which the layer's
+    constant, read from the weight they leave, already covers."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return SpectralNorm, WeightNorm, BasePruningMethod
+
+
+def _hooks_note(module: nn.Module) -> str:
+    """Why the module's forward hooks could make it compute something its constant does not cover
+    ("" where they cannot): a forward hook may replace the output, a pre-hook the input."""
+    from lipfast.nn import _record_input_size
+
+    kinds = _weight_hooks()
+    pre = [h for h in (*module._forward_pre_hooks.values(), *torch.nn.modules.module._global_forward_pre_hooks.values())
+           if not (isinstance(h, kinds) or h is _record_input_size)]
+    post = [*module._forward_hooks.values(), *torch.nn.modules.module._global_forward_hooks.values()]
+    if not pre and not post:
+        return ""
+    names = ", ".join(getattr(h, "__qualname__", type(h).__name__) for h in pre + post)
+    return f"forward hooks ({names}) may change its input or output: no constant (remove them to bound it)"
+
+
 def _as_called(module: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Module:
     """The module as the call applied it.  A transposed conv called with output_size picks its
     output_padding then, and a larger output_padding adds output rows, and with them norm: the
@@ -830,6 +856,12 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     owner = _share_out([_layer_cost(m, s) for _, m, s, _ in unique], world) if world > 1 else [0] * len(unique)
     mine = [item for item, r in zip(unique, owner) if r == rank]
     results: dict[tuple[str, tuple, tuple], LayerBound] = {}
+    for name, module, in_shape, out_shape in mine:
+        note = _hooks_note(module)
+        if note:
+            results[name, in_shape, out_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, 0.0,
+                                                            math.inf, 0.0, note)
+    mine = [item for item in mine if (item[0], item[2], item[3]) not in results]
     mine = _bound_dense_layers(mine, rtol, results)
     iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
     failure = None

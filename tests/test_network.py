@@ -733,3 +733,21 @@ def test_in_place_raise_after_a_possible_view_gives_no_finite_bound():
     for model in (Viewed(), ViewOf()):
         report = lipfast.lipschitz_bound(model, (4,), progress=False)
         assert report.upper == math.inf and any("in-place" in note for note in report.notes), report.notes
+
+
+def test_forward_hooks_that_may_change_a_layer_give_no_finite_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    handle = model[2].register_forward_hook(lambda module, args, out: 10 * out)  # the network is now 10x
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    assert report.upper == math.inf and any("forward hooks" in note for note in report.notes)
+    handle.remove()
+    assert math.isfinite(lipfast.lipschitz_bound(model, (4,), progress=False).upper)
+    # hooks that only recompute the weight are covered by the constant read from that weight
+    torch.nn.utils.spectral_norm(model[0])
+    torch.nn.utils.prune.l1_unstructured(model[2], "weight", 0.5)
+    report = lipfast.lipschitz_bound(model.eval(), (4,), progress=False)
+    assert math.isfinite(report.upper) and report.notes == []
+    x = torch.randn(1, 4)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(2, 4)
+    assert float(torch.linalg.matrix_norm(J.double(), 2)) <= report.upper * (1 + 1e-6)
