@@ -23,6 +23,10 @@ _FUNCTIONS = {
     "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "dropout": F.dropout,
     "feature_dropout": F.dropout, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "softplus": F.softplus,
 }
+#: aten operations whose output may share its input's memory
+_VIEWS = {"view", "reshape", "flatten", "unflatten", "select", "slice", "narrow", "transpose", "permute", "t",
+          "expand", "expand_as", "squeeze", "unsqueeze", "detach", "contiguous", "to", "view_as", "as_strided",
+          "split", "chunk", "unbind", "movedim", "alias", "type_as", "dropout", "feature_dropout"}
 #: aten operations translated to tensor methods
 _METHODS = {"view", "contiguous", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
 
@@ -87,6 +91,7 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
                              "followed (pass the Python module instead)")
     inputs = list(ts.inputs())
     env: dict = {inputs[0].debugName(): ("module", script, path)}
+    aliased: set[str] = set()  # values that share memory with another (a view, or viewed)
     for value, arg in zip(inputs[1:], args):
         env[value.debugName()] = arg
 
@@ -132,6 +137,16 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
                 env[out.debugName()] = item
         elif kind.startswith("aten::") and len(outputs) == 1:
             env[outputs[0].debugName()] = _aten(graph, kind[len("aten::"):], [get(v) for v in ins])
+            name = kind[len("aten::"):]
+            if name in _VIEWS and ins:  # the output shares the input's memory
+                aliased.update({ins[0].debugName(), outputs[0].debugName()})
+            if name.endswith("_") and not name.endswith("__") and ins:
+                # in place (translated out of place): later uses of the input read the result; a
+                # view of it, or the tensor it views, would change too, which is not followed
+                if ins[0].debugName() in aliased:
+                    raise ValueError(f"TorchScript in-place operation {kind} on a tensor that shares memory with a "
+                                     "view (pass the Python module instead)")
+                env[ins[0].debugName()] = env[outputs[0].debugName()]
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
     results = [get(v) for v in ts.outputs()]

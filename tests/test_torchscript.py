@@ -100,3 +100,31 @@ def test_scaling_by_a_stored_tensor_has_no_finite_bound():
 
     report = lipfast.lipschitz_bound(torch.jit.script(Scaled()), (2,), progress=False)
     assert report.upper == math.inf and any("no finite bound" in note for note in report.notes)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        z = y.mul_(3.0)  # y now holds 3 lin(x): the output is 6 lin(x)
+        return z + y
+
+
+class _ScaledView(_Scaled):
+    def forward(self, x):
+        y = self.lin(x)
+        v = y.view(4, -1)
+        y.mul_(3.0)  # v changes too
+        return v
+
+
+def test_in_place_operations_in_a_script():
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    report = lipfast.lipschitz_bound(torch.jit.script(model), (4,), progress=False)
+    assert abs(report.upper - 6 * report.layers[0].upper) <= 1e-12 * report.upper
+    with pytest.raises(ValueError, match="in-place"):
+        lipfast.lipschitz_bound(torch.jit.script(_ScaledView().eval()), (4,), progress=False)
