@@ -27,6 +27,9 @@ _FUNCTIONS = {
 _VIEWS = {"view", "reshape", "flatten", "unflatten", "select", "slice", "narrow", "transpose", "permute", "t",
           "expand", "expand_as", "squeeze", "unsqueeze", "detach", "contiguous", "to", "view_as", "as_strided",
           "split", "chunk", "unbind", "movedim", "alias", "type_as", "dropout", "feature_dropout"}
+#: layers whose output may share their input's memory (themselves, a view, or in place)
+_ALIASING_LAYERS = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                    nn.AlphaDropout)
 #: aten operations translated to tensor methods
 _METHODS = {"view", "contiguous", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
 
@@ -129,6 +132,9 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
                 except AttributeError:
                     _install(root, module_path, module=_rebuild(cls, module, module_path))
                 env[outputs[0].debugName()] = graph.call_module(module_path, tuple(call_args))
+                layer = root.get_submodule(module_path)
+                if isinstance(layer, _ALIASING_LAYERS) or getattr(layer, "inplace", False) is True:
+                    aliased.update({v.debugName() for v in ins[1:2]} | {outputs[0].debugName()})
         elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
             items = [get(v) for v in ins]
             env[outputs[0].debugName()] = items if kind == "prim::ListConstruct" else tuple(items)

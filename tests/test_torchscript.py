@@ -121,10 +121,22 @@ class _ScaledView(_Scaled):
         return v
 
 
+class _ScaledFlat(_Scaled):
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.flat(y).mul_(3.0)  # Flatten returns a view of y: y changes too
+        return y
+
+
 def test_in_place_operations_in_a_script():
     torch.manual_seed(0)
     model = _Scaled().eval()
     report = lipfast.lipschitz_bound(torch.jit.script(model), (4,), progress=False)
     assert abs(report.upper - 6 * report.layers[0].upper) <= 1e-12 * report.upper
-    with pytest.raises(ValueError, match="in-place"):
-        lipfast.lipschitz_bound(torch.jit.script(_ScaledView().eval()), (4,), progress=False)
+    for viewed in (_ScaledView(), _ScaledFlat()):
+        with pytest.raises(ValueError, match="in-place"):
+            lipfast.lipschitz_bound(torch.jit.script(viewed.eval()), (4,), progress=False)
