@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipfast import _util
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 #: aten operations with a torch function of other name or signature (others: torch.<name>)
@@ -23,13 +25,6 @@ _FUNCTIONS = {
     "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "dropout": F.dropout,
     "feature_dropout": F.dropout, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "softplus": F.softplus,
 }
-#: aten operations whose output may share its input's memory
-_VIEWS = {"view", "reshape", "flatten", "unflatten", "select", "slice", "narrow", "transpose", "permute", "t",
-          "expand", "expand_as", "squeeze", "unsqueeze", "detach", "contiguous", "to", "view_as", "as_strided",
-          "split", "chunk", "unbind", "movedim", "alias", "type_as", "dropout", "feature_dropout"}
-#: layers whose output may share their input's memory (themselves, a view, or in place)
-_ALIASING_LAYERS = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                    nn.AlphaDropout)
 #: aten operations translated to tensor methods
 _METHODS = {"view", "contiguous", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
 
@@ -132,8 +127,7 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
                 except AttributeError:
                     _install(root, module_path, module=_rebuild(cls, module, module_path))
                 env[outputs[0].debugName()] = graph.call_module(module_path, tuple(call_args))
-                layer = root.get_submodule(module_path)
-                if isinstance(layer, _ALIASING_LAYERS) or getattr(layer, "inplace", False) is True:
+                if _util.may_share_memory(root.get_submodule(module_path)):
                     aliased.update({v.debugName() for v in ins[1:2]} | {outputs[0].debugName()})
         elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
             items = [get(v) for v in ins]
@@ -144,7 +138,7 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
         elif kind.startswith("aten::") and len(outputs) == 1:
             env[outputs[0].debugName()] = _aten(graph, kind[len("aten::"):], [get(v) for v in ins])
             name = kind[len("aten::"):]
-            if name in _VIEWS and ins:  # the output shares the input's memory
+            if name in _util.VIEW_OPERATIONS and ins:  # the output shares the input's memory
                 aliased.update({ins[0].debugName(), outputs[0].debugName()})
             if name.endswith("_") and not name.endswith("__") and ins:
                 # in place (translated out of place): later uses of the input read the result; a

@@ -55,3 +55,22 @@ def unravel(flat, sizes) -> list:
         index.append(flat % size)
         flat = flat // size
     return index[::-1]
+
+
+#: layers whose output may share memory with their input: the input itself (Identity, Dropout in
+#: eval mode, an empty Sequential) or a view of it (Flatten, Unflatten); in-place layers too
+ALIASING_LAYERS = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                   nn.AlphaDropout, nn.Sequential)
+
+
+def may_share_memory(layer: nn.Module) -> bool:
+    """Whether a layer's output may share memory with its input (ALIASING_LAYERS, or inplace=True)."""
+    return isinstance(layer, ALIASING_LAYERS) or getattr(layer, "inplace", False) is True
+
+
+#: tensor methods (and the aten operations of the same names) whose output may share memory with
+#: their input: views, and the conversions that return the input itself when there is nothing to do
+VIEW_OPERATIONS = {"view", "view_as", "reshape", "flatten", "unflatten", "select", "slice", "narrow", "transpose",
+                   "permute", "t", "expand", "expand_as", "broadcast_to", "squeeze", "unsqueeze", "detach",
+                   "contiguous", "to", "float", "double", "type_as", "as_strided", "split", "chunk", "unbind",
+                   "movedim", "swapaxes", "alias", "dropout", "feature_dropout"}

@@ -509,16 +509,10 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
     bounds[target] = bounds[node]
 
 
-#: calls whose result may share its input's memory (a view, or the input itself)
-_ALIASING_METHODS = {"view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
-                     "squeeze", "unsqueeze", "detach", "to", "float", "double", "type_as", "expand", "expand_as",
-                     "broadcast_to", "narrow", "select", "split", "chunk", "unbind", "movedim", "swapaxes",
-                     "as_strided"}
+#: functions whose result may share its input's memory (a view, or the input itself); methods: _util.VIEW_OPERATIONS
 _ALIASING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                        torch.broadcast_to, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
                        operator.getitem, getattr, F.dropout}
-_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                     nn.AlphaDropout, nn.Sequential)
 
 
 def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
@@ -526,10 +520,10 @@ def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
     in-place call, an Identity or eval-mode Dropout module, a module lipfast does not know)."""
     if node.op == "call_module":
         module = graph_module.get_submodule(node.target)
-        return isinstance(module, _ALIASING_MODULES) or getattr(module, "inplace", False) is True or \
-            isinstance(module, tuple(_REGISTRY)) or not _computes_as_torch_layer(module)
+        return _util.may_share_memory(module) or isinstance(module, tuple(_REGISTRY)) or \
+            not _computes_as_torch_layer(module)
     if node.op == "call_method":
-        return node.target in _ALIASING_METHODS or _in_place(node)
+        return node.target in _util.VIEW_OPERATIONS or _in_place(node)
     if node.op == "call_function":
         return node.target in _ALIASING_FUNCTIONS or _in_place(node)
     return False
