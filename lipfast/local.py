@@ -32,7 +32,7 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
     """‖J_f(x_i)‖₂ for each example of the chunk x, and whether every one reached rtol."""
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        out = model(x)
+        out = model(x.clone())  # a copy: a model may write into its input (an in-place first activation)
     outputs = out[0].numel()
     if outputs <= _FULL_JACOBIAN_OUTPUTS:
         # the whole Jacobian, one output at a time over the batch: J (B, outputs, inputs), then exact norms
@@ -54,7 +54,7 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
     v = v / v.reshape(x.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
     sigma = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(iters):
-        _, Jv = torch.func.jvp(model, (x.detach(),), (v,))
+        _, Jv = torch.func.jvp(model, (x.detach().clone(),), (v,))  # a copy, as above
         new = Jv.reshape(x.shape[0], -1).double().norm(dim=1)
         (w,) = torch.autograd.grad(out, x, Jv, retain_graph=True)
         norms = w.reshape(x.shape[0], -1).norm(dim=1)

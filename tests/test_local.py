@@ -124,3 +124,16 @@ def test_full_float32_inside_and_settings_restored():
         torch.testing.assert_close(local, torch.full((3,), 2.0, dtype=torch.float64))
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("out_features", [3, 100])  # the whole Jacobian, and power iteration
+def test_a_model_that_writes_into_its_input(out_features):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, out_features)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    kept = x.clone()
+    norms = lipfast.local_lipschitz(model, x)
+    assert torch.equal(x, kept)  # the caller's inputs untouched
+    for i in range(5):
+        J = torch.autograd.functional.jacobian(lambda z: model(z.clone()), x[i])
+        assert abs(float(norms[i]) - float(torch.linalg.matrix_norm(J, 2))) <= 1e-4 * float(norms[i]) + 1e-12
