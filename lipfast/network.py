@@ -5,9 +5,9 @@ are seen, records every leaf module's input and output shapes on one zero input,
 module a certified constant for each input size it is called on (Linear and conv layers through
 :func:`lipfast.operator_norm_bounds`, the others from their definition), and composes them node by
 node with sound rules (each stated beside its code): a value counts as often as it is used, copies
-as copies, an in-place call overwrites its input.  Linear and conv functions applied to stored
-weights get brackets of their own; rules that need sizes read them from a shape propagation through
-the traced graph.  What no rule covers gives no finite bound (inf), with the reason in the report.
+as copies, an in-place call overwrites its input.  Linear and conv functions applied to weights
+that do not depend on the input (stored, or computed from parameters in the forward) get brackets
+of their own; rules that need sizes or such weights read them from a run of the traced graph.  What no rule covers gives no finite bound (inf), with the reason in the report.
 Where tracing fails it falls back to the leaf modules in call order, a chain, and says whether they
 are one.  A TorchScript model is first translated into an fx graph (lipfast/_torchscript.py).
 """
@@ -380,16 +380,26 @@ _FUNCTIONAL_LAYERS = {
 }
 
 
-def _layer_arguments(node: torch.fx.Node) -> dict | None:
-    """F.linear / F.conv*d / F.conv_transpose*d's arguments by name, where the weight is stored in
-    the model (a parameter or buffer: a get_attr node) and nothing but the input and the bias is
-    computed in the graph; None otherwise (the call is then bounded by no rule)."""
+def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes whose values depend on the model's input (the others are constants: parameters,
+    buffers, and what the graph computes from them alone, such as a parametrized weight)."""
+    depends: set[torch.fx.Node] = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" or any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+    return depends
+
+
+def _layer_arguments(node: torch.fx.Node, depends: set[torch.fx.Node]) -> dict | None:
+    """F.linear / F.conv*d / F.conv_transpose*d's arguments by name, where the weight does not
+    depend on the input (a parameter or buffer, or computed from them in the forward) and nothing
+    but the input and the bias is computed in the graph; None otherwise (no rule bounds the call)."""
     names = _FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
     if names is None or len(node.args) > len(names):
         return None
     arguments = dict(zip(names, node.args), **node.kwargs)
     weight = arguments.get("weight")
-    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr") or "input" not in arguments:
+    if not isinstance(weight, torch.fx.Node) or weight in depends or "input" not in arguments:
         return None
     if _nodes_in([value for name, value in arguments.items() if name not in ("input", "weight", "bias")]):
         return None
@@ -409,17 +419,24 @@ def _example_shape(value) -> tuple[int, ...]:
     return shape[1:] if shape is not None else ()
 
 
-def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, rtol: float) -> LayerBound | None:
-    """The bracket of a linear or conv layer applied as a function to a stored weight (a custom
-    module's forward calling F.conv2d(x, self.weight, ...)), as nn.Linear's or nn.ConvNd's would be
-    (a conv on the input size the shape propagation recorded); None if node is no such call."""
-    arguments = _layer_arguments(node)
-    if arguments is None:
-        return None
+def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, arguments: dict, rtol: float,
+                      computed: dict[torch.fx.Node, Tensor | None]) -> LayerBound:
+    """The bracket of a linear or conv layer applied as a function (a custom module's forward
+    calling F.conv2d(x, self.weight, ...)), as nn.Linear's or nn.ConvNd's would be (a conv on the
+    input size the shape propagation recorded).  arguments: _layer_arguments(node); computed: the
+    values of weights the graph computes (None where they could not be had, or differed between two
+    runs of the forward)."""
     t0 = time.perf_counter()
-    weight = graph_module
-    for part in arguments["weight"].target.split("."):
-        weight = getattr(weight, part)
+    source = arguments["weight"]
+    if source.op == "get_attr":
+        weight = graph_module
+        for part in source.target.split("."):
+            weight = getattr(weight, part)
+    else:
+        weight = computed.get(source)
+        if not isinstance(weight, Tensor):
+            raise _Unsupported(f"{node.name}: {node.target.__name__}'s weight is computed in the forward, and its value "
+                               "could not be had (or differed between two runs)")
     weight = weight.detach()
     in_shape, out_shape = _example_shape(arguments["input"]), _example_shape(node)
     with warnings.catch_warnings():
@@ -438,16 +455,16 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, r
 
 
 def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
-             functional: dict[torch.fx.Node, float] | None = None) -> float:
+             functional: dict[torch.fx.Node, tuple[float, dict]] | None = None) -> float:
     """L(node) bounds the Lipschitz constant of node's value as a function of the model's input;
-    functional: the constants of the functional layers (_functional_layer)."""
+    functional: the functional layers' (constant, arguments) (_functional_layer)."""
     bounds: dict[torch.fx.Node, float] = {}
     functional = functional or {}
     for node in graph_module.graph.nodes:
         if node in functional:
             # W x + b: Lip <= ‖W‖ Lip(x) + Lip(b) (b is a constant, but could be computed from x)
-            arguments = _layer_arguments(node)
-            bounds[node] = functional[node] * _concatenated([arguments["input"]], bounds) + \
+            constant, arguments = functional[node]
+            bounds[node] = constant * _concatenated([arguments["input"]], bounds) + \
                 _concatenated([arguments.get("bias")], bounds)
         elif node.op == "placeholder":
             bounds[node] = 1.0
@@ -513,6 +530,27 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
 _ALIASING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                        torch.broadcast_to, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
                        operator.getitem, getattr, F.dropout}
+
+
+def _propagate(traced: torch.fx.GraphModule, example: Tensor, weights: set) -> dict:
+    """Runs the traced graph on the example in eval mode, recording every node's shape (the shape
+    propagation the size rules read) and returning the values of `weights` (weights the forward
+    computes from parameters).  Those come from a second run too, and one whose value differs
+    between the two (a random weight) is returned as None: one draw bounds nothing."""
+    with _util.eval_mode(traced), torch.no_grad():
+        propagation = torch.fx.passes.shape_prop.ShapeProp(traced)
+        propagation.garbage_collect_values = not weights  # keep the values only when some are wanted
+        propagation.propagate(example)
+        if not weights:
+            return {}
+        again = torch.fx.Interpreter(traced, garbage_collect_values=False)
+        again.run(example)
+    values = {}
+    for node in weights:
+        first, second = propagation.env.get(node), again.env.get(node)
+        same = isinstance(first, Tensor) and isinstance(second, Tensor) and torch.equal(first, second)
+        values[node] = first if same else None
+    return values
 
 
 def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
@@ -667,8 +705,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
     if target is F.elu:
         return first * _elu_slope(node)
     if target in _FUNCTIONAL_LAYERS:
-        raise _Unsupported(f"{node.name}: {name} with a weight computed in the graph (only a stored parameter or "
-                           "buffer is bounded; a parametrized layer whose forward is its torch.nn class's is kept whole)")
+        raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
+                           "computed from it")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
 
 
@@ -948,19 +986,22 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                          "leaf modules as a chain in call order, but they are not one (operations outside modules, "
                          "or a module's input from elsewhere): NOT CERTIFIED, it misses what happens between them")
     else:
+        depends = _input_dependent(traced)
+        calls = {node: arguments for node in traced.graph.nodes
+                 if (arguments := _layer_arguments(node, depends)) is not None}
+        weights = {arguments["weight"] for arguments in calls.values() if arguments["weight"].op != "get_attr"}
+        computed: dict[torch.fx.Node, Tensor | None] = {}
         if any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
             try:
-                with _util.eval_mode(traced), torch.no_grad():
-                    torch.fx.passes.shape_prop.ShapeProp(traced).propagate(example)
+                computed = _propagate(traced, example, weights)
             except Exception:  # nodes then lack sizes, and the rules that need them give no finite bound
                 pass
         try:
             functional = {}
-            for node in traced.graph.nodes:
-                layer = _functional_layer(traced, node, rtol)
-                if layer is not None:
-                    layers.append(layer)
-                    functional[node] = layer.upper
+            for node, arguments in calls.items():
+                layer = _functional_layer(traced, node, arguments, rtol, computed)
+                layers.append(layer)
+                functional[node] = (layer.upper, arguments)
             upper = _compose(traced, constants, functional)
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
             upper = math.inf

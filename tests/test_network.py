@@ -556,8 +556,13 @@ def test_subclasses_of_torch_layers():
     report = lipfast.lipschitz_bound(conv, (2, 5, 5), progress=False)
     assert report.layers[0].kind == "_InitOnlyConv"
     assert report.upper == float(lipfast.operator_norm_bounds(nn.Sequential(conv)[0], (5, 5))[1])
-    report = lipfast.lipschitz_bound(nn.Sequential(_DoubledConv(2, 3, 3, padding=1)), (2, 5, 5), progress=False)
-    assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
+    doubled = _DoubledConv(2, 3, 3, padding=1).double()
+    report = lipfast.lipschitz_bound(nn.Sequential(doubled), (2, 5, 5), progress=False)
+    assert [layer.kind for layer in report.layers] == ["F.conv2d"]  # traced into, its computed weight bounded
+    plain = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(2 * doubled.weight)
+    assert report.upper == float(lipfast.operator_norm_bounds(plain, (5, 5))[1])
 
 
 class _Functional(nn.Module):
@@ -598,13 +603,29 @@ def test_functional_layers_with_stored_weights():
     assert abs(report.upper - expected) <= 1e-12 * expected
 
 
-def test_functional_layer_with_a_computed_weight_gives_no_finite_bound():
-    class Scaled(_Functional):
+def test_functional_layers_with_computed_weights():
+    class Scaled(_Functional):  # a weight computed from parameters: bounded from its value
         def forward(self, x):
-            return torch.nn.functional.conv2d(x, 2 * self.kernel, padding=1)
+            return torch.nn.functional.conv2d(x, self.kernel / self.kernel.norm(), padding=1)
 
-    report = lipfast.lipschitz_bound(Scaled(), (2, 5, 5), progress=False)
-    assert report.upper == math.inf and any("conv2d" in note for note in report.notes)
+    class Dropped(_Functional):  # a random weight: one draw bounds nothing
+        def forward(self, x):
+            keep = torch.rand(self.kernel.shape, dtype=self.kernel.dtype) > 0.5
+            return torch.nn.functional.conv2d(x, self.kernel * keep, padding=1)
+
+    class Steered(_Functional):  # a weight that depends on the input: no constant
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.kernel * x.mean(), padding=1)
+
+    model = Scaled()
+    report = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(model.kernel / model.kernel.norm())
+    assert report.upper == float(lipfast.operator_norm_bounds(conv, (5, 5))[1])
+    for model, reason in ((Dropped(), "differed"), (Steered(), "scaling by a tensor")):
+        report = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
+        assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
 
 def test_a_parametrized_subclass_with_its_own_forward_is_traced_into():
