@@ -666,23 +666,20 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
         return first * (math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
-    if (target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS) and not (
-            node.args and isinstance(node.args[0], torch.fx.Node)):
-        raise _Unsupported(f"{node.name}: {name} with its input passed by keyword")
-    if target in _FUNCTIONAL_POOLS:
+    if target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS:
+        # bounded as the module form is, on the input size the shape propagation recorded
+        if not (node.args and isinstance(node.args[0], torch.fx.Node)):
+            raise _Unsupported(f"{node.name}: {name} with its input passed by keyword")
         if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "bicubic":
             raise _Unsupported(f"{node.name}: bicubic interpolation (weights of both signs)")
         shape = _shape(node, node.args[0])
         if _nodes_in((node.args[1:], node.kwargs)):
             raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
+        if target in _FUNCTIONAL_MAX_POOLS:
+            kind, names = _FUNCTIONAL_MAX_POOLS[target]
+            module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
+            return first * _layer_constant(node.name, module, shape[1:], 1e-3)[1]
         return first * _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1]
-    if target in _FUNCTIONAL_MAX_POOLS:
-        shape = _shape(node, node.args[0])
-        if _nodes_in((node.args[1:], node.kwargs)):
-            raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
-        kind, names = _FUNCTIONAL_MAX_POOLS[target]
-        module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
-        return first * _layer_constant(node.name, module, shape[1:], 1e-3)[1]
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target is getattr and len(node.args) == 2:  # x.shape and the like: constants; x.T: a permutation
