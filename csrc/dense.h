@@ -36,8 +36,9 @@ at::Tensor start_vectors(const char* op, const std::optional<at::Tensor>& v0, co
 // `name` is how the message names the tensor.
 void check_matrix_batch(const char* op, const at::Tensor& W, const std::string& name = "W");
 
-// "[i, j]": the batch index of flat matrix number `flat` in a batch of shape W.shape[:-2].
-std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat);
+// " in matrix W[i, j] (batch shape [m, n])" for flat matrix number `flat` of a batch of shape
+// W.shape[:-2] (`name` is W); "" when there is no batch, so one matrix is not given an index.
+std::string format_batch_index(const std::string& name, at::IntArrayRef batch_shape, int64_t flat);
 
 // Throws ValueError naming the first matrix (by batch index) that holds a NaN or Inf entry.
 // `first_bad` is the flat index of that matrix, or a value >= the batch size when all are finite.

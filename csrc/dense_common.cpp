@@ -199,24 +199,25 @@ void check_matrix_batch(const char* op, const at::Tensor& W, const std::string& 
   }
 }
 
-std::string format_batch_index(at::IntArrayRef batch_shape, int64_t flat) {
+std::string format_batch_index(const std::string& name, at::IntArrayRef batch_shape, int64_t flat) {
+  if (batch_shape.empty()) return "";  // one matrix: nothing to locate
   std::vector<int64_t> index(batch_shape.size());
   for (int64_t d = static_cast<int64_t>(batch_shape.size()) - 1; d >= 0; --d) {
     index[d] = flat % batch_shape[d];
     flat /= batch_shape[d];
   }
   std::ostringstream out;
-  out << "[";
+  out << " in matrix " << name << "[";
   for (size_t d = 0; d < index.size(); ++d) out << (d ? ", " : "") << index[d];
-  out << "]";
+  out << "] (batch shape " << batch_shape << ")";
   return out.str();
 }
 
 void raise_if_nonfinite(const char* op, const at::Tensor& W, int64_t first_bad) {
   const auto batch_shape = W.sizes().slice(0, W.dim() - 2);
   const int64_t batch = c10::multiply_integers(batch_shape);
-  TORCH_CHECK_VALUE(first_bad >= batch, "lipfast.", op, ": W has a NaN or Inf entry in matrix W",
-                    format_batch_index(batch_shape, first_bad), " (batch shape ", batch_shape, ")");
+  TORCH_CHECK_VALUE(first_bad >= batch, "lipfast.", op, ": W has a NaN or Inf entry",
+                    format_batch_index("W", batch_shape, first_bad));
 }
 
 double range_scale(double largest, int max_exponent) {
@@ -428,9 +429,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dense_s
   const double* big = largest.const_data_ptr<double>();
   for (int64_t a = 0; a < total; ++a) {
     const auto [i, b] = origin[a];
-    TORCH_CHECK_VALUE(std::isfinite(big[a]), "lipfast.", op, ": Ws[", i, "] has a NaN or Inf entry in matrix Ws[", i, "]",
-                      format_batch_index(flat[i].batch_shape, b), " (batch shape ", at::IntArrayRef(flat[i].batch_shape),
-                      ")");
+    TORCH_CHECK_VALUE(std::isfinite(big[a]), "lipfast.", op, ": Ws[", i, "] has a NaN or Inf entry",
+                      format_batch_index("Ws[" + std::to_string(i) + "]", flat[i].batch_shape, b));
   }
 
   // The first squaring, per block.  G0 = A 2^-k0 with Frobenius norm in [0.5, 1), in two exact

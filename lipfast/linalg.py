@@ -56,11 +56,11 @@ def _check_finite(fn: str, W: Tensor, name: str = "W") -> None:
     bad = reference.first_nonfinite_matrix(W)
     if bad is not None:
         batch = list(W.shape[:-2])
-        index = _util.unravel(bad, W.shape[:-2]) if batch else []
-        raise ValueError(
-            f"lipfast.{fn}: {name} has a NaN or Inf entry in matrix {name}[{', '.join(str(int(i)) for i in index)}] "
-            f"(batch shape {batch})"
-        )
+        where = ""
+        if batch:
+            index = ", ".join(str(int(i)) for i in _util.unravel(bad, W.shape[:-2]))
+            where = f" in matrix {name}[{index}] (batch shape {batch})"
+        raise ValueError(f"lipfast.{fn}: {name} has a NaN or Inf entry{where}")
 
 
 def _with_singular_gradient(sigma: Tensor, W: Tensor, u: Tensor, v: Tensor) -> Tensor:

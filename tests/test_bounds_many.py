@@ -149,6 +149,8 @@ def test_nonfinite_entry_names_the_tensor_and_matrix(backend, bad):
     W[1, 2, 0, 0] = bad
     with pytest.raises(ValueError, match=r"Ws\[1\] has a NaN or Inf entry in matrix Ws\[1\]\[1, 2\]"):
         lipfast.spectral_norm_bounds_many([torch.randn(4, 4), W])
+    with pytest.raises(ValueError, match=r"Ws\[1\] has a NaN or Inf entry$"):
+        lipfast.spectral_norm_bounds_many([torch.randn(4, 4), W[1, 2]])
 
 
 def test_bad_arguments(backend):

@@ -299,6 +299,14 @@ def test_nonfinite_entries_name_the_matrix(backend, fn, bad):
 
 
 @pytest.mark.parametrize("fn", [lipfast.spectral_norm, lipfast.spectral_norm_bounds])
+def test_nonfinite_entry_of_a_single_matrix(backend, fn):
+    W = torch.randn(4, 5)
+    W[3, 1] = math.nan
+    with pytest.raises(ValueError, match=r"W has a NaN or Inf entry$"):
+        fn(W)
+
+
+@pytest.mark.parametrize("fn", [lipfast.spectral_norm, lipfast.spectral_norm_bounds])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8])
 def test_non_floating_dtypes_raise_type_error(backend, fn, dtype):
     W = torch.ones(3, 3, dtype=dtype)
