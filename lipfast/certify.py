@@ -18,8 +18,8 @@ __all__ = ["certified_radius"]
 
 def _check_lipschitz(fn: str, lipschitz) -> float:
     value = float(lipschitz.detach()) if isinstance(lipschitz, Tensor) and lipschitz.numel() == 1 else lipschitz
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
-        raise ValueError(f"lipfast.{fn}: lipschitz must be a positive number (inf allowed), got {lipschitz!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"lipfast.{fn}: lipschitz must be a number >= 0 (inf allowed), got {lipschitz!r}")
     return float(value)
 
 
@@ -33,7 +33,8 @@ def certified_radius(
     ``max(z_y - max_{j != y} z_j, 0) / (sqrt(2) L)``.  With ``last_layer_weight`` W (C, F), the
     logits' last linear layer, ``lipschitz`` bounds the network up to W's input, and the radius is
     ``min_{j != y} max(z_y - z_j, 0) / (L ‖w_y - w_j‖)`` (infinite for a pair whose rows are equal
-    and whose logits differ in y's favour).  A misclassified example (or a tie) has radius 0.
+    and whose logits differ in y's favour).  A misclassified example (or a tie) has radius 0; with
+    ``lipschitz`` 0 (a constant network) a correctly classified one has an infinite radius.
     Returns (N,) in logits' dtype (float32 for half types), never differentiable.
     """
     fn = "certified_radius"
@@ -55,7 +56,7 @@ def certified_radius(
     gaps[rows, labels] = math.inf  # j = y is no competitor
     if last_layer_weight is None:
         margin = gaps.min(dim=1).values.clamp_min(0)
-        return margin / (math.sqrt(2) * L)
+        return torch.where(margin > 0, margin / (math.sqrt(2) * L), torch.zeros_like(margin))  # 0/0 for L = 0
     W = last_layer_weight.detach().to(z.device)
     if W.dim() != 2 or W.shape[0] != C:
         raise ValueError(f"lipfast.{fn}: last_layer_weight must be (C, F) with C = {C} classes, got {tuple(W.shape)}")

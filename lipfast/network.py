@@ -270,9 +270,16 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
 # --- composition over the graph ------------------------------------------------------------------
 
 _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                         torch.transpose, F.dropout}
-_SHAPE_ONLY_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                       "clone", "detach", "float", "double", "to", "type_as"}
+                         torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t,
+                         torch.unflatten, torch.ravel, F.dropout}
+_SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
+                       "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze",
+                       "unsqueeze", "clone", "detach", "float", "double", "to", "type_as"}
+# each output entry one input entry, no input entry taken twice (a slice, or a tuple of the pieces
+# of a split, which together are a permutation): norm <= 1
+_SELECTING_FUNCTIONS = {torch.narrow, torch.select, torch.chunk, torch.split, torch.tensor_split, torch.unbind,
+                        torch.hsplit, torch.vsplit, torch.dsplit}
+_SELECTING_METHODS = {"narrow", "select", "chunk", "split", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit"}
 # copies of every entry, each entry the same number of times (numel(out) / numel(in))
 _REPLICATING_FUNCTIONS = {torch.tile, torch.broadcast_to}
 _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
@@ -454,6 +461,13 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
                       time.perf_counter() - t0)
 
 
+def _product(*factors: float) -> float:
+    """The product of Lipschitz constants of maps composed in a chain, Lip(f o g) <= Lip(f) Lip(g),
+    and 0 when a factor is 0 even if another is inf: a chain through a constant map (a zero
+    weight, say) is constant, and 0 * inf would be NaN.  1 for no factors."""
+    return 0.0 if any(f == 0 for f in factors) else math.prod(factors)
+
+
 def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
              functional: dict[torch.fx.Node, tuple[float, dict]] | None = None) -> float:
     """L(node) bounds the Lipschitz constant of node's value as a function of the model's input;
@@ -464,7 +478,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
         if node in functional:
             # W x + b: Lip <= ‖W‖ Lip(x) + Lip(b) (b is a constant, but could be computed from x)
             constant, arguments = functional[node]
-            bounds[node] = constant * _concatenated([arguments["input"]], bounds) + \
+            bounds[node] = _product(constant, _concatenated([arguments["input"]], bounds)) + \
                 _concatenated([arguments.get("bias")], bounds)
         elif node.op == "placeholder":
             bounds[node] = 1.0
@@ -475,7 +489,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             # one concatenated input; a module of constants only (a parametrization computing a
             # weight, say) gives a constant
             inputs = _concatenated((node.args, node.kwargs), bounds)
-            bounds[node] = constants[node.target] * inputs if inputs > 0 else 0.0
+            bounds[node] = _product(constants[node.target], inputs) if inputs > 0 else 0.0  # (no constant looked up)
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
                 _overwrites(node, bounds, graph_module)
         elif node.op in ("call_function", "call_method"):
@@ -527,9 +541,7 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
 
 
 #: functions whose result may share its input's memory (a view, or the input itself); methods: _util.VIEW_OPERATIONS
-_ALIASING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
-                       torch.broadcast_to, torch.narrow, torch.split, torch.chunk, torch.unbind, torch.movedim,
-                       operator.getitem, getattr, F.dropout}
+_ALIASING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {torch.broadcast_to, operator.getitem, getattr}
 
 
 def _propagate(traced: torch.fx.GraphModule, example: Tensor, weights: set) -> dict:
@@ -647,7 +659,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if not other or not isinstance(other[0], (int, float)):
             raise _Unsupported(f"{node.name}: scaling by a tensor that is not a known constant")
         if target in (operator.mul, torch.mul) or name in ("mul", "__mul__"):
-            return first * abs(other[0])
+            return _product(first, abs(other[0]))
         if not (isinstance(node.args[0], torch.fx.Node) and other[0] != 0):
             raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
         if node.kwargs.get("rounding_mode") is not None:  # floor or trunc: steps, no constant
@@ -657,15 +669,17 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
     if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
         return first  # a permutation of the entries, or a conversion: norm 1
+    if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
+        return first  # distinct entries, each once: norm <= 1 (fx's getitem then picks a piece)
     if target is operator.getitem:
         # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
-        return first * math.sqrt(_index_copies(node.args[1]))
+        return _product(first, math.sqrt(_index_copies(node.args[1])))
     if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
-        return first * math.sqrt(_copies(node))
+        return _product(first, math.sqrt(_copies(node)))
     if target in _REDUCING_FUNCTIONS or (node.op == "call_method" and name in _REDUCING_METHODS):
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
-        return first * (math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
+        return _product(first, math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
     if target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS:
         # bounded as the module form is, on the input size the shape propagation recorded
         if not (node.args and isinstance(node.args[0], torch.fx.Node)):
@@ -678,8 +692,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if target in _FUNCTIONAL_MAX_POOLS:
             kind, names = _FUNCTIONAL_MAX_POOLS[target]
             module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
-            return first * _layer_constant(node.name, module, shape[1:], 1e-3)[1]
-        return first * _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1]
+            return _product(first, _layer_constant(node.name, module, shape[1:], 1e-3)[1])
+        return _product(first, _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1])
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target is getattr and len(node.args) == 2:  # x.shape and the like: constants; x.T: a permutation
@@ -688,19 +702,19 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if node.args[1] in ("T", "mT", "H", "mH", "data"):
             return first
     if target in _FUNCTION_SLOPES:
-        return first * _FUNCTION_SLOPES[target]
+        return _product(first, _FUNCTION_SLOPES[target])
     if node.op == "call_method" and name in _METHOD_SLOPES:
-        return first * _METHOD_SLOPES[name]
+        return _product(first, _METHOD_SLOPES[name])
     if target in (F.leaky_relu,):
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-        return first * max(1.0, abs(slope))
+        return _product(first, max(1.0, abs(slope)))
     if target is F.gelu:
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return first * _gelu_slope(approximate)
+        return _product(first, _gelu_slope(approximate))
     if target is F.silu:
-        return first * _silu_slope()
+        return _product(first, _silu_slope())
     if target is F.elu:
-        return first * _elu_slope(node)
+        return _product(first, _elu_slope(node))
     if target in _FUNCTIONAL_LAYERS:
         raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
                            "computed from it")
@@ -973,7 +987,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
         per_call = {(layer.name, layer.input_shape, layer.output_shape): layer.upper for layer in layers}
-        upper = math.prod(per_call[name, in_shape, out_shape] for name, _, in_shape, out_shape in leaves)  # every call
+        upper = _product(*(per_call[name, in_shape, out_shape] for name, _, in_shape, out_shape in leaves))  # every call
         if chain:
             notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); its leaf modules "
                          "form a chain (each takes the previous one's output, and the model returns the last "
@@ -1003,7 +1017,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
             upper = math.inf
             notes.append(f"no finite bound: {exc}")
-    naive = math.prod(layer.upper for layer in layers) if layers else 1.0
+    naive = _product(*(layer.upper for layer in layers))
     return LipschitzReport(float(upper), float(naive), layers, method, notes, time.perf_counter() - start)
 
 

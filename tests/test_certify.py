@@ -63,10 +63,21 @@ def test_pairwise_radius_with_near_rows_in_float32():
         assert abs(float(r[i]) - exact) <= 1e-6 * exact
 
 
+def test_a_constant_network_certifies_every_correct_example():
+    # lipschitz 0: the logits never change, so a correct prediction holds at any radius
+    logits = torch.tensor([[3.0, 1.0], [0.5, 0.5], [0.0, 2.0]])
+    labels = torch.tensor([0, 0, 0])
+    expected = torch.tensor([math.inf, 0.0, 0.0])
+    torch.testing.assert_close(lipfast.certified_radius(logits, labels, 0.0), expected)
+    W = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # equal rows too: still no NaN
+    torch.testing.assert_close(lipfast.certified_radius(logits, labels, 0.0, last_layer_weight=W), expected)
+
+
 def test_bad_arguments():
     logits, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match="lipschitz"):
-        lipfast.certified_radius(logits, labels, 0.0)
+    for bad in (-1.0, math.nan, torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="lipschitz"):
+            lipfast.certified_radius(logits, labels, bad)
     with pytest.raises(ValueError, match="labels"):
         lipfast.certified_radius(logits, torch.tensor([0, 1, 4]), 1.0)
     with pytest.raises(ValueError, match="labels"):

@@ -161,6 +161,30 @@ def test_no_global_constant_and_unknown_modules():
         lipfast.lipschitz_bound(nn.Linear(3, 2), (4,))
 
 
+def test_a_zero_map_after_a_layer_with_no_constant_gives_zero_not_nan():
+    # torchvision's ViT starts with a zero head after LayerNorms: the network is then constant, and
+    # 0 * inf must not turn into NaN, in the bound, the naive product or the certified accuracy
+    torch.manual_seed(0)
+    head = nn.Linear(4, 3)
+    nn.init.zeros_(head.weight)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), head)
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    assert report.upper == 0.0 and report.naive_upper == 0.0
+    x = torch.randn(10, 4)
+    labels = model(x).argmax(1)
+    assert lipfast.certified_accuracy(model, x, labels, 1e6, report=report) == 1.0
+
+    class Scaled(nn.Module):  # x * 0 after a layer with no constant: traced, a functional rule
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(x) * 0.0 + 1.0
+
+    assert lipfast.lipschitz_bound(Scaled(), (4,), progress=False).upper == 0.0
+
+
 def test_certified_accuracy():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3)).double()
@@ -257,8 +281,15 @@ class _Uses(nn.Module):
     (lambda m, y: y[:, : y.size(1) // 2], 1.0),  # an int computed in the graph still selects
     (lambda m, y: (y, y), math.sqrt(2)),  # two outputs: their concatenation
     (lambda m, y: -y - y / 4, 1.25),
+    (lambda m, y: y.chunk(2, 1)[1], 1.0),  # a piece of a split: a selection
+    (lambda m, y: torch.split(y, [1, 3], 1)[1] * 2, 2.0),
+    (lambda m, y: torch.stack(y.unbind(1)[:2], 1), 1.0),
+    (lambda m, y: torch.tensor_split(y, 3, dim=1)[2], 1.0),
+    (lambda m, y: y.narrow(1, 1, 2) + torch.select(y, 1, 0)[:, None], 2.0),
+    (lambda m, y: y.unflatten(1, (2, 2)).movedim(1, 2).swapaxes(1, 2).flatten(1).t(), 1.0),
 ], ids=["sum", "cat", "alpha", "expand", "expand_as", "repeat", "list-index", "signed-index", "slice",
-        "computed-slice", "two-outputs", "neg"])
+        "computed-slice", "two-outputs", "neg", "chunk", "split", "unbind", "tensor_split", "narrow-select",
+        "moves"])
 def test_values_used_twice_or_copied(use, factor):
     torch.manual_seed(0)
     model = _Uses(use).eval()
