@@ -1,15 +1,20 @@
 """TorchScript models as torch.fx graphs, so that lipschitz_bound can compose their layers.
 
-A scripted model keeps its module tree and, for each module, a TorchScript graph of its forward.
-The torch.nn modules in it (Conv2d, BatchNorm2d, ReLU, ...) are rebuilt in eager form from their
-constants and state_dict; every other module (the model's own classes, Sequential) is inlined from
-its graph, whose aten operations become the torch functions that the composition rules know.
-Control flow (prim::If, prim::Loop) and operations with no translation raise ValueError.
+A scripted or traced model keeps its module tree and, for each module, a TorchScript graph of its
+forward.  The torch.nn modules in a scripted model (Conv2d, BatchNorm2d, ReLU, ...) are rebuilt in
+eager form from their settings and state_dict; a traced module keeps no settings (its graph holds
+them as constants), so it is followed through its graph like every other module (the model's own
+classes, Sequential), whose aten operations become the torch functions that the composition rules
+know: helper methods and compiled functions are followed into, and a branch (prim::If) on a Python
+value, such as a module's flag, takes its side.  Control flow on values computed from the input,
+and operations with no translation, raise ValueError; check_translation compares the result with
+the script on a random input.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 import re
 
 import torch
@@ -20,13 +25,21 @@ from lipfast import _util
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-#: aten operations with a torch function of other name or signature (others: torch.<name>)
+#: aten operations with a torch function of other name or signature (others: torch.<name>); the
+#: argument orders are aten's
 _FUNCTIONS = {
     "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "dropout": F.dropout,
-    "feature_dropout": F.dropout, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "softplus": F.softplus,
+    "feature_dropout": F.dropout, "gelu": F.gelu, "silu": F.silu, "softplus": F.softplus, "linear": F.linear,
+    "elu": torch._C._nn.elu,  # (self, alpha, scale, input_scale): F.elu takes (input, alpha, inplace)
+    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+    "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
+    "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
+    "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "floor_divide": operator.floordiv, "floordiv": operator.floordiv,
 }
 #: aten operations translated to tensor methods
-_METHODS = {"view", "contiguous", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
+_METHODS = {"view", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
+_CONVOLUTIONS = {False: (F.conv1d, F.conv2d, F.conv3d), True: (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)}
 
 
 def _eager_class(script: torch.jit.ScriptModule) -> type | None:
@@ -45,8 +58,18 @@ def _eager_class(script: torch.jit.ScriptModule) -> type | None:
     return cls
 
 
-def _rebuild(cls: type, script: torch.jit.ScriptModule, path: str) -> nn.Module:
-    """An eager ``cls`` with the scripted module's constants, parameters, buffers and mode."""
+#: constructor arguments a scripted torch.nn layer does not keep, whose absence cannot go unnoticed:
+#: they decide its parameters' names, which the strict load of its state_dict checks (or, for
+#: _freeze, only requires_grad)
+_SHOWN_BY_STATE = {"MultiheadAttention": {"bias", "add_bias_kv"}, "Embedding": {"_freeze"}}
+
+
+def _rebuild(cls: type, script: torch.jit.ScriptModule, path: str) -> nn.Module | None:
+    """An eager ``cls`` with the scripted module's constants, parameters, buffers and mode; None when
+    the script does not hold every constructor argument (a traced module keeps none: its graph
+    holds them instead), so that rebuilding would fill in a default (a LeakyReLU's slope, say)."""
+    if isinstance(script, torch.jit.TracedModule):
+        return None
     kwargs = {}
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
         if name in ("self", "device", "dtype") or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -54,6 +77,8 @@ def _rebuild(cls: type, script: torch.jit.ScriptModule, path: str) -> nn.Module:
         if hasattr(script, name):
             value = getattr(script, name)
             kwargs[name] = (value is not None) if name == "bias" else value  # Optional[Tensor] -> flag
+        elif parameter.default is not None and name not in _SHOWN_BY_STATE.get(cls.__name__, ()):
+            return None  # (a default of None: a deprecated alias, or an optional tensor)
     try:
         module = cls(**kwargs)
     except Exception as exc:
@@ -80,29 +105,79 @@ def _install(root: nn.Module, path: str, module: nn.Module | None = None, tensor
         owner.register_buffer(last, tensor)
 
 
-def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: list):
-    """Adds the scripted module's forward to ``graph`` with ``args`` as its inputs; returns its output."""
-    ts = script.graph
-    for node in ts.nodes():
-        if node.kind() in ("prim::If", "prim::Loop"):
-            raise ValueError(f"TorchScript control flow ({node.kind()}) in {path or 'the model'}'s forward cannot be "
-                             "followed (pass the Python module instead)")
-    inputs = list(ts.inputs())
-    env: dict = {inputs[0].debugName(): ("module", script, path)}
-    aliased: set[str] = set()  # values that share memory with another (a view, or viewed)
-    for value, arg in zip(inputs[1:], args):
-        env[value.debugName()] = arg
+def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: list, method: str = "forward"):
+    """Adds the scripted module's ``method`` to ``graph`` with ``args`` as its inputs; returns its output."""
+    ts = script._c._get_method(method).graph
+    return _inline_graph(ts, [("module", script, path)] + list(args), graph, root, f"{path or 'the model'}'s {method}")
 
-    def get(value):
-        return env[value.debugName()]
 
-    for node in ts.nodes():
-        kind, outputs = node.kind(), list(node.outputs())
-        ins = list(node.inputs())
+def _inline_graph(ts, args: list, graph: torch.fx.Graph, root: nn.Module, where: str):
+    """Adds the TorchScript graph ``ts`` to ``graph`` with ``args`` as its inputs; returns its output."""
+    env: dict = {value.debugName(): arg for value, arg in zip(ts.inputs(), args)}
+    _Block(graph, root, env, where).run(ts.nodes())
+    results = [env[v.debugName()] for v in ts.outputs()]
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+#: compiled torch.nn.functional helpers of boolean_dispatch, by the function that dispatches to them
+_DISPATCHED = {f"_{name}": name for name in ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+                                              "adaptive_max_pool2d", "adaptive_max_pool3d")}
+
+
+def _called_function(node):
+    """(the Python function, or the compiled function's graph) of a prim::CallFunction."""
+    qualified = str(next(node.inputs()).type())
+    name = qualified.removeprefix("__torch__.")
+    module, _, function = name.rpartition(".")
+    if module == "torch.nn.functional":
+        fn = getattr(F, _DISPATCHED.get(function, function), None)
+        if fn is not None:  # the Python function the script compiled: same arguments, same order
+            return fn, None
+    compiled = torch.jit._state._python_cu.find_function(qualified)
+    if compiled is None:
+        raise ValueError(f"TorchScript call of function {name} cannot be followed (pass the Python module instead)")
+    return None, compiled.graph
+
+
+#: operations on Python values (sizes, flags): evaluated while translating, so that a prim::If on a
+#: module's flag (``if self.apply_residual``) takes its branch; on graph values they become nodes
+_PYTHON_OPERATIONS = {
+    "__not__": operator.not_, "__and__": operator.and_, "__or__": operator.or_, "__is__": operator.is_,
+    "__isnot__": operator.is_not, "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge, "len": len, "Int": int, "Float": float, "Bool": bool,
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
+    "neg": operator.neg,
+}
+
+
+def _has_node(args) -> bool:
+    found: list = []
+    torch.fx.node.map_arg(args, found.append)
+    return bool(found)
+
+
+class _Block:
+    """Translates TorchScript nodes into ``graph``, reading and writing values in ``env`` (by debug
+    name): torch.nn layers become module calls, everything else is followed into."""
+
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, env: dict, where: str) -> None:
+        self.graph, self.root, self.env, self.where = graph, root, env, where
+        self.aliased: set[str] = set()  # values that share memory with another (a view, or viewed)
+
+    def get(self, value):
+        return self.env[value.debugName()]
+
+    def run(self, nodes) -> None:
+        for node in nodes:
+            self.node(node)
+
+    def node(self, node) -> None:
+        env, graph, root = self.env, self.graph, self.root
+        kind, outputs, ins = node.kind(), list(node.outputs()), list(node.inputs())
         if kind == "prim::Constant":
             env[outputs[0].debugName()] = outputs[0].toIValue()
         elif kind == "prim::GetAttr":
-            _, owner, owner_path = get(ins[0])
+            _, owner, owner_path = self.get(ins[0])
             name = node.s("name")
             attr = getattr(owner, name)
             qualified = f"{owner_path}.{name}" if owner_path else name
@@ -114,49 +189,119 @@ def _inline(script, path: str, graph: torch.fx.Graph, root: nn.Module, args: lis
             else:
                 env[outputs[0].debugName()] = attr
         elif kind == "prim::CallMethod":
-            if node.s("name") != "forward":
-                raise ValueError(f"TorchScript call of method {node.s('name')!r}: only forward calls are followed")
-            _, module, module_path = get(ins[0])
-            call_args = [get(v) for v in ins[1:]]
-            cls = _eager_class(module)
-            if cls is None:
-                env[outputs[0].debugName()] = _inline(module, module_path, graph, root, call_args)
-            else:
-                try:  # a layer called twice is rebuilt once
-                    root.get_submodule(module_path)
-                except AttributeError:
-                    _install(root, module_path, module=_rebuild(cls, module, module_path))
-                env[outputs[0].debugName()] = graph.call_module(module_path, tuple(call_args))
-                if _util.may_share_memory(root.get_submodule(module_path)):
-                    aliased.update({v.debugName() for v in ins[1:2]} | {outputs[0].debugName()})
+            self.call_method(node, outputs, ins)
+        elif kind == "prim::If":
+            condition = self.get(ins[0])
+            if not isinstance(condition, bool):  # decided by the input: no single graph
+                self.control_flow("prim::If on a value computed from the input")
+            block = list(node.blocks())[0 if condition else 1]
+            self.run(block.nodes())
+            for out, value in zip(outputs, block.outputs()):
+                env[out.debugName()] = self.get(value)
+        elif kind == "prim::Loop":
+            self.control_flow("prim::Loop")
         elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
-            items = [get(v) for v in ins]
+            items = [self.get(v) for v in ins]
             env[outputs[0].debugName()] = items if kind == "prim::ListConstruct" else tuple(items)
         elif kind in ("prim::ListUnpack", "prim::TupleUnpack"):
-            for out, item in zip(outputs, get(ins[0])):
+            items = self.get(ins[0])
+            if isinstance(items, torch.fx.Node):  # the pieces of a graph value (a chunk, say)
+                items = [graph.call_function(operator.getitem, (items, i)) for i in range(len(outputs))]
+            for out, item in zip(outputs, items):
                 env[out.debugName()] = item
+        elif kind in ("prim::NumToTensor", "prim::unchecked_cast"):  # a size kept as it is
+            env[outputs[0].debugName()] = self.get(ins[0])
+        elif kind == "prim::Uninitialized":  # a branch's output on a path that raises
+            env[outputs[0].debugName()] = None
+        elif kind == "prim::RaiseException":
+            raise ValueError(f"the TorchScript code of {self.where} raises an exception for this input")
+        elif kind == "aten::warn":
+            pass
+        elif kind == "prim::CallFunction":
+            fn, called = _called_function(node)
+            args = [self.get(v) for v in ins[1:]]
+            if fn is not None:
+                env[outputs[0].debugName()] = graph.call_function(fn, tuple(args))
+            else:
+                env[outputs[0].debugName()] = _inline_graph(called, args, graph, root, f"{self.where} (a function call)")
         elif kind.startswith("aten::") and len(outputs) == 1:
-            env[outputs[0].debugName()] = _aten(graph, kind[len("aten::"):], [get(v) for v in ins])
-            name = kind[len("aten::"):]
-            if name in _util.VIEW_OPERATIONS and ins:  # the output shares the input's memory
-                aliased.update({ins[0].debugName(), outputs[0].debugName()})
-            if name.endswith("_") and not name.endswith("__") and ins:
-                # in place (translated out of place): later uses of the input read the result; a
-                # view of it, or the tensor it views, would change too, which is not followed
-                if ins[0].debugName() in aliased:
-                    raise ValueError(f"TorchScript in-place operation {kind} on a tensor that shares memory with a "
-                                     "view (pass the Python module instead)")
-                env[ins[0].debugName()] = env[outputs[0].debugName()]
+            self.aten(kind, outputs[0], ins)
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
-    results = [get(v) for v in ts.outputs()]
-    return results[0] if len(results) == 1 else tuple(results)
+
+    def control_flow(self, what: str) -> None:
+        raise ValueError(f"TorchScript control flow ({what}) in {self.where} cannot be followed (pass the Python "
+                         "module instead)")
+
+    def call_method(self, node, outputs, ins) -> None:
+        _, module, module_path = self.get(ins[0])
+        call_args = [self.get(v) for v in ins[1:]]
+        name = node.s("name")
+        cls = _eager_class(module) if name == "forward" else None
+        layer = None
+        if cls is not None:
+            try:  # a layer called twice is rebuilt once
+                layer = self.root.get_submodule(module_path)
+            except AttributeError:
+                layer = _rebuild(cls, module, module_path)
+                if layer is not None:
+                    _install(self.root, module_path, module=layer)
+            if not isinstance(layer, cls):
+                layer = None  # not rebuilt: what is at its path holds the tensors of its inlined graph
+        if layer is None:
+            self.env[outputs[0].debugName()] = _inline(module, module_path, self.graph, self.root, call_args, name)
+            return
+        self.env[outputs[0].debugName()] = self.graph.call_module(module_path, tuple(call_args))
+        if _util.may_share_memory(layer):
+            self.aliased.update({v.debugName() for v in ins[1:2]} | {outputs[0].debugName()})
+
+    def aten(self, kind: str, output, ins) -> None:
+        name = kind[len("aten::"):]
+        args = [self.get(v) for v in ins]
+        if name in _PYTHON_OPERATIONS and not _has_node(args):
+            self.env[output.debugName()] = _PYTHON_OPERATIONS[name](*args)
+            return
+        if name == "Bool":  # a tensor's truth value: it decides a branch (prim::If) by the input
+            self.control_flow("prim::If on a value computed from the input")
+        self.env[output.debugName()] = _aten(self.graph, name, args)
+        if name in _util.VIEW_OPERATIONS and ins:  # the output shares the input's memory
+            self.aliased.update({ins[0].debugName(), output.debugName()})
+        if name.endswith("_") and not name.endswith("__") and ins:
+            # in place (translated out of place): later uses of the input read the result; a view
+            # of it, or the tensor it views, would change too, which is not followed
+            if ins[0].debugName() in self.aliased:
+                raise ValueError(f"TorchScript in-place operation {kind} on a tensor that shares memory with a "
+                                 "view (pass the Python module instead)")
+            self.env[ins[0].debugName()] = self.env[output.debugName()]
 
 
-def _aten(graph: torch.fx.Graph, name: str, args: list) -> torch.fx.Node:
+def _aten(graph: torch.fx.Graph, name: str, args: list):
+    """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
+    itself where the operation only converts a size."""
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name  # in place -> out of place
     if name in ("add", "sub") and len(args) == 3:  # aten::add(self, other, alpha)
         return graph.call_function(getattr(torch, name), tuple(args[:2]), {"alpha": args[2]})
+    if name == "_convolution":  # a traced conv layer: (input, weight, bias, stride, padding, dilation,
+        # transposed, output_padding, groups, and flags of the backend)
+        x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        fn = _CONVOLUTIONS[bool(transposed)][len(stride) - 1]
+        if transposed:
+            return graph.call_function(fn, (x, weight, bias, stride, padding, output_padding, groups, dilation))
+        return graph.call_function(fn, (x, weight, bias, stride, padding, dilation, groups))
+    if name == "batch_norm":  # (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+        x, weight, bias, mean, var, training, momentum, eps = args[:8]
+        return graph.call_function(F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps))
+    if name == "mean" and len(args) == 4:  # (self, dim, keepdim, dtype): dtype is a keyword of torch.mean
+        return graph.call_function(torch.mean, tuple(args[:3]), {"dtype": args[3]})
+    if name == "slice" and len(args) == 5 and isinstance(args[1], int):  # (self, dim, start, end, step): x[..., a:b:s]
+        x, dim, start, end, step = args
+        index = (slice(None),) * dim + (slice(start, end, step),) if dim >= 0 else \
+            (Ellipsis, slice(start, end, step)) + (slice(None),) * (-dim - 1)
+        return graph.call_function(operator.getitem, (x, index))
+    if name == "contiguous":  # (self, memory_format): the layout does not change the values
+        return graph.call_method("contiguous", (args[0],))
+    if name in ("Int", "Float", "ScalarImplicit") and len(args) == 1:  # a traced size, kept as it is
+        return args[0]
     if name in _METHODS:
         return graph.call_method(name, tuple(args))
     fn = _FUNCTIONS.get(name) or getattr(torch, name, None)
@@ -173,10 +318,51 @@ def to_graph_module(script: torch.jit.ScriptModule) -> torch.fx.GraphModule:
     inputs = [graph.placeholder(value.debugName().split(".")[0] or f"input_{i}")
               for i, value in enumerate(list(script.graph.inputs())[1:])]
     cls = _eager_class(script)
-    if cls is not None:  # the model itself is one torch.nn layer
-        _install(root, "0", module=_rebuild(cls, script, ""))
+    layer = _rebuild(cls, script, "") if cls is not None else None
+    if layer is not None:  # the model itself is one torch.nn layer
+        _install(root, "0", module=layer)
         out = graph.call_module("0", tuple(inputs))
     else:
         out = _inline(script, "", graph, root, inputs)
     graph.output(out)
     return torch.fx.GraphModule(root, graph)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _flat(item)]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _flat(out[key])]
+    return []
+
+
+@torch.no_grad()
+def check_translation(script: torch.jit.ScriptModule, graph_module: torch.fx.GraphModule,
+                      input_shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless the translation gives the script's outputs on a random input (both in
+    eval mode): a net under every rule that reads the graph.  Skipped where the script refuses that
+    input (the caller then says so) or is random itself (dropout left on)."""
+    param = next(script.parameters(), None)
+    x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(dtype=param.dtype if param is not None else torch.float32, device=param.device if param is not None else None)
+    with _util.eval_mode(script), _util.eval_mode(graph_module):
+        try:
+            expected, again = _flat(script(x.clone())), _flat(script(x.clone()))
+        except Exception:
+            return
+        if len(expected) != len(again) or not all(torch.equal(a, b) for a, b in zip(expected, again)):
+            return
+        try:
+            got = _flat(graph_module(x.clone()))
+        except Exception as exc:
+            raise ValueError(f"its translation into a graph fails on an input the script accepts ({type(exc).__name__}: "
+                             f"{exc}; pass the Python module instead)") from exc
+    same = len(got) == len(expected) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) if b.numel() else 0.0,
+                                              equal_nan=True)
+        for a, b in zip(got, expected))
+    if not same:
+        raise ValueError("its translation into a graph does not reproduce its outputs on a random input (pass the "
+                         "Python module instead)")

@@ -271,7 +271,7 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
 
 _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
                          torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t,
-                         torch.unflatten, torch.ravel, F.dropout}
+                         torch.unflatten, torch.ravel}
 _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
                        "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze",
                        "unsqueeze", "clone", "detach", "float", "double", "to", "type_as"}
@@ -379,12 +379,17 @@ def _concatenated(args, bounds: dict) -> float:
 #: functions that apply a stored weight, by their arguments' names in order
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _TRANSPOSED_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_BATCH_NORM_ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _FUNCTIONAL_LAYERS = {
     F.linear: ("input", "weight", "bias"),
     F.conv1d: _CONV_ARGUMENTS, F.conv2d: _CONV_ARGUMENTS, F.conv3d: _CONV_ARGUMENTS,
     F.conv_transpose1d: _TRANSPOSED_ARGUMENTS, F.conv_transpose2d: _TRANSPOSED_ARGUMENTS,
     F.conv_transpose3d: _TRANSPOSED_ARGUMENTS,
+    F.batch_norm: _BATCH_NORM_ARGUMENTS,  # y = weight (x - mean) / sqrt(var + eps) + bias, per channel
 }
+#: the tensors of each functional layer that must not depend on the input (they set its constant);
+#: the bias may (its own bound is added), everything else must be a constant of the graph
+_LAYER_TENSORS = {F.batch_norm: ("running_mean", "running_var", "weight")}
 
 
 def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -405,12 +410,21 @@ def _layer_arguments(node: torch.fx.Node, depends: set[torch.fx.Node]) -> dict |
     if names is None or len(node.args) > len(names):
         return None
     arguments = dict(zip(names, node.args), **node.kwargs)
-    weight = arguments.get("weight")
-    if not isinstance(weight, torch.fx.Node) or weight in depends or "input" not in arguments:
+    tensors = _LAYER_TENSORS.get(node.target, ("weight",))
+    required = "running_var" if node.target is F.batch_norm else "weight"  # (BatchNorm's weight may be None)
+    if not isinstance(arguments.get(required), torch.fx.Node) or "input" not in arguments:
         return None
-    if _nodes_in([value for name, value in arguments.items() if name not in ("input", "weight", "bias")]):
+    if any(arguments.get(name) in depends for name in tensors if isinstance(arguments.get(name), torch.fx.Node)):
+        return None
+    if _nodes_in([value for name, value in arguments.items() if name not in ("input", "bias") + tensors]):
         return None
     return arguments
+
+
+def _layer_tensors(node: torch.fx.Node, arguments: dict) -> list[torch.fx.Node]:
+    """The graph values that set a functional layer's constant (_LAYER_TENSORS)."""
+    names = _LAYER_TENSORS.get(node.target, ("weight",))
+    return [arguments[name] for name in names if isinstance(arguments.get(name), torch.fx.Node)]
 
 
 def _propagated_shape(value) -> tuple[int, ...] | None:
@@ -434,18 +448,11 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
     values of weights the graph computes (None where they could not be had, or differed between two
     runs of the forward)."""
     t0 = time.perf_counter()
-    source = arguments["weight"]
-    if source.op == "get_attr":
-        weight = graph_module
-        for part in source.target.split("."):
-            weight = getattr(weight, part)
-    else:
-        weight = computed.get(source)
-        if not isinstance(weight, Tensor):
-            raise _Unsupported(f"{node.name}: {node.target.__name__}'s weight is computed in the forward, and its value "
-                               "could not be had (or differed between two runs)")
-    weight = weight.detach()
     in_shape, out_shape = _example_shape(arguments["input"]), _example_shape(node)
+    if node.target is F.batch_norm:
+        value = _batch_norm_constant(graph_module, node, arguments, computed)
+        return LayerBound(node.name, "F.batch_norm", in_shape, out_shape, value, value, time.perf_counter() - t0)
+    weight = _tensor_value(graph_module, node, arguments["weight"], computed, "weight")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
         if node.target is F.linear:
@@ -459,6 +466,36 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
                 weight, in_shape[1:], transposed=node.target.__name__.startswith("conv_transpose"), rtol=rtol, **options)
     return LayerBound(node.name, f"F.{node.target.__name__}", in_shape, out_shape, float(lower), float(upper),
                       time.perf_counter() - t0)
+
+
+def _tensor_value(graph_module: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node,
+                  computed: dict[torch.fx.Node, Tensor | None], what: str) -> Tensor:
+    """The value of a functional layer's constant tensor: stored (get_attr), or computed in the forward."""
+    if source.op == "get_attr":
+        value = graph_module
+        for part in source.target.split("."):
+            value = getattr(value, part)
+    else:
+        value = computed.get(source)
+    if not isinstance(value, Tensor):
+        raise _Unsupported(f"{node.name}: {node.target.__name__}'s {what} is computed in the forward, and its value "
+                           "could not be had (or differed between two runs)")
+    return value.detach()
+
+
+def _batch_norm_constant(graph_module: torch.fx.GraphModule, node: torch.fx.Node, arguments: dict,
+                         computed: dict[torch.fx.Node, Tensor | None]) -> float:
+    """F.batch_norm with running statistics: y = gamma (x - mean) / sqrt(var + eps) + beta per channel,
+    constant max |gamma| / sqrt(var + eps), as nn.BatchNorm's in eval mode; with batch statistics
+    (training=True) it normalizes by the batch: no constant."""
+    training, eps = arguments.get("training", False), arguments.get("eps", 1e-5)
+    if training is not False or not isinstance(eps, (int, float)):
+        raise _Unsupported(f"{node.name}: batch_norm with training={training!r} normalizes by the batch: no constant")
+    var = _tensor_value(graph_module, node, arguments["running_var"], computed, "running_var").double()
+    gamma = arguments.get("weight")
+    gamma = _tensor_value(graph_module, node, gamma, computed, "weight").double().abs() if gamma is not None \
+        else torch.ones_like(var)
+    return float((gamma / torch.sqrt(var + eps)).max()) * (1 + 1e-12)
 
 
 def _product(*factors: float) -> float:
@@ -541,7 +578,8 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
 
 
 #: functions whose result may share its input's memory (a view, or the input itself); methods: _util.VIEW_OPERATIONS
-_ALIASING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {torch.broadcast_to, operator.getitem, getattr}
+_ALIASING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {torch.broadcast_to, operator.getitem, getattr,
+                                                                       F.dropout}
 
 
 def _propagate(traced: torch.fx.GraphModule, example: Tensor, weights: set) -> dict:
@@ -669,6 +707,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
     if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
         return first  # a permutation of the entries, or a conversion: norm 1
+    if target is F.dropout:
+        return _product(first, _dropout_scale(node))
     if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
         return first  # distinct entries, each once: norm <= 1 (fx's getitem then picks a piece)
     if target is operator.getitem:
@@ -713,12 +753,29 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _product(first, _gelu_slope(approximate))
     if target is F.silu:
         return _product(first, _silu_slope())
-    if target is F.elu:
+    if target is F.elu or target is torch._C._nn.elu:
         return _product(first, _elu_slope(node))
+    if target is F.batch_norm:
+        raise _Unsupported(f"{node.name}: batch_norm without stored running statistics (normalizing by the batch, "
+                           "or by statistics computed from the input): no constant")
     if target in _FUNCTIONAL_LAYERS:
         raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
                            "computed from it")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _dropout_scale(node: torch.fx.Node) -> float:
+    """F.dropout(x, p, training): the identity when training is False; when it is True (its default:
+    dropout that stays on, as in Monte Carlo dropout) each draw keeps entries scaled by 1 / (1 - p),
+    so every draw has constant 1 / (1 - p) (0 for p = 1, which zeroes everything)."""
+    names = ("input", "p", "training", "inplace")
+    arguments = {**dict(zip(names, node.args)), **node.kwargs}
+    p, training = arguments.get("p", 0.5), arguments.get("training", True)
+    if not isinstance(training, bool) or not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise _Unsupported(f"{node.name}: dropout with p={p!r}, training={training!r}")
+    if not training:
+        return 1.0
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
 def _elu_slope(node: torch.fx.Node) -> float:
@@ -956,11 +1013,14 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         from lipfast import _torchscript
 
         try:
-            model = _torchscript.to_graph_module(model)
+            with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
+                translated = _torchscript.to_graph_module(model)
+            _torchscript.check_translation(model, translated, tuple(input_shape))
+            model = translated
         except ValueError as exc:
             raise ValueError(f"lipfast.lipschitz_bound: cannot follow this TorchScript model: {exc}") from exc
-        notes.append("TorchScript model: its torch.nn layers rebuilt from their weights, the rest followed "
-                     "through its TorchScript graphs")
+        notes.append("TorchScript model: its torch.nn layers rebuilt from their weights where it keeps their "
+                     "settings, the rest followed through its TorchScript graphs (checked against it on a random input)")
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
@@ -983,7 +1043,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             notes.append(f"{layer.name} ({layer.kind}): {layer.note}")
     method = "fx"
     try:
-        traced = _trace(model)
+        with _util.eval_mode(model):  # the bound is the eval-mode network's: so are its branches on self.training
+            traced = _trace(model)
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
         per_call = {(layer.name, layer.input_shape, layer.output_shape): layer.upper for layer in layers}
@@ -1000,7 +1061,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         depends = _input_dependent(traced)
         calls = {node: arguments for node in traced.graph.nodes
                  if (arguments := _layer_arguments(node, depends)) is not None}
-        weights = {arguments["weight"] for arguments in calls.values() if arguments["weight"].op != "get_attr"}
+        weights = {t for node, arguments in calls.items() for t in _layer_tensors(node, arguments) if t.op != "get_attr"}
         computed: dict[torch.fx.Node, Tensor | None] = {}
         if any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
             try:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lipfast
@@ -183,6 +184,58 @@ def test_a_zero_map_after_a_layer_with_no_constant_gives_zero_not_nan():
             return self.norm(x) * 0.0 + 1.0
 
     assert lipfast.lipschitz_bound(Scaled(), (4,), progress=False).upper == 0.0
+
+
+class _Functional2(nn.Module):
+    def __init__(self, forward):
+        super().__init__()
+        self.fn = forward
+        self.lin = nn.Linear(4, 4).double()
+        self.register_buffer("mean", torch.randn(4, dtype=torch.float64))
+        self.register_buffer("var", torch.rand(4, dtype=torch.float64) + 0.1)
+        self.gamma = nn.Parameter(torch.randn(4, dtype=torch.float64) * 2)
+
+    def forward(self, x):
+        return self.fn(self, self.lin(x))
+
+
+@pytest.mark.parametrize("forward, factor", [
+    (lambda m, y: F.dropout(y, 0.75), 4.0),  # stays on (training=True, its default): every draw 1 / (1 - p)
+    (lambda m, y: F.dropout(y, 0.75, m.training), 1.0),  # the eval-mode network's: off
+    (lambda m, y: F.dropout(y, 1.0), 0.0),
+    (lambda m, y: F.batch_norm(y, m.mean, m.var, m.gamma, None, False, 0.1, 1e-3), "bn"),
+    (lambda m, y: F.batch_norm(y, m.mean, m.var, training=m.training), "bn1"),
+], ids=["dropout-on", "dropout-training", "dropout-all", "batch-norm", "batch-norm-no-weight"])
+def test_functional_dropout_and_batch_norm(forward, factor):
+    torch.manual_seed(0)
+    model = _Functional2(forward).train()
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    linear = next(layer for layer in report.layers if layer.kind == "Linear")
+    if factor == "bn":
+        factor = float((model.gamma.detach().abs() / (model.var + 1e-3).sqrt()).max())
+    elif factor == "bn1":
+        factor = float((1 / (model.var + 1e-5).sqrt()).max())
+    assert report.upper == pytest.approx(factor * linear.upper, rel=1e-9, abs=0)
+    if factor:  # never below a draw's Jacobian (dropout: masks drawn at random)
+        x = torch.randn(1, 4, dtype=torch.float64)
+        with torch.no_grad():
+            model.eval()
+        J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(4, 4)
+        assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 1e-12)
+
+
+def test_functional_batch_norm_on_batch_statistics_has_no_constant():
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(4))
+            self.register_buffer("var", torch.ones(4))
+
+        def forward(self, x):
+            return F.batch_norm(x, self.mean, self.var, training=True)
+
+    report = lipfast.lipschitz_bound(Normalized(), (4, 3), progress=False)
+    assert report.upper == math.inf and any("normalizes by the batch" in note for note in report.notes), report.notes
 
 
 def test_certified_accuracy():

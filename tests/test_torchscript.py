@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lipfast
@@ -140,3 +141,81 @@ def test_in_place_operations_in_a_script():
     for viewed in (_ScaledView(), _ScaledFlat()):
         with pytest.raises(ValueError, match="in-place"):
             lipfast.lipschitz_bound(torch.jit.script(viewed.eval()), (4,), progress=False)
+
+
+def _jacobian_norm(model, shape, seed: int = 0) -> float:
+    x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    jacobian = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(jacobian, 2))
+
+
+@pytest.mark.parametrize("activation, slope", [(nn.LeakyReLU(3.0), 3.0), (nn.ELU(alpha=4.0), 4.0),
+                                               (nn.Hardtanh(-2.0, 2.0), 1.0)])
+def test_traced_layers_keep_their_settings(activation, slope):
+    # a traced module keeps no constructor arguments: rebuilding it filled in defaults (slope 0.01,
+    # alpha 1), a bound 3-4 times too small; its graph holds the true ones
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), activation).double().eval()
+    traced = torch.jit.trace(model, torch.randn(2, 4, dtype=torch.float64))
+    report = lipfast.lipschitz_bound(traced, (4,), progress=False)
+    sigma = float(torch.linalg.matrix_norm(model[0].weight.detach(), 2))
+    assert sigma * slope * (1 - 1e-9) <= report.upper <= sigma * slope * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(2, 3, 8, 8))],
+                         ids=["script", "trace"])
+def test_traced_and_scripted_networks_against_the_python_one(make):
+    net = _net(torch.float32)
+    eager = lipfast.lipschitz_bound(net, (3, 8, 8), progress=False)
+    report = lipfast.lipschitz_bound(make(net), (3, 8, 8), progress=False)
+    # a traced model's layers are followed through its graph (F.conv2d, F.batch_norm, ...), each
+    # bracketed on its own: the same constants to the brackets' rtol
+    assert eager.upper * (1 - 1e-12) <= report.upper <= eager.upper * 1.01
+    kinds = {layer.kind for layer in report.layers}
+    assert kinds >= ({"Conv2d", "BatchNorm2d"} if make is torch.jit.script else {"F.conv2d", "F.batch_norm"})
+    assert _jacobian_norm(net.double(), (3, 8, 8)) <= report.upper
+
+
+def _shuffle(x, groups: int):
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class _Dispatching(nn.Module):
+    """What torchvision's scripted models do: a helper method, a branch on a flag, compiled
+    torch.nn.functional calls, a free function, and the pieces of a chunk unpacked."""
+
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def _body(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, F.leaky_relu(self.conv(_shuffle(x, 2))[:, 2:] + b, 0.5)], dim=1)
+        if self.residual:
+            y = y + x
+        y = F.dropout(F.adaptive_avg_pool2d(y, 1), 0.5, self.training)
+        return self.head(torch.flatten(y, 1))
+
+    def forward(self, x):
+        return self._body(x)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_scripted_helper_methods_flags_and_functions(residual):
+    torch.manual_seed(0)
+    model = _Dispatching(residual).double().train()  # a training-mode script: bounded as in eval
+    eager = lipfast.lipschitz_bound(model, (4, 6, 6), progress=False)
+    report = lipfast.lipschitz_bound(torch.jit.script(model), (4, 6, 6), progress=False)
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=1e-12)
+    assert model.training
+    assert _jacobian_norm(model.eval(), (4, 6, 6)) <= report.upper
+
+
+def test_a_translation_that_does_not_compute_what_the_script_does_is_refused(monkeypatch):
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(3.0)), torch.randn(2, 4))
+    monkeypatch.setitem(_torchscript._FUNCTIONS, "leaky_relu", F.relu)  # a wrong translation
+    with pytest.raises(ValueError, match="does not reproduce its outputs"):
+        lipfast.lipschitz_bound(traced, (4,), progress=False)
