@@ -31,7 +31,8 @@ _FUNCTIONS = {
     "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "dropout": F.dropout,
     "feature_dropout": F.dropout, "gelu": F.gelu, "silu": F.silu, "softplus": F.softplus, "linear": F.linear,
     "elu": torch._C._nn.elu,  # (self, alpha, scale, input_scale): F.elu takes (input, alpha, inplace)
-    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "selu": F.selu, "softsign": F.softsign,
+    "log_sigmoid": F.logsigmoid, "mish": F.mish, "celu": F.celu, "prelu": F.prelu,
     "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
@@ -39,6 +40,9 @@ _FUNCTIONS = {
 }
 #: aten operations translated to tensor methods
 _METHODS = {"view", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
+_PADS = {"pad": None, "constant_pad_nd": "constant", "reflection_pad1d": "reflect", "reflection_pad2d": "reflect",
+         "reflection_pad3d": "reflect", "replication_pad1d": "replicate", "replication_pad2d": "replicate",
+         "replication_pad3d": "replicate", "_pad_circular": "circular"}
 _CONVOLUTIONS = {False: (F.conv1d, F.conv2d, F.conv3d), True: (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)}
 
 
@@ -291,6 +295,22 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     if name == "batch_norm":  # (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
         x, weight, bias, mean, var, training, momentum, eps = args[:8]
         return graph.call_function(F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps))
+    if name == "_convolution_mode":  # (input, weight, bias, stride, padding as "same" or "valid", dilation, groups)
+        return graph.call_function(_CONVOLUTIONS[False][len(args[3]) - 1], tuple(args[:7]))
+    if name == "gelu" and len(args) == 2:  # (self, approximate): a keyword of F.gelu
+        return graph.call_function(F.gelu, (args[0],), {"approximate": args[1]})
+    if name in _PADS:  # (input, pad[, value]) or aten::pad's (input, pad, mode, value)
+        mode, value = _PADS[name], (args[2] if name == "constant_pad_nd" and len(args) > 2 else None)
+        if name == "pad":
+            mode, value = args[2], args[3] if len(args) > 3 else None
+        return graph.call_function(F.pad, (args[0], args[1], mode, value))
+    if name.startswith("upsample_"):  # (input, output_size[, align_corners], scale_factors)
+        mode = name[len("upsample_"):].rstrip("123d")
+        mode = {"linear": "linear", "bilinear": "bilinear", "trilinear": "trilinear", "bicubic": "bicubic"}.get(mode, mode)
+        options = {"size": args[1], "scale_factor": args[-1], "mode": mode}
+        if len(args) == 4:
+            options["align_corners"] = args[2]
+        return graph.call_function(F.interpolate, (args[0],), options)
     if name == "mean" and len(args) == 4:  # (self, dim, keepdim, dtype): dtype is a keyword of torch.mean
         return graph.call_function(torch.mean, tuple(args[:3]), {"dtype": args[3]})
     if name == "slice" and len(args) == 5 and isinstance(args[1], int):  # (self, dim, start, end, step): x[..., a:b:s]

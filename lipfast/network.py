@@ -288,7 +288,7 @@ _REDUCING_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum"}
 _REDUCING_METHODS = {"mean", "sum"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                     F.adaptive_avg_pool3d, F.interpolate}
+                     F.adaptive_avg_pool3d, F.interpolate, F.pad}
 # max pools: the module built from the same arguments (the functions take them in another order)
 _FUNCTIONAL_MAX_POOLS = {
     F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
@@ -303,7 +303,8 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
                     torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: _SLOPES[nn.Hardswish](None),
                     F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
-                    torch.softmax: _SLOPES[nn.Softmax](None)}
+                    torch.softmax: _SLOPES[nn.Softmax](None), F.selu: _SLOPES[nn.SELU](None),
+                    torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0}
 _METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0}
 
 
@@ -386,6 +387,7 @@ _FUNCTIONAL_LAYERS = {
     F.conv_transpose1d: _TRANSPOSED_ARGUMENTS, F.conv_transpose2d: _TRANSPOSED_ARGUMENTS,
     F.conv_transpose3d: _TRANSPOSED_ARGUMENTS,
     F.batch_norm: _BATCH_NORM_ARGUMENTS,  # y = weight (x - mean) / sqrt(var + eps) + bias, per channel
+    F.prelu: ("input", "weight"),  # slope 1 above 0, weight (per channel) below
 }
 #: the tensors of each functional layer that must not depend on the input (they set its constant);
 #: the bias may (its own bound is added), everything else must be a constant of the graph
@@ -453,6 +455,9 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
         value = _batch_norm_constant(graph_module, node, arguments, computed)
         return LayerBound(node.name, "F.batch_norm", in_shape, out_shape, value, value, time.perf_counter() - t0)
     weight = _tensor_value(graph_module, node, arguments["weight"], computed, "weight")
+    if node.target is F.prelu:
+        value = max(1.0, float(weight.double().abs().max()))
+        return LayerBound(node.name, "F.prelu", in_shape, out_shape, value, value, time.perf_counter() - t0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
         if node.target is F.linear:
@@ -720,6 +725,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
         return _product(first, math.sqrt(ratio) if reduction == "mean" else (1 / math.sqrt(ratio) if ratio else 0.0))
+    if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant":
+        return first  # x with a constant around it: an isometry, plus a constant
     if target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS:
         # bounded as the module form is, on the input size the shape propagation recorded
         if not (node.args and isinstance(node.args[0], torch.fx.Node)):
@@ -733,6 +740,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
             kind, names = _FUNCTIONAL_MAX_POOLS[target]
             module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
             return _product(first, _layer_constant(node.name, module, shape[1:], 1e-3)[1])
+        # (a pad that copies entries: its constant value, if any, plays no part)
         return _product(first, _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1])
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
@@ -753,6 +761,13 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _product(first, _gelu_slope(approximate))
     if target is F.silu:
         return _product(first, _silu_slope())
+    if target is F.mish:
+        return _product(first, _mish_slope())
+    if target is F.celu:  # slope 1 above 0, e^(x / alpha) below: at most 1 for alpha > 0
+        alpha = node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise _Unsupported(f"{node.name}: celu with alpha={alpha!r}")
+        return first
     if target is F.elu or target is torch._C._nn.elu:
         return _product(first, _elu_slope(node))
     if target is F.batch_norm:

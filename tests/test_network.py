@@ -387,7 +387,13 @@ class _Applies(nn.Module):
     (lambda x: torch.nn.functional.elu(x, 1.5), nn.ELU(alpha=1.5)),
     (torch.nn.functional.softplus, nn.Softplus()),
     (lambda x: torch.nn.functional.softplus(x, beta=5.0), nn.Softplus(beta=5.0)),
-], ids=["gelu", "gelu-tanh", "silu", "elu", "softplus", "softplus-beta"])
+    (torch.nn.functional.mish, nn.Mish()),
+    (torch.nn.functional.selu, nn.SELU()),
+    (lambda x: torch.nn.functional.celu(x, 0.5), nn.CELU(0.5)),
+    (torch.nn.functional.softsign, nn.Softsign()),
+    (torch.nn.functional.logsigmoid, nn.LogSigmoid()),
+], ids=["gelu", "gelu-tanh", "silu", "elu", "softplus", "softplus-beta", "mish", "selu", "celu", "softsign",
+        "logsigmoid"])
 def test_functional_activations_get_their_modules_constants(fn, module):
     functional = lipfast.lipschitz_bound(_Applies(fn), (3,), progress=False)
     assert functional.notes == [] and functional.upper == lipfast.lipschitz_bound(module, (3,), progress=False).upper
@@ -395,6 +401,19 @@ def test_functional_activations_get_their_modules_constants(fn, module):
     x = torch.linspace(-6, 6, 20001, dtype=torch.float64)
     y = fn(x)
     assert float(((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs().max()) <= functional.upper
+
+
+@pytest.mark.parametrize("fn, module, shape", [
+    (lambda x: torch.nn.functional.pad(x, (1, 2, 1, 0), "replicate"), nn.ReplicationPad2d((1, 2, 1, 0)), (2, 3, 3)),
+    (lambda x: torch.nn.functional.pad(x, (2, 2), "circular"), nn.CircularPad1d(2), (2, 3)),
+    (lambda x: torch.nn.functional.pad(x, (2, 1), value=3.0), nn.ConstantPad1d((2, 1), 3.0), (2, 4)),
+], ids=["replicate", "circular", "constant"])
+def test_functional_pads_get_their_modules_constants(fn, module, shape):
+    functional = lipfast.lipschitz_bound(_Applies(fn), shape, progress=False)
+    assert functional.notes == [] and functional.upper == lipfast.lipschitz_bound(module, shape, progress=False).upper
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: fn(t).reshape(-1), x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(J, 2)) <= functional.upper
 
 
 def test_abs_and_negative_elu():

@@ -219,3 +219,35 @@ def test_a_translation_that_does_not_compute_what_the_script_does_is_refused(mon
     monkeypatch.setitem(_torchscript._FUNCTIONS, "leaky_relu", F.relu)  # a wrong translation
     with pytest.raises(ValueError, match="does not reproduce its outputs"):
         lipfast.lipschitz_bound(traced, (4,), progress=False)
+
+
+class _Traceable(nn.Module):
+    """Layers whose traced graphs hold aten operations of their own: pads, same-padded and
+    reflect-padded convs, upsampling, and activations with settings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reflect = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.same = nn.Conv2d(4, 4, 3, padding="same", dilation=2)
+        self.prelu = nn.PReLU(4, init=-2.5)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.acts = nn.Sequential(nn.GELU(approximate="tanh"), nn.Mish(), nn.CELU(0.5), nn.SELU())
+        self.pad = nn.ReplicationPad2d(1)
+
+    def forward(self, x):
+        y = self.prelu(self.same(self.reflect(x)))
+        return self.acts(self.pad(self.up(y)))
+
+
+def test_traced_graph_operations_are_followed():
+    torch.manual_seed(0)
+    model = _Traceable().double().eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    report = lipfast.lipschitz_bound(traced, (3, 5, 5), progress=False)
+    assert math.isfinite(report.upper), report.notes
+    kinds = {layer.kind for layer in report.layers}
+    assert {"F.conv2d", "F.prelu"} <= kinds
+    prelu = next(layer for layer in report.layers if layer.kind == "F.prelu")
+    assert prelu.upper == 2.5
+    for seed in range(3):
+        assert _jacobian_norm(model, (3, 5, 5), seed) <= report.upper
