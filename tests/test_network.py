@@ -31,7 +31,7 @@ def test_chain_with_known_norms():
     assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
 
 
-@pytest.mark.parametrize("cholesky", [True, False], ids=["dense_brackets", "gram_iteration"])
+@pytest.mark.parametrize("cholesky", [True, "lapack", False], ids=["dense_brackets", "lapack", "gram_iteration"])
 def test_matrix_layers_bracketed_in_one_call(monkeypatch, cholesky):
     # Linear layers and 1x1 convs (grouped, strided, zero-padded) are matrices: one batched call for
     # all of them (conv.dense_brackets, or where that certifies not all, Gram iteration), each
@@ -52,6 +52,9 @@ def test_matrix_layers_bracketed_in_one_call(monkeypatch, cholesky):
         gram_calls.append(len(Ws))
         return original_gram(Ws, **kwargs)
 
+    if cholesky == "lapack":  # every matrix large enough for LAPACK's shared factorization
+        monkeypatch.setattr(lipfast.conv, "_SHARED_CHOLESKY_SIZE", 1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
     monkeypatch.setattr(lipfast.conv, "dense_brackets", counting)
     monkeypatch.setattr(lipfast.linalg, "spectral_norm_bounds_many", counting_gram)
     report = lipfast.lipschitz_bound(model, (4, 8, 8), rtol=1e-4, progress=False)
