@@ -267,6 +267,9 @@ class _Block:
             return
         if name == "Bool":  # a tensor's truth value: it decides a branch (prim::If) by the input
             self.control_flow("prim::If on a value computed from the input")
+        if identity_in_place(name, args):
+            self.env[output.debugName()] = args[0]
+            return
         self.env[output.debugName()] = _aten(self.graph, name, args)
         if name in _util.VIEW_OPERATIONS and ins:  # the output shares the input's memory
             self.aliased.update({ins[0].debugName(), output.debugName()})
@@ -277,6 +280,12 @@ class _Block:
                 raise ValueError(f"TorchScript in-place operation {kind} on a tensor that shares memory with a "
                                  "view (pass the Python module instead)")
             self.env[ins[0].debugName()] = self.env[output.debugName()]
+
+
+def identity_in_place(name: str, args: list) -> bool:
+    """Whether aten::<name>(*args) leaves its input as it was: a dropout in place with train=False."""
+    return name in ("dropout_", "feature_dropout_", "alpha_dropout_", "feature_alpha_dropout_") and \
+        len(args) >= 3 and args[2] is False
 
 
 def _aten(graph: torch.fx.Graph, name: str, args: list):
@@ -318,6 +327,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         index = (slice(None),) * dim + (slice(start, end, step),) if dim >= 0 else \
             (Ellipsis, slice(start, end, step)) + (slice(None),) * (-dim - 1)
         return graph.call_function(operator.getitem, (x, index))
+    if name in ("expand", "repeat") and len(args) >= 2:  # (self, size[, implicit]) as the method
+        return graph.call_method(name, tuple(args[:2]))
     if name == "contiguous":  # (self, memory_format): the layout does not change the values
         return graph.call_method("contiguous", (args[0],))
     if name in ("Int", "Float", "ScalarImplicit") and len(args) == 1:  # a traced size, kept as it is
@@ -326,7 +337,11 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_method(name, tuple(args))
     fn = _FUNCTIONS.get(name) or getattr(torch, name, None)
     if fn is None:
-        raise ValueError(f"TorchScript operation aten::{name} has no translation (pass the Python module instead)")
+        # the operator itself: it runs, and the composition names it where it has no rule (no
+        # finite bound then, as for an attention or a norm in a Python model)
+        fn = getattr(torch.ops.aten, name, None)
+        if fn is None:
+            raise ValueError(f"operation aten::{name} has no translation (pass the Python module instead)")
     return graph.call_function(fn, tuple(args))
 
 
@@ -359,13 +374,12 @@ def _flat(out) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def check_translation(script: torch.jit.ScriptModule, graph_module: torch.fx.GraphModule,
-                      input_shape: tuple[int, ...]) -> None:
-    """Raises ValueError unless the translation gives the script's outputs on a random input (both in
-    eval mode): a net under every rule that reads the graph.  Skipped where the script refuses that
+def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless the translation gives the script's outputs on a random input (a batch
+    of one, as lipschitz_bound runs them; both in eval mode): a net under every rule that reads the graph.  Skipped where the script refuses that
     input (the caller then says so) or is random itself (dropout left on)."""
     param = next(script.parameters(), None)
-    x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = x.to(dtype=param.dtype if param is not None else torch.float32, device=param.device if param is not None else None)
     with _util.eval_mode(script), _util.eval_mode(graph_module):
         try:

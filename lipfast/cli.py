@@ -143,7 +143,8 @@ def _builtin(spec: str) -> torch.nn.Module:
 
 def load_model(spec: str | None, trust_pickle: bool = False) -> tuple[torch.nn.Module, tuple[int, ...] | None, str]:
     """(model in eval mode, its default input shape or None, a description) for the command line's
-    MODEL: ``lipfast.models:NAME`` (a factory), a TorchScript file, or a torch.save file (a state_dict
+    MODEL: ``lipfast.models:NAME`` (a factory), a TorchScript file, a torch.export archive (``.pt2``;
+    its example input gives the default shape), or a torch.save file (a state_dict
     for the built-in ResNet-18, or a plain weight matrix, loaded with weights_only=True; a whole
     pickled model only with trust_pickle)."""
     import os
@@ -158,6 +159,23 @@ def load_model(spec: str | None, trust_pickle: bool = False) -> tuple[torch.nn.M
         return model.eval(), shape, spec
     if not os.path.isfile(spec):
         raise _UsageError(f"no such model file: {spec}")
+    if spec.endswith(".pt2"):  # torch.export.save's archive (importing torch.export costs a second: only then)
+        import logging
+
+        logger = logging.getLogger("torch.export")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)  # its loader logs a traceback before raising: the error says it all
+        try:
+            program = torch.export.load(spec)
+        except Exception as exc:
+            raise _UsageError(f"cannot read {spec} as an exported program: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        finally:
+            logger.setLevel(level)
+        example = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
+                   and n.name in program.graph_signature.user_inputs]
+        shape = tuple(example[0].shape[1:]) if len(example) == 1 and hasattr(example[0], "shape") else None
+        return program.module(), shape, f"exported program {spec}"
     try:
         return torch.jit.load(spec, map_location="cpu").eval(), None, f"TorchScript file {spec}"
     except Exception:
@@ -205,6 +223,10 @@ def _gap(model, shape, report, args) -> str | None:
     else:
         data = torch.rand(args.samples, *shape, generator=torch.Generator().manual_seed(0))
         source = f"{args.samples} random inputs, uniform in [0, 1] (pass --data for real ones)"
+    from lipfast import _export
+
+    if _export.is_aten_graph(model):  # an exported program: its guards fix the batch size; its translation does not
+        model = _export.to_graph_module(model)
     try:
         gap = lipfast.lipschitz_gap(model, data.to(dtype=dtype, device=device), report=report)
     except Exception as exc:  # a model torch.func cannot differentiate: the bound still stands
@@ -280,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     bound_parser = commands.add_parser(
         "bound", help="certified Lipschitz bound of a network, layer by layer (the default)",
-        description="Certified L2 Lipschitz bound of MODEL. MODEL is lipfast.models:NAME, a TorchScript file, or a "
-                    "torch.save file (a state_dict of the built-in ResNet-18, or a 2-D weight matrix), read with "
+        description="Certified L2 Lipschitz bound of MODEL. MODEL is lipfast.models:NAME, a TorchScript file, a "
+                    "torch.export archive (.pt2; its example input sets the default --input-shape), or a torch.save file (a state_dict of the built-in ResNet-18, or a 2-D weight matrix), read with "
                     "weights_only=True. A whole pickled model needs --trust-pickle: unpickling runs arbitrary code "
                     "from the file, so use it only for files you trust. Without MODEL: the built-in ResNet-18 for CIFAR-10.")
     bound_parser.add_argument("model", nargs="?", help="the network (default: lipfast.models:resnet18_cifar)")

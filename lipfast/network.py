@@ -460,8 +460,9 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
         return LayerBound(node.name, "F.prelu", in_shape, out_shape, value, value, time.perf_counter() - t0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
-        if node.target is F.linear:
-            lower, upper = linalg.spectral_norm_bounds(weight, rtol=rtol)
+        if node.target is F.linear:  # as an nn.Linear's: a Cholesky certificate, Gram iteration if that fails
+            bracket = conv.dense_brackets([weight], rtol, linalg.DEFAULT_MAX_ITERS) if weight.dim() == 2 else None
+            lower, upper = bracket[0] if bracket else linalg.spectral_norm_bounds(weight, rtol=rtol)
         else:
             if not in_shape:
                 raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")
@@ -1007,15 +1008,23 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                     group=None) -> LipschitzReport:
     """A certified upper bound on the L2 -> L2 Lipschitz constant of ``model`` on inputs of
     ``input_shape`` (one example, no batch dim), composed over its torch.fx graph; see the module
-    docstring.  ``progress`` shows a progress bar (tqdm, when installed) while layers are bounded.
+    docstring.  ``model`` may also be a TorchScript model (scripted or traced) or a program made by
+    torch.export (or its ``.module()``): either is translated into such a graph first, and the
+    translation checked against it on a random input.  ``progress`` shows a progress bar (tqdm,
+    when installed) while layers are bounded.
 
     With torch.distributed initialized (or a process ``group`` given), the layers are shared out
     across the group's ranks, balanced by a cost estimate (weight entries times input pixels for a
     conv); each rank bounds its share and the results are all-gathered, so every rank returns the
     same report (the single-process one).  Every rank must call it with the same model and
     arguments."""
+    from lipfast import _export, _torchscript
+
+    if _export.is_exported_program(model):
+        model = model.module()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lipfast.lipschitz_bound: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"lipfast.lipschitz_bound: model must be an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
     if not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape or \
@@ -1024,9 +1033,16 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     rtol = linalg._check_rtol("lipschitz_bound", rtol)
     start = time.perf_counter()
     notes: list[str] = []
+    if _export.is_aten_graph(model):  # an exported program: aten operators, translated to torch functions
+        try:
+            translated = _export.to_graph_module(model)
+            _torchscript.check_translation(model, translated, tuple(input_shape))
+            model = translated
+        except ValueError as exc:
+            raise ValueError(f"lipfast.lipschitz_bound: cannot follow this exported program: {exc}") from exc
+        notes.append("exported program: its aten operators followed as torch functions (checked against it on a "
+                     "random input)")
     if isinstance(model, torch.jit.ScriptModule):  # neither torch.fx nor hooks can follow it: translate it
-        from lipfast import _torchscript
-
         try:
             with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
                 translated = _torchscript.to_graph_module(model)

@@ -101,6 +101,21 @@ def test_bound_model_files(tmp_path):
     assert refused.returncode == 2 and "prim::If" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_bound_exported_program_file(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 5 * 5, 4)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 2, 5, 5),)), str(tmp_path / "m.pt2"))
+    result = _run("bound", str(tmp_path / "m.pt2"), "--no-progress")  # the shape: its example input's
+    assert result.returncode == 0, result.stderr
+    assert "exported program" in result.stdout and "attained lower bound" in result.stdout
+    upper = float(result.stdout.split("network bound (composed over the graph, fx): ")[1].split()[0])
+    assert upper == pytest.approx(__import__("lipfast").lipschitz_bound(model, (2, 5, 5), progress=False).upper, rel=1e-2)
+    (tmp_path / "junk.pt2").write_text("not an archive")
+    junk = _run("bound", str(tmp_path / "junk.pt2"), "--no-progress")
+    assert junk.returncode == 2 and "cannot read" in junk.stderr and len(junk.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["bound", "missing.pt"], "no such model file"),
     (["bound", "--input-shape", "3,x"], "--input-shape"),

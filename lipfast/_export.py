@@ -1,0 +1,93 @@
+"""Programs made by torch.export as torch.fx graphs that lipschitz_bound can compose.
+
+``torch.export.export(model, args).module()`` is a GraphModule whose nodes call aten operators
+(``torch.ops.aten.conv2d.default``, ``aten.batch_norm``, ``aten.relu_``, ...) on the model's
+parameters and buffers.  Each operator becomes the torch function of the same arguments that the
+composition rules know (the translation TorchScript graphs use, _torchscript._aten); an in-place
+operator is taken out of place, and later uses of its input read its result.  The result is checked
+against the program on a random input (_torchscript.check_translation).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.utils._pytree
+from torch import nn
+
+from lipfast import _torchscript, _util
+
+
+def is_exported_program(model) -> bool:
+    """Whether ``model`` is a torch.export.ExportedProgram (checked without importing torch.export)."""
+    return any(cls.__name__ == "ExportedProgram" and cls.__module__.startswith("torch.export")
+               for cls in type(model).__mro__)
+
+
+def is_aten_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is a GraphModule that calls aten operators (an exported program's module)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "aten" for node in model.graph.nodes)
+
+
+def _positional(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list:
+    """args followed by the keyword arguments in the schema's order (defaults filling the gaps)."""
+    positional = list(args)
+    schema = target._schema.arguments
+    last = max((i for i, a in enumerate(schema) if a.name in kwargs), default=-1)
+    for argument in schema[len(args):last + 1]:
+        positional.append(kwargs[argument.name] if argument.name in kwargs else argument.default_value)
+    return positional
+
+
+def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule computing what ``source`` (an exported program's module) computes, with torch
+    functions in place of aten operators.  Raises ValueError for what cannot be translated."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, object] = {}
+    aliased: set[torch.fx.Node] = set()  # values that share memory with another (a view, or viewed)
+
+    def get(value):
+        return torch.fx.node.map_aggregate(value, lambda v: env[v] if isinstance(v, torch.fx.Node) else v)
+
+    for node in source.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+        elif node.op == "get_attr":
+            env[node] = graph.get_attr(node.target)
+        elif node.op == "call_module":
+            if node.users:  # (the input guards of an exported program return nothing)
+                raise ValueError(f"exported program calls module {node.target}, which is not followed")
+        elif node.op == "output":
+            outputs, spec = get(node.args[0]), getattr(source, "_out_spec", None)
+            if spec is not None:  # the program's own output structure (a single tensor, say), as its module returns it
+                outputs = torch.utils._pytree.tree_unflatten(list(outputs), spec)
+            graph.output(outputs)
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
+            name = node.target._schema.name.split("::")[1]
+            args = _positional(node.target, get(node.args), get(node.kwargs))
+            if _torchscript.identity_in_place(name, args):
+                env[node] = args[0]
+                continue
+            env[node] = _torchscript._aten(graph, name, args)
+            first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+            if first is not None and name in _util.VIEW_OPERATIONS:  # the result shares its input's memory
+                aliased.update({first, node})
+            if first is not None and name.endswith("_") and not name.startswith("_"):
+                # in place (translated out of place): later uses of the input read the result; a
+                # view of it, or what it views, would change too, which is not followed
+                if first in aliased:
+                    raise ValueError(f"exported program: in-place {name} on a tensor that shares memory with a view "
+                                     "(pass the Python module instead)")
+                env[first] = env[node]
+        elif node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
+            env[node] = graph.call_function(node.target, get(node.args), get(node.kwargs))  # getitem and the like
+        else:
+            raise ValueError(f"exported program: operator {node.target} has no translation (pass the Python module "
+                             "instead)")
+    root = nn.Module()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            _torchscript._install(root, node.target, tensor=functools.reduce(getattr, node.target.split("."), source))
+    return torch.fx.GraphModule(root, graph)

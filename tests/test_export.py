@@ -1,0 +1,90 @@
+"""lipschitz_bound on programs made by torch.export: the same bound as the Python module."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+from lipfast import _torchscript
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.LeakyReLU(0.3, inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.act(self.stem(x))
+        y = y + self.bn(self.conv(y))
+        return self.head(self.drop(torch.flatten(self.pool(y), 1)))
+
+
+def _model() -> Residual:
+    torch.manual_seed(0)
+    model = Residual().double().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.3, 2.0)
+        model.bn.weight.uniform_(-2.0, 2.0)
+    return model
+
+
+def _jacobian_norm(model, shape) -> float:
+    x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    jacobian = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(jacobian, 2))
+
+
+@pytest.mark.parametrize("form", ["program", "module"])
+def test_exported_program_gets_the_python_models_bound(form):
+    model = _model()
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),))
+    eager = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
+    report = lipfast.lipschitz_bound(program if form == "program" else program.module(), (3, 8, 8), progress=False)
+    assert any("exported program" in note for note in report.notes)
+    assert {"F.conv2d", "F.batch_norm", "F.linear"} <= {layer.kind for layer in report.layers}
+    # the layers as functions, each bracketed on its own: the same constants to the brackets' rtol
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=2e-3)
+    assert _jacobian_norm(model, (3, 8, 8)) <= report.upper
+
+
+def test_in_place_operators_of_a_program():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4).double()
+
+        def forward(self, x):
+            y = self.lin(x)
+            z = y.mul_(3.0)  # y now holds 3 lin(x): the output is 6 lin(x)
+            return z + y
+
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    program = torch.export.export(model, (torch.randn(1, 4, dtype=torch.float64),))
+    report = lipfast.lipschitz_bound(program, (4,), progress=False)
+    assert report.upper == pytest.approx(6 * report.layers[0].upper, rel=1e-12)
+
+
+def test_operators_with_no_rule_give_no_finite_bound_with_their_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).eval()
+    program = torch.export.export(model, (torch.randn(1, 4),))
+    report = lipfast.lipschitz_bound(program, (4,), progress=False)
+    assert report.upper == math.inf and any("layer_norm" in note for note in report.notes), report.notes
+
+
+def test_a_wrong_translation_is_refused(monkeypatch):
+    program = torch.export.export(_model(), (torch.randn(1, 3, 8, 8, dtype=torch.float64),))
+    monkeypatch.setitem(_torchscript._FUNCTIONS, "leaky_relu", torch.nn.functional.relu)
+    with pytest.raises(ValueError, match="cannot follow this exported program: .*does not reproduce"):
+        lipfast.lipschitz_bound(program, (3, 8, 8), progress=False)
+    with pytest.raises(TypeError, match="nn.Module or a torch.export.ExportedProgram"):
+        lipfast.lipschitz_bound("model.pt2", (3, 8, 8), progress=False)
