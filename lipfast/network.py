@@ -1004,6 +1004,31 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object) -> l
     return [results[name, in_shape, out_shape] for name, _, in_shape, out_shape in unique]
 
 
+def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]) -> nn.Module:
+    """model itself, or for a TorchScript model or an exported program (aten operators), which
+    neither torch.fx nor hooks can follow, its translation into a graph of torch functions and
+    torch.nn layers, checked against it on a random input (a note says so)."""
+    from lipfast import _export, _torchscript
+
+    if _export.is_aten_graph(model):
+        kind, translate = "exported program", _export.to_graph_module
+        note = "its aten operators followed as torch functions"
+    elif isinstance(model, torch.jit.ScriptModule):
+        kind, translate = "TorchScript model", _torchscript.to_graph_module
+        note = ("its torch.nn layers rebuilt from their weights where it keeps their settings, the rest followed "
+                "through its TorchScript graphs")
+    else:
+        return model
+    try:
+        with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
+            translated = translate(model)
+        _torchscript.check_translation(model, translated, input_shape)
+    except ValueError as exc:
+        raise ValueError(f"lipfast.lipschitz_bound: cannot follow this {kind}: {exc}") from exc
+    notes.append(f"{kind}: {note} (checked against it on a random input)")
+    return translated
+
+
 def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progress: bool = True,
                     group=None) -> LipschitzReport:
     """A certified upper bound on the L2 -> L2 Lipschitz constant of ``model`` on inputs of
@@ -1018,7 +1043,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     conv); each rank bounds its share and the results are all-gathered, so every rank returns the
     same report (the single-process one).  Every rank must call it with the same model and
     arguments."""
-    from lipfast import _export, _torchscript
+    from lipfast import _export
 
     if _export.is_exported_program(model):
         model = model.module()
@@ -1033,25 +1058,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     rtol = linalg._check_rtol("lipschitz_bound", rtol)
     start = time.perf_counter()
     notes: list[str] = []
-    if _export.is_aten_graph(model):  # an exported program: aten operators, translated to torch functions
-        try:
-            translated = _export.to_graph_module(model)
-            _torchscript.check_translation(model, translated, tuple(input_shape))
-            model = translated
-        except ValueError as exc:
-            raise ValueError(f"lipfast.lipschitz_bound: cannot follow this exported program: {exc}") from exc
-        notes.append("exported program: its aten operators followed as torch functions (checked against it on a "
-                     "random input)")
-    if isinstance(model, torch.jit.ScriptModule):  # neither torch.fx nor hooks can follow it: translate it
-        try:
-            with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
-                translated = _torchscript.to_graph_module(model)
-            _torchscript.check_translation(model, translated, tuple(input_shape))
-            model = translated
-        except ValueError as exc:
-            raise ValueError(f"lipfast.lipschitz_bound: cannot follow this TorchScript model: {exc}") from exc
-        notes.append("TorchScript model: its torch.nn layers rebuilt from their weights where it keeps their "
-                     "settings, the rest followed through its TorchScript graphs (checked against it on a random input)")
+    model = _translated(model, tuple(input_shape), notes)
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
