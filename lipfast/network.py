@@ -466,12 +466,37 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
         else:
             if not in_shape:
                 raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")
-            options = {k: arguments[k] for k in ("stride", "padding", "dilation", "groups", "output_padding")
-                       if k in arguments}
+            options = {k: arguments[k] for k in ("stride", "padding", "dilation", "groups", "output_padding",
+                                                 "padding_mode") if k in arguments}
             lower, upper = conv.conv_spectral_norm_bounds(
                 weight, in_shape[1:], transposed=node.target.__name__.startswith("conv_transpose"), rtol=rtol, **options)
     return LayerBound(node.name, f"F.{node.target.__name__}", in_shape, out_shape, float(lower), float(upper),
                       time.perf_counter() - t0)
+
+
+def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
+    """A conv2d applied to F.pad(x, p, mode) with mode reflect, replicate or circular, equal amounts on
+    both sides of each spatial dim and no padding of its own is nn.Conv2d(padding=p, padding_mode=mode)
+    applied to x (that is how the module computes, and how a traced or exported one reads): its
+    arguments then say so, so that the pair is bracketed as one operator, whose norm can be well
+    below the product of the two (the pad alone copies entries: norm above 1).  Others as they are."""
+    source = arguments["input"]
+    if node.target not in (F.conv1d, F.conv2d, F.conv3d) or not isinstance(source, torch.fx.Node) or \
+            source.op != "call_function" or source.target is not F.pad:
+        return arguments
+    pad_arguments = {**dict(zip(("input", "pad", "mode", "value"), source.args)), **source.kwargs}
+    pad, mode = pad_arguments.get("pad"), pad_arguments.get("mode", "constant")
+    dims = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]
+    own = arguments.get("padding", 0)
+    if mode not in ("reflect", "replicate", "circular") or not isinstance(pad, (list, tuple)) or len(pad) != 2 * dims \
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in pad) \
+            or not (own == "valid" or own == 0 or (isinstance(own, (list, tuple)) and not any(own))):
+        return arguments
+    sides = [(pad[2 * i], pad[2 * i + 1]) for i in range(dims)][::-1]  # F.pad lists the last dim first
+    if any(left != right for left, right in sides) or not isinstance(pad_arguments.get("input"), torch.fx.Node):
+        return arguments
+    return {**arguments, "input": pad_arguments["input"], "padding": tuple(left for left, _ in sides),
+            "padding_mode": mode}
 
 
 def _tensor_value(graph_module: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node,
@@ -1109,6 +1134,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         try:
             functional = {}
             for node, arguments in calls.items():
+                arguments = _with_copying_pad(node, arguments)
                 layer = _functional_layer(traced, node, arguments, rtol, computed)
                 layers.append(layer)
                 functional[node] = (layer.upper, arguments)

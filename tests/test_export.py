@@ -88,3 +88,20 @@ def test_a_wrong_translation_is_refused(monkeypatch):
         lipfast.lipschitz_bound(program, (3, 8, 8), progress=False)
     with pytest.raises(TypeError, match="nn.Module or a torch.export.ExportedProgram"):
         lipfast.lipschitz_bound("model.pt2", (3, 8, 8), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+@pytest.mark.parametrize("form", ["export", "trace"])
+def test_a_pad_then_conv_is_bounded_as_the_padded_conv(mode, form):
+    # nn.Conv2d with a padding mode that copies entries runs F.pad, then a conv with no padding: its
+    # traced or exported graph shows both, and the pair is bracketed as the layer it came from (the
+    # pad alone has norm above 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(4, 2, 5, padding=2, padding_mode=mode)).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    made = torch.export.export(model, (x,)) if form == "export" else torch.jit.trace(model, x)
+    report = lipfast.lipschitz_bound(made, (3, 8, 8), progress=False)
+    eager = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
+    assert report.upper == pytest.approx(eager.upper, rel=1e-9)
+    assert [layer.input_shape for layer in report.layers if layer.kind == "F.conv2d"] == [(3, 8, 8), (4, 8, 8)]
