@@ -327,6 +327,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         index = (slice(None),) * dim + (slice(start, end, step),) if dim >= 0 else \
             (Ellipsis, slice(start, end, step)) + (slice(None),) * (-dim - 1)
         return graph.call_function(operator.getitem, (x, index))
+    if name in ("sym_size", "sym_numel", "sym_stride") and args:  # a size of an exported program's dynamic input
+        return graph.call_method(name[len("sym_"):], tuple(args))
     if name in ("expand", "repeat") and len(args) >= 2:  # (self, size[, implicit]) as the method
         return graph.call_method(name, tuple(args[:2]))
     if name == "contiguous":  # (self, memory_format): the layout does not change the values

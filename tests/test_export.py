@@ -105,3 +105,22 @@ def test_a_pad_then_conv_is_bounded_as_the_padded_conv(mode, form):
     eager = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
     assert report.upper == pytest.approx(eager.upper, rel=1e-9)
     assert [layer.input_shape for layer in report.layers if layer.kind == "F.conv2d"] == [(3, 8, 8), (4, 8, 8)]
+
+
+def test_a_program_with_a_dynamic_batch_dimension():
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.head(y.view(y.size(0), -1))  # exported as a size of the input (aten.sym_size)
+
+    torch.manual_seed(0)
+    model = Flattening().eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 3, 6, 6),), dynamic_shapes=({0: batch},))
+    report = lipfast.lipschitz_bound(program, (3, 6, 6), progress=False)
+    assert report.upper == pytest.approx(lipfast.lipschitz_bound(model, (3, 6, 6), progress=False).upper, rel=1e-3)
