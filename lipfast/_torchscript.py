@@ -143,14 +143,18 @@ def _called_function(node):
     return None, compiled.graph
 
 
-#: operations on Python values (sizes, flags): evaluated while translating, so that a prim::If on a
-#: module's flag (``if self.apply_residual``) takes its branch; on graph values they become nodes
+#: the most steps a prim::Loop is unrolled to
+_LOOP_LIMIT = 10_000
+
+#: operations on Python values (sizes, flags, lists): evaluated while translating, so that a
+#: prim::If on a module's flag (``if self.apply_residual``) takes its branch; on graph values they
+#: become nodes
 _PYTHON_OPERATIONS = {
     "__not__": operator.not_, "__and__": operator.and_, "__or__": operator.or_, "__is__": operator.is_,
     "__isnot__": operator.is_not, "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
     "gt": operator.gt, "ge": operator.ge, "len": len, "Int": int, "Float": float, "Bool": bool,
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
-    "neg": operator.neg,
+    "neg": operator.neg, "__contains__": operator.contains, "__getitem__": operator.getitem,
 }
 
 
@@ -203,7 +207,7 @@ class _Block:
             for out, value in zip(outputs, block.outputs()):
                 env[out.debugName()] = self.get(value)
         elif kind == "prim::Loop":
-            self.control_flow("prim::Loop")
+            self.loop(node, outputs, ins)
         elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
             items = [self.get(v) for v in ins]
             env[outputs[0].debugName()] = items if kind == "prim::ListConstruct" else tuple(items)
@@ -232,6 +236,27 @@ class _Block:
             self.aten(kind, outputs[0], ins)
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
+
+    def loop(self, node, outputs, ins) -> None:
+        """prim::Loop(trips, condition, *carried): unrolled, when the trip count and every condition
+        are Python values (a loop over a list of layers or features, say)."""
+        trips, condition = self.get(ins[0]), self.get(ins[1])
+        carried = [self.get(v) for v in ins[2:]]
+        block = next(node.blocks())
+        inputs, results = list(block.inputs()), list(block.outputs())
+        i = 0
+        while isinstance(trips, int) and isinstance(condition, bool) and condition and i < trips:
+            if i == _LOOP_LIMIT:
+                self.control_flow(f"prim::Loop of more than {_LOOP_LIMIT} steps")
+            for value, item in zip(inputs, [i] + carried):
+                self.env[value.debugName()] = item
+            self.run(block.nodes())
+            condition, carried = self.get(results[0]), [self.get(v) for v in results[1:]]
+            i += 1
+        if not (isinstance(trips, int) and isinstance(condition, bool)):
+            self.control_flow("prim::Loop on a value computed from the input")
+        for out, item in zip(outputs, carried):
+            self.env[out.debugName()] = item
 
     def control_flow(self, what: str) -> None:
         raise ValueError(f"TorchScript control flow ({what}) in {self.where} cannot be followed (pass the Python "
@@ -264,6 +289,10 @@ class _Block:
         args = [self.get(v) for v in ins]
         if name in _PYTHON_OPERATIONS and not _has_node(args):
             self.env[output.debugName()] = _PYTHON_OPERATIONS[name](*args)
+            return
+        if name == "append" and isinstance(args[0], list):  # a list being built (of features, say)
+            args[0].append(args[1])
+            self.env[output.debugName()] = args[0]
             return
         if name == "Bool":  # a tensor's truth value: it decides a branch (prim::If) by the input
             self.control_flow("prim::If on a value computed from the input")

@@ -251,3 +251,39 @@ def test_traced_graph_operations_are_followed():
     assert prelu.upper == 2.5
     for seed in range(3):
         assert _jacobian_norm(model, (3, 5, 5), seed) <= report.upper
+
+
+class _Dense(nn.Module):
+    """A dense block as DenseNet's scripted form computes it: a list of features built in a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(2 + 2 * i, 2, 3, padding=1) for i in range(3)])
+        self.repeats = 2
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(torch.relu(layer(torch.cat(features, 1))))
+        y = torch.cat(features, 1)
+        for _ in range(self.repeats):
+            y = y * 0.5
+        return y
+
+
+def test_scripted_loops_and_lists_are_unrolled():
+    torch.manual_seed(0)
+    model = _Dense().double().eval()
+    report = lipfast.lipschitz_bound(torch.jit.script(model), (2, 5, 5), progress=False)
+    eager = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=1e-12)
+    assert _jacobian_norm(model, (2, 5, 5)) <= report.upper
+
+    class Data(nn.Module):
+        def forward(self, x):
+            for _ in range(int(x.sum() > 0)):  # a trip count computed from the input
+                x = x * 2
+            return x
+
+    with pytest.raises(ValueError, match="prim::"):
+        lipfast.lipschitz_bound(torch.jit.script(Data()), (4,), progress=False)
