@@ -339,8 +339,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_function(F.gelu, (args[0],), {"approximate": args[1]})
     if name in _PADS:  # (input, pad[, value]) or aten::pad's (input, pad, mode, value)
         mode, value = _PADS[name], (args[2] if name == "constant_pad_nd" and len(args) > 2 else None)
-        if name == "pad":
-            mode, value = args[2], args[3] if len(args) > 3 else None
+        if name == "pad":  # (input, pad, mode="constant", value=None)
+            mode, value = (args[2] if len(args) > 2 else "constant"), (args[3] if len(args) > 3 else None)
         return graph.call_function(F.pad, (args[0], args[1], mode, value))
     if name.startswith("upsample_"):  # (input, output_size[, align_corners], scale_factors)
         mode = name[len("upsample_"):].rstrip("123d")
@@ -351,8 +351,9 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_function(F.interpolate, (args[0],), options)
     if name == "mean" and len(args) == 4:  # (self, dim, keepdim, dtype): dtype is a keyword of torch.mean
         return graph.call_function(torch.mean, tuple(args[:3]), {"dtype": args[3]})
-    if name == "slice" and len(args) == 5 and isinstance(args[1], int):  # (self, dim, start, end, step): x[..., a:b:s]
-        x, dim, start, end, step = args
+    if name == "slice" and 1 <= len(args) <= 5 and isinstance((args + [0])[1], int):
+        # (self, dim=0, start=None, end=None, step=1): x[..., start:end:step] along dim
+        x, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
         index = (slice(None),) * dim + (slice(start, end, step),) if dim >= 0 else \
             (Ellipsis, slice(start, end, step)) + (slice(None),) * (-dim - 1)
         return graph.call_function(operator.getitem, (x, index))

@@ -278,8 +278,10 @@ _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "u
 # each output entry one input entry, no input entry taken twice (a slice, or a tuple of the pieces
 # of a split, which together are a permutation): norm <= 1
 _SELECTING_FUNCTIONS = {torch.narrow, torch.select, torch.chunk, torch.split, torch.tensor_split, torch.unbind,
-                        torch.hsplit, torch.vsplit, torch.dsplit}
-_SELECTING_METHODS = {"narrow", "select", "chunk", "split", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit"}
+                        torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes, torch.unsafe_split,
+                        torch.unsafe_chunk}
+_SELECTING_METHODS = {"narrow", "select", "chunk", "split", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit",
+                      "split_with_sizes"}
 # copies of every entry, each entry the same number of times (numel(out) / numel(in))
 _REPLICATING_FUNCTIONS = {torch.tile, torch.broadcast_to}
 _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
@@ -1050,6 +1052,9 @@ def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]
         _torchscript.check_translation(model, translated, input_shape)
     except ValueError as exc:
         raise ValueError(f"lipfast.lipschitz_bound: cannot follow this {kind}: {exc}") from exc
+    except Exception as exc:  # a form the translation did not foresee: refused, plainly
+        raise ValueError(f"lipfast.lipschitz_bound: cannot follow this {kind}: its translation failed "
+                         f"({type(exc).__name__}: {exc}; pass the Python module instead)") from exc
     notes.append(f"{kind}: {note} (checked against it on a random input)")
     return translated
 

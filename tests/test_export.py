@@ -124,3 +124,55 @@ def test_a_program_with_a_dynamic_batch_dimension():
     program = torch.export.export(model, (torch.randn(2, 3, 6, 6),), dynamic_shapes=({0: batch},))
     report = lipfast.lipschitz_bound(program, (3, 6, 6), progress=False)
     assert report.upper == pytest.approx(lipfast.lipschitz_bound(model, (3, 6, 6), progress=False).upper, rel=1e-3)
+
+
+class _FunctionalBlock(nn.Module):
+    """One of eight small blocks of functional layers and selections (the forms traced and exported
+    graphs are made of)."""
+
+    def __init__(self, c: int, kind: int, rng) -> None:
+        super().__init__()
+        self.kind, self.mode = kind, rng.choice(["zeros", "circular", "reflect", "replicate"])
+        self.conv = nn.Conv2d(c, c, 3, padding=1, padding_mode=self.mode).double()
+        self.w = nn.Parameter(0.4 * torch.randn(c, c, 3, 3, dtype=torch.float64))
+        self.register_buffer("mean", torch.randn(c, dtype=torch.float64))
+        self.register_buffer("var", torch.rand(c, dtype=torch.float64) + 0.2)
+        self.gamma = nn.Parameter(torch.randn(c, dtype=torch.float64) * 1.5)
+        self.slope = nn.Parameter(torch.randn(c, dtype=torch.float64) * 2)
+
+    def forward(self, x):
+        F, k = torch.nn.functional, self.kind
+        if k == 0:
+            a, b = x.chunk(2, dim=1)
+            return torch.cat([self.conv(x)[:, : a.shape[1]], F.relu(b)], 1)
+        if k == 1:
+            return F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, None, False, 0.1, 1e-3)
+        if k == 2:
+            return F.prelu(self.conv(x), self.slope)
+        if k == 3:
+            return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular" if self.mode == "zeros" else self.mode), self.w) + x
+        if k == 4:
+            parts = torch.split(self.conv(x), [1, x.shape[1] - 1], dim=1)
+            return torch.cat([parts[1], parts[0]], 1) * 2 - x
+        if k == 5:
+            return F.mish(self.conv(x)) + F.celu(x, 0.7)
+        if k == 6:
+            return F.selu(F.pad(x, (1, 1, 1, 1))[:, :, 1:-1, 1:-1]) + self.conv(x).narrow(1, 0, x.shape[1])
+        return F.dropout(self.conv(x), 0.3, False) + x.movedim(1, 3).movedim(3, 1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_functional_networks_in_every_form(seed):
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c = rng.choice([2, 4])
+    model = nn.Sequential(*[_FunctionalBlock(c, rng.randrange(8), rng) for _ in range(rng.randint(1, 3))],
+                          nn.Flatten(), nn.Linear(c * 16, 3).double()).eval()
+    x0 = torch.randn(1, c, 4, 4, dtype=torch.float64)
+    eager = lipfast.lipschitz_bound(model, (c, 4, 4), progress=False).upper
+    worst = max(_jacobian_norm(model, (c, 4, 4)), _jacobian_norm(lambda t: model(3 * t), (c, 4, 4)) / 3)
+    for made in (torch.export.export(model, (x0,)), torch.jit.trace(model, x0, check_trace=False)):
+        upper = lipfast.lipschitz_bound(made, (c, 4, 4), progress=False).upper
+        assert math.isfinite(upper) and worst <= upper and upper == pytest.approx(eager, rel=2e-3)
