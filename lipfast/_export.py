@@ -10,6 +10,7 @@ against the program on a random input (_torchscript.check_translation).
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import torch.utils._pytree
@@ -83,6 +84,8 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                 env[first] = env[node]
         elif node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
             env[node] = graph.call_function(node.target, get(node.args), get(node.kwargs))  # getitem and the like
+            if node.target is operator.getitem and node.args[0] in aliased:  # a piece of a split: a view too
+                aliased.add(node)
         else:
             raise ValueError(f"exported program: operator {node.target} has no translation (pass the Python module "
                              "instead)")

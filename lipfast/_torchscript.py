@@ -215,6 +215,8 @@ class _Block:
             items = self.get(ins[0])
             if isinstance(items, torch.fx.Node):  # the pieces of a graph value (a chunk, say)
                 items = [graph.call_function(operator.getitem, (items, i)) for i in range(len(outputs))]
+                if ins[0].debugName() in self.aliased:  # views of what it views
+                    self.aliased.update(out.debugName() for out in outputs)
             for out, item in zip(outputs, items):
                 env[out.debugName()] = item
         elif kind in ("prim::NumToTensor", "prim::unchecked_cast"):  # a size kept as it is

@@ -176,3 +176,25 @@ def test_random_functional_networks_in_every_form(seed):
     for made in (torch.export.export(model, (x0,)), torch.jit.trace(model, x0, check_trace=False)):
         upper = lipfast.lipschitz_bound(made, (c, 4, 4), progress=False).upper
         assert math.isfinite(upper) and worst <= upper and upper == pytest.approx(eager, rel=2e-3)
+
+
+class _WritesIntoAPiece(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        y = self.lin(x)
+        a, b = y.chunk(2, dim=1)
+        a.mul_(3.0)  # y changes too: its first half is tripled
+        return y
+
+
+@pytest.mark.parametrize("form", ["script", "trace", "export"])
+def test_in_place_on_a_piece_of_a_split_is_refused(form):
+    model = _WritesIntoAPiece().eval().requires_grad_(False)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    made = {"script": lambda: torch.jit.script(model), "trace": lambda: torch.jit.trace(model, x),
+            "export": lambda: torch.export.export(model, (x,))}[form]()
+    with pytest.raises(ValueError, match="shares memory with a view"):
+        lipfast.lipschitz_bound(made, (4,), progress=False)
