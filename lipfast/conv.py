@@ -856,9 +856,11 @@ def _operator_lower_bound(
     return math.ldexp(_operator_lower(op, v, scaled, _abs_norm(op, scaled)), e)
 
 
-#: Operators with at most this many matrix entries (and min dim <= 1024) whose circulant bound misses
-#: rtol are bracketed once more from their explicit matrix.
-EXPLICIT_MATRIX_LIMIT = 1 << 22
+#: Operators with at most this many matrix entries (and min dim <= EXPLICIT_MIN_DIM) whose circulant
+#: bound misses rtol are bracketed once more from their explicit matrix: a Gram matrix of at most
+#: 2 * 2^24 * 2048 = 6.9e10 flops (about 0.4 s here), a Cholesky test of at most 2048^3 / 3.
+EXPLICIT_MATRIX_LIMIT = 1 << 24
+EXPLICIT_MIN_DIM = 2048
 
 
 def _abs_norm(op: ConvOperator, weight: Tensor) -> float:
@@ -868,15 +870,50 @@ def _abs_norm(op: ConvOperator, weight: Tensor) -> float:
     return _pad_norm(op) * fro * (1 + 2 * _gamma(weight.numel() + 8))
 
 
+def _zero_padded_matrices(op: ConvOperator, w: Tensor) -> list[Tensor]:
+    """The matrices of a zero-padded conv, one per group, up to a permutation of rows and columns
+    (which changes no norm): the block at (output position o, input position i) is the kernel tap
+    t with i = o s + t d - pad_lo, or zero.  Taps of one output position reach distinct input
+    positions, so every entry is one weight entry or zero: exact, with no arithmetic."""
+    triples = []  # per dim: the (o, i, t) with input position i inside the input
+    for n, out, k, s, d, lo in zip(op.input_size, op.output_size, op.kernel, op.stride, op.dilation, op.pad_lo):
+        o, t = torch.meshgrid(torch.arange(out), torch.arange(k), indexing="ij")
+        i = o * s + t * d - lo
+        keep = (i >= 0) & (i < n)
+        triples.append((o[keep], i[keep], t[keep], out, n, k))
+    o_flat, i_flat, t_flat = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    for o, i, t, out, n, k in triples:  # the product over dims, flattened row-major
+        o_flat = (o_flat[:, None] * out + o[None]).reshape(-1)
+        i_flat = (i_flat[:, None] * n + i[None]).reshape(-1)
+        t_flat = (t_flat[:, None] * k + t[None]).reshape(-1)
+    out_c, in_c = w.shape[0] // op.groups, w.shape[1]
+    taps = w.reshape(op.groups, out_c, in_c, -1).permute(0, 3, 1, 2)  # (groups, taps, out_c, in_c)
+    matrices = []
+    for g in range(op.groups):
+        blocks = w.new_zeros(math.prod(op.output_size), math.prod(op.input_size), out_c, in_c)
+        blocks[o_flat.to(w.device), i_flat.to(w.device)] = taps[g, t_flat.to(w.device)]
+        matrices.append(blocks.permute(0, 2, 1, 3).reshape(blocks.shape[0] * out_c, -1))
+    return matrices
+
+
 def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int, w: Tensor) -> tuple[float, float]:
-    """The bracket of the operator's explicit matrix M (its columns: A applied to the unit vectors,
-    in float64), widened by ‖M - A‖_2 <= gamma(C_in/groups * taps + 2) ‖|A|‖_2; for the operator
-    with weight w (float64, the caller's scaled copy)."""
-    n = w.shape[1] * op.groups * math.prod(op.input_size)
-    eye = torch.eye(n, dtype=torch.float64, device=w.device).reshape(n, -1, *op.input_size)
-    M = op.apply(eye, w).reshape(n, -1).T
-    lower, upper = linalg.spectral_norm_bounds(M, rtol=rtol / 2, max_iters=max_iters, max_gram_steps=32)
-    error = _gamma(w.shape[1] * math.prod(op.kernel) + 2) * _abs_norm(op, w)
+    """The bracket of the operator's explicit matrix, for the operator with weight w (float64, the
+    caller's scaled copy): with zero padding assembled entry by entry, exactly (one matrix per
+    group); otherwise M's columns are A applied to the unit vectors, and the bracket is widened by
+    ‖M - A‖_2 <= gamma(C_in/groups * taps + 2) ‖|A|‖_2 (copying padding sums taps)."""
+    if op.padding_mode == "zeros":
+        matrices, error = _zero_padded_matrices(op, w), 0.0
+    else:
+        n = w.shape[1] * op.groups * math.prod(op.input_size)
+        eye = torch.eye(n, dtype=torch.float64, device=w.device).reshape(n, -1, *op.input_size)
+        matrices = [op.apply(eye, w).reshape(n, -1).T]
+        del eye
+        error = _gamma(w.shape[1] * math.prod(op.kernel) + 2) * _abs_norm(op, w)
+    brackets = dense_brackets(matrices, rtol / 2, max_iters)  # a Cholesky certificate; Gram iteration if that fails
+    if brackets is None:
+        brackets = [tuple(float(v) for v in linalg.spectral_norm_bounds(M, rtol=rtol / 2, max_iters=max_iters,
+                                                                      max_gram_steps=32)) for M in matrices]
+    lower, upper = max(b[0] for b in brackets), max(b[1] for b in brackets)
     return max(float(lower) - error, 0.0), float(upper) + error
 
 
@@ -980,7 +1017,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     if not exact:
         n_in = op.weight.shape[1] * op.groups * math.prod(op.input_size)
         n_out = op.weight.shape[0] * math.prod(op.output_size)
-        if upper > lower * (1 + rtol) and n_in * n_out <= EXPLICIT_MATRIX_LIMIT and min(n_in, n_out) <= 1024:
+        if upper > lower * (1 + rtol) and n_in * n_out <= EXPLICIT_MATRIX_LIMIT and min(n_in, n_out) <= EXPLICIT_MIN_DIM:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters, scaled)

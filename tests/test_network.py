@@ -58,7 +58,8 @@ def test_matrix_layers_bracketed_in_one_call(monkeypatch, cholesky):
     monkeypatch.setattr(lipfast.conv, "dense_brackets", counting)
     monkeypatch.setattr(lipfast.linalg, "spectral_norm_bounds_many", counting_gram)
     report = lipfast.lipschitz_bound(model, (4, 8, 8), rtol=1e-4, progress=False)
-    assert calls == [5] and gram_calls == ([] if cholesky else [4])  # layer 2 is two matrices
+    # layer 2 is two matrices; the 3x3 conv's own bracket may end with its explicit matrix (one more call)
+    assert calls[0] == 5 and calls[1:] in ([], [1]) and gram_calls == ([] if cholesky else [4])
     W2 = model[2].weight.detach().reshape(2, 4, 4)
     exact = {
         "0": float(torch.linalg.matrix_norm(model[0].weight.detach().reshape(8, 4), 2)),
