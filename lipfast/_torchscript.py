@@ -397,6 +397,10 @@ def to_graph_module(script: torch.jit.ScriptModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(root, graph)
 
 
+class InputRejected(ValueError):
+    """The model itself refuses an input of the given shape."""
+
+
 def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -410,16 +414,17 @@ def _flat(out) -> list[torch.Tensor]:
 @torch.no_grad()
 def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     """Raises ValueError unless the translation gives the script's outputs on a random input (a batch
-    of one, as lipschitz_bound runs them; both in eval mode): a net under every rule that reads the graph.  Skipped where the script refuses that
-    input (the caller then says so) or is random itself (dropout left on)."""
+    of one, as lipschitz_bound runs them; both in eval mode): a net under every rule that reads the
+    graph.  Raises InputRejected where the script refuses that input; skipped where the script is
+    random itself (dropout left on)."""
     param = next(script.parameters(), None)
     x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = x.to(dtype=param.dtype if param is not None else torch.float32, device=param.device if param is not None else None)
     with _util.eval_mode(script), _util.eval_mode(graph_module):
         try:
             expected, again = _flat(script(x.clone())), _flat(script(x.clone()))
-        except Exception:
-            return
+        except Exception as exc:  # said before the translation runs (a GraphModule that fails prints its code)
+            raise InputRejected(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         if len(expected) != len(again) or not all(torch.equal(a, b) for a, b in zip(expected, again)):
             return
         try:

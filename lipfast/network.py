@@ -1050,6 +1050,9 @@ def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]
         with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
             translated = translate(model)
         _torchscript.check_translation(model, translated, input_shape)
+    except _torchscript.InputRejected as exc:
+        raise ValueError(f"lipfast.lipschitz_bound: the model does not accept an input of shape {input_shape}: "
+                         f"{exc}") from exc
     except ValueError as exc:
         raise ValueError(f"lipfast.lipschitz_bound: cannot follow this {kind}: {exc}") from exc
     except Exception as exc:  # a form the translation did not foresee: refused, plainly

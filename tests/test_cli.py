@@ -139,3 +139,11 @@ def test_plot_without_or_with_matplotlib(tmp_path):
         assert "pip install matplotlib" in result.stderr
     else:
         assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_exported_program_refusing_an_input_shape(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 4),)), str(tmp_path / "m.pt2"))
+    result = _run("bound", str(tmp_path / "m.pt2"), "--input-shape", "3,5", "--no-progress")
+    assert result.returncode == 2 and "does not accept an input of shape (3, 5)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
