@@ -32,6 +32,14 @@ def is_aten_graph(model: nn.Module) -> bool:
         and node.target.namespace == "aten" for node in model.graph.nodes)
 
 
+def runnable(model):
+    """model, or for an exported program (or its module, whose guards fix the batch size) its
+    translation into torch functions, which runs on any batch."""
+    if is_exported_program(model):
+        model = model.module()
+    return to_graph_module(model) if isinstance(model, nn.Module) and is_aten_graph(model) else model
+
+
 def _positional(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list:
     """args followed by the keyword arguments in the schema's order (defaults filling the gaps)."""
     positional = list(args)

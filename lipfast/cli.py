@@ -223,10 +223,6 @@ def _gap(model, shape, report, args) -> str | None:
     else:
         data = torch.rand(args.samples, *shape, generator=torch.Generator().manual_seed(0))
         source = f"{args.samples} random inputs, uniform in [0, 1] (pass --data for real ones)"
-    from lipfast import _export
-
-    if _export.is_aten_graph(model):  # an exported program: its guards fix the batch size; its translation does not
-        model = _export.to_graph_module(model)
     try:
         gap = lipfast.lipschitz_gap(model, data.to(dtype=dtype, device=device), report=report)
     except Exception as exc:  # a model torch.func cannot differentiate: the bound still stands

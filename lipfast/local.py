@@ -79,10 +79,16 @@ def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, ite
     ``iters`` steps (a RuntimeWarning then).  Examples are processed ``chunk_size`` at a time, which
     bounds memory (default: 32 on a CPU, where larger batches no longer fit the caches and gain
     nothing, and 256 on other devices, where small batches leave a GPU idle).  Each value is a lower
-    bound on the model's global Lipschitz constant (up to the estimate's accuracy).
+    bound on the model's global Lipschitz constant (up to the estimate's accuracy).  A program made
+    by torch.export (or its ``.module()``, whose guards fix the batch size) runs as its translation
+    into torch functions, as :func:`lipfast.lipschitz_bound` reads it.
     """
+    from lipfast import _export
+
+    model = _export.runnable(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lipfast.local_lipschitz: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"lipfast.local_lipschitz: model must be an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ValueError("lipfast.local_lipschitz: inputs must be a non-empty floating-point tensor (N, ...)")
     rtol = _check_rtol("local_lipschitz", rtol)
@@ -164,9 +170,12 @@ def lipschitz_gap(model: nn.Module, inputs: Tensor, *, report=None, rtol: float 
         raise ValueError(f"lipfast.lipschitz_gap: refine_steps must be an int >= 0, got {refine_steps!r}")
     if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"lipfast.lipschitz_gap: step_size must be a positive finite number, got {step_size!r}")
+    from lipfast import _export
+
     local = local_lipschitz(model, inputs, rtol=rtol, progress=progress)
     if report is None:
         report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=progress)
+    model = _export.runnable(model)  # (for the climb below)
     index = int(local.argmax())
     lower = float(local[index])
     notes = []

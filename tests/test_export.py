@@ -198,3 +198,12 @@ def test_in_place_on_a_piece_of_a_split_is_refused(form):
             "export": lambda: torch.export.export(model, (x,))}[form]()
     with pytest.raises(ValueError, match="shares memory with a view"):
         lipfast.lipschitz_bound(made, (4,), progress=False)
+
+
+def test_local_constants_and_the_gap_of_a_program():
+    model = _model()
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),))  # guards: batch 1
+    inputs = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(lipfast.local_lipschitz(program, inputs), lipfast.local_lipschitz(model, inputs))
+    gap = lipfast.lipschitz_gap(program, inputs, refine_steps=2)
+    assert gap.lower <= gap.upper and gap.upper == lipfast.lipschitz_bound(program, (3, 8, 8), progress=False).upper
