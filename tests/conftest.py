@@ -77,3 +77,15 @@ KINDS = ["square", "tall", "wide", "batched", "rank1", "diagonal", "close_gap", 
 def exact_spectral_norm(W: torch.Tensor) -> torch.Tensor:
     """sigma_max of each matrix as stored, by a float64 SVD."""
     return torch.linalg.matrix_norm(W.detach().cpu().double(), ord=2)
+
+
+def random_network(block: type, kinds: int, seed: int) -> tuple[torch.nn.Module, int]:
+    """(model, c): 1 to 3 blocks ``block(c, kind, rng)`` of random kinds on (c, 4, 4) inputs, then a
+    Linear to 3 outputs, float64, in eval mode, all drawn from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    c = rng.choice([2, 4])
+    blocks = [block(c, rng.randrange(kinds), rng) for _ in range(rng.randint(1, 3))]
+    return torch.nn.Sequential(*blocks, torch.nn.Flatten(), torch.nn.Linear(c * 16, 3).double()).eval(), c

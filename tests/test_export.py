@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lipfast
+from conftest import random_network
 from lipfast import _torchscript
 
 
@@ -163,13 +164,7 @@ class _FunctionalBlock(nn.Module):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_functional_networks_in_every_form(seed):
-    import random
-
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    c = rng.choice([2, 4])
-    model = nn.Sequential(*[_FunctionalBlock(c, rng.randrange(8), rng) for _ in range(rng.randint(1, 3))],
-                          nn.Flatten(), nn.Linear(c * 16, 3).double()).eval()
+    model, c = random_network(_FunctionalBlock, 8, seed)
     x0 = torch.randn(1, c, 4, 4, dtype=torch.float64)
     eager = lipfast.lipschitz_bound(model, (c, 4, 4), progress=False).upper
     worst = max(_jacobian_norm(model, (c, 4, 4)), _jacobian_norm(lambda t: model(3 * t), (c, 4, 4)) / 3)

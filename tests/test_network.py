@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipfast
-from conftest import with_singular_values
+from conftest import random_network, with_singular_values
 
 
 def _linear(W: torch.Tensor) -> nn.Linear:
@@ -817,13 +817,7 @@ class _RandomBlock(nn.Module):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_networks_are_never_bounded_below_their_jacobians(seed):
-    import random
-
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    c = rng.choice([2, 4])
-    model = nn.Sequential(*[_RandomBlock(c, rng.randrange(10), rng) for _ in range(rng.randint(1, 3))],
-                          nn.Flatten(), nn.Linear(c * 16, 3).double()).eval()
+    model, c = random_network(_RandomBlock, 10, seed)
     report = lipfast.lipschitz_bound(model, (c, 4, 4), progress=False)
     assert math.isfinite(report.upper), report.notes
     f = lambda z: model(z.clone()).flatten()  # noqa: E731
