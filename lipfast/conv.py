@@ -959,10 +959,12 @@ def _border_envelope(x: Tensor) -> Tensor:
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
     weight = op.weight.detach()
-    if _pointwise(op):
-        lower, upper = linalg.spectral_norm_bounds(
-            weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1]), rtol=rtol, max_iters=max_iters
-        )
+    if _pointwise(op):  # the channel matrices' norm: certified as a dense layer's, Gram iteration if that fails
+        matrices = weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])
+        brackets = dense_brackets(list(matrices), rtol, max_iters)
+        if brackets is not None:
+            return max(b[0] for b in brackets), max(b[1] for b in brackets)
+        lower, upper = linalg.spectral_norm_bounds(matrices, rtol=rtol, max_iters=max_iters)
         return float(lower.max()), float(upper.max())
     dims = weight.dim() - 2
     grids, exact, factor = _grids(op)
