@@ -563,7 +563,7 @@ class _Autocorrelation:
         """The (negated) Gram matrices of every grid in grid_list (same offsets and phases);
         w1 = _tap_abs_norm(weight)."""
         basis_r, basis_i = self._basis()
-        groups, q, D = self.groups, self.q, len(self.shifts)
+        q, D = self.q, len(self.shifts)
         c = 2 * (64 * self.dims * _UNIT + _gamma(self.m + 1) + _gamma(D + 1))
         underflow = q * (self.m + D + 1) * 2.0**-1000
         out = []
