@@ -1080,6 +1080,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
 
     if _export.is_exported_program(model):
         model = model.module()
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # torch.compile's wrapper: the module it compiles computes the same function
     if not isinstance(model, nn.Module):
         raise TypeError(f"lipfast.lipschitz_bound: model must be an nn.Module or a torch.export.ExportedProgram, "
                         f"got {type(model).__name__}")
