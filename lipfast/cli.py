@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     bound_parser = commands.add_parser(
         "bound", help="certified Lipschitz bound of a network, layer by layer (the default)",
         description="Certified L2 Lipschitz bound of MODEL. MODEL is lipfast.models:NAME, a TorchScript file, a "
-                    "torch.export archive (.pt2; its example input sets the default --input-shape), or a torch.save file (a state_dict of the built-in ResNet-18, or a 2-D weight matrix), read with "
+                    "torch.export archive (.pt2; its example input sets the default --input-shape), or a torch.save "
+                    "file (a state_dict of the built-in ResNet-18, or a 2-D weight matrix), read with "
                     "weights_only=True. A whole pickled model needs --trust-pickle: unpickling runs arbitrary code "
                     "from the file, so use it only for files you trust. Without MODEL: the built-in ResNet-18 for CIFAR-10.")
     bound_parser.add_argument("model", nargs="?", help="the network (default: lipfast.models:resnet18_cifar)")

@@ -172,10 +172,11 @@ def lipschitz_gap(model: nn.Module, inputs: Tensor, *, report=None, rtol: float 
         raise ValueError(f"lipfast.lipschitz_gap: step_size must be a positive finite number, got {step_size!r}")
     from lipfast import _export
 
-    local = local_lipschitz(model, inputs, rtol=rtol, progress=progress)
+    runnable = _export.runnable(model)  # an exported program translated once, for the local constants and the climb
+    local = local_lipschitz(runnable, inputs, rtol=rtol, progress=progress)
     if report is None:
         report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=progress)
-    model = _export.runnable(model)  # (for the climb below)
+    model = runnable
     index = int(local.argmax())
     lower = float(local[index])
     notes = []
