@@ -152,6 +152,9 @@ def aol(module: nn.Module, name: str = "weight") -> nn.Module:
     return module
 
 
+_BJORCK_WARMUP = 30  # power steps on the weight at registration
+
+
 class _Bjorck(nn.Module):
     """W ↦ the Björck–Bowie iterate after `iters` steps from W / sigma (sigma: a power-method estimate
     of ‖W‖ whose iterate persists across training steps, as in spectral normalization):
@@ -164,13 +167,23 @@ class _Bjorck(nn.Module):
         n = weight.shape[1]
         v = torch.randn(n, dtype=weight.dtype, device=weight.device)
         self.register_buffer("_v", v / v.norm())
+        # The iteration diverges for singular values of W / sigma above sqrt(3), so sigma must not
+        # fall short of ‖W‖ by that factor.  One step from a random start can: with one singular
+        # value 3 and the rest 1 it gives about 1.02.  After k steps the shortfall is below sqrt(3)
+        # unless the start's share of the top singular vector is under 3^(-2k) (k = 30: 1e-29).
+        self._power_steps(weight, _BJORCK_WARMUP)
+
+    @torch.no_grad()
+    def _power_steps(self, W: Tensor, steps: int) -> None:
+        v = self._v
+        for _ in range(steps):
+            v = W.mT @ (W @ v)
+            v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+        self._v.copy_(v)
 
     def forward(self, W: Tensor) -> Tensor:
         if self.training:  # one power step on WᵀW per training forward, warm-started
-            with torch.no_grad():
-                u = W @ self._v
-                v = W.mT @ u
-                self._v.copy_(v / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
+            self._power_steps(W, 1)
         sigma = (W @ self._v).norm()  # differentiable in W, the iterate held fixed (as in spectral norm)
         Q = W / sigma.clamp_min(torch.finfo(W.dtype).tiny)
         wide = Q.shape[0] < Q.shape[1]

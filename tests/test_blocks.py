@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize, parametrizations
 
 import lipfast
-from conftest import DEVICES, require_ext
+from conftest import DEVICES, require_ext, with_singular_values
 from lipfast import ops, reference
 
 
@@ -260,6 +260,23 @@ def test_bjorck_orthonormalizes(shape):
         lipfast.nn.orthogonal(nn.Linear(3, 3), beta=0.9)
     with pytest.raises(ValueError, match="method must be 'bjorck'"):
         lipfast.nn.orthogonal(nn.Linear(3, 3), method="cayley")
+
+
+@pytest.mark.parametrize("top", [3.0, 30.0])
+def test_bjorck_converges_on_a_weight_with_one_dominant_singular_value(top):
+    """Björck diverges for singular values of W / sigma above sqrt(3).  With one singular value `top`
+    and 199 at 1, a single power step from a random start estimates sigma near 1, and the weight used
+    to come out non-finite; the power method now runs to convergence at registration."""
+    s = torch.ones(200, dtype=torch.float64)
+    s[0] = top
+    layer = nn.Linear(200, 200)
+    with torch.no_grad():
+        layer.weight.copy_(with_singular_values(200, 200, s, seed=int(top)))
+    torch.manual_seed(0)
+    lipfast.nn.orthogonal(layer)
+    layer.eval()
+    got = torch.linalg.svdvals(layer.weight.detach().double())
+    assert float((got - 1).abs().max()) <= 1e-5
 
 
 def _bjorck_steps():
