@@ -454,7 +454,20 @@ def _dense_cases():
         with_singular_values(40, 40, clustered, seed=6),
         torch.randn(64, 64, generator=g),
         torch.randn(64, 64, generator=g),  # same shape: batched with the one before
+        torch.randn(530, 700, generator=g),  # wide, float32, 530 columns once turned tall: a blocked Gram
     ]
+
+
+@pytest.mark.parametrize("shape", [(700, 530), (3, 600, 1030), (40, 511)])
+def test_symmetric_gram_is_the_product(shape):
+    """The blocked Gram matrix (lower block triangle, mirrored) is AᵀA: with small integer entries
+    every float64 sum is exact, so it must equal the int64 product entry for entry (batched or not,
+    with 530 columns in 4 blocks and 1030 in 8 of unequal widths; below 512 columns one product)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    A = torch.randint(-8, 9, shape, generator=g)
+    G = conv._symmetric_gram(A.double())
+    assert G.dtype == torch.float64 and G.shape == (*shape[:-2], shape[-1], shape[-1])
+    assert torch.equal(G, (A.mT @ A).double())
 
 
 def test_dense_brackets_against_svd():
