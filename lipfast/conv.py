@@ -952,8 +952,8 @@ def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int, w: Tensor) 
         error = _gamma(w.shape[1] * math.prod(op.kernel) + 2) * _abs_norm(op, w)
     brackets = dense_brackets(matrices, rtol / 2, max_iters)  # a Cholesky certificate; Gram iteration if that fails
     if brackets is None:
-        brackets = [tuple(float(v) for v in linalg.spectral_norm_bounds(M, rtol=rtol / 2, max_iters=max_iters,
-                                                                      max_gram_steps=32)) for M in matrices]
+        brackets = [tuple(float(v) for v in linalg._gram_iteration_bounds(M, rtol / 2, max_iters, max_gram_steps=32))
+                    for M in matrices]
     lower, upper = max(b[0] for b in brackets), max(b[1] for b in brackets)
     return max(float(lower) - error, 0.0), float(upper) + error
 
@@ -993,7 +993,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
         brackets = dense_brackets(list(matrices), rtol, max_iters)
         if brackets is not None:
             return max(b[0] for b in brackets), max(b[1] for b in brackets)
-        lower, upper = linalg.spectral_norm_bounds(matrices, rtol=rtol, max_iters=max_iters)
+        lower, upper = linalg._gram_iteration_bounds(matrices, rtol, max_iters)
         return float(lower.max()), float(upper.max())
     dims = weight.dim() - 2
     grids, exact, factor = _grids(op)

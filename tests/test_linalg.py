@@ -24,6 +24,14 @@ def assert_brackets(lower, upper, exact) -> None:
     assert (upper >= exact * (1 - SVD_SLACK)).all(), (upper, exact)
 
 
+@pytest.fixture(params=["dense", "gram"])
+def certificate(request, monkeypatch):
+    """spectral_norm_bounds' two certificates on every size: the Cholesky test of the Gram matrix
+    (CPU float32/float64; from 64 columns by default), and Gram iteration."""
+    monkeypatch.setattr(lipfast.linalg, "DENSE_CERTIFICATE_MIN_DIM", 1 if request.param == "dense" else 10**9)
+    return request.param
+
+
 def half_slack(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype in HALF_DTYPES else 0.0
 
@@ -44,7 +52,7 @@ def test_spectral_norm_matches_svd(backend, device, kind, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_bounds_bracket_sigma(backend, device, kind, dtype):
+def test_bounds_bracket_sigma(certificate, backend, device, kind, dtype):
     W = make_matrix(kind).to(device=device, dtype=dtype)
     exact = exact_spectral_norm(W)
     with warnings.catch_warnings():
@@ -59,7 +67,7 @@ def test_bounds_bracket_sigma(backend, device, kind, dtype):
 
 
 @pytest.mark.parametrize("rtol", [1e-2, 1e-6])
-def test_bounds_honour_rtol(backend, rtol):
+def test_bounds_honour_rtol(certificate, backend, rtol):
     W = make_matrix("close_gap")
     exact = exact_spectral_norm(W)
     lower, upper = lipfast.spectral_norm_bounds(W, rtol=rtol)
@@ -67,10 +75,17 @@ def test_bounds_honour_rtol(backend, rtol):
     assert upper / lower - 1 <= rtol
 
 
-def test_bounds_stay_valid_when_capped(backend):
+def test_bounds_stay_valid_when_capped(backend, monkeypatch):
     # One Gram step is far too few for a tight bracket: it must still be a valid one, with a warning.
+    # The Cholesky certificate (120 x 100 qualifies) needs no Gram steps: tight whatever the cap.
     W = make_matrix("close_gap")
     exact = exact_spectral_norm(W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lower, upper = lipfast.spectral_norm_bounds(W, max_gram_steps=1)
+    assert_brackets(lower, upper, exact)
+    assert upper / lower - 1 <= 1e-5
+    monkeypatch.setattr(lipfast.linalg, "DENSE_CERTIFICATE_MIN_DIM", 10**9)
     with pytest.warns(RuntimeWarning, match="wider than rtol"):
         lower, upper = lipfast.spectral_norm_bounds(W, max_gram_steps=1)
     assert_brackets(lower, upper, exact)
@@ -81,7 +96,7 @@ def test_bounds_stay_valid_when_capped(backend):
     "dtype, scale",
     [(torch.float64, 1e-150), (torch.float64, 1e150), (torch.float32, 1e-30), (torch.float32, 1e30)],
 )
-def test_extreme_scales(backend, dtype, scale):
+def test_extreme_scales(certificate, backend, dtype, scale):
     # sigma^2 under- or overflows the dtype here: nothing may square W unscaled.
     W = (make_matrix("square") * scale).to(dtype)
     exact = exact_spectral_norm(W)
@@ -93,7 +108,7 @@ def test_extreme_scales(backend, dtype, scale):
     assert upper / lower - 1 <= 1e-3
 
 
-def test_subnormal_matrix(backend):
+def test_subnormal_matrix(certificate, backend):
     # Every entry subnormal in float32: sigma itself has only ~17 significant bits there, but the
     # bracket must hold and nothing may turn into NaN.
     W = (make_matrix("square") * 1e-41).float()
@@ -113,7 +128,7 @@ def test_spectral_norm_rtol(backend, rtol):
     assert abs(sigma - exact) / exact <= rtol
 
 
-def test_repeated_top_singular_value(backend):
+def test_repeated_top_singular_value(certificate, backend):
     s = torch.tensor([2.0, 2.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
     W = with_singular_values(9, 6, s, seed=11)
     assert abs(lipfast.spectral_norm(W).item() - 2.0) <= 1e-5 * 2.0
@@ -123,7 +138,7 @@ def test_repeated_top_singular_value(backend):
 
 
 @pytest.mark.parametrize("shape", [(1, 50_000), (3, 20_000), (20_000, 2)])
-def test_very_wide_and_tall(backend, shape):
+def test_very_wide_and_tall(certificate, backend, shape):
     W = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     exact = exact_spectral_norm(W)
     assert abs(lipfast.spectral_norm(W).double() - exact) <= 1e-5 * exact
@@ -132,7 +147,7 @@ def test_very_wide_and_tall(backend, shape):
 
 
 @pytest.mark.parametrize("shape", [(100_000, 2, 2), (20_000, 3, 7), (20_000, 7, 3), (5_000, 16, 16)])
-def test_many_tiny_matrices_never_settle_on_a_lower_singular_value(backend, shape):
+def test_many_tiny_matrices_never_settle_on_a_lower_singular_value(certificate, backend, shape):
     # With a fixed start vector, about 1 in 10^5 random 2 x 2 matrices has it within rtol of the
     # second singular vector, where the residual test alone would stop at sigma_2.
     W = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -153,7 +168,7 @@ def _default_start_vector(n: int) -> torch.Tensor:
     return reference.dense_spectral_norm(eye, None, 1, 1e-5)[2]
 
 
-def test_start_vector_nearly_orthogonal_to_the_top_singular_vector(backend):
+def test_start_vector_nearly_orthogonal_to_the_top_singular_vector(certificate, backend):
     # The start vector's component along v1 is 1e-8: the Ritz value of sigma_2 = 0.99 converges
     # first and passes the residual test, and sigma_1 = 1 emerges only some steps later.  Without
     # the confirmation steps this returns 0.99.
@@ -202,7 +217,7 @@ def test_gradcheck(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
-def test_zero_matrix(backend, dtype):
+def test_zero_matrix(certificate, backend, dtype):
     W = torch.zeros(2, 5, 4, dtype=dtype, requires_grad=True)
     sigma = lipfast.spectral_norm(W)
     assert torch.equal(sigma, torch.zeros(2, dtype=dtype))
@@ -213,7 +228,7 @@ def test_zero_matrix(backend, dtype):
     assert (upper >= 0).all() and (upper.double() < 1e-100).all()
 
 
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(certificate, backend):
     base = make_matrix("batched").to(torch.float32)
     views = [base.mT, base[..., ::2, :], base[:, 1:, ::3, 1:]]
     for view in views:
@@ -236,7 +251,7 @@ def test_batch_and_single_matrix_paths_agree(backend):
     torch.testing.assert_close(lipfast.spectral_norm(batch), single, rtol=1e-9, atol=0)
 
 
-def test_inputs_not_modified(backend):
+def test_inputs_not_modified(certificate, backend):
     W = make_matrix("batched")
     W.requires_grad_()
     before = W.detach().clone()
