@@ -24,6 +24,8 @@ DEFAULT_MAX_GRAM_STEPS = 16
 #: spectral_norm_bounds certifies CPU matrices with min(m, n) at least this by one Cholesky test of
 #: their Gram matrix (conv.dense_brackets); smaller ones by Gram iteration, whose fixed costs are lower.
 DENSE_CERTIFICATE_MIN_DIM = 64
+#: ... for at most about this many bytes of float64 matrices at a time.
+_DENSE_CHUNK_BYTES = 64 << 20
 
 
 def _check_matrices(fn: str, W: object, name: str = "W") -> None:
@@ -188,9 +190,16 @@ def _dense_certificate(W: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, 
         return None
     from lipfast import conv  # conv imports this module
 
-    brackets = conv.dense_brackets(list(W.reshape(-1, *W.shape[-2:])), rtol, max_iters)
-    if brackets is None:
-        return None
+    matrices = W.reshape(-1, *W.shape[-2:])
+    # a few at a time: dense_brackets holds float64 copies, their Gram matrices and more (a batch of
+    # 100,000 64 x 64 matrices at once would take over 10 GB)
+    per = max(1, _DENSE_CHUNK_BYTES // (8 * W.shape[-2] * W.shape[-1]))
+    brackets = []
+    for chunk in matrices.split(per):
+        part = conv.dense_brackets(list(chunk), rtol, max_iters)
+        if part is None:
+            return None
+        brackets += part
     ends = torch.tensor(brackets, dtype=torch.float64)
     lower = reference.round_directed(ends[:, 0], W.dtype, up=False).reshape(W.shape[:-2])
     upper = reference.round_directed(ends[:, 1], W.dtype, up=True).reshape(W.shape[:-2])

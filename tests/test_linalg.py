@@ -365,3 +365,20 @@ def test_power_iteration_bad_iterate(backend):
         lipfast.power_iteration(W, torch.ones(2, 4, device="meta"))
     with pytest.raises(ValueError, match="iters must be an int >= 0"):
         lipfast.power_iteration(W, torch.ones(2, 4), iters=-1)
+
+
+def test_dense_certificate_in_chunks(monkeypatch):
+    """A batch goes through the Cholesky certificate a few matrices at a time (float64 copies and
+    Gram matrices of a whole large batch would not fit in memory): the same brackets, chunked or not,
+    each holding the exact norm and about 1e-6 wide."""
+    W = torch.randn(7, 70, 65, generator=torch.Generator().manual_seed(2))
+    whole = lipfast.spectral_norm_bounds(W)
+    monkeypatch.setattr(lipfast.linalg, "_DENSE_CHUNK_BYTES", 3 * 8 * 70 * 65)  # three at a time
+    calls = []
+    dense_brackets = lipfast.conv.dense_brackets
+    monkeypatch.setattr(lipfast.conv, "dense_brackets", lambda Ms, rtol, it: calls.append(len(Ms)) or dense_brackets(Ms, rtol, it))
+    chunked = lipfast.spectral_norm_bounds(W)
+    assert calls == [3, 3, 1]
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert_brackets(*whole, exact_spectral_norm(W))
+    assert float((whole[1].double() / whole[0].double() - 1).max()) <= 1e-5
