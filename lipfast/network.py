@@ -932,7 +932,7 @@ def _bound_dense_layers(items: list, rtol: float, results: dict[tuple[str, tuple
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
-                many = linalg.spectral_norm_bounds_many([m for _, m in dense], rtol=rtol)
+                many = linalg._gram_iteration_bounds_many([m for _, m in dense], rtol)
         except ValueError:
             return items
         brackets = [(float(lower.max()), float(upper.max())) for lower, upper in many]

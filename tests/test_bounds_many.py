@@ -8,7 +8,7 @@ import torch
 
 import lipfast
 from conftest import KINDS, exact_spectral_norm, make_matrix, require_ext, with_singular_values
-from test_linalg import assert_brackets, half_slack
+from test_linalg import assert_brackets, certificate, half_slack  # noqa: F401 (certificate: a fixture)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -38,26 +38,26 @@ def check(Ws: list[torch.Tensor], rtol: float = 1e-3, **kwargs) -> list[tuple[to
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_kind_in_one_call(backend, device, dtype):
+def test_every_kind_in_one_call(certificate, backend, device, dtype):
     check([make_matrix(kind).to(device=device, dtype=dtype) for kind in KINDS])
 
 
-def test_network_shapes(backend, device):
+def test_network_shapes(certificate, backend, device):
     check(network_like(device))
 
 
-def test_mixed_dtypes_each_rounded_to_its_own(backend, device):
+def test_mixed_dtypes_each_rounded_to_its_own(certificate, backend, device):
     Ws = [W.to(dtype) for W, dtype in zip(network_like(device), DTYPES * 2)]
     check(Ws)
 
 
 @pytest.mark.parametrize("rtol", [1e-2, 1e-6])
-def test_honours_rtol(backend, device, rtol):
+def test_honours_rtol(certificate, backend, device, rtol):
     Ws = [make_matrix("close_gap").to(device), make_matrix("tall").to(device), make_matrix("large").to(device)]
     check(Ws, rtol=rtol)
 
 
-def test_close_and_repeated_top_singular_values(backend, device):
+def test_close_and_repeated_top_singular_values(certificate, backend, device):
     # sigma_1 = sigma_2 exactly, and sigma_2 / sigma_1 = 1 - 1e-6: the lower end comes from Gram
     # iterates, never from Lanczos, and must still reach the bracket.
     s_repeated = torch.cat([torch.tensor([2.0, 2.0]), torch.linspace(1.9, 0.1, 38)]).double()
@@ -67,7 +67,7 @@ def test_close_and_repeated_top_singular_values(backend, device):
     check(Ws, rtol=1e-4)
 
 
-def test_zero_and_rank_one_and_scalar(backend, device):
+def test_zero_and_rank_one_and_scalar(certificate, backend, device):
     Ws = [torch.zeros(3, 5, 7, device=device), make_matrix("rank1").to(device), torch.tensor([[-3.0]], device=device)]
     result = check(Ws)
     assert (result[0][0] == 0).all() and (result[0][1] == 0).all()
@@ -78,7 +78,7 @@ def test_zero_and_rank_one_and_scalar(backend, device):
     "dtype, scale",
     [(torch.float64, 1e-300), (torch.float64, 1e300), (torch.float32, 1e-41), (torch.float32, 1e37)],
 )
-def test_extreme_scales(backend, device, dtype, scale):
+def test_extreme_scales(certificate, backend, device, dtype, scale):
     # The largest entry sets the first scaling: 1e300 squared must not overflow, 1e-300 not underflow.
     Ws = [(make_matrix(kind) * scale).to(device=device, dtype=dtype) for kind in ("square", "wide")]
     result = lipfast.spectral_norm_bounds_many(Ws)
@@ -90,7 +90,7 @@ def test_extreme_scales(backend, device, dtype, scale):
             assert (upper.double() / lower.double() - 1).max() <= 1e-3
 
 
-def test_agrees_with_one_tensor_at_a_time(backend, device):
+def test_agrees_with_one_tensor_at_a_time(certificate, backend, device):
     # The same brackets' validity either way; a list of one tensor and the tensor alone both hold sigma.
     Ws = network_like(device)
     together = lipfast.spectral_norm_bounds_many(Ws)
@@ -122,7 +122,7 @@ def test_capped_steps_stay_valid_and_warn(backend, device):
         assert_brackets(lower, upper, exact_spectral_norm(W))
 
 
-def test_deterministic_and_inputs_untouched(backend, device):
+def test_deterministic_and_inputs_untouched(certificate, backend, device):
     Ws = network_like(device)
     copies = [W.clone() for W in Ws]
     first = lipfast.spectral_norm_bounds_many(Ws)
@@ -133,7 +133,7 @@ def test_deterministic_and_inputs_untouched(backend, device):
         assert torch.equal(W, copy)
 
 
-def test_non_contiguous_and_grad_inputs(backend, device):
+def test_non_contiguous_and_grad_inputs(certificate, backend, device):
     W = make_matrix("tall").to(device)
     Ws = [W.T, W.detach().clone().requires_grad_(True), make_matrix("batched").to(device).transpose(-1, -2)]
     check(Ws)
