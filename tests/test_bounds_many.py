@@ -144,7 +144,7 @@ def test_empty_list(backend):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_entry_names_the_tensor_and_matrix(backend, bad):
+def test_nonfinite_entry_names_the_tensor_and_matrix(certificate, backend, bad):
     W = torch.randn(2, 3, 4, 5)
     W[1, 2, 0, 0] = bad
     with pytest.raises(ValueError, match=r"Ws\[1\] has a NaN or Inf entry in matrix Ws\[1\]\[1, 2\]"):
