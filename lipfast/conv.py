@@ -423,9 +423,9 @@ def _symmetric_gram(A: Tensor) -> Tensor:
         return A.mT @ A
     G = A.new_empty(*A.shape[:-2], c, c)
     edges = [c * i // k for i in range(k + 1)]
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         G[..., lo:hi, :hi] = A[..., lo:hi].mT @ A[..., :hi]
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         G[..., :lo, lo:hi] = G[..., lo:hi, :lo].mT
         block = G[..., lo:hi, lo:hi]
         block.copy_(block.tril() + block.tril(-1).mT)

@@ -183,8 +183,8 @@ def _gram_iteration_bounds(W: Tensor, rtol: float, max_iters: int = DEFAULT_MAX_
 
 def _dense_certificate(W: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, Tensor] | None:
     """spectral_norm_bounds' (lower, upper) by conv.dense_brackets, or None where that does not apply
-    (not a float32/float64 CPU batch of matrices at least DENSE_CERTIFICATE_MIN_DIM on each side, or
-    no tracing-free eager call) or fails (a NaN, a zero matrix, a test that does not pass)."""
+    (not float32/float64 CPU matrices at least DENSE_CERTIFICATE_MIN_DIM on each side, or under
+    torch.compile) or fails (a NaN, a zero matrix, a Cholesky test that does not pass)."""
     if (W.device.type != "cpu" or W.dtype not in (torch.float32, torch.float64) or W.numel() == 0
             or min(W.shape[-2:]) < DENSE_CERTIFICATE_MIN_DIM or torch.compiler.is_compiling()):
         return None
@@ -218,15 +218,15 @@ def spectral_norm_bounds_many(
     device); returns one ``(lower, upper)`` pair per tensor, each shaped ``W.shape[:-2]`` in W's
     dtype, with ``lower <= sigma_max <= upper`` for every matrix, as :func:`spectral_norm_bounds`.
 
-    Tensors of float32 or float64 CPU matrices at least 64 on each side get :func:`spectral_norm_bounds`'
-    Cholesky certificate (about 1e-6 wide; ResNet-50's 54 weights 0.9 -> 0.5 s).  The others, and
-    every tensor on other devices, are bracketed by Gram iteration (certified as in
-    :func:`spectral_norm_bounds`), those with the same ``min(m, n)`` squared together in one batched
-    product per step, so a whole network costs a few dozen batched products and one device-to-host
-    transfer per step, where one call per shape would pay each call's fixed costs again.  The lower ends need no Lanczos: with
-    ``G_t`` the Gram iterate after t squarings and ``j`` its largest diagonal entry, ``x = G_t (G_t
-    e_j)`` is already 2^t power steps from ``e_j``, and ``‖W x‖/‖x‖`` is evaluated in float64 with
-    its rounding margin.
+    Tensors of float32 or float64 CPU matrices at least 64 on each side get the Cholesky certificate
+    of :func:`spectral_norm_bounds` (about 1e-6 wide; ResNet-50's 54 weights 0.9 -> 0.5 s).  The
+    others, and every tensor on other devices, are bracketed by Gram iteration (certified as in
+    :func:`spectral_norm_bounds`), those with the same ``min(m, n)`` squared together in one
+    batched product per step, so a whole network costs a few dozen batched products and one
+    device-to-host transfer per step, where one call per shape would pay each call's fixed costs
+    again.  Their lower ends need no Lanczos: with ``G_t`` the Gram iterate after t squarings and
+    ``j`` its largest diagonal entry, ``x = G_t (G_t e_j)`` is already 2^t power steps from
+    ``e_j``, and ``‖W x‖/‖x‖`` is evaluated in float64 with its rounding margin.
     The iteration stops once every bracket has ``upper <= lower * (1 + rtol)`` or after
     ``max_gram_steps`` squarings (default 16); a RuntimeWarning reports a wider gap.
     """

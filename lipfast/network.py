@@ -464,7 +464,7 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
         warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
         if node.target is F.linear:  # as an nn.Linear's: a Cholesky certificate, Gram iteration if that fails
             bracket = conv.dense_brackets([weight], rtol, linalg.DEFAULT_MAX_ITERS) if weight.dim() == 2 else None
-            lower, upper = bracket[0] if bracket else linalg._gram_iteration_bounds(weight, rtol)
+            lower, upper = bracket[0] if bracket else linalg.spectral_norm_bounds(weight, rtol=rtol)
         else:
             if not in_shape:
                 raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")

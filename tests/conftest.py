@@ -33,6 +33,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["dense", "gram"])
+def certificate(request, monkeypatch):
+    """spectral_norm_bounds' two certificates on every size: the Cholesky test of the Gram matrix
+    (CPU float32/float64; from 64 columns by default), and Gram iteration."""
+    monkeypatch.setattr(lipfast.linalg, "DENSE_CERTIFICATE_MIN_DIM", 1 if request.param == "dense" else 10**9)
+    return request.param
+
+
 def with_singular_values(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
     """U diag(s) Vᵀ with random orthogonal U (m x m) and V (n x n), float64."""
     g = torch.Generator().manual_seed(seed)

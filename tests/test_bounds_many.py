@@ -8,7 +8,7 @@ import torch
 
 import lipfast
 from conftest import KINDS, exact_spectral_norm, make_matrix, require_ext, with_singular_values
-from test_linalg import assert_brackets, certificate, half_slack  # noqa: F401 (certificate: a fixture)
+from test_linalg import assert_brackets, half_slack
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

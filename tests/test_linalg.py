@@ -24,14 +24,6 @@ def assert_brackets(lower, upper, exact) -> None:
     assert (upper >= exact * (1 - SVD_SLACK)).all(), (upper, exact)
 
 
-@pytest.fixture(params=["dense", "gram"])
-def certificate(request, monkeypatch):
-    """spectral_norm_bounds' two certificates on every size: the Cholesky test of the Gram matrix
-    (CPU float32/float64; from 64 columns by default), and Gram iteration."""
-    monkeypatch.setattr(lipfast.linalg, "DENSE_CERTIFICATE_MIN_DIM", 1 if request.param == "dense" else 10**9)
-    return request.param
-
-
 def half_slack(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype in HALF_DTYPES else 0.0
 
