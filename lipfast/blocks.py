@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipfast import _ext, _util, ops, reference
+from lipfast import _ext, _util, linalg, ops, reference
 from lipfast.network import register_lipschitz
 
 __all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "SLLConv2d", "aol", "export", "orthogonal"]
@@ -175,11 +175,7 @@ class _Bjorck(nn.Module):
 
     @torch.no_grad()
     def _power_steps(self, W: Tensor, steps: int) -> None:
-        v = self._v
-        for _ in range(steps):
-            v = W.mT @ (W @ v)
-            v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-        self._v.copy_(v)
+        self._v.copy_(linalg.power_iteration(W.detach(), self._v, steps)[2])
 
     def forward(self, W: Tensor) -> Tensor:
         if self.training:  # one power step on WᵀW per training forward, warm-started
