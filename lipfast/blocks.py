@@ -201,11 +201,15 @@ def _bjorck_step(Q: Tensor, beta: float) -> Tensor:
 def orthogonal(module: nn.Module, name: str = "weight", *, method: str = "bjorck", iters: int = 15,
                beta: float = 0.5) -> nn.Module:
     """Registers Björck–Bowie orthonormalization on ``module.<name>`` (an nn.Linear) and returns the
-    module: the weight used is W / sigma carried through ``iters`` Björck steps (sigma a warm-started
-    power-method estimate of ‖W‖), differentiable through all of them.  After convergence its singular
-    values are 1 to within the iteration's residual, which :func:`lipfast.lipschitz_bound` certifies from
-    the actual weight (so the residual is part of the certified constant).  Each step is one op: two
-    matrix products through the smaller side's Gram matrix, the scaling fused into the second."""
+    module: the weight used is W / sigma carried through ``iters`` Björck steps (sigma a power-method
+    estimate of ‖W‖, run to convergence at registration and refined by one step per training forward),
+    differentiable through all of them.  After convergence its singular values are 1 to within the
+    iteration's residual, which :func:`lipfast.lipschitz_bound` certifies from the actual weight (so the
+    residual is part of the certified constant).  Each step grows a small singular value by at most 1.5x:
+    a weight whose singular values span more than about 1.5^iters (a fresh 1024 x 1024 layer's do) keeps
+    some below 1 -- still at most 1-Lipschitz, but not gradient-norm preserving; raise ``iters`` there.
+    Each step is one op: two matrix products through the smaller side's Gram matrix, the scaling fused
+    into the second."""
     if method != "bjorck":
         raise ValueError(f"lipfast.nn.orthogonal: method must be 'bjorck', got {method!r}")
     if not isinstance(module, nn.Linear):
