@@ -1167,6 +1167,24 @@ def dense_form(module: nn.Module, input_size: IntOrTuple | None) -> Tensor | Non
 _DENSE_ESTIMATE_RTOL = 1e-3
 
 
+def certify_gram(G: Tensor, fro2: Tensor, rounding: Tensor, estimate: Tensor, rtol: float) -> Tensor:
+    """Certified upper bounds on sigma_max(A_b) from G_b = fl(A_bᵀA_b) (B, q, q) float64 with
+    ‖G_b - A_bᵀA_b‖_2 <= rounding_b and ‖A_b‖_F^2 <= fro2_b, entries of order 1: one Cholesky test
+    (_certify_below) at mu just above each estimate of sigma_max(A_b), raised up to five times where
+    it fails; inf where none held."""
+    upper = torch.full_like(estimate, math.inf)
+    pending = torch.arange(len(estimate))
+    for attempt in range(6):  # mu just above the estimate, then higher where it missed
+        candidate = estimate[pending] * (1 + _DENSE_ESTIMATE_RTOL * rtol * 4**attempt)
+        proven = _certify_below(-G[pending], torch.zeros_like(G[pending]), fro2[pending], rounding[pending], candidate,
+                                real=True)
+        upper[pending[proven]] = candidate[proven]
+        pending = pending[~proven]
+        if pending.numel() == 0:
+            break
+    return upper
+
+
 def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> list[tuple[float, float]] | None:
     """Certified (lower, upper) in float64 for the spectral norm of each matrix, by the circulant
     bound's certificate with one "frequency": G = fl(AᵀA) in float64 (A the matrix on its taller
@@ -1198,18 +1216,8 @@ def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> l
         fro2 = _frobenius_squared_upper(A)
         rounding = _gamma(r) * fro2 * (1 + 4 * _UNIT)
         square, v = _dense_top(G, _DENSE_ESTIMATE_RTOL * rtol, max_iters)
-        estimate = square.double().clamp_min(0).sqrt()
-        upper = torch.full_like(estimate, math.inf)
-        pending = torch.arange(len(members))
-        for attempt in range(6):  # mu just above the estimate, then higher where it missed
-            candidate = estimate[pending] * (1 + _DENSE_ESTIMATE_RTOL * rtol * 4**attempt)
-            proven = _certify_below(-G[pending], torch.zeros_like(G[pending]), fro2[pending], rounding[pending], candidate,
-                                    real=True)
-            upper[pending[proven]] = candidate[proven]
-            pending = pending[~proven]
-            if pending.numel() == 0:
-                break
-        if pending.numel():
+        upper = certify_gram(G, fro2, rounding, square.double().clamp_min(0).sqrt(), rtol)
+        if not bool(torch.isfinite(upper).all()):
             return None
         lower = reference.certified_rayleigh_lower(A, v.double())
         for k, i in enumerate(members):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lipfast import linalg, reference
+from lipfast import conv, linalg, reference
 
 __all__ = ["spectral_norm", "spectral_norm_bounds"]
 
@@ -181,10 +181,13 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
     lower: ‖W v‖ at a Lanczos vector v, from every shard's certified lower bound of ‖W_r v‖.  upper:
     the Gram matrix AᵀA (A = W row-sharded, or Wᵀ) is formed in float64 as one all-reduced sum of the
     shards' products, with the rounding error of the products and of the sum bounded (E, in spectral
-    norm), then Gram iteration on it (certified, as :func:`lipfast.spectral_norm_bounds`) gives
-    sigma_max(AᵀA) <= U and sigma_max(W) <= sqrt(U + E).  Stops at ``upper <= lower (1 + rtol)`` or
-    after ``max_gram_steps`` squarings (a RuntimeWarning reports a wider gap).  Not differentiable.
-    The Gram matrix is n × n (n: the dimension that is not sharded), on every rank.
+    norm).  On the CPU, one Cholesky test of mu² I - G with E folded into its rounding, at mu just
+    above a Lanczos estimate, proves sigma_max(W) <= mu (as :func:`lipfast.spectral_norm_bounds`
+    does: a bracket about 1e-6 wide).  On other devices, or where that test fails, Gram iteration on
+    G (certified, as :func:`lipfast.spectral_norm_bounds`) gives sigma_max(AᵀA) <= U and
+    sigma_max(W) <= sqrt(U + E); it stops at ``upper <= lower (1 + rtol)`` or after
+    ``max_gram_steps`` squarings (a RuntimeWarning reports a wider gap).  Not differentiable.  The
+    Gram matrix is n × n (n: the dimension that is not sharded), on every rank.
     """
     fn = "spectral_norm_bounds"
     local_shard, shard_dim, group = _local(fn, local_shard, shard_dim, group)
@@ -216,11 +219,21 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         sums = _all_reduce(torch.stack([local_error, fro_s * fro_s]).double(), group)
         E = (sums[0] + reference._gamma(P) * (1.0 + reference._gamma(rows) + 8.0 * _UNIT) * sums[1] * (1.0 + 4.0 * _UNIT)) \
             * (1.0 + 2.0 * (P + 4) * _UNIT) + P * n * n * _TINY
-        G = _all_reduce(G, group)
-        lower_s = lower * math.ldexp(1.0, -k)
-        target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
-        upper_G = reference.gram_upper_bound(G[None], target.reshape(1), max_gram_steps)[0]
-        upper_s = torch.sqrt((upper_G + E) * (1.0 + 4.0 * _UNIT)) * (1.0 + 4.0 * _UNIT) + math.sqrt(rows * n) * _TINY
+        G = _all_reduce(G, group)  # the same bits on every rank, and so is all that follows
+        underflow = math.sqrt(rows * n) * _TINY
+        upper_s = torch.tensor(math.inf, dtype=torch.float64)
+        if G.device.type == "cpu":
+            # One Cholesky test of mu^2 I - G, E folded into its rounding, at mu just above a Lanczos
+            # estimate (as lipfast.spectral_norm_bounds does on one process): a bracket about 1e-6 wide.
+            square, _ = conv._dense_top(G[None], conv._DENSE_ESTIMATE_RTOL * rtol, max_iters)
+            fro2 = sums[1] * (1.0 + 2.0 * (P + 4) * _UNIT)
+            upper_s = conv.certify_gram(G[None], fro2.reshape(1), E.reshape(1), square.double().clamp_min(0).sqrt(), rtol)[0]
+            upper_s = upper_s * (1.0 + 4.0 * _UNIT) + underflow
+        if not bool(torch.isfinite(upper_s)):  # other devices, or no test held: Gram iteration on G
+            lower_s = lower * math.ldexp(1.0, -k)
+            target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
+            upper_G = reference.gram_upper_bound(G[None], target.reshape(1), max_gram_steps)[0]
+            upper_s = torch.sqrt((upper_G + E) * (1.0 + 4.0 * _UNIT)) * (1.0 + 4.0 * _UNIT) + underflow
         upper = reference._times_pow2(upper_s.reshape(1), torch.tensor([k], device=upper_s.device))[0]
         upper = upper * (1.0 + 4.0 * _UNIT)
     dtype = local_shard.dtype
