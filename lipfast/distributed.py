@@ -219,7 +219,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         sums = _all_reduce(torch.stack([local_error, fro_s * fro_s]).double(), group)
         E = (sums[0] + reference._gamma(P) * (1.0 + reference._gamma(rows) + 8.0 * _UNIT) * sums[1] * (1.0 + 4.0 * _UNIT)) \
             * (1.0 + 2.0 * (P + 4) * _UNIT) + P * n * n * _TINY
-        G = _all_reduce(G, group)  # the same bits on every rank, and so is all that follows
+        G = _all_reduce(G, group)  # the same bits on every rank
         underflow = math.sqrt(rows * n) * _TINY
         upper_s = torch.tensor(math.inf, dtype=torch.float64)
         if G.device.type == "cpu":
@@ -229,6 +229,9 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
             fro2 = sums[1] * (1.0 + 2.0 * (P + 4) * _UNIT)
             upper_s = conv.certify_gram(G[None], fro2.reshape(1), E.reshape(1), square.double().clamp_min(0).sqrt(), rtol)[0]
             upper_s = upper_s * (1.0 + 4.0 * _UNIT) + underflow
+            # LAPACK's factorization need not round alike in every process: the largest (or inf: a
+            # rank whose test failed sends them all to Gram iteration) is every rank's bound
+            upper_s = _all_reduce(upper_s.reshape(1), group, dist.ReduceOp.MAX)[0]
         if not bool(torch.isfinite(upper_s)):  # other devices, or no test held: Gram iteration on G
             lower_s = lower * math.ldexp(1.0, -k)
             target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
