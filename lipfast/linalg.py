@@ -256,14 +256,13 @@ def _bracket_many(Ws: list[Tensor], rtol: float, max_gram_steps: int, *, dense: 
     if not rest:
         return result
     Wr = [Ws[i] for i in rest]
-    if len(rest) < len(Ws):  # the op names tensors by their place in Wr: name them here as in Ws
+    kernel = _ext.use_kernel("dense_spectral_norm_bounds_many", Wr[0].device)
+    if not kernel or len(rest) < len(Ws):  # the op checks too, but names tensors by their place in Wr
         for i in rest:
             _check_finite(fn, Ws[i], f"Ws[{i}]")
-    if _ext.use_kernel("dense_spectral_norm_bounds_many", Wr[0].device):
+    if kernel:
         lowers, uppers, widest = ops.dense_spectral_norm_bounds_many(Wr, rtol, max_gram_steps)
     else:
-        for i in rest:
-            _check_finite(fn, Ws[i], f"Ws[{i}]")
         lowers, uppers, widest = reference.dense_spectral_norm_bounds_many(Wr, rtol, max_gram_steps)
     if not torch.compiler.is_compiling() and not float(widest) <= rtol:
         warnings.warn(
