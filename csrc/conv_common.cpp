@@ -173,8 +173,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_spectral_norm(
   int exponent = 0;
   if (largest > 0 && std::isfinite(largest)) std::frexp(largest, &exponent);
   if (std::abs(exponent) <= 32) exponent = 0;
+  // 2^-e in two factors: a subnormal largest entry has e down to -1073, and 2^1073 is not a double
+  // (each factor scales up or is 1, so both products are exact where the result is normal)
+  const int first = std::min(-exponent, 1023);
   const auto w = (exponent == 0 ? weight.detach().to(compute)
-                                : (weight.detach().to(at::kDouble) * std::ldexp(1.0, -exponent)).to(compute))
+                                : (weight.detach().to(at::kDouble) * std::ldexp(1.0, first) *
+                                   std::ldexp(1.0, -exponent - first))
+                                      .to(compute))
                      .contiguous();
   const ConvOperator op(w, input_size, stride, pad_lo, pad_hi, dilation, groups, mode, output_size);
 

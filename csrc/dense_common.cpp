@@ -109,10 +109,14 @@ double scaled_frobenius_upper(double norm, double entries, int64_t e) {
 // ‖v‖ and ‖W‖_F (or any upper bound on it), for W (m, n).
 double rayleigh_lower(double norm_y, double norm_v, double norm_W, double m, double n) {
   // ‖W v‖ >= ‖fl(W v)‖ - ‖fl(W v) - W v‖ and ‖fl(W v) - W v‖ <= gamma(n) ‖|W| |v|‖ <= gamma(n) ‖W‖_F ‖v‖
-  // (plus m n 2^-1074 for underflow).  The computed norms are pushed the safe way by their own error.
-  const double product_error = gamma(n) * norm_W * norm_v * (1.0 + 2.0 * gamma(m * n + n + 8)) + m * n * kTiny;
-  const double numerator = norm_y * (1.0 - 2.0 * gamma(m + 4)) - product_error;
-  const double lower = numerator / (norm_v * (1.0 + 2.0 * gamma(n + 4)));
+  // (plus m n 2^-1074 for underflow).  The computed norms are pushed the safe way by their own error:
+  // relative for the sums, and for squares that underflow (each off by at most 2^-1075) by
+  // sqrt(count 2^-1074), count the norm's entries (invisible beside norms of order 1).
+  const double v_upper = norm_v + std::sqrt(n * kTiny);
+  const double product_error =
+      gamma(n) * (norm_W + std::sqrt(m * n * kTiny)) * v_upper * (1.0 + 2.0 * gamma(m * n + n + 8)) + m * n * kTiny;
+  const double numerator = norm_y * (1.0 - 2.0 * gamma(m + 4)) - std::sqrt(m * kTiny) - product_error;
+  const double lower = numerator / (v_upper * (1.0 + 2.0 * gamma(n + 4)));
   return std::max(lower * (1.0 - 8.0 * kUnit), 0.0);
 }
 
@@ -135,8 +139,9 @@ class GramChain {
       // 2 * 2^-1074 covers a product that underflows; (1 + 8u) covers the add and the sqrt.
       bound = std::sqrt(times_pow2(bound, exponents_[j]) + 2.0 * kTiny + errors_[j]) * (1.0 + 8.0 * kUnit);
     }
+    // + 2^-1074: where the result is subnormal, the scaling rounds (to nearest) and (1 + 4u) does not help
     const double candidate =
-        times_pow2((bound + std::sqrt(entries_) * kTiny) * (1.0 + 4.0 * kUnit), k0_) * (1.0 + 4.0 * kUnit);
+        times_pow2((bound + std::sqrt(entries_) * kTiny) * (1.0 + 4.0 * kUnit), k0_) * (1.0 + 4.0 * kUnit) + kTiny;
     upper_ = std::min(upper_, nonzero_ ? candidate : 0.0);  // W = 0: sigma = 0 exactly
   }
 
@@ -226,19 +231,32 @@ double range_scale(double largest, int max_exponent) {
 }
 
 at::Tensor certified_rayleigh_lower(const at::Tensor& W, const at::Tensor& v) {
+  // Each W_b and v_b is first scaled by the power of two that brings its largest |entry| into
+  // [0.5, 1): the norms square the entries, and squares of entries beyond about 2^±511 would under-
+  // or overflow (torch's vector norm does not rescale).  Scaling v leaves ‖W v‖ / ‖v‖ as it is (for
+  // the vector as scaled); scaling W down may lose entries that underflow, each by at most 2^-1075,
+  // which moves ‖W v‖ / ‖v‖ by at most ‖dW‖_2 <= sqrt(m n) 2^-1075, taken off.
   const int64_t batch = W.size(0);
+  if (W.size(1) == 0 || W.size(2) == 0) return at::zeros({batch}, W.options().dtype(at::kDouble));
   const double m = static_cast<double>(W.size(1)), n = static_cast<double>(W.size(2));
   auto Wd = W.to(at::kDouble);
   auto vd = v.to(at::kDouble);
+  const auto k = binary_exponent(Wd.abs().amax({1, 2}));
+  Wd = times_pow2(Wd, -k);
+  vd = times_pow2(vd, -binary_exponent(vd.abs().amax({1})));
   auto y = at::bmm(Wd, vd.unsqueeze(-1)).squeeze(-1);
   const at::Tensor norms =
       at::stack({at::linalg_vector_norm(y, 2, {1}), at::linalg_vector_norm(vd, 2, {1}),
-                 at::linalg_vector_norm(Wd, 2, {1, 2})})
+                 at::linalg_vector_norm(Wd, 2, {1, 2}), k.to(at::kDouble)})
           .cpu();
   const double* norm = norms.const_data_ptr<double>();
   auto lower = at::empty({batch}, at::TensorOptions().dtype(at::kDouble));
   for (int64_t b = 0; b < batch; ++b) {
-    lower.mutable_data_ptr<double>()[b] = rayleigh_lower(norm[b], norm[batch + b], norm[2 * batch + b], m, n);
+    const auto k_b = static_cast<int64_t>(norm[3 * batch + b]);
+    double scaled = rayleigh_lower(norm[b], norm[batch + b], norm[2 * batch + b], m, n);
+    if (k_b > 0) scaled -= std::sqrt(m * n) * kTiny;
+    // back in W's units, exactly where normal; a subnormal result rounds to nearest: 2^-1074 off
+    lower.mutable_data_ptr<double>()[b] = std::max(times_pow2(scaled, k_b) - kTiny, 0.0);
   }
   return lower.to(W.device());
 }
@@ -257,9 +275,13 @@ at::Tensor gram_upper_bound(const at::Tensor& W, const at::Tensor& target, int64
   auto G = W.to(at::kDouble);
   if (W.size(1) < W.size(2)) G = G.transpose(1, 2);
   const double entries = static_cast<double>(W.size(1)) * static_cast<double>(W.size(2));
+  if (entries == 0) return at::zeros({batch}, W.options().dtype(at::kDouble));  // sigma of an empty matrix: 0
 
-  const auto norm_W = at::linalg_vector_norm(G, 2, {1, 2});
-  auto k0 = binary_exponent(norm_W);
+  // k0 from the norm of G times 2^-k_entry (its largest |entry| in [0.5, 1)): torch's vector norm
+  // squares the entries as they are, which under- or overflow beyond about 2^±511
+  const auto k_entry = binary_exponent(G.abs().amax({1, 2}));
+  const auto norm_W = at::linalg_vector_norm(times_pow2(G, -k_entry), 2, {1, 2});
+  auto k0 = k_entry + binary_exponent(norm_W);
   G = times_pow2(G, -k0).contiguous();
 
   // The chain back from each step runs on the host over scalars (one device-to-host copy per step,

@@ -392,6 +392,19 @@ def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: i
     return out
 
 
+def _times_pow2(x: Tensor, k: int) -> Tensor:
+    """x * 2^k in two exact factors (k from -1074 to 2046: a subnormal largest entry needs 2^1073,
+    which is not a double), exact where the result is normal."""
+    return reference._times_pow2(x[None], torch.tensor([k], device=x.device))[0]
+
+
+def _in_units(x: float, e: int, *, up: bool) -> float:
+    """x * 2^e rounded outwards (up: never below, else never above and not negative): math.ldexp
+    is exact but where the result is subnormal, and there it rounds to nearest, off by up to 2^-1075."""
+    y = math.ldexp(x, e)
+    return y + _TINY if up else max(y - _TINY, 0.0)
+
+
 def _tap_abs_norm(weight: Tensor) -> float:
     """Upper bound on w1 = ‖(sum_j |w_oij|)_oi‖_F, the sum over taps j (what both the symbols' and
     the autocorrelation's rounding bounds scale with)."""
@@ -882,7 +895,7 @@ def _operator_lower_bound(
     between them loses the Krylov space) needed 48."""
     with torch.no_grad():
         _, _, v, _ = _top_singular(op, rtol / 8, max_iters, start, upper)
-    return math.ldexp(_operator_lower(op, v, scaled, _abs_norm(op, scaled)), e)
+    return _in_units(_operator_lower(op, v, scaled, _abs_norm(op, scaled)), e, up=False)
 
 
 #: Operators with at most this many matrix entries (and min dim <= EXPLICIT_MIN_DIM) whose circulant
@@ -1000,17 +1013,18 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     # the symbols are built from weight * 2^-e, max |entry| in [0.5, 1): exact, but for float64
     # entries that become subnormal, each off by at most 2^-1075 (so each K entry by taps 2^-1075)
     e = int(torch.frexp(weight.abs().max().double()).exponent)
-    scaled = torch.ldexp(weight.double(), torch.tensor(-e, dtype=torch.float64, device=weight.device))
+    scaled = _times_pow2(weight.double(), -e)
     w1 = _tap_abs_norm(scaled)
     error = _symbol_error(w1, dims, math.prod(op.kernel))
     if e > 0:
         error += math.prod(op.kernel) * math.sqrt(weight.shape[0] * weight.shape[1] * math.prod(op.stride)) * 2.0**-1074
-    error = math.ldexp(error, e)  # in the weight's units from here on
+    error = _in_units(error, e, up=True)  # in the weight's units from here on
     if not exact and op.padding_mode == "zeros" and _explicit_fits(op) and max(op.input_size) <= _EXPLICIT_FIRST_SIZE:
         # a grid this small: the circulant bound is 5-50% above the norm, and the explicit matrix
         # is bracketed anyway (in ldexp units, as the explicit refinement below)
         lower, upper = _explicit_bracket(op, rtol, max_iters, scaled)
-        return math.ldexp(lower, e), max(math.ldexp(upper, e), math.ldexp(lower, e))
+        lower, upper = _in_units(lower, e, up=False), _in_units(upper, e, up=True)
+        return lower, max(upper, lower)
     estimate_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     start = None
     scaled_cpu = scaled.cpu()
@@ -1027,7 +1041,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     candidates.sort(key=lambda c: c[0].top())
 
     def in_weight_units(bound: float) -> float:
-        return (math.ldexp(bound, e) + error) * (1 + 4 * _UNIT) * factor * (1 + 4 * _UNIT)
+        return (_in_units(bound, e, up=True) + error) * (1 + 4 * _UNIT) * factor * (1 + 4 * _UNIT)
 
     upper_scaled = candidates[0][0].certify()
     upper = in_weight_units(upper_scaled)
@@ -1042,7 +1056,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
             # op is unitarily equivalent to the block-diagonal of the K_f: its norm is max_f sigma(K_f)
             R = _real_form(sym.S[top % op.groups : top % op.groups + 1], sym.p)
             rayleigh = float(reference.certified_rayleigh_lower(R, circulant.v[top : top + 1].double())[0])
-            lower = max((math.ldexp(rayleigh, e) - error) * (1 - 4 * _UNIT), 0.0)
+            lower = max((_in_units(rayleigh, e, up=False) - error) * (1 - 4 * _UNIT), 0.0)
         else:
             # the circulant's top plane wave (grid positions [0, n) hold the input when nothing is
             # padded by copying) starts the operator's own Lanczos close to its top singular vector
@@ -1071,7 +1085,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters, scaled)
-            explicit_lower, explicit_upper = math.ldexp(explicit_lower, e), math.ldexp(explicit_upper, e)
+            explicit_lower, explicit_upper = _in_units(explicit_lower, e, up=False), _in_units(explicit_upper, e, up=True)
             lower, upper = max(lower, explicit_lower), min(upper, explicit_upper)
     return lower, max(upper, lower)
 
@@ -1209,7 +1223,7 @@ def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> l
         if not bool(torch.isfinite(largest).all() and (largest > 0).all()):
             return None  # NaN/Inf (the caller names the layer) or a zero matrix (Gram iteration: 0 exactly)
         e = torch.frexp(largest).exponent
-        A = torch.ldexp(A, -e.double()[:, None, None])  # exact, but for entries that become subnormal
+        A = reference._times_pow2(A, -e.long())  # exact, but for entries that become subnormal
         # each entry off by at most 2^-1075 where e > 0: ‖dA‖_2 <= sqrt(r c) 2^-1075
         underflow = math.sqrt(r * c) * 2.0**-1074
         G = _symmetric_gram(A)
@@ -1222,8 +1236,8 @@ def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> l
         lower = reference.certified_rayleigh_lower(A, v.double())
         for k, i in enumerate(members):
             scale = int(e[k])
-            up = math.ldexp(float(upper[k]) + (underflow if scale > 0 else 0.0), scale) * (1 + 4 * _UNIT)
-            lo = max(math.ldexp(float(lower[k]) - (underflow if scale > 0 else 0.0), scale) * (1 - 4 * _UNIT), 0.0)
+            up = _in_units(float(upper[k]) + (underflow if scale > 0 else 0.0), scale, up=True) * (1 + 4 * _UNIT)
+            lo = _in_units(float(lower[k]) - (underflow if scale > 0 else 0.0), scale, up=False) * (1 - 4 * _UNIT)
             result[i] = (lo, max(up, lo))
     return result
 

@@ -109,29 +109,32 @@ def _all_reduce(x: Tensor, group: object, op=dist.ReduceOp.SUM) -> Tensor:
     return x
 
 
-def _power_of_two_scale(A: Tensor, group: object) -> float:
+def _power_of_two_scale(A: Tensor, group: object, dtype: torch.dtype) -> float:
     """2^-e bringing the largest |entry| over all shards into [1, 2) when it lies outside
-    [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor underflow), else 1."""
+    [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor underflow), else 1.
+    The factor is kept finite in dtype (what A is scaled in): a subnormal largest entry is then
+    brought up to about 2^-22 in float32, 2^-50 in float64, well inside the range."""
     local = A.abs().max().double().reshape(1) if A.numel() else torch.zeros(1, dtype=torch.float64, device=A.device)
     big = _all_reduce(local, group, dist.ReduceOp.MAX)
     if not float(big[0]) > 0:
         return 1.0
     e = math.frexp(float(big[0]))[1] - 1
-    return math.ldexp(1.0, -e) if abs(e) > 32 else 1.0
+    return math.ldexp(1.0, min(-e, math.frexp(torch.finfo(dtype).max)[1] - 1)) if abs(e) > 32 else 1.0
 
 
-def _top_vector(A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor]:
-    """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step): the unit Ritz vector (n,) and its
-    residual bound, identical on every rank."""
+def _top_vector(A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor, float]:
+    """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step): the unit Ritz vector (n,), its
+    residual bound, identical on every rank, and the power of two A was scaled by for it."""
     compute = reference._compute_dtype(A.dtype)
-    scaled = A.to(compute) * _power_of_two_scale(A, group)
+    scale = _power_of_two_scale(A, group, compute)
+    scaled = A.to(compute) * scale
 
     def gram(x: Tensor) -> Tensor:
         return _all_reduce(scaled.T @ (scaled @ x[0]), group)[None]
 
     start = torch.zeros(1, n, dtype=compute, device=A.device)
     v, rel_err = reference._lanczos_top(gram, start, max_iters, rtol, min(rows, n))
-    return v[0], rel_err[0]
+    return v[0], rel_err[0], scale
 
 
 def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=None, rtol: float = 1e-5,
@@ -152,9 +155,9 @@ def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=No
     max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
     with torch.no_grad():
-        v, rel_err = _top_vector(A, rows, n, group, rtol, max_iters)
-        Av = A.double() @ v.double()
-        sigma = _all_reduce(Av.square().sum().reshape(1), group)[0].sqrt()
+        v, rel_err, scale = _top_vector(A, rows, n, group, rtol, max_iters)
+        Av = (A.double() * scale) @ v.double()  # scaled: its squares neither under- nor overflow
+        sigma = _all_reduce(Av.square().sum().reshape(1), group)[0].sqrt() / scale
     if not float(rel_err) <= rtol:
         warnings.warn(
             f"lipfast.distributed.{fn}: stopped before reaching rtol={rtol:g} (max_iters={max_iters} passes); "
@@ -165,7 +168,7 @@ def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=No
     result = sigma.to(local_shard.dtype)
     if local_shard.requires_grad:
         # sigma = uᵀ W v: this shard's part of the gradient is u_r vᵀ (rows) or u v_rᵀ (columns).
-        u = (Av / sigma.clamp_min(torch.finfo(torch.float64).tiny)).to(local_shard.dtype)
+        u = (Av / (sigma * scale).clamp_min(torch.finfo(torch.float64).tiny)).to(local_shard.dtype)  # Av is scaled
         W = local_shard if shard_dim in (0, -2) else local_shard.T
         bilinear = u @ W @ v.to(local_shard.dtype)
         result = result + (bilinear - bilinear.detach())
@@ -198,18 +201,30 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
     P = dist.get_world_size(group)
     m_r = A.shape[0]
     with torch.no_grad():
-        v, _ = _top_vector(A, rows, n, group, rtol / 8, max_iters)
-        # lower: ‖A v‖ / ‖v‖ = sqrt(Σ_r (‖A_r v‖ / ‖v‖)²) >= sqrt(Σ_r lower_r²), rounded down.
-        lower_r = reference.certified_rayleigh_lower(A[None], v[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
-        lower = _all_reduce(lower_r.square().reshape(1), group)[0].sqrt() * (1.0 - 4.0 * (P + 4) * _UNIT)
-
-        # upper: scale all shards by one power of two 2^-k (from the global Frobenius norm) so that the
-        # Gram matrix is of order 1; entries that underflow in the scaled copy change ‖A‖ by at most
-        # sqrt(rows n) 2^-1074 (scaled units), added below.
-        fro_r = reference._frobenius_upper(A.double()[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
+        v, _, _ = _top_vector(A, rows, n, group, rtol / 8, max_iters)
+        # Scale all shards by one power of two 2^-k so that the Gram matrix is of order 1: k from the
+        # global Frobenius norm of the shards times 2^-k_entry (largest |entry| over all shards in
+        # [0.5, 1): torch's norms square the entries as they are, which under- or overflow beyond
+        # 2^±511).  Entries that underflow in the scaled copy change ‖A‖ by at most sqrt(rows n)
+        # 2^-1075 (scaled units), taken into account below.
+        local_big = A.abs().max().double().reshape(1) if m_r else torch.zeros(1, dtype=torch.float64, device=A.device)
+        big = float(_all_reduce(local_big, group, dist.ReduceOp.MAX)[0])
+        k_entry = math.frexp(big)[1] if big > 0 else 0
+        Ae = reference._times_pow2(A.double()[None], torch.tensor([-k_entry], device=A.device))[0]
+        fro_r = reference._frobenius_upper(Ae[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         fro = _all_reduce(fro_r.square().reshape(1), group)[0].sqrt() * (1.0 + 2.0 * (P + 4) * _UNIT)
-        k = math.frexp(float(fro))[1] if float(fro) > 0 else 0
+        k = k_entry + (math.frexp(float(fro))[1] if float(fro) > 0 else 0)
         As = reference._times_pow2(A.double()[None], torch.tensor([-k], device=A.device))[0]
+        underflow = math.sqrt(rows * n) * _TINY
+
+        # lower: ‖A v‖ / ‖v‖ = sqrt(Σ_r (‖A_r v‖ / ‖v‖)²) >= sqrt(Σ_r lower_r²), rounded down, in the
+        # scaled units (the squares of order 1; P 2^-1075 covers those that underflow), less the
+        # underflow of the scaling, then in A's units.
+        lower_r = reference.certified_rayleigh_lower(As[None], v[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
+        lower_s = _all_reduce(lower_r.square().reshape(1), group)[0].sqrt() * (1.0 - 4.0 * (P + 4) * _UNIT)
+        lower_s = (lower_s - math.sqrt(P * _TINY) - underflow).clamp_min(0.0)
+        lower = (reference._times_pow2(lower_s.reshape(1), torch.tensor([k], device=A.device))[0] - _TINY).clamp_min(0.0)
+
         fro_s = reference._frobenius_upper(As[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         G = As.T @ As
         # Error of this rank's product (entrywise gamma(m_r) |A|ᵀ|A|, whose Frobenius norm is at most
@@ -220,7 +235,6 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         E = (sums[0] + reference._gamma(P) * (1.0 + reference._gamma(rows) + 8.0 * _UNIT) * sums[1] * (1.0 + 4.0 * _UNIT)) \
             * (1.0 + 2.0 * (P + 4) * _UNIT) + P * n * n * _TINY
         G = _all_reduce(G, group)  # the same bits on every rank
-        underflow = math.sqrt(rows * n) * _TINY
         upper_s = torch.tensor(math.inf, dtype=torch.float64)
         if G.device.type == "cpu":
             # One Cholesky test of mu^2 I - G, E folded into its rounding, at mu just above a Lanczos
@@ -233,12 +247,11 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
             # rank whose test failed sends them all to Gram iteration) is every rank's bound
             upper_s = _all_reduce(upper_s.reshape(1), group, dist.ReduceOp.MAX)[0]
         if not bool(torch.isfinite(upper_s)):  # other devices, or no test held: Gram iteration on G
-            lower_s = lower * math.ldexp(1.0, -k)
             target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
             upper_G = reference.gram_upper_bound(G[None], target.reshape(1), max_gram_steps)[0]
             upper_s = torch.sqrt((upper_G + E) * (1.0 + 4.0 * _UNIT)) * (1.0 + 4.0 * _UNIT) + underflow
         upper = reference._times_pow2(upper_s.reshape(1), torch.tensor([k], device=upper_s.device))[0]
-        upper = upper * (1.0 + 4.0 * _UNIT)
+        upper = upper * (1.0 + 4.0 * _UNIT) + _TINY  # + 2^-1074: a subnormal result rounds to nearest
     dtype = local_shard.dtype
     lower_out = reference.round_directed(lower.reshape(1), dtype, up=False)[0]
     upper_out = reference.round_directed(upper.reshape(1), dtype, up=True)[0]

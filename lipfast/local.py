@@ -183,7 +183,9 @@ def lipschitz_gap(model: nn.Module, inputs: Tensor, *, report=None, rtol: float 
     if refine_steps:
         with _util.eval_mode(model):
             refined, step = _refine(model, inputs[index], refine_steps, step_size)
-        if refined > lower:
+        # step 0 is the start itself, its norm computed another way (an SVD of J, not the eigenvalues
+        # of J Jᵀ): a last-bit difference there is no climb
+        if step > 0 and refined > lower:
             notes.append(f"raised from {lower:.6g} by gradient ascent on ‖J(x)‖ (best after {step} of {refine_steps} steps)")
             lower = refined
     upper = float(report.upper)

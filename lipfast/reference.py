@@ -169,7 +169,9 @@ def _in_range(A: Tensor) -> tuple[Tensor, Tensor]:
     of the order of sigma^2, which must neither underflow nor overflow."""
     big = A.abs().amax(dim=(-2, -1)).double()
     exponent = torch.frexp(torch.where(big > 0, big, torch.ones_like(big))).exponent - 1
-    exponent = torch.where(exponent.abs() > 32, -exponent, 0).clamp(max=int(math.log2(torch.finfo(A.dtype).max)))
+    # at most the largest finite power of two of A's dtype (2^1023 in float64: a subnormal largest
+    # entry is then brought up to 2^-50 or more, not to [1, 2))
+    exponent = torch.where(exponent.abs() > 32, -exponent, 0).clamp(max=math.frexp(torch.finfo(A.dtype).max)[1] - 1)
     scales = torch.ldexp(torch.ones_like(big), exponent.double()).to(A.dtype)
     return A * scales[:, None, None], scales
 
@@ -256,15 +258,28 @@ def _frobenius_upper(X: Tensor) -> Tensor:
 
 
 def certified_rayleigh_lower(A: Tensor, v: Tensor) -> Tensor:
-    """‖A v‖ / ‖v‖ in float64, decreased by a bound on its rounding error (A: (B, m, n), v: (B, n))."""
+    """‖A v‖ / ‖v‖ in float64, decreased by a bound on its rounding error (A: (B, m, n), v: (B, n)).
+    Each A_b and v_b is first scaled by the power of two that brings its largest |entry| into
+    [0.5, 1), as csrc/dense_common.cpp does (the norms square the entries, which must neither under-
+    nor overflow); entries of A lost to underflow there move the quotient by at most sqrt(m n) 2^-1075."""
     m, n = A.shape[-2:]
+    if m == 0 or n == 0:
+        return A.new_zeros(A.shape[:1], dtype=torch.float64)
     Ad, vd = A.double(), v.double()
+    k = _binary_exponent(Ad.abs().amax(dim=(-2, -1)))
+    Ad = _times_pow2(Ad, -k)
+    vd = _times_pow2(vd, -_binary_exponent(vd.abs().amax(dim=-1)))
     norm_y = torch.linalg.vector_norm((Ad @ vd[..., None])[..., 0], dim=-1)
     norm_v = torch.linalg.vector_norm(vd, dim=-1)
     norm_A = torch.linalg.vector_norm(Ad, dim=(-2, -1))
-    product_error = _gamma(n) * norm_A * norm_v * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
-    lower = (norm_y * (1.0 - 2.0 * _gamma(m + 4)) - product_error) / (norm_v * (1.0 + 2.0 * _gamma(n + 4)))
-    return (lower * (1.0 - 8.0 * _UNIT)).clamp_min(0.0)
+    # as _rayleigh_lower, operation for operation
+    v_upper = norm_v + math.sqrt(n * _TINY)
+    product_error = _gamma(n) * (norm_A + math.sqrt(m * n * _TINY)) * v_upper * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
+    lower = (norm_y * (1.0 - 2.0 * _gamma(m + 4)) - math.sqrt(m * _TINY) - product_error) / (v_upper * (1.0 + 2.0 * _gamma(n + 4)))
+    scaled = (lower * (1.0 - 8.0 * _UNIT)).clamp_min(0.0)
+    scaled = torch.where(k > 0, scaled - math.sqrt(m * n) * _TINY, scaled)
+    # back in A's units, exactly where normal; a subnormal result rounds to nearest: 2^-1074 off
+    return (_times_pow2(scaled, k) - _TINY).clamp_min(0.0)
 
 
 def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
@@ -273,8 +288,13 @@ def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
     if A.shape[-2] < A.shape[-1]:
         G = G.mT
     entries = float(A.shape[-2] * A.shape[-1])
-    norm_W = torch.linalg.vector_norm(G, dim=(-2, -1))
-    k0 = _binary_exponent(norm_W)
+    if entries == 0:
+        return torch.zeros(A.shape[:1], dtype=torch.float64, device=A.device)  # sigma of an empty matrix: 0
+    # k0 from the norm of G times 2^-k_entry (largest |entry| in [0.5, 1)), as csrc/dense_common.cpp:
+    # torch's vector norm squares the entries as they are, which under- or overflow beyond 2^±511
+    k_entry = _binary_exponent(G.abs().amax(dim=(-2, -1)))
+    norm_W = torch.linalg.vector_norm(_times_pow2(G, -k_entry), dim=(-2, -1))
+    k0 = k_entry + _binary_exponent(norm_W)
     G = _times_pow2(G, -k0)
     exponents: list[Tensor] = []
     errors: list[Tensor] = []
@@ -290,7 +310,7 @@ def gram_upper_bound(A: Tensor, target: Tensor, max_steps: int) -> Tensor:
         bound = _frobenius_upper(G)
         for j in range(step, -1, -1):
             bound = torch.sqrt(_times_pow2(bound, exponents[j]) + 2.0 * _TINY + errors[j]) * (1.0 + 8.0 * _UNIT)
-        candidate = _times_pow2((bound + math.sqrt(entries) * _TINY) * (1.0 + 4.0 * _UNIT), k0) * (1.0 + 4.0 * _UNIT)
+        candidate = _times_pow2((bound + math.sqrt(entries) * _TINY) * (1.0 + 4.0 * _UNIT), k0) * (1.0 + 4.0 * _UNIT) + _TINY
         upper = torch.minimum(upper, torch.where(norm_W > 0, candidate, 0.0))  # W = 0: sigma = 0 exactly
         if bool((upper <= target).all()):
             break
@@ -363,8 +383,10 @@ def _scaled_frobenius_upper(norm: float, entries: float, e: int) -> float:
 
 def _rayleigh_lower(norm_y: float, norm_v: float, norm_W: float, m: float, n: float) -> float:
     """certified_rayleigh_lower's bound from its three norms, for one matrix (csrc: rayleigh_lower)."""
-    product_error = _gamma(n) * norm_W * norm_v * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
-    lower = _ieee_div(norm_y * (1.0 - 2.0 * _gamma(m + 4)) - product_error, norm_v * (1.0 + 2.0 * _gamma(n + 4)))
+    v_upper = norm_v + math.sqrt(n * _TINY)
+    product_error = _gamma(n) * (norm_W + math.sqrt(m * n * _TINY)) * v_upper * (1.0 + 2.0 * _gamma(m * n + n + 8)) + m * n * _TINY
+    lower = _ieee_div(norm_y * (1.0 - 2.0 * _gamma(m + 4)) - math.sqrt(m * _TINY) - product_error,
+                      v_upper * (1.0 + 2.0 * _gamma(n + 4)))
     return max(lower * (1.0 - 8.0 * _UNIT), 0.0)
 
 
@@ -383,7 +405,7 @@ class _GramChain:
         bound = next_fro
         for k_j, e_j in zip(reversed(self.exponents), reversed(self.errors)):
             bound = math.sqrt(_ldexp2(bound, k_j) + 2.0 * _TINY + e_j) * (1.0 + 8.0 * _UNIT)
-        candidate = _ldexp2((bound + math.sqrt(self.entries) * _TINY) * (1.0 + 4.0 * _UNIT), self.k0) * (1.0 + 4.0 * _UNIT)
+        candidate = _ldexp2((bound + math.sqrt(self.entries) * _TINY) * (1.0 + 4.0 * _UNIT), self.k0) * (1.0 + 4.0 * _UNIT) + _TINY
         self.upper = min(self.upper, candidate if self.nonzero else 0.0)
 
 
@@ -711,7 +733,10 @@ def conv_spectral_norm(
     largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
     exponent = math.frexp(largest)[1] if 0 < largest < math.inf else 0
     exponent = 0 if abs(exponent) <= 32 else exponent
-    w = weight.detach().to(ct) if exponent == 0 else (weight.detach().double() * math.ldexp(1.0, -exponent)).to(ct)
+    # 2^-e in two factors (a subnormal largest entry has e down to -1073), as csrc/conv_common.cpp
+    first = min(-exponent, 1023)
+    w = weight.detach().to(ct) if exponent == 0 else (
+        weight.detach().double() * math.ldexp(1.0, first) * math.ldexp(1.0, -exponent - first)).to(ct)
     c_in = w.shape[1] * groups
     in_shape = (c_in, *input_size)
     n = int(math.prod(in_shape))

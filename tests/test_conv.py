@@ -271,16 +271,18 @@ def test_plane_wave_is_a_top_singular_vector_of_a_circulant(config, gram_method)
     assert abs(gain - float(estimate[top])) <= 1e-6 * float(estimate[top])
 
 
-@pytest.mark.parametrize("scale", [2.0**600, 2.0**-600])
+@pytest.mark.parametrize("scale", [2.0**600, 2.0**-600, 2.0**-1040])
 def test_extreme_weight_scales(scale, backend):
-    """Estimates and brackets of float64 weights far outside float32's range scale with the weight."""
+    """Estimates and brackets of float64 weights far outside float32's range scale with the weight;
+    at 2^-1040 every entry is subnormal (with 12 to 30 significant bits), and scaling it up takes
+    more than one double's worth of 2^k."""
     for module, size in (CONFIGS[48], CONFIGS[55]):
-        exact = exact_norm(module, size)
         w = module.weight.detach().double() * scale
+        exact = exact_norm(_with_weight(module, w / scale), size)  # of the weight as rounded, in units of scale
         sigma = lipfast.conv_spectral_norm(w, **_kwargs(module, size))
         assert abs(float(sigma) / scale - exact) <= 1e-4 * exact
         lower, upper = lipfast.conv_spectral_norm_bounds(w, **_kwargs(module, size))
-        assert float(lower) <= exact * scale <= float(upper)
+        assert float(lower) / scale <= exact <= float(upper) / scale
         assert float(upper) <= float(lower) * (1 + 1e-3)
 
 

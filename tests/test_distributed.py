@@ -54,10 +54,10 @@ def sharded_matrix(seed: int = 0) -> torch.Tensor:
 
 
 
-def _sharded_norms(rank: int, world: int, dtype: torch.dtype, certificate: str = "cholesky"):
+def _sharded_norms(rank: int, world: int, dtype: torch.dtype, certificate: str = "cholesky", scale: float = 1.0):
     if certificate == "gram":  # no Cholesky test holds: the bounds fall back to Gram iteration
         lipfast.conv.certify_gram = lambda G, *args: torch.full(G.shape[:1], math.inf, dtype=torch.float64)
-    W = sharded_matrix().to(dtype)
+    W = (sharded_matrix() * scale).to(dtype)
     # uneven shards: rank r gets r + 1 parts of the rows / columns
     cuts_rows = [W.shape[0] * sum(range(1, r + 2)) // sum(range(1, world + 1)) for r in range(world - 1)]
     cuts_cols = [W.shape[1] * sum(range(1, r + 2)) // sum(range(1, world + 1)) for r in range(world - 1)]
@@ -103,6 +103,21 @@ def test_sharded_spectral_norm(tmp_path, world, dtype, certificate):
 
     got = torch.cat([r["grad_rows"].double() for r in results])
     torch.testing.assert_close(got, grad, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-7)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 1e-310), (torch.float32, 1e-41), (torch.float64, 1e300)])
+def test_sharded_extreme_scales(tmp_path, dtype, scale):
+    """Shards whose entries are all subnormal (or near overflow) are scaled into range first: the
+    estimate holds its digits (subnormal float32 entries only ~17 bits) and the bracket holds."""
+    results = run_ranks(_sharded_norms, 2, tmp_path, dtype, "cholesky", scale)
+    exact = float(torch.linalg.matrix_norm((sharded_matrix() * scale).to(dtype).double(), 2))
+    for key in ("rows", "cols"):
+        assert float(results[0][key]) == pytest.approx(exact, rel=1e-3)
+        lower, upper = (float(x) for x in results[0][f"{key}_bounds"])
+        assert 0 < lower <= exact <= upper < math.inf
+    U, _, Vh = torch.linalg.svd(sharded_matrix())
+    got = torch.cat([r["grad_rows"].double() for r in results])  # u vᵀ, whatever the scale
+    torch.testing.assert_close(got, torch.outer(U[:, 0], Vh[0]), rtol=0, atol=1e-3)
 
 
 def small_cnn() -> nn.Module:

@@ -86,10 +86,13 @@ def test_bounds_stay_valid_when_capped(backend, monkeypatch):
 
 @pytest.mark.parametrize(
     "dtype, scale",
-    [(torch.float64, 1e-150), (torch.float64, 1e150), (torch.float32, 1e-30), (torch.float32, 1e30)],
+    [(torch.float64, 1e-150), (torch.float64, 1e150), (torch.float32, 1e-30), (torch.float32, 1e30),
+     (torch.float64, 1e-160), (torch.float64, 1e160), (torch.float64, 1e-300), (torch.float64, 1e300)],
 )
 def test_extreme_scales(certificate, backend, dtype, scale):
-    # sigma^2 under- or overflows the dtype here: nothing may square W unscaled.
+    # sigma^2 under- or overflows the dtype here: nothing may square W unscaled.  Past 2^±511 the
+    # squares of the entries themselves do (torch's norms square them as they are): at 1e-160 they
+    # are subnormal, with a few bits each, which once put the lower end above sigma.
     W = (make_matrix("square") * scale).to(dtype)
     exact = exact_spectral_norm(W)
     sigma = lipfast.spectral_norm(W).double()
@@ -100,10 +103,12 @@ def test_extreme_scales(certificate, backend, dtype, scale):
     assert upper / lower - 1 <= 1e-3
 
 
-def test_subnormal_matrix(certificate, backend):
-    # Every entry subnormal in float32: sigma itself has only ~17 significant bits there, but the
-    # bracket must hold and nothing may turn into NaN.
-    W = (make_matrix("square") * 1e-41).float()
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-41), (torch.float64, 1e-310)])
+def test_subnormal_matrix(certificate, backend, dtype, scale):
+    # Every entry subnormal: sigma itself has only ~17 significant bits there in float32, but the
+    # bracket must hold and nothing may turn into NaN (in float64 the scaling up needs 2^1029 and
+    # more, which is not a double: it comes in two factors).
+    W = (make_matrix("square") * scale).to(dtype)
     exact = exact_spectral_norm(W)
     sigma = lipfast.spectral_norm(W, rtol=1e-3).double()
     assert abs(sigma - exact) <= 1e-3 * exact
