@@ -138,7 +138,15 @@ def _builtin(spec: str) -> torch.nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise _UsageError(f"cannot find model {spec!r}: {exc}") from None
-    return factory()
+    if not callable(factory):
+        raise _UsageError(f"{spec} is a {type(factory).__name__}, not a function that builds a model")
+    try:
+        model = factory()
+    except Exception as exc:  # a factory that needs arguments, or fails: the user's error, not ours
+        raise _UsageError(f"{spec}() failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise _UsageError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def load_model(spec: str | None, trust_pickle: bool = False) -> tuple[torch.nn.Module, tuple[int, ...] | None, str]:
@@ -231,14 +239,48 @@ def _gap(model, shape, report, args) -> str | None:
     return f"{gap}, at {source}"
 
 
+def _check_output(option: str, path: str) -> None:
+    """An output file's folder must exist and be writable (checked before the work, not after it)."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _UsageError(f"{option} {path}: is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise _UsageError(f"{option} {path}: no such folder: {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise _UsageError(f"{option} {path}: not writable")
+
+
+def _write(option: str, path: str, write) -> None:
+    try:
+        write()
+    except OSError as exc:
+        raise _UsageError(f"{option} {path}: cannot write it ({exc.strerror or exc})") from None
+
+
 def bound(args, out=None) -> dict:
     out = out or sys.stdout
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise _UsageError("--rtol must be a positive number")
+    if args.samples < 0:
+        raise _UsageError(f"--samples must be >= 0, got {args.samples}")
+    plt = None
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_output(option, path)
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # said now, before the work; the rest of the command runs
+            print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
     model, default_shape, description = load_model(args.model, args.trust_pickle)
     shape = _parse_shape(args.input_shape) if args.input_shape else default_shape
     if shape is None:
         raise _UsageError("this model needs --input-shape (one example, no batch dim, e.g. 3,32,32)")
-    if not (math.isfinite(args.rtol) and args.rtol > 0):
-        raise _UsageError("--rtol must be a positive number")
     try:
         report = lipfast.lipschitz_bound(model, shape, rtol=args.rtol, progress=not args.no_progress)
     except ValueError as exc:
@@ -251,35 +293,34 @@ def bound(args, out=None) -> dict:
     if args.json:
         import json
 
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
-        print(f"report written to {args.json}", file=out)
-    if args.plot:
-        try:
-            import matplotlib
+        def write_json() -> None:
+            with open(args.json, "w") as f:
+                json.dump(report.to_dict(), f, indent=2, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
-        else:
-            fig, ax = plt.subplots(figsize=(max(6, len(report.layers) * 0.3), 4))
-            names = [layer.name for layer in report.layers]
-            ax.bar(names, [layer.upper for layer in report.layers], color="tab:orange", label="upper")
-            ax.bar(names, [layer.lower for layer in report.layers], color="tab:blue", label="lower")
-            ax.set_yscale("log")
-            ax.set_ylabel("Lipschitz constant")
-            ax.tick_params(axis="x", rotation=90, labelsize=6)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(args.plot)
-            print(f"plot written to {args.plot}", file=out)
+        _write("--json", args.json, write_json)
+        print(f"report written to {args.json}", file=out)
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(max(6, len(report.layers) * 0.3), 4))
+        names = [layer.name for layer in report.layers]
+        ax.bar(names, [layer.upper for layer in report.layers], color="tab:orange", label="upper")
+        ax.bar(names, [layer.lower for layer in report.layers], color="tab:blue", label="lower")
+        ax.set_yscale("log")
+        ax.set_ylabel("Lipschitz constant")
+        ax.tick_params(axis="x", rotation=90, labelsize=6)
+        ax.legend()
+        fig.tight_layout()
+        _write("--plot", args.plot, lambda: fig.savefig(args.plot))
+        plt.close(fig)
+        print(f"plot written to {args.plot}", file=out)
     return report.to_dict()
 
 
 def certify(args, out=None) -> dict:
     import importlib.util
     import os
+
+    if args.epochs < 1:
+        raise _UsageError(f"--epochs must be >= 1, got {args.epochs}")
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "digits.py")
     if not os.path.isfile(path):

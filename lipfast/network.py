@@ -1097,8 +1097,12 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
-    example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
-                          device=param.device if param is not None else None)
+    try:
+        example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
+                              device=param.device if param is not None else None)
+    except RuntimeError as exc:  # out of memory: an input this large is not one the model can take either
+        raise ValueError(f"lipfast.lipschitz_bound: input_shape {tuple(input_shape)} is too large: one example of "
+                         f"{math.prod(input_shape)} entries cannot be allocated ({str(exc).splitlines()[0]})") from None
     try:
         leaves, chain = _leaf_modules(model, example)
     except Exception as exc:  # the model rejects this input: say so plainly

@@ -122,11 +122,26 @@ def test_bound_exported_program_file(tmp_path):
     (["bound", "--input-shape", "3,16"], "does not accept"),
     (["bound", "--rtol", "-1"], "--rtol"),
     (["bound", "lipfast.models:nothing"], "cannot find model"),
+    (["bound", "math:pi"], "not a function that builds a model"),
+    (["bound", "os:getcwd"], "returned a str, not a torch.nn.Module"),
+    (["bound", "os:system"], "os:system() failed: TypeError"),
+    (["bound", "--input-shape", "1000000,1000000,100000"], "is too large"),
+    (["bound", "--samples", "-1"], "--samples must be >= 0"),
+    (["bound", "--json", "/no-such-folder/r.json"], "no such folder"),
+    (["bound", "--plot", "/no-such-folder/p.png"], "no such folder"),
+    (["bound", "--json", "."], "is a folder"),
 ])
 def test_bound_errors(args, message):
     result = _run(*args, "--no-progress")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""  # before any work: no report
+
+
+def test_certify_rejects_bad_epochs():
+    result = _run("certify", "--epochs", "0")
+    assert result.returncode == 2 and "--epochs must be >= 1, got 0" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
