@@ -1176,4 +1176,5 @@ def certified_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, eps: fl
     logits = eval_forward(model, inputs)  # the bound is the eval-mode network's; and nothing is updated
     radius = certified_radius(logits, labels, report.upper)
     correct = logits.argmax(1) == labels.to(logits.device)
-    return float((correct & (radius > eps)).double().mean()) if len(labels) else 0.0
+    # in float64, where eps is exact (compared with a float32 tensor, eps would be rounded to float32)
+    return float((correct & (radius.double() > eps)).double().mean()) if len(labels) else 0.0

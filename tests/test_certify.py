@@ -73,6 +73,54 @@ def test_a_constant_network_certifies_every_correct_example():
     torch.testing.assert_close(lipfast.certified_radius(logits, labels, 0.0, last_layer_weight=W), expected)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-170, 1e170, 1e-310])
+def test_radius_is_never_above_the_exact_formula(scale):
+    # Computed in float64 with its roundings taken off, then rounded down: never above the exact
+    # ratio (fractions.Fraction arithmetic here), whatever the dtype or the weight's scale; squares
+    # of entries beyond 2^±511 once made the distance 0 or inf (radius inf or 0).
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(5, 7, generator=g, dtype=torch.float64) * scale
+    W[3] = W[2]  # equal rows: an infinite radius against that class
+    logits = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    labels = logits.argmax(1)
+    L = 0.3
+    for dtype in (torch.float64, torch.float32):
+        z = logits.to(dtype)
+        r_global = lipfast.certified_radius(z, labels, L)
+        r_pair = lipfast.certified_radius(z, labels, L, last_layer_weight=W)
+        assert r_global.dtype == r_pair.dtype == dtype
+        largest = Fraction(torch.finfo(dtype).max) ** 2
+
+        def check(radius: float, exact_sq: Fraction) -> None:  # radius <= sqrt(exact_sq), and close to it
+            assert math.isfinite(radius) and Fraction(radius) ** 2 <= exact_sq
+            if exact_sq > Fraction(torch.finfo(dtype).tiny) ** 2:  # below that, 0 is the rounding down
+                assert Fraction(radius) ** 2 >= Fraction(998, 1000) * min(exact_sq, largest)
+
+        for i in range(30):
+            y = int(labels[i])
+            zi = [Fraction(float(v)) for v in z[i].double()]
+            gaps = [zi[y] - zi[j] for j in range(5) if j != y]
+            check(float(r_global[i]), min(gaps) ** 2 / (2 * Fraction(L) ** 2))  # squared: sqrt(2) stays exact
+            pairs = []
+            for j in range(5):
+                if j == y:
+                    continue
+                d2 = sum((Fraction(float(a)) - Fraction(float(b))) ** 2 for a, b in zip(W[y], W[j]))
+                if d2 == 0:
+                    continue  # equal rows: no bound from this pair
+                pairs.append((zi[y] - zi[j]) ** 2 / (Fraction(L) ** 2 * d2))
+            check(float(r_pair[i]), min(pairs))
+    equal = torch.tensor([[1.0, 0.0, 0.0, 3.0, 2.0]], dtype=torch.float64)
+    assert float(lipfast.certified_radius(equal, torch.tensor([3]), L, last_layer_weight=W)) < math.inf
+    only_equal = torch.tensor([[0.0, 0.0, 1.0, 0.5, 0.0]], dtype=torch.float64)
+    W2 = W.clone()
+    W2[[0, 1, 4]] = W[2]  # every competitor's row equals the label's
+    assert float(lipfast.certified_radius(only_equal, torch.tensor([2]), L, last_layer_weight=W2)) == math.inf
+    assert (lipfast.certified_radius(logits, labels, math.inf, last_layer_weight=W) == 0).all()
+
+
 def test_bad_arguments():
     logits, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
     for bad in (-1.0, math.nan, torch.tensor([1.0, 2.0])):
