@@ -385,6 +385,23 @@ class _Applies(nn.Module):
         return self.fn(x)
 
 
+def test_composition_rounds_up():
+    # 0.1 x + 0.7 x has constant 0.1 + 0.7 of the two doubles, exactly 0.79999999999999996..., whose
+    # nearest double 0.7999999999999999 is below it: the composition rounds each result up instead.
+    # Exact results stay exact: sqrt(2^2) for one branch of a concatenation, 3 * (1/3) rounded up.
+    from fractions import Fraction
+
+    upper = lipfast.lipschitz_bound(_Applies(lambda x: 0.1 * x + 0.7 * x), (3,), progress=False).upper
+    assert Fraction(upper) >= Fraction(0.1) + Fraction(0.7) and upper == 0.8  # 0.1 + 0.7 == 0.7999999999999999
+    upper = lipfast.lipschitz_bound(_Applies(lambda x: torch.cat([x * 2.0])), (3,), progress=False).upper
+    assert upper == 2.0
+    third = lipfast.lipschitz_bound(_Applies(lambda x: (x / 3.0) * 3.0), (3,), progress=False).upper
+    assert third >= 1.0 and Fraction(third) >= Fraction(1) / 3 * 3
+    # three copies of x: sqrt(3) rounded up, where the nearest double is below it
+    copies = lipfast.lipschitz_bound(_Applies(lambda x: torch.cat([x, x, x])), (3,), progress=False).upper
+    assert Fraction(copies) ** 2 >= 3 and Fraction(math.nextafter(copies, 0)) ** 2 < 3
+
+
 @pytest.mark.parametrize("fn, module", [
     (torch.nn.functional.gelu, nn.GELU()),
     (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), nn.GELU(approximate="tanh")),
