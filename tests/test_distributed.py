@@ -1,6 +1,7 @@
 """lipfast on torch.distributed: gloo processes on 127.0.0.1, results against single-process answers."""
 from __future__ import annotations
 
+import gc
 import math
 import socket
 import time
@@ -29,6 +30,9 @@ def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # objects fn left in reference cycles (a DDP module's reducer) are freed now, while the
+        # process group lives: freed after it, at exit, one aborted its process once (terminate)
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
