@@ -226,7 +226,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         lower = (reference._times_pow2(lower_s.reshape(1), torch.tensor([k], device=A.device))[0] - _TINY).clamp_min(0.0)
 
         fro_s = reference._frobenius_upper(As[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
-        G = As.T @ As
+        G = conv._symmetric_gram(As) if As.device.type == "cpu" else As.T @ As  # CPU: from its lower block triangle
         # Error of this rank's product (entrywise gamma(m_r) |A|ᵀ|A|, whose Frobenius norm is at most
         # gamma(m_r) ‖A‖_F², plus underflow), then of the float64 sum over P ranks (gamma(P) times the
         # sum of the terms' Frobenius norms).
