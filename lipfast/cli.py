@@ -212,25 +212,36 @@ def load_model(spec: str | None, trust_pickle: bool = False) -> tuple[torch.nn.M
     raise _UsageError(f"{spec} holds a {type(obj).__name__}, not a model, state_dict or weight matrix")
 
 
-def _gap(model, shape, report, args) -> str | None:
-    """The attained lower bound (local Lipschitz constants at --data, or at random inputs) and the gap."""
+def _gap_inputs(shape, args) -> tuple[torch.Tensor | None, str] | None:
+    """The inputs of the attained lower bound and where they come from: --data, read and checked
+    before the bound's work, or None for --samples random ones (drawn after it)."""
     if args.samples == 0 and not args.data:
         return None
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else None
     if args.data:
         try:
             data = torch.load(args.data, weights_only=True, map_location="cpu")
         except Exception as exc:  # missing file, not a tensor file, pickled code refused
-            raise _UsageError(f"--data {args.data}: cannot load a tensor ({type(exc).__name__}: {exc})") from None
-        if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(shape) or data.shape[0] == 0:
-            got = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-            raise _UsageError(f"--data {args.data} must hold a tensor of inputs (N, {', '.join(map(str, shape))}), got {got}")
-        source = f"{data.shape[0]} inputs from {args.data}"
-    else:
-        data = torch.rand(args.samples, *shape, generator=torch.Generator().manual_seed(0))
-        source = f"{args.samples} random inputs, uniform in [0, 1] (pass --data for real ones)"
+            raise _UsageError(f"--data {args.data}: cannot load a tensor ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(shape) or data.shape[0] == 0 \
+                or not data.is_floating_point():
+            got = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+            raise _UsageError(f"--data {args.data} must hold a floating-point tensor of inputs "
+                              f"(N, {', '.join(map(str, shape))}), got {got}")
+        return data, f"{data.shape[0]} inputs from {args.data}"
+    return None, f"{args.samples} random inputs, uniform in [0, 1] (pass --data for real ones)"
+
+
+def _gap(model, shape, inputs: tuple[torch.Tensor | None, str] | None, report, samples: int) -> str | None:
+    """The attained lower bound (local Lipschitz constants at the inputs of _gap_inputs) and the gap."""
+    if inputs is None:
+        return None
+    data, source = inputs
+    if data is None:
+        data = torch.rand(samples, *shape, generator=torch.Generator().manual_seed(0))
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else None
     try:
         gap = lipfast.lipschitz_gap(model, data.to(dtype=dtype, device=device), report=report)
     except Exception as exc:  # a model torch.func cannot differentiate: the bound still stands
@@ -281,13 +292,14 @@ def bound(args, out=None) -> dict:
     shape = _parse_shape(args.input_shape) if args.input_shape else default_shape
     if shape is None:
         raise _UsageError("this model needs --input-shape (one example, no batch dim, e.g. 3,32,32)")
+    inputs = _gap_inputs(shape, args)
     try:
         report = lipfast.lipschitz_bound(model, shape, rtol=args.rtol, progress=not args.no_progress)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     print(f"lipfast {lipfast.__version__} (backend: {lipfast.backend()}): {description}, input {shape}", file=out)
     print(report, file=out)
-    gap = _gap(model, shape, report, args)
+    gap = _gap(model, shape, inputs, report, args.samples)
     if gap is not None:
         print(gap, file=out)
     if args.json:

@@ -69,7 +69,11 @@ def test_bound_with_data(tmp_path):
     assert "9 inputs from" in line and "within a factor 1.000" in line
     torch.save(torch.randn(9, 6), tmp_path / "bad.pt")
     bad = _run("bound", str(tmp_path / "w.pt"), "--data", str(tmp_path / "bad.pt"), "--no-progress")
-    assert bad.returncode == 2 and "must hold a tensor of inputs (N, 7)" in bad.stderr
+    assert bad.returncode == 2 and "must hold a floating-point tensor of inputs (N, 7)" in bad.stderr
+    assert bad.stdout == ""  # checked before the work: no report
+    missing = _run("bound", str(tmp_path / "w.pt"), "--data", str(tmp_path / "none.pt"), "--no-progress")
+    assert missing.returncode == 2 and "--data" in missing.stderr and missing.stdout == ""
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_bound_model_files(tmp_path):
