@@ -109,24 +109,30 @@ def _all_reduce(x: Tensor, group: object, op=dist.ReduceOp.SUM) -> Tensor:
     return x
 
 
-def _power_of_two_scale(A: Tensor, group: object, dtype: torch.dtype) -> float:
-    """2^-e bringing the largest |entry| over all shards into [1, 2) when it lies outside
-    [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor underflow), else 1.
-    The factor is kept finite in dtype (what A is scaled in): a subnormal largest entry is then
-    brought up to about 2^-22 in float32, 2^-50 in float64, well inside the range."""
+def _largest_exponent(A: Tensor, group: object) -> int:
+    """e with the largest |entry| over all shards in [2^(e-1), 2^e) (frexp's exponent; 0 when all are 0)."""
     local = A.abs().max().double().reshape(1) if A.numel() else torch.zeros(1, dtype=torch.float64, device=A.device)
-    big = _all_reduce(local, group, dist.ReduceOp.MAX)
-    if not float(big[0]) > 0:
+    big = float(_all_reduce(local, group, dist.ReduceOp.MAX)[0])
+    return math.frexp(big)[1] if big > 0 else 0
+
+
+def _power_of_two_scale(e: int, dtype: torch.dtype) -> float:
+    """2^(1-e), bringing the largest |entry| (of exponent e, _largest_exponent) into [1, 2) when it
+    lies outside [2^-32, 2^32] (products of the order of sigma^2 must neither overflow nor
+    underflow), else 1.  The factor is kept finite in dtype (what A is scaled in): a subnormal
+    largest entry is then brought up to about 2^-22 in float32, 2^-50 in float64, well inside."""
+    if e == 0 or abs(e - 1) <= 32:
         return 1.0
-    e = math.frexp(float(big[0]))[1] - 1
-    return math.ldexp(1.0, min(-e, math.frexp(torch.finfo(dtype).max)[1] - 1)) if abs(e) > 32 else 1.0
+    return math.ldexp(1.0, min(1 - e, math.frexp(torch.finfo(dtype).max)[1] - 1))
 
 
-def _top_vector(A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int) -> tuple[Tensor, Tensor, float]:
-    """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step): the unit Ritz vector (n,), its
-    residual bound, identical on every rank, and the power of two A was scaled by for it."""
+def _top_vector(A: Tensor, rows: int, n: int, group: object, rtol: float, max_iters: int,
+                e: int) -> tuple[Tensor, Tensor, float]:
+    """Lanczos on AᵀA = Σ_r A_rᵀ A_r (one all-reduce per step), A's largest entry of exponent e: the
+    unit Ritz vector (n,), its residual bound, identical on every rank, and the power of two A was
+    scaled by for it."""
     compute = reference._compute_dtype(A.dtype)
-    scale = _power_of_two_scale(A, group, compute)
+    scale = _power_of_two_scale(e, compute)
     scaled = A.to(compute) * scale
 
     def gram(x: Tensor) -> Tensor:
@@ -155,7 +161,7 @@ def spectral_norm(local_shard: Tensor, shard_dim: int | None = None, *, group=No
     max_iters = linalg._check_count(f"distributed.{fn}", "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     A, rows, n = _row_shard(fn, local_shard, shard_dim, group)
     with torch.no_grad():
-        v, rel_err, scale = _top_vector(A, rows, n, group, rtol, max_iters)
+        v, rel_err, scale = _top_vector(A, rows, n, group, rtol, max_iters, _largest_exponent(A, group))
         Av = (A.double() * scale) @ v.double()  # scaled: its squares neither under- nor overflow
         sigma = _all_reduce(Av.square().sum().reshape(1), group)[0].sqrt() / scale
     if not float(rel_err) <= rtol:
@@ -201,15 +207,13 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
     P = dist.get_world_size(group)
     m_r = A.shape[0]
     with torch.no_grad():
-        v, _, _ = _top_vector(A, rows, n, group, rtol / 8, max_iters)
+        k_entry = _largest_exponent(A, group)
+        v, _, _ = _top_vector(A, rows, n, group, rtol / 8, max_iters, k_entry)
         # Scale all shards by one power of two 2^-k so that the Gram matrix is of order 1: k from the
         # global Frobenius norm of the shards times 2^-k_entry (largest |entry| over all shards in
         # [0.5, 1): torch's norms square the entries as they are, which under- or overflow beyond
         # 2^±511).  Entries that underflow in the scaled copy change ‖A‖ by at most sqrt(rows n)
         # 2^-1075 (scaled units), taken into account below.
-        local_big = A.abs().max().double().reshape(1) if m_r else torch.zeros(1, dtype=torch.float64, device=A.device)
-        big = float(_all_reduce(local_big, group, dist.ReduceOp.MAX)[0])
-        k_entry = math.frexp(big)[1] if big > 0 else 0
         Ae = reference._times_pow2(A.double()[None], torch.tensor([-k_entry], device=A.device))[0]
         fro_r = reference._frobenius_upper(Ae[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         fro = _all_reduce(fro_r.square().reshape(1), group)[0].sqrt() * (1.0 + 2.0 * (P + 4) * _UNIT)
