@@ -339,6 +339,11 @@ _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
 # each output the mean (the sum) of m = numel(in) / numel(out) entries, each entry in one output
 _REDUCING_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum"}
 _REDUCING_METHODS = {"mean", "sum"}
+# the entrywise max (min) of two tensors: |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|) in
+# every entry, so ‖Δy‖^2 <= ‖Δa‖^2 + ‖Δb‖^2 when a and b have y's shape (MaxMin, traced: its max and
+# min of one pair of slices then get 2, where the module form gets 1)
+_PAIRWISE_EXTREMA = {torch.maximum, torch.minimum, torch.fmax, torch.fmin}
+_PAIRWISE_EXTREMA_METHODS = {"maximum", "minimum", "fmax", "fmin"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate, F.pad}
@@ -743,9 +748,11 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
     if node.op == "call_method":
-        return node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
+        return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
+                or node.target in _PAIRWISE_EXTREMA_METHODS)
     return (node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
-            or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS)
+            or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS
+            or node.target in _PAIRWISE_EXTREMA)
 
 
 def _shape(node: torch.fx.Node, value) -> tuple[int, ...]:
@@ -797,6 +804,12 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _float_up(Fraction(first) / abs(Fraction(other[0]))) if math.isfinite(first) else first  # x / c
     if target in (torch.cat, torch.stack):
         return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
+    if target in _PAIRWISE_EXTREMA or (node.op == "call_method" and name in _PAIRWISE_EXTREMA_METHODS):
+        shape = _shape(node, node)
+        for a in tensor_args:  # a broadcast operand would count once per copy
+            if bounds[a] > 0 and _shape(node, a) != shape:
+                raise _Unsupported(f"{node.name}: {name} of an input-dependent operand broadcast to a larger shape")
+        return _concatenated((node.args, node.kwargs), bounds)
     if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
         return first  # a permutation of the entries, or a conversion: norm 1
     if target is F.dropout:

@@ -385,6 +385,24 @@ class _Applies(nn.Module):
         return self.fn(x)
 
 
+def test_pairwise_maximum_and_minimum():
+    # max(a, b) and min(a, b) of same-shape tensors: sqrt(La^2 + Lb^2); GroupSort traced (its max and
+    # min of two slices of one input, stacked) gets 2 where the module form gets 1; a broadcast
+    # input-dependent operand (each entry used many times) has no finite bound here
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), lipfast.nn.GroupSort(2), nn.Linear(6, 3)).eval()
+    module_bound = lipfast.lipschitz_bound(model, (4,), progress=False).upper
+    x = torch.randn(1, 4)
+    for translated in (torch.jit.trace(model, x), torch.export.export(model, (x,))):
+        upper = lipfast.lipschitz_bound(translated, (4,), progress=False).upper
+        assert 2 * module_bound <= upper <= 2 * module_bound * (1 + 1e-12), (upper, module_bound)
+    upper = lipfast.lipschitz_bound(_Applies(lambda x: torch.maximum(x, torch.zeros(4)) + x.minimum(2 * x)), (4,),
+                                    progress=False).upper
+    assert math.sqrt(5) + 1 <= upper <= (math.sqrt(5) + 1) * (1 + 1e-12)
+    report = lipfast.lipschitz_bound(_Applies(lambda x: torch.maximum(x, x[:, :1])), (4,), progress=False)
+    assert report.upper == math.inf and "broadcast" in report.notes[-1]
+
+
 def test_composition_rounds_up():
     # 0.1 x + 0.7 x has constant 0.1 + 0.7 of the two doubles, exactly 0.79999999999999996..., whose
     # nearest double 0.7999999999999999 is below it: the composition rounds each result up instead.
