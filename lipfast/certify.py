@@ -80,7 +80,7 @@ def certified_radius(
     F = W.shape[1]
     largest = float(W.abs().max()) if W.numel() else 0.0
     e = math.frexp(largest)[1] if largest > 0 else 0
-    Ws = reference._times_pow2(W[None], torch.tensor([-e], device=W.device))[0]
+    Ws = reference._times_pow2_by(W, -e)
     distance = torch.cdist(Ws, Ws, compute_mode="donot_use_mm_for_euclid_dist")[labels]  # (N, C)
     distance = distance * (1 + reference._gamma(F + 4)) + math.sqrt(F * _TINY) + math.sqrt(F) * _TINY
     # equal rows (a float subtraction is 0 only for equal operands): distance 0 exactly, radius inf
@@ -88,10 +88,9 @@ def certified_radius(
     distance = torch.where(same, 0.0, distance)
     if L == math.inf:  # no finite bound: nothing is certified (and inf * 0 is no distance)
         return torch.zeros(N, dtype=out_dtype, device=z.device)
-    per_pair = gaps.clamp_min(0) / (L * distance) * (1 - 8 * _UNIT)  # in units of 2^-e
-    per_pair = torch.where(gaps > 0, per_pair, 0.0)  # 0/0 when the gap is 0
-    scaled = per_pair
-    per_pair = (reference._times_pow2(scaled[None], torch.tensor([-e], device=W.device))[0] - _TINY).clamp_min(0)
+    scaled = gaps.clamp_min(0) / (L * distance) * (1 - 8 * _UNIT)  # in units of 2^-e
+    scaled = torch.where(gaps > 0, scaled, 0.0)  # 0/0 when the gap is 0
+    per_pair = (reference._times_pow2_by(scaled, -e) - _TINY).clamp_min(0)
     per_pair = torch.where(torch.isfinite(scaled) & torch.isinf(per_pair), torch.finfo(torch.float64).max, per_pair)
     per_pair[rows, labels] = math.inf
     return reference.round_directed(per_pair.min(dim=1).values, out_dtype, up=False)

@@ -392,12 +392,6 @@ def _plane_wave(op: ConvOperator, grids: Sequence[_DimGrid], sym: _Symbols, b: i
     return out
 
 
-def _times_pow2(x: Tensor, k: int) -> Tensor:
-    """x * 2^k in two exact factors (k from -1074 to 2046: a subnormal largest entry needs 2^1073,
-    which is not a double), exact where the result is normal."""
-    return reference._times_pow2(x[None], torch.tensor([k], device=x.device))[0]
-
-
 def _in_units(x: float, e: int, *, up: bool) -> float:
     """x * 2^e rounded outwards (up: never below, else never above and not negative): math.ldexp
     is exact but where the result is subnormal, and there it rounds to nearest, off by up to 2^-1075."""
@@ -1013,7 +1007,7 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     # the symbols are built from weight * 2^-e, max |entry| in [0.5, 1): exact, but for float64
     # entries that become subnormal, each off by at most 2^-1075 (so each K entry by taps 2^-1075)
     e = int(torch.frexp(weight.abs().max().double()).exponent)
-    scaled = _times_pow2(weight.double(), -e)
+    scaled = reference._times_pow2_by(weight.double(), -e)
     w1 = _tap_abs_norm(scaled)
     error = _symbol_error(w1, dims, math.prod(op.kernel))
     if e > 0:

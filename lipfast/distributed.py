@@ -214,11 +214,11 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         # [0.5, 1): torch's norms square the entries as they are, which under- or overflow beyond
         # 2^±511).  Entries that underflow in the scaled copy change ‖A‖ by at most sqrt(rows n)
         # 2^-1075 (scaled units), taken into account below.
-        Ae = reference._times_pow2(A.double()[None], torch.tensor([-k_entry], device=A.device))[0]
+        Ae = reference._times_pow2_by(A.double(), -k_entry)
         fro_r = reference._frobenius_upper(Ae[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         fro = _all_reduce(fro_r.square().reshape(1), group)[0].sqrt() * (1.0 + 2.0 * (P + 4) * _UNIT)
         k = k_entry + (math.frexp(float(fro))[1] if float(fro) > 0 else 0)
-        As = reference._times_pow2(A.double()[None], torch.tensor([-k], device=A.device))[0]
+        As = reference._times_pow2_by(A.double(), -k)
         underflow = math.sqrt(rows * n) * _TINY
 
         # lower: ‖A v‖ / ‖v‖ = sqrt(Σ_r (‖A_r v‖ / ‖v‖)²) >= sqrt(Σ_r lower_r²), rounded down, in the
@@ -227,7 +227,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
         lower_r = reference.certified_rayleigh_lower(As[None], v[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         lower_s = _all_reduce(lower_r.square().reshape(1), group)[0].sqrt() * (1.0 - 4.0 * (P + 4) * _UNIT)
         lower_s = (lower_s - math.sqrt(P * _TINY) - underflow).clamp_min(0.0)
-        lower = (reference._times_pow2(lower_s.reshape(1), torch.tensor([k], device=A.device))[0] - _TINY).clamp_min(0.0)
+        lower = (reference._times_pow2_by(lower_s, k) - _TINY).clamp_min(0.0)
 
         fro_s = reference._frobenius_upper(As[None])[0] if m_r else A.new_zeros((), dtype=torch.float64)
         G = conv._symmetric_gram(As) if As.device.type == "cpu" else As.T @ As  # CPU: from its lower block triangle
@@ -254,7 +254,7 @@ def spectral_norm_bounds(local_shard: Tensor, shard_dim: int | None = None, *, g
             target = (lower_s * reference.bracket_stop_factor(rtol, local_shard.dtype)) ** 2
             upper_G = reference.gram_upper_bound(G[None], target.reshape(1), max_gram_steps)[0]
             upper_s = torch.sqrt((upper_G + E) * (1.0 + 4.0 * _UNIT)) * (1.0 + 4.0 * _UNIT) + underflow
-        upper = reference._times_pow2(upper_s.reshape(1), torch.tensor([k], device=upper_s.device))[0]
+        upper = reference._times_pow2_by(upper_s, k)
         upper = upper * (1.0 + 4.0 * _UNIT) + _TINY  # + 2^-1074: a subnormal result rounds to nearest
     dtype = local_shard.dtype
     lower_out = reference.round_directed(lower.reshape(1), dtype, up=False)[0]

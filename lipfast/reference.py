@@ -247,6 +247,12 @@ def _times_pow2(x: Tensor, k: Tensor) -> Tensor:
     return x * p1 * p2
 
 
+def _times_pow2_by(x: Tensor, k: int) -> Tensor:
+    """x * 2^k for one exponent k (-2044 to 2046: a subnormal largest entry needs 2^1073, which is
+    not a double) in _times_pow2's two exact factors: exact where the result is normal."""
+    return _times_pow2(x[None], torch.tensor([k], device=x.device))[0]
+
+
 def _binary_exponent(x: Tensor) -> Tensor:
     return torch.frexp(x).exponent.to(torch.int64)
 
