@@ -1,6 +1,7 @@
 """1-Lipschitz building blocks against the plain PyTorch a user would write, side by side.
 
     python benchmarks/bench_blocks.py
+    python benchmarks/bench_blocks.py --device cuda   # on a GPU (float32, TF32 off as by default)
 
 * AOL rescaling of a ResNet-18-sized conv kernel (512, 512, 3, 3): lipfast forms K ⋆ K from one Gram
   matrix of the kernel as a (512, 9 * 512) matrix (each pair of kernel positions once: 2.2e10 flops);
@@ -24,12 +25,19 @@ import torch.nn.functional as F
 from lipfast.blocks import _aol_scales, _bjorck_step
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int) -> tuple[float, object]:
     result = fn()
     times = []
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result
 
@@ -51,19 +59,21 @@ def bjorck_lipfast(W: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where the weights live (cpu, cuda)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeat}")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"# torch {torch.__version__}, {where}; median of {args.repeat}")
     print()
     print("| case | plain s | lipfast s | plain / lipfast | max relative difference |")
     print("|---|---|---|---|---|")
     for shape in [(512, 512, 3, 3), (64, 64, 3, 3)]:
-        K = torch.randn(*shape, generator=g) / 48
+        K = (torch.randn(*shape, generator=g) / 48).to(args.device)
         t_plain, d_plain = timed(lambda: aol_plain(K), args.repeat)
         t_fast, d_fast = timed(lambda: _aol_scales(K), args.repeat)
         diff = float(((d_fast - d_plain).abs() / d_plain).max())
         print(f"| AOL scales, kernel {shape} | {t_plain:.4f} | {t_fast:.4f} | {t_plain / t_fast:.1f}x | {diff:.1e} |")
-    W = torch.randn(1024, 1024, generator=g) / 64
+    W = (torch.randn(1024, 1024, generator=g) / 64).to(args.device)
     t_plain, q_plain = timed(lambda: bjorck_plain(W), args.repeat)
     t_fast, q_fast = timed(lambda: bjorck_lipfast(W), args.repeat)
     diff = float((q_fast - q_plain).norm() / q_plain.norm())

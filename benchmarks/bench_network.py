@@ -2,6 +2,7 @@
 
     python benchmarks/bench_network.py           # ResNet-18 (CIFAR, 32x32) and ResNet-50 (224x224)
     python benchmarks/bench_network.py --quick   # ResNet-18 only
+    python benchmarks/bench_network.py --device cuda   # the networks on a GPU
 
 lipfast: lipfast.lipschitz_bound(model, input_shape, rtol=1e-3), every layer's certified bracket
 composed over the network's graph, timed after one untimed run (as the plain loop, which runs after
@@ -28,13 +29,14 @@ import lipfast
 from lipfast.models import conv_layers, resnet18_cifar, resnet50_imagenet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conv import power_iteration_baseline  # noqa: E402
+from bench_conv import _sync, power_iteration_baseline  # noqa: E402
 
 RTOL = 1e-3
 
 
 def linear_power_iteration(W: torch.Tensor, truth: float, tol: float) -> float:
-    v = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(0))
+    v = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(0)).to(W)
+    _sync()
     start = time.perf_counter()
     while True:
         u = W @ v
@@ -45,11 +47,13 @@ def linear_power_iteration(W: torch.Tensor, truth: float, tol: float) -> float:
         v = v / v.norm()
 
 
-def run(name: str, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+def run(name: str, model: nn.Module, input_shape: tuple[int, ...], device: str) -> None:
+    model = model.to(device)
     # one untimed run first: a process's first bound of a network pays one-off costs (about 1 s for
     # ResNet-18 here: convolution primitives built per shape, first-touch memory), and the plain loop
     # runs after it, on the same warm primitives
     lipfast.lipschitz_bound(model, input_shape, rtol=RTOL, progress=False)
+    _sync()
     start = time.perf_counter()
     report = lipfast.lipschitz_bound(model, input_shape, rtol=RTOL, progress=False)
     ours = time.perf_counter() - start
@@ -70,15 +74,17 @@ def run(name: str, model: nn.Module, input_shape: tuple[int, ...]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-18 only")
+    parser.add_argument("--device", default="cpu", help="where the networks live (cpu, cuda)")
     args = parser.parse_args()
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+          f"{torch.get_num_threads()} threads, {where}\n")
     print("| network | layers | lipfast s | plain loop s | plain / lipfast | bound | naive product | naive / bound |")
     print("|---|---|---|---|---|---|---|---|")
-    run("ResNet-18 CIFAR, zero padding", resnet18_cifar(), (3, 32, 32))
-    run("ResNet-18 CIFAR, circular padding", resnet18_cifar(padding_mode="circular"), (3, 32, 32))
+    run("ResNet-18 CIFAR, zero padding", resnet18_cifar(), (3, 32, 32), args.device)
+    run("ResNet-18 CIFAR, circular padding", resnet18_cifar(padding_mode="circular"), (3, 32, 32), args.device)
     if not args.quick:
-        run("ResNet-50, 224x224", resnet50_imagenet(), (3, 224, 224))
+        run("ResNet-50, 224x224", resnet50_imagenet(), (3, 224, 224), args.device)
 
 
 if __name__ == "__main__":
