@@ -1181,7 +1181,7 @@ def certify_gram(G: Tensor, fro2: Tensor, rounding: Tensor, estimate: Tensor, rt
     (_certify_below) at mu just above each estimate of sigma_max(A_b), raised up to five times where
     it fails; inf where none held."""
     upper = torch.full_like(estimate, math.inf)
-    pending = torch.arange(len(estimate))
+    pending = torch.arange(len(estimate), device=estimate.device)
     for attempt in range(6):  # mu just above the estimate, then higher where it missed
         candidate = estimate[pending] * (1 + _DENSE_ESTIMATE_RTOL * rtol * 4**attempt)
         proven = _certify_below(-G[pending], torch.zeros_like(G[pending]), fro2[pending], rounding[pending], candidate,
