@@ -1,0 +1,118 @@
+"""The public entry points with the model or the data on each device (CUDA where there is one):
+certified results that hold there and agree with the CPU's.  (A network on CUDA once raised a device
+mismatch in its matrix layers' batched bracket: no test had put a whole network there.)"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipfast
+from test_network import Residual, _max_jacobian_norm
+
+RTOL = 1e-3
+
+
+def _residual(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = Residual().to(dtype)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.2, 2.0)
+        model.bn.weight.uniform_(-2, 2)
+    return model.eval()
+
+
+def _one_lipschitz(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), lipfast.nn.GroupSort(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+        lipfast.nn.Abs(), nn.Flatten(), nn.Linear(4 * 6 * 6, 24), lipfast.nn.SLLBlock(24, inner=16),
+        nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5),
+    ).to(dtype)
+    lipfast.nn.spectral_norm(model[0], mode="operator")
+    lipfast.nn.aol(model[2])
+    lipfast.nn.aol(model[5])
+    lipfast.nn.orthogonal(model[7])
+    lipfast.nn.spectral_norm(model[9])
+    model(torch.randn(3, 2, 6, 6, dtype=dtype))  # one training step; the operator mode learns its input size
+    return model.eval()
+
+
+def _overlap(a, b) -> bool:
+    """Whether two certified brackets of one number can both hold (a margin for float32's rounding)."""
+    return a.lower <= b.upper * (1 + 1e-6) and b.lower <= a.upper * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make, shape", [(_residual, (3, 6, 6)), (_one_lipschitz, (2, 6, 6))], ids=["residual", "blocks"])
+def test_network_bound_on_the_models_device(device, dtype, make, shape):
+    # every layer kind of both networks on the device: zero-padded and circular convs, BatchNorm,
+    # pools, a concatenation, the 1-Lipschitz blocks, and the matrix layers' one batched bracket
+    model = make(dtype)
+    on_cpu = lipfast.lipschitz_bound(model, shape, rtol=RTOL, progress=False)
+    moved = copy.deepcopy(model).to(device)
+    there = lipfast.lipschitz_bound(moved, shape, rtol=RTOL, progress=False)
+    assert there.method == on_cpu.method == "fx" and not there.notes
+    assert [layer.name for layer in there.layers] == [layer.name for layer in on_cpu.layers]
+    for a, b in zip(there.layers, on_cpu.layers):
+        assert 0 <= a.lower <= a.upper < math.inf and _overlap(a, b), (a, b)
+    # the same composition of brackets each within rtol of the other's
+    assert there.upper <= on_cpu.upper * (1 + RTOL) ** len(there.layers)
+    assert on_cpu.upper <= there.upper * (1 + RTOL) ** len(there.layers)
+    assert there.upper >= _max_jacobian_norm(copy.deepcopy(model).double(), shape) * (1 - 1e-6)
+    assert next(moved.parameters()).device.type == torch.device(device).type  # left where it was
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_certified_radius_and_accuracy_on_the_device(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    W[1] = W[0] + 1e-3 * torch.randn(12, generator=g, dtype=torch.float64)  # a near pair of rows
+    features = torch.randn(60, 12, generator=g, dtype=torch.float64)
+    logits = (features @ W.T).to(dtype)
+    labels = logits.argmax(1)
+    labels[:6] = (labels[:6] + 1) % 5
+    for last in (None, W.to(dtype)):
+        expected = lipfast.certified_radius(logits, labels, 1.5, last_layer_weight=last)
+        r = lipfast.certified_radius(logits.to(device), labels.to(device), 1.5,
+                                     last_layer_weight=None if last is None else last.to(device))
+        assert r.device.type == torch.device(device).type and r.dtype == expected.dtype
+        # each a rounded-down float64 formula: equal up to the rounding of the pairwise distances
+        torch.testing.assert_close(r.cpu(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+        assert (r[:6] == 0).all()
+    model = nn.Sequential(nn.Linear(12, 5)).to(dtype)
+    x = features.to(dtype)
+    y = model(x).argmax(1)
+    y[:10] = (y[:10] + 1) % 5
+    report = lipfast.lipschitz_bound(model, (12,), progress=False)
+    for eps in (0.0, 0.1, 0.3):
+        expected = lipfast.certified_accuracy(model, x, y, eps, report=report)
+        moved = copy.deepcopy(model).to(device)
+        assert lipfast.certified_accuracy(moved, x.to(device), y.to(device), eps) == expected
+
+
+@pytest.mark.parametrize("mode", ["matrix", "operator"])
+def test_spectral_norm_training_step_on_the_device(device, mode):
+    torch.manual_seed(4)
+    base = nn.Conv2d(3, 6, 3, padding=1).double()
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
+    size = {"input_size": (7, 7)} if mode == "operator" else {}  # its iterate drawn now, on the CPU
+    registered = lipfast.nn.spectral_norm(base, mode=mode, **size)
+    results = []
+    for where in ("cpu", device):  # the same power-method state moved over: the same step
+        layer = copy.deepcopy(registered).to(where)
+        out = layer(x.to(where))
+        out.square().sum().backward()
+        results.append((out.detach().cpu(), layer.parametrizations.weight.original.grad.cpu(), layer))
+    (out_cpu, grad_cpu, _), (out_dev, grad_dev, layer) = results
+    torch.testing.assert_close(out_dev, out_cpu, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad_dev, grad_cpu, rtol=1e-6, atol=1e-8)
+    if mode == "operator":  # converged, the normalized layer's operator norm is 1 there too
+        lipfast.nn.converge(layer)
+        layer.eval()
+        lower, upper = lipfast.operator_norm_bounds(layer, (7, 7))
+        assert lower.device.type == torch.device(device).type
+        assert float(lower) <= 1 + 1e-5 and float(upper) >= 1 - 1e-5 and float(upper) <= 1 + 2e-3
