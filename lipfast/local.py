@@ -143,7 +143,8 @@ def _refine(model: nn.Module, x: Tensor, steps: int, step_size: float) -> tuple[
     best, best_step = -math.inf, 0
     z = x.detach().clone()
     for step in range(steps + 1):
-        grad, value = value_and_grad(z)
+        with torch.no_grad():  # no graph to the parameters (torch.func's gradient in z still forms)
+            grad, value = value_and_grad(z)
         if float(value) > best:
             best, best_step = float(value), step
         size = grad.norm()

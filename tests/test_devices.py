@@ -116,3 +116,15 @@ def test_spectral_norm_training_step_on_the_device(device, mode):
         lower, upper = lipfast.operator_norm_bounds(layer, (7, 7))
         assert lower.device.type == torch.device(device).type
         assert float(lower) <= 1 + 1e-5 and float(upper) >= 1 - 1e-5 and float(upper) <= 1 + 2e-3
+
+
+def test_lipschitz_gap_on_the_device(device):
+    # the attained lower bound (local constants, then a climb) and the certified upper bound there
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    on_cpu = lipfast.lipschitz_gap(model, x, refine_steps=3)
+    there = lipfast.lipschitz_gap(copy.deepcopy(model).to(device), x.to(device), refine_steps=3)
+    assert 0 < there.lower <= there.upper < math.inf
+    assert abs(there.lower - on_cpu.lower) <= 1e-6 * on_cpu.lower
+    assert abs(there.upper - on_cpu.upper) <= 1e-3 * on_cpu.upper
