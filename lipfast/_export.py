@@ -75,6 +75,8 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
             graph.output(outputs)
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             name = node.target._schema.name.split("::")[1]
+            if name.startswith("_assert") and not node.users:  # a check of dtypes or sizes: computes nothing
+                continue
             args = _positional(node.target, get(node.args), get(node.kwargs))
             if _torchscript.identity_in_place(name, args):
                 env[node] = args[0]

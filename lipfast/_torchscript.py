@@ -47,10 +47,20 @@ _CONVOLUTIONS = {False: (F.conv1d, F.conv2d, F.conv3d), True: (F.conv_transpose1
 
 
 def _eager_class(script: torch.jit.ScriptModule) -> type | None:
-    """The torch.nn class a scripted module was made from, when it is one and not a container."""
+    """The torch.nn class a scripted module was made from, when it is one and not a container, or
+    lipfast's own layer with a registered constant (GroupSort, Abs, the SLL blocks): rebuilt, it
+    keeps that constant, where its graph would be followed op by op (MaxMin's max and min give 2)."""
     name = re.sub(r"___torch_mangle_\d+\.", "", script._c._type().qualified_name())
     name = name.removeprefix("__torch__.")
     module_name, _, class_name = name.rpartition(".")
+    if module_name.startswith("lipfast."):
+        from lipfast.network import _REGISTRY
+
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            return None
+        return cls if cls in _REGISTRY else None
     if not module_name.startswith("torch.nn."):
         return None
     try:
@@ -236,6 +246,10 @@ class _Block:
                 env[outputs[0].debugName()] = _inline_graph(called, args, graph, root, f"{self.where} (a function call)")
         elif kind.startswith("aten::") and len(outputs) == 1:
             self.aten(kind, outputs[0], ins)
+        elif kind.startswith("aten::") and len(outputs) > 1:  # a tuple (a sort's values and indices, say)
+            result = _aten(graph, kind[len("aten::"):], [self.get(v) for v in ins])
+            for i, out in enumerate(outputs):
+                env[out.debugName()] = graph.call_function(operator.getitem, (result, i))
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
 
@@ -363,6 +377,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_method(name[len("sym_"):], tuple(args))
     if name in ("expand", "repeat") and len(args) >= 2:  # (self, size[, implicit]) as the method
         return graph.call_method(name, tuple(args[:2]))
+    if name == "sort" and len(args) == 4:  # aten::sort.stable(self, stable, dim, descending)
+        return graph.call_function(torch.sort, (args[0],), {"stable": args[1], "dim": args[2], "descending": args[3]})
     if name == "contiguous":  # (self, memory_format): the layout does not change the values
         return graph.call_method("contiguous", (args[0],))
     if name in ("Int", "Float", "ScalarImplicit") and len(args) == 1:  # a traced size, kept as it is
@@ -428,7 +444,7 @@ def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, inp
         if len(expected) != len(again) or not all(torch.equal(a, b) for a, b in zip(expected, again)):
             return
         try:
-            got = _flat(graph_module(x.clone()))
+            got = _flat(graph_module.forward(x.clone()))  # (its __call__ prints the failing line to stderr)
         except Exception as exc:
             raise ValueError(f"its translation into a graph fails on an input the script accepts ({type(exc).__name__}: "
                              f"{exc}; pass the Python module instead)") from exc

@@ -44,13 +44,16 @@ class GroupSort(nn.Module):
         self.group_size = group_size
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2 or x.shape[1] % self.group_size:
+        # (written so that torch.jit.script compiles it; a trace records the shapes it saw, so the
+        # check is left out there, where it only warned)
+        if not torch.jit.is_tracing() and (x.dim() < 2 or x.shape[1] % self.group_size != 0):
             raise ValueError(
-                f"lipfast.nn.GroupSort: the input's dim 1 ({tuple(x.shape)}) must be a multiple of group_size={self.group_size}"
+                f"lipfast.nn.GroupSort: the input's dim 1 (shape {list(x.shape)}) must be a multiple of "
+                f"group_size={self.group_size}"
             )
-        groups = x.unflatten(1, (x.shape[1] // self.group_size, self.group_size))
+        groups = x.unflatten(1, [x.shape[1] // self.group_size, self.group_size])
         if self.group_size == 2:  # MaxMin: cheaper than a sort
-            a, b = groups.unbind(2)
+            a, b = groups.select(2, 0), groups.select(2, 1)
             return torch.stack((torch.maximum(a, b), torch.minimum(a, b)), dim=2).flatten(1, 2)
         return groups.sort(dim=2, descending=True).values.flatten(1, 2)
 

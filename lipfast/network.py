@@ -344,6 +344,11 @@ _REDUCING_METHODS = {"mean", "sum"}
 # min of one pair of slices then get 2, where the module form gets 1)
 _PAIRWISE_EXTREMA = {torch.maximum, torch.minimum, torch.fmax, torch.fmin}
 _PAIRWISE_EXTREMA_METHODS = {"maximum", "minimum", "fmax", "fmin"}
+# sorted values along one dim (and the top k of them): per slice ‖sort(a) − sort(b)‖ <= ‖a − b‖ (the
+# rearrangement inequality: pairing both in sorted order minimizes the distance), so norm <= 1; the
+# indices they also return jump, and have no constant (_sort_output)
+_SORTS = {torch.sort: True, torch.topk: True, torch.msort: False}  # whether it returns (values, indices)
+_SORT_METHODS = {"sort": True, "topk": True, "msort": False}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate, F.pad}
@@ -626,6 +631,8 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             bounds[node] = _product(constants[node.target], inputs) if inputs > 0 else 0.0  # (no constant looked up)
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
                 _overwrites(node, bounds, graph_module)
+        elif node.op == "call_function" and node.target is operator.getitem and not node.users:
+            continue  # a piece taken and never used (the indices of a sort, say): it changes nothing
         elif node.op in ("call_function", "call_method"):
             try:
                 bounds[node] = _function_bound(node, bounds)
@@ -816,6 +823,14 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _product(first, _dropout_scale(node))
     if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
         return first  # distinct entries, each once: norm <= 1 (fx's getitem then picks a piece)
+    if target in _SORTS or (node.op == "call_method" and name in _SORT_METHODS):
+        if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
+            raise _Unsupported(f"{node.name}: the (values, indices) of a sort used whole: its indices jump")
+        return first  # its values: norm <= 1 (its indices: _sort_output)
+    if (target is operator.getitem or target is getattr) and _sort_output(node) is not None:
+        if _sort_output(node) != "values":
+            raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
+        return first
     if target is operator.getitem:
         # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
         return _product(first, _sqrt_up(_index_copies(node.args[1])))
@@ -877,6 +892,22 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
                            "computed from it")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _returns_pair(node: torch.fx.Node) -> bool:
+    """Whether node is a sort or topk, which returns (values, indices)."""
+    if node.op == "call_function":
+        return bool(_SORTS.get(node.target))
+    return node.op == "call_method" and bool(_SORT_METHODS.get(node.target))
+
+
+def _sort_output(node: torch.fx.Node) -> str | None:
+    """For x[i] or x.<name> of the (values, indices) pair that a sort or topk returns: "values" or
+    "indices" (anything else taken from it counts as the indices); None for every other node."""
+    source = node.args[0] if node.args else None
+    if not (isinstance(source, torch.fx.Node) and len(node.args) == 2 and _returns_pair(source)):
+        return None
+    return "values" if node.args[1] in (0, -2, "values") else "indices"
 
 
 def _dropout_scale(node: torch.fx.Node) -> float:

@@ -35,6 +35,30 @@ def test_group_sort(group_size):
         lipfast.nn.GroupSort(0)
 
 
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+def test_group_sort_scripted_and_traced(group_size):
+    # torch.jit.script compiles it (its shape check included) and a trace records it without a
+    # TracerWarning; lipschitz_bound rebuilds a scripted GroupSort (constant 1) and follows a
+    # traced one through its sort (1; MaxMin's traced max and min: sqrt(1 + 1) per pair, so 2)
+    import warnings
+
+    torch.manual_seed(group_size)
+    model = nn.Sequential(nn.Linear(5, 6), lipfast.nn.GroupSort(group_size), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    scripted = torch.jit.script(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x[:1])
+    for form in (scripted, traced):
+        torch.testing.assert_close(form(x), model(x), rtol=0, atol=0)
+    with pytest.raises(torch.jit.Error, match="multiple of group_size"):
+        torch.jit.script(lipfast.nn.GroupSort(4))(torch.randn(2, 6))
+    bound = lipfast.lipschitz_bound(model, (5,), progress=False).upper
+    assert lipfast.lipschitz_bound(scripted, (5,), progress=False).upper == bound
+    expected = (2 if group_size == 2 else 1) * bound  # (each rounded up in its own order)
+    assert expected <= lipfast.lipschitz_bound(traced, (5,), progress=False).upper <= expected * (1 + 1e-12)
+
+
 def test_activations_have_constant_one():
     model = nn.Sequential(nn.Linear(6, 8), lipfast.nn.GroupSort(), nn.Linear(8, 8), lipfast.nn.Abs(), nn.Linear(8, 3))
     report = lipfast.lipschitz_bound(model, (6,), progress=False)

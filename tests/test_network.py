@@ -403,6 +403,47 @@ def test_pairwise_maximum_and_minimum():
     assert report.upper == math.inf and "broadcast" in report.notes[-1]
 
 
+class _Sorts(nn.Module):
+    def __init__(self, kind: int):
+        super().__init__()
+        self.linear = nn.Linear(6, 6).double()
+        self.kind = kind
+
+    def forward(self, x):
+        y = self.linear(x)
+        if self.kind == 0:
+            values, _ = y.sort(dim=1)  # the indices taken and never used
+            return values
+        if self.kind == 1:
+            return torch.sort(y, 1, descending=True).values
+        if self.kind == 2:
+            return y.topk(3, dim=1)[0] + torch.msort(y)[:, :3]
+        if self.kind == 3:
+            return y.sort(stable=True, dim=1, descending=True)[0]
+        if self.kind == 4:
+            return y.gather(1, y.sort(dim=1)[1])
+        return torch.sort(y).indices.double()
+
+
+@pytest.mark.parametrize("kind, factor", [(0, 1), (1, 1), (2, 2), (3, 1), (4, None), (5, None)])
+def test_sorted_values_and_their_indices(kind, factor):
+    # sorted values (and the top k of them) have constant 1: ‖sort(a) − sort(b)‖ <= ‖a − b‖ per
+    # slice; the indices jump, so a network that uses them has no finite bound.  The same for the
+    # model traced and exported (aten::sort's two outputs, exported dtype checks left out).
+    torch.manual_seed(kind)
+    model = _Sorts(kind).eval()
+    linear = lipfast.lipschitz_bound(model.linear, (6,), progress=False).upper
+    x = torch.randn(1, 6, dtype=torch.float64)
+    forms = [model, torch.export.export(model, (x,))] + ([torch.jit.trace(model, x)] if kind != 4 else [])
+    for form in forms:
+        report = lipfast.lipschitz_bound(form, (6,), progress=False)
+        if factor is None:
+            assert report.upper == math.inf and "indices" in report.notes[-1], report.notes
+        else:
+            assert report.upper == factor * linear, (type(form), report.upper, linear)
+            assert report.upper >= _max_jacobian_norm(model, (6,)) * (1 - 1e-12)
+
+
 def test_composition_rounds_up():
     # 0.1 x + 0.7 x has constant 0.1 + 0.7 of the two doubles, exactly 0.79999999999999996..., whose
     # nearest double 0.7999999999999999 is below it: the composition rounds each result up instead.
