@@ -349,6 +349,14 @@ _PAIRWISE_EXTREMA_METHODS = {"maximum", "minimum", "fmax", "fmin"}
 # indices they also return jump, and have no constant (_sort_output)
 _SORTS = {torch.sort: True, torch.topk: True, torch.msort: False}  # whether it returns (values, indices)
 _SORT_METHODS = {"sort": True, "topk": True, "msort": False}
+# the largest (smallest) entry of each slice along some dims: the slices are disjoint and per slice
+# |max u − max v| <= ‖u − v‖_inf <= ‖u − v‖, so ‖Δy‖^2 <= ‖Δx‖^2: norm <= 1.  amax and amin, and max
+# and min by their arguments (_extremum_form): of everything, along a dim (values and indices, as a
+# sort), or of two tensors (as maximum)
+_EXTREMA_REDUCTIONS = {torch.amax, torch.amin}
+_EXTREMA_REDUCTION_METHODS = {"amax", "amin"}
+_EXTREMA = {torch.max, torch.min}
+_EXTREMA_METHODS = {"max", "min"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate, F.pad}
@@ -754,6 +762,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return bool(_nodes_in(node.args[1:]))
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
+    if _extremum_form(node) == "pairwise":
+        return True
     if node.op == "call_method":
         return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
                 or node.target in _PAIRWISE_EXTREMA_METHODS)
@@ -810,8 +820,12 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
             raise _Unsupported(f"{node.name}: division with rounding_mode={node.kwargs['rounding_mode']!r}")
         return _float_up(Fraction(first) / abs(Fraction(other[0]))) if math.isfinite(first) else first  # x / c
     if target in (torch.cat, torch.stack):
+        source = _max_min_source(node)
+        if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
+            return bounds[source] if source in bounds else math.inf
         return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
-    if target in _PAIRWISE_EXTREMA or (node.op == "call_method" and name in _PAIRWISE_EXTREMA_METHODS):
+    if (target in _PAIRWISE_EXTREMA or (node.op == "call_method" and name in _PAIRWISE_EXTREMA_METHODS)
+            or _extremum_form(node) == "pairwise"):
         shape = _shape(node, node)
         for a in tensor_args:  # a broadcast operand would count once per copy
             if bounds[a] > 0 and _shape(node, a) != shape:
@@ -823,9 +837,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return _product(first, _dropout_scale(node))
     if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
         return first  # distinct entries, each once: norm <= 1 (fx's getitem then picks a piece)
-    if target in _SORTS or (node.op == "call_method" and name in _SORT_METHODS):
+    if (target in _SORTS or (node.op == "call_method" and name in _SORT_METHODS) or _extremum_form(node)
+            or target in _EXTREMA_REDUCTIONS or (node.op == "call_method" and name in _EXTREMA_REDUCTION_METHODS)):
         if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
-            raise _Unsupported(f"{node.name}: the (values, indices) of a sort used whole: its indices jump")
+            raise _Unsupported(f"{node.name}: the (values, indices) of a {name} used whole: its indices jump")
         return first  # its values: norm <= 1 (its indices: _sort_output)
     if (target is operator.getitem or target is getattr) and _sort_output(node) is not None:
         if _sort_output(node) != "values":
@@ -894,11 +909,85 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
 
 
+def _extremum_form(node: torch.fx.Node) -> str | None:
+    """For max or min (function or method): "pairwise" (of two tensors), "pair" (along a dim: values
+    and indices) or "reduction" (of every entry); None for every other node."""
+    if not ((node.op == "call_function" and node.target in _EXTREMA)
+            or (node.op == "call_method" and node.target in _EXTREMA_METHODS)):
+        return None
+    second = node.args[1] if len(node.args) > 1 else node.kwargs.get("other", node.kwargs.get("dim"))
+    if isinstance(second, torch.fx.Node):
+        return "pairwise"  # (a dim computed in the graph lands here too: it has no shape, so no bound)
+    return "reduction" if second is None else "pair"
+
+
 def _returns_pair(node: torch.fx.Node) -> bool:
-    """Whether node is a sort or topk, which returns (values, indices)."""
+    """Whether node is a sort, topk, or max or min along a dim, which return (values, indices)."""
+    if _extremum_form(node) == "pair":
+        return True
     if node.op == "call_function":
         return bool(_SORTS.get(node.target))
     return node.op == "call_method" and bool(_SORT_METHODS.get(node.target))
+
+
+#: operations that take entries of their first argument and move them, without arithmetic: run on a
+#: tensor of entry numbers, they tell which entries a value holds (_entries)
+_MOVING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {operator.getitem}
+_MOVING_METHODS = (_SHAPE_ONLY_METHODS - {"float", "double", "to", "type_as", "detach"}) | _SELECTING_METHODS
+
+
+def _entries(node: torch.fx.Node, depth: int = 0) -> tuple[torch.fx.Node, object] | None:
+    """(g, E): node's value is made of entries of g's value moved by shape and selection operations
+    alone, and E is that value computed on g's entry numbers (an int64 tensor, or a tuple of them
+    after a split); None where some step is not such an operation or a size is not known."""
+    moving = ((node.op == "call_function" and node.target in _MOVING_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _MOVING_METHODS))
+    source = node.args[0] if node.args else None
+    if depth < 32 and moving and isinstance(source, torch.fx.Node) and not _nodes_in((node.args[1:], node.kwargs)):
+        found = _entries(source, depth + 1)
+        if found is not None:
+            g, numbers = found
+            try:
+                if node.op == "call_function":
+                    return g, node.target(numbers, *node.args[1:], **node.kwargs)
+                return g, getattr(numbers, node.target)(*node.args[1:], **node.kwargs)
+            except Exception:
+                return None
+    shape = _propagated_shape(node)
+    if shape is None or math.prod(shape) > 1 << 26:
+        return None
+    return node, torch.arange(math.prod(shape)).reshape(shape)
+
+
+def _max_min_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """For cat or stack of exactly (max(a, b), min(a, b)) (either order; the two a's, and the two b's,
+    the same entries of one value g, taken by two calls or one; all of one shape), where a and b hold
+    distinct entries of g: g.  Per entry the pair is a sort of (a_i, b_i), so ‖Δ(max, min)‖^2 <=
+    ‖Δa‖^2 + ‖Δb‖^2 <= ‖Δg‖^2: the pair's constant is g's (MaxMin traced or exported, or written
+    out, gets 1 where the two values counted apart give 2)."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not (isinstance(tensors, (list, tuple)) and len(tensors) == 2 and all(isinstance(t, torch.fx.Node) for t in tensors)):
+        return None
+    operands = []
+    for t in tensors:
+        kind = getattr(t.target, "__name__", t.target) if t.op in ("call_function", "call_method") else None
+        if kind not in ("maximum", "minimum", "max", "min") or t.kwargs or len(t.args) != 2 or \
+                not all(isinstance(a, torch.fx.Node) for a in t.args):
+            return None
+        operands.append((kind in ("maximum", "max"), t.args))
+    (first_is_max, (a, b)), (second_is_max, (c, d)) = operands
+    if first_is_max == second_is_max or len({_propagated_shape(v) for v in (a, b, c, d, *tensors)} - {None}) != 1 or \
+            None in {_propagated_shape(v) for v in (a, b, c, d)}:
+        return None
+    found = [_entries(v) for v in (a, b, c, d)]
+    if any(f is None or f[0] is not found[0][0] or f[0] in (a, b, c, d) or not isinstance(f[1], torch.Tensor)
+           for f in found):
+        return None
+    na, nb, nc, nd = (f[1] for f in found)
+    if not ((torch.equal(na, nc) and torch.equal(nb, nd)) or (torch.equal(na, nd) and torch.equal(nb, nc))):
+        return None
+    taken = torch.cat([na.flatten(), nb.flatten()])
+    return found[0][0] if taken.unique().numel() == taken.numel() else None
 
 
 def _sort_output(node: torch.fx.Node) -> str | None:

@@ -39,7 +39,7 @@ def test_group_sort(group_size):
 def test_group_sort_scripted_and_traced(group_size):
     # torch.jit.script compiles it (its shape check included) and a trace records it without a
     # TracerWarning; lipschitz_bound rebuilds a scripted GroupSort (constant 1) and follows a
-    # traced one through its sort (1; MaxMin's traced max and min: sqrt(1 + 1) per pair, so 2)
+    # traced one through its sort, or MaxMin's max and min of two disjoint slices (1 either way)
     import warnings
 
     torch.manual_seed(group_size)
@@ -55,8 +55,7 @@ def test_group_sort_scripted_and_traced(group_size):
         torch.jit.script(lipfast.nn.GroupSort(4))(torch.randn(2, 6))
     bound = lipfast.lipschitz_bound(model, (5,), progress=False).upper
     assert lipfast.lipschitz_bound(scripted, (5,), progress=False).upper == bound
-    expected = (2 if group_size == 2 else 1) * bound  # (each rounded up in its own order)
-    assert expected <= lipfast.lipschitz_bound(traced, (5,), progress=False).upper <= expected * (1 + 1e-12)
+    assert bound <= lipfast.lipschitz_bound(traced, (5,), progress=False).upper <= bound * (1 + 1e-12)
 
 
 def test_activations_have_constant_one():

@@ -386,19 +386,21 @@ class _Applies(nn.Module):
 
 
 def test_pairwise_maximum_and_minimum():
-    # max(a, b) and min(a, b) of same-shape tensors: sqrt(La^2 + Lb^2); GroupSort traced (its max and
-    # min of two slices of one input, stacked) gets 2 where the module form gets 1; a broadcast
-    # input-dependent operand (each entry used many times) has no finite bound here
+    # max(a, b) and min(a, b) of same-shape tensors: sqrt(La^2 + Lb^2); GroupSort traced or exported
+    # (its max and min of two slices of one input, stacked) gets the module's 1 (_max_min_source);
+    # a broadcast input-dependent operand (each entry used many times) has no finite bound here
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), lipfast.nn.GroupSort(2), nn.Linear(6, 3)).eval()
     module_bound = lipfast.lipschitz_bound(model, (4,), progress=False).upper
     x = torch.randn(1, 4)
     for translated in (torch.jit.trace(model, x), torch.export.export(model, (x,))):
         upper = lipfast.lipschitz_bound(translated, (4,), progress=False).upper
-        assert 2 * module_bound <= upper <= 2 * module_bound * (1 + 1e-12), (upper, module_bound)
+        assert module_bound <= upper <= module_bound * (1 + 1e-12), (upper, module_bound)
     upper = lipfast.lipschitz_bound(_Applies(lambda x: torch.maximum(x, torch.zeros(4)) + x.minimum(2 * x)), (4,),
                                     progress=False).upper
     assert math.sqrt(5) + 1 <= upper <= (math.sqrt(5) + 1) * (1 + 1e-12)
+    upper = lipfast.lipschitz_bound(_Applies(lambda x: torch.max(x, 2 * x) + x.min(x * 0.5)), (4,), progress=False).upper
+    assert math.sqrt(5) + math.sqrt(1.25) <= upper <= (math.sqrt(5) + math.sqrt(1.25)) * (1 + 1e-12)  # max/min of two
     report = lipfast.lipschitz_bound(_Applies(lambda x: torch.maximum(x, x[:, :1])), (4,), progress=False)
     assert report.upper == math.inf and "broadcast" in report.notes[-1]
 
@@ -442,6 +444,45 @@ def test_sorted_values_and_their_indices(kind, factor):
         else:
             assert report.upper == factor * linear, (type(form), report.upper, linear)
             assert report.upper >= _max_jacobian_norm(model, (6,)) * (1 - 1e-12)
+
+
+_MAX_MINS = {  # MaxMin written out: (max(a, b), min(a, b)) of two pieces of one tensor, and pieces that are not disjoint
+    "chunks": (lambda y: torch.cat([torch.max(*y.chunk(2, 1)), torch.min(*y.chunk(2, 1))], 1), True),
+    "strided": (lambda y: torch.cat([torch.maximum(y[:, ::2], y[:, 1::2]), torch.minimum(y[:, 1::2], y[:, ::2])], 1), True),
+    "columns": (lambda y: torch.stack([y[:, 0].max(y[:, 1]), y[:, 0].min(y[:, 1])], 1), True),
+    "index lists": (lambda y: torch.cat([torch.maximum(y[:, [0, 2, 4]], y[:, [1, 3, 5]]),
+                                         torch.minimum(y[:, [0, 2, 4]], y[:, [1, 3, 5]])], 1), True),
+    "overlapping": (lambda y: torch.cat([torch.maximum(y[:, :4], y[:, 2:]), torch.minimum(y[:, :4], y[:, 2:])], 1), False),
+    "repeated": (lambda y: torch.cat([torch.maximum(y[:, [0, 0, 4]], y[:, [1, 3, 5]]),
+                                      torch.minimum(y[:, [0, 0, 4]], y[:, [1, 3, 5]])], 1), False),
+    "with itself": (lambda y: torch.cat([torch.maximum(y, y.flip(1)), torch.minimum(y, y.flip(1))], 1), False),
+    "two maxima": (lambda y: torch.cat([torch.maximum(y[:, :3], y[:, 3:]), torch.maximum(y[:, :3], y[:, 3:])], 1), False),
+}
+
+
+@pytest.mark.parametrize("name", list(_MAX_MINS))
+def test_max_min_of_disjoint_pieces_has_the_constant_of_their_source(name):
+    fn, disjoint = _MAX_MINS[name]
+    torch.manual_seed(1)
+    linear = nn.Linear(5, 6).double()
+    model = nn.Sequential(linear, _Applies(fn)).eval()
+    L = lipfast.lipschitz_bound(linear, (5,), progress=False).upper
+    upper = lipfast.lipschitz_bound(model, (5,), progress=False).upper
+    if disjoint:
+        assert upper == L
+    else:
+        assert upper > 1.4 * L  # each piece counted apart
+    assert upper >= _max_jacobian_norm(model, (5,), points=12) * (1 - 1e-12)
+
+
+def test_maxima_and_minima_along_dims():
+    # max/min of each slice (amax, amin, max and min along a dim or of everything): 1; their indices: none
+    for fn in (lambda y: y.amax(dim=(2, 3)), lambda y: torch.amin(y, 1), lambda y: torch.max(y, 1)[0],
+               lambda y: y.min(dim=1, keepdim=True).values, lambda y: y.max()[None]):
+        report = lipfast.lipschitz_bound(_Applies(fn), (3, 4, 4), progress=False)
+        assert report.upper == 1.0, report.notes
+    report = lipfast.lipschitz_bound(_Applies(lambda y: y.max(dim=1).indices.double()), (3, 4, 4), progress=False)
+    assert report.upper == math.inf and "indices" in report.notes[-1]
 
 
 def test_composition_rounds_up():
