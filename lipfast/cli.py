@@ -270,10 +270,24 @@ def _write(option: str, path: str, write) -> None:
         raise _UsageError(f"{option} {path}: cannot write it ({exc.strerror or exc})") from None
 
 
+def _device(text: str) -> torch.device:
+    """--device as a torch.device that this machine has (checked before the work)."""
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _UsageError(f"--device {text}: not a device this machine has ({reason})") from None
+    if device.type == "meta":
+        raise _UsageError(f"--device {text}: meta tensors hold no values to bound")
+    return device
+
+
 def bound(args, out=None) -> dict:
     out = out or sys.stdout
     if not (math.isfinite(args.rtol) and args.rtol > 0):
         raise _UsageError("--rtol must be a positive number")
+    device = _device(args.device)
     if args.samples < 0:
         raise _UsageError(f"--samples must be >= 0, got {args.samples}")
     plt = None
@@ -289,6 +303,7 @@ def bound(args, out=None) -> dict:
         except ImportError:  # said now, before the work; the rest of the command runs
             print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
     model, default_shape, description = load_model(args.model, args.trust_pickle)
+    model = model.to(device)
     shape = _parse_shape(args.input_shape) if args.input_shape else default_shape
     if shape is None:
         raise _UsageError("this model needs --input-shape (one example, no batch dim, e.g. 3,32,32)")
@@ -297,7 +312,8 @@ def bound(args, out=None) -> dict:
         report = lipfast.lipschitz_bound(model, shape, rtol=args.rtol, progress=not args.no_progress)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    print(f"lipfast {lipfast.__version__} (backend: {lipfast.backend()}): {description}, input {shape}", file=out)
+    where = f", on {device}" if device.type != "cpu" else ""
+    print(f"lipfast {lipfast.__version__} (backend: {lipfast.backend()}): {description}, input {shape}{where}", file=out)
     print(report, file=out)
     gap = _gap(model, shape, inputs, report, args.samples)
     if gap is not None:
@@ -364,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     bound_parser.add_argument("--trust-pickle", action="store_true",
                               help="allow a whole pickled model (runs arbitrary code from the file)")
     bound_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bound_parser.add_argument("--device", default="cpu", help="where the model is bounded: cpu (default), cuda, cuda:1, ...")
     bound_parser.add_argument("--data", help="inputs (N, *input shape) saved with torch.save: the attained lower bound "
                                              "max ‖J(x)‖ over them, and the gap to the certified bound")
     bound_parser.add_argument("--samples", type=int, default=16,

@@ -134,13 +134,29 @@ def test_bound_exported_program_file(tmp_path):
     (["bound", "--json", "/no-such-folder/r.json"], "no such folder"),
     (["bound", "--plot", "/no-such-folder/p.png"], "no such folder"),
     (["bound", "--json", "."], "is a folder"),
-])
+    (["bound", "--device", "nonsense"], "--device nonsense: not a device"),
+    (["bound", "--device", "meta"], "meta tensors hold no values"),
+] + ([] if torch.cuda.is_available() else [(["bound", "--device", "cuda"], "--device cuda: not a device this machine has")]))
 def test_bound_errors(args, message):
     result = _run(*args, "--no-progress")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""  # before any work: no report
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_bound_on_a_device(tmp_path, device):
+    torch.manual_seed(2)
+    W = torch.randn(5, 7)
+    torch.save(W, tmp_path / "w.pt")
+    torch.save(torch.randn(4, 7), tmp_path / "x.pt")
+    result = _run("bound", str(tmp_path / "w.pt"), "--device", device, "--data", str(tmp_path / "x.pt"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert (", on cuda" in result.stdout.splitlines()[0]) == (device == "cuda")
+    sigma = float(torch.linalg.matrix_norm(W.double(), 2))
+    upper = float(result.stdout.split("network bound (composed over the graph, fx): ")[1].split()[0])
+    assert sigma <= upper <= sigma * 1.001 and "attained lower bound" in result.stdout
 
 
 def test_certify_rejects_bad_epochs():
