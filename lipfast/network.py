@@ -1363,10 +1363,12 @@ def certified_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, eps: fl
     if not isinstance(inputs, Tensor) or inputs.dim() < 2:
         raise ValueError(f"lipfast.certified_accuracy: inputs must be a batch tensor (N, ...), got "
                          f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}")
+    if inputs.shape[0] == 0:  # a fraction of nothing: 0 would read as a network that certifies nothing
+        raise ValueError(f"lipfast.certified_accuracy: inputs holds no examples (shape {tuple(inputs.shape)})")
     if report is None:
         report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=False)
     logits = eval_forward(model, inputs)  # the bound is the eval-mode network's; and nothing is updated
     radius = certified_radius(logits, labels, report.upper)
     correct = logits.argmax(1) == labels.to(logits.device)
     # in float64, where eps is exact (compared with a float32 tensor, eps would be rounded to float32)
-    return float((correct & (radius.double() > eps)).double().mean()) if len(labels) else 0.0
+    return float((correct & (radius.double() > eps)).double().mean())

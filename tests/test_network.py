@@ -258,6 +258,8 @@ def test_certified_accuracy():
     for eps in (-0.1, math.nan):
         with pytest.raises(ValueError, match="eps"):
             lipfast.certified_accuracy(model, x, labels, eps, report=report)
+    with pytest.raises(ValueError, match="inputs holds no examples"):
+        lipfast.certified_accuracy(model, x[:0], labels[:0], 0.1, report=report)
 
 
 def test_certified_accuracy_judges_the_eval_mode_network_and_changes_nothing():
