@@ -47,7 +47,7 @@ def linear_power_iteration(W: torch.Tensor, truth: float, tol: float) -> float:
         v = v / v.norm()
 
 
-def run(name: str, model: nn.Module, input_shape: tuple[int, ...], device: str) -> None:
+def run(name: str, model: nn.Module, input_shape: tuple[int, ...], device: str, slowest: list[str]) -> None:
     model = model.to(device)
     # one untimed run first: a process's first bound of a network pays one-off costs (about 1 s for
     # ResNet-18 here: convolution primitives built per shape, first-touch memory), and the plain loop
@@ -69,6 +69,9 @@ def run(name: str, model: nn.Module, input_shape: tuple[int, ...], device: str) 
                 plain += power_iteration_baseline(layer, size, bracket.lower, tol, cap_s=60)[0]
     print(f"| {name} | {len(report.layers)} | {ours:.2f} | {plain:.2f} | {plain / ours:.2f} | {report.upper:.4g} | "
           f"{report.naive_upper:.4g} | {report.naive_upper / report.upper:.3g} |", flush=True)
+    top = sorted(report.layers, key=lambda layer: -layer.seconds)[:5]
+    slowest.append(f"# {name}: slowest layers (s, of {ours:.2f}): " +
+                   ", ".join(f"{layer.name} {layer.kind} {layer.seconds:.3f}" for layer in top))
 
 
 def main() -> None:
@@ -81,10 +84,13 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {where}\n")
     print("| network | layers | lipfast s | plain loop s | plain / lipfast | bound | naive product | naive / bound |")
     print("|---|---|---|---|---|---|---|---|")
-    run("ResNet-18 CIFAR, zero padding", resnet18_cifar(), (3, 32, 32), args.device)
-    run("ResNet-18 CIFAR, circular padding", resnet18_cifar(padding_mode="circular"), (3, 32, 32), args.device)
+    slowest: list[str] = []
+    run("ResNet-18 CIFAR, zero padding", resnet18_cifar(), (3, 32, 32), args.device, slowest)
+    run("ResNet-18 CIFAR, circular padding", resnet18_cifar(padding_mode="circular"), (3, 32, 32), args.device, slowest)
     if not args.quick:
-        run("ResNet-50, 224x224", resnet50_imagenet(), (3, 224, 224), args.device)
+        run("ResNet-50, 224x224", resnet50_imagenet(), (3, 224, 224), args.device, slowest)
+    print()
+    print("\n".join(slowest))
 
 
 if __name__ == "__main__":
