@@ -55,6 +55,7 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
     functions in place of aten operators.  Raises ValueError for what cannot be translated."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, object] = {}
+    constants: dict[torch.fx.Node, torch.Tensor] = {}  # the program's tensors, and copies of them made in it
     aliased: set[torch.fx.Node] = set()  # values that share memory with another (a view, or viewed)
 
     def get(value):
@@ -65,6 +66,9 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
             env[node] = graph.placeholder(node.name)
         elif node.op == "get_attr":
             env[node] = graph.get_attr(node.target)
+            value = functools.reduce(getattr, node.target.split("."), source)
+            if isinstance(value, torch.Tensor):
+                constants[node] = value
         elif node.op == "call_module":
             if node.users:  # (the input guards of an exported program return nothing)
                 raise ValueError(f"exported program calls module {node.target}, which is not followed")
@@ -81,6 +85,17 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
             if _torchscript.identity_in_place(name, args):
                 env[node] = args[0]
                 continue
+            values = _positional(node.target, *torch.fx.node.map_aggregate(
+                (node.args, node.kwargs), lambda v: constants.get(v, env.get(v)) if isinstance(v, torch.fx.Node) else v))
+            folded = _torchscript.fold_constant(name, values)
+            source_value = values[0] if values else None
+            if folded is not None and isinstance(source_value, torch.Tensor) and folded.dtype == source_value.dtype \
+                    and folded.device == source_value.device and torch.equal(folded, source_value):
+                # a copy of a constant (an index list lifted into the program, say): the same buffer
+                env[node], constants[node] = env[node.args[0]], folded
+                continue
+            if name == "index" and _torchscript._constant_index(values[1]) is not None:
+                args[1] = values[1]  # constant index tensors, which the translation turns into lists
             env[node] = _torchscript._aten(graph, name, args)
             first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             if first is not None and name in _util.VIEW_OPERATIONS:  # the result shares its input's memory

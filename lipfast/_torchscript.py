@@ -274,6 +274,18 @@ class _Block:
         for out, item in zip(outputs, carried):
             self.env[out.debugName()] = item
 
+    def graph_constants(self, args: list) -> list:
+        """args with each tensor constant of the script (a traced torch.tensor(...), say) installed
+        under the root as a buffer and passed as its graph value: a graph's code cannot hold tensors."""
+        def install(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            name = f"_script_constant_{sum(1 for _ in self.root.buffers())}"
+            _install(self.root, name, tensor=value)
+            return self.graph.get_attr(name)
+
+        return [torch.fx.node.map_aggregate(a, install) if isinstance(a, (list, tuple)) else install(a) for a in args]
+
     def control_flow(self, what: str) -> None:
         raise ValueError(f"TorchScript control flow ({what}) in {self.where} cannot be followed (pass the Python "
                          "module instead)")
@@ -315,6 +327,12 @@ class _Block:
         if identity_in_place(name, args):
             self.env[output.debugName()] = args[0]
             return
+        folded = fold_constant(name, args)
+        if folded is not None:
+            self.env[output.debugName()] = folded
+            return
+        if not (name == "index" and len(args) == 2 and _constant_index(args[1]) is not None):
+            args = self.graph_constants(args)
         self.env[output.debugName()] = _aten(self.graph, name, args)
         if name in _util.VIEW_OPERATIONS and ins:  # the output shares the input's memory
             self.aliased.update({ins[0].debugName(), output.debugName()})
@@ -327,6 +345,41 @@ class _Block:
             self.env[ins[0].debugName()] = self.env[output.debugName()]
 
 
+#: operations that only copy, convert or move a tensor: on a constant (a traced index list, an
+#: exported lifted tensor) they are evaluated while translating, and the result stays a constant
+_FOLDED = {"to", "_to_copy", "lift_fresh", "lift_fresh_copy", "clone", "detach", "detach_", "contiguous", "alias"}
+
+
+def fold_constant(name: str, args: list) -> torch.Tensor | None:
+    """aten::<name>(*args) evaluated now, when it is an operation of _FOLDED on a constant tensor
+    (no graph value among args); None otherwise."""
+    if name not in _FOLDED or not args or not isinstance(args[0], torch.Tensor) or _has_node(args):
+        return None
+    try:
+        return getattr(torch.ops.aten, name)(*args)
+    except Exception:  # an overload it cannot pick from these values: left to the graph
+        return None
+
+
+def _constant_index(indices) -> tuple | None:
+    """aten::index's list of optional index tensors as a Python index (None -> every entry, a 1-D
+    integer constant -> a list of ints, a 1-D boolean one -> the list of its true positions), which
+    the composition can count copies in; None where some index is not such a constant."""
+    if not isinstance(indices, (list, tuple)):
+        return None
+    parts: list = []
+    for index in indices:
+        if index is None:
+            parts.append(slice(None))
+        elif isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype == torch.bool:
+            parts.append(index.nonzero().flatten().tolist())
+        elif isinstance(index, torch.Tensor) and index.dim() == 1 and not index.is_floating_point():
+            parts.append(index.tolist())
+        else:
+            return None
+    return tuple(parts)
+
+
 def identity_in_place(name: str, args: list) -> bool:
     """Whether aten::<name>(*args) leaves its input as it was: a dropout in place with train=False."""
     return name in ("dropout_", "feature_dropout_", "alpha_dropout_", "feature_alpha_dropout_") and \
@@ -337,6 +390,9 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name  # in place -> out of place
+    if name == "index" and len(args) == 2 and _constant_index(args[1]) is not None:
+        # x[i] with constant index lists: a getitem, whose copies of each entry the composition counts
+        return graph.call_function(operator.getitem, (args[0], _constant_index(args[1])))
     if name in ("add", "sub") and len(args) == 3:  # aten::add(self, other, alpha)
         return graph.call_function(getattr(torch, name), tuple(args[:2]), {"alpha": args[2]})
     if name == "_convolution":  # a traced conv layer: (input, weight, bias, stride, padding, dilation,

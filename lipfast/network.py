@@ -729,6 +729,21 @@ def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
     return False
 
 
+def _literal_index(part):
+    """An index tensor that is a constant of the model (torch.tensor([...]) in the forward, which
+    torch.fx keeps as an attribute, or a stored one): as the list of ints it selects (a boolean
+    mask: its true positions); anything else as it is."""
+    if not (isinstance(part, torch.fx.Node) and part.op == "get_attr" and part.graph.owning_module is not None):
+        return part
+    try:
+        value = functools.reduce(getattr, part.target.split("."), part.graph.owning_module)
+    except AttributeError:
+        return part
+    if not isinstance(value, Tensor) or value.dim() != 1 or value.is_floating_point() or value.is_complex():
+        return part
+    return value.nonzero().flatten().tolist() if value.dtype == torch.bool else value.tolist()
+
+
 def _index_copies(index) -> int:
     """An upper bound on how many times x[index] holds one entry of x (fx's getitem): 1 for ints,
     slices, None and Ellipsis (a selection of distinct entries); a list of ints may name one entry
@@ -736,7 +751,7 @@ def _index_copies(index) -> int:
     counts.  A tensor index (a graph value) is not followed."""
     parts = index if isinstance(index, tuple) else (index,)
     copies = 1
-    for part in parts:
+    for part in map(_literal_index, parts):
         if isinstance(part, (list, tuple)):
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in part):
                 raise _Unsupported(f"an index {part!r} that is not a list of ints")

@@ -202,3 +202,37 @@ def test_local_constants_and_the_gap_of_a_program():
     torch.testing.assert_close(lipfast.local_lipschitz(program, inputs), lipfast.local_lipschitz(model, inputs))
     gap = lipfast.lipschitz_gap(program, inputs, refine_steps=2)
     assert gap.lower <= gap.upper and gap.upper == lipfast.lipschitz_bound(program, (3, 8, 8), progress=False).upper
+
+
+class _Constants(nn.Module):
+    """Tensor constants in the forward: index lists (one with a repeat), a boolean mask, an offset."""
+
+    def __init__(self, kind: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 6).double()
+        self.kind = kind
+
+    def forward(self, x):
+        y = self.linear(x)
+        if self.kind == 0:
+            return y[:, [0, 2, 4]] + y[:, [1, 3, 5]]
+        if self.kind == 1:
+            return y[:, [0, 0, 3]]
+        if self.kind == 2:
+            return y[:, torch.tensor([True, False, True, True, False, False])]
+        return 3 * y + torch.tensor([1.0, 2, 3, 4, 5, 6], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind, factor", [(0, 2), (1, math.sqrt(2)), (2, 1), (3, 3)])
+@pytest.mark.parametrize("form", ["trace", "export"])
+def test_tensor_constants_of_a_traced_or_exported_model(kind, factor, form):
+    # traced, each torch.tensor(...) is a constant of the graph (once an error in the translation's
+    # code); exported, a lifted copy of one: an index list is counted as the module's getitem is
+    torch.manual_seed(kind)
+    model = _Constants(kind).eval()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    made = torch.jit.trace(model, x) if form == "trace" else torch.export.export(model, (x,))
+    L = lipfast.lipschitz_bound(model.linear, (5,), progress=False).upper
+    expected = lipfast.lipschitz_bound(model, (5,), progress=False).upper
+    assert factor * L <= expected <= factor * L * (1 + 1e-12)
+    assert lipfast.lipschitz_bound(made, (5,), progress=False).upper == expected
