@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="where the weights live (cpu, cuda)")
     args = parser.parse_args()
+    # full float32 on a GPU too: cuDNN's convolutions default to TF32 (10-bit mantissas), which lipfast's
+    # products do not use (the sixteenth session's H200 run compared against TF32: 1.3e-5 apart)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(0)
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"# torch {torch.__version__}, {where}; median of {args.repeat}")

@@ -128,3 +128,17 @@ def test_lipschitz_gap_on_the_device(device):
     assert 0 < there.lower <= there.upper < math.inf
     assert abs(there.lower - on_cpu.lower) <= 1e-6 * on_cpu.lower
     assert abs(there.upper - on_cpu.upper) <= 1e-3 * on_cpu.upper
+
+
+def test_one_lipschitz_blocks_train_and_export_on_the_device(device):
+    # a training step of every block there, then export: plain layers on the device, same outputs
+    model = copy.deepcopy(_one_lipschitz(torch.float64)).to(device).train()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64, device=device)
+    loss = lipfast.nn.LipschitzMarginLoss(0.1)(model(x), torch.arange(5, device=device) % 5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device == x.device for p in model.parameters() if p.requires_grad)
+    model.eval()
+    exported = lipfast.nn.export(model)
+    assert all(p.device == x.device for p in exported.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-6)
