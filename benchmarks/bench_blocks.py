@@ -1,7 +1,7 @@
 """1-Lipschitz building blocks against the plain PyTorch a user would write, side by side.
 
     python benchmarks/bench_blocks.py
-    python benchmarks/bench_blocks.py --device cuda   # on a GPU (float32, TF32 off as by default)
+    python benchmarks/bench_blocks.py --device cuda   # on a GPU (float32, TF32 off for both)
 
 * AOL rescaling of a ResNet-18-sized conv kernel (512, 512, 3, 3): lipfast forms K ⋆ K from one Gram
   matrix of the kernel as a (512, 9 * 512) matrix (each pair of kernel positions once: 2.2e10 flops);
