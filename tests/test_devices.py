@@ -41,9 +41,10 @@ def _one_lipschitz(dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _overlap(a, b) -> bool:
-    """Whether two certified brackets of one number can both hold (a margin for float32's rounding)."""
-    return a.lower <= b.upper * (1 + 1e-6) and b.lower <= a.upper * (1 + 1e-6)
+def _overlap(a, b, margin: float) -> bool:
+    """Whether two certified brackets of one number can both hold, up to a relative margin (a
+    parametrized weight, recomputed on each device, differs there in its last bits)."""
+    return a.lower <= b.upper * (1 + margin) and b.lower <= a.upper * (1 + margin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -58,7 +59,7 @@ def test_network_bound_on_the_models_device(device, dtype, make, shape):
     assert there.method == on_cpu.method == "fx" and not there.notes
     assert [layer.name for layer in there.layers] == [layer.name for layer in on_cpu.layers]
     for a, b in zip(there.layers, on_cpu.layers):
-        assert 0 <= a.lower <= a.upper < math.inf and _overlap(a, b), (a, b)
+        assert 0 <= a.lower <= a.upper < math.inf and _overlap(a, b, 1e-4 if dtype == torch.float32 else 1e-9), (a, b)
     # the same composition of brackets each within rtol of the other's
     assert there.upper <= on_cpu.upper * (1 + RTOL) ** len(there.layers)
     assert on_cpu.upper <= there.upper * (1 + RTOL) ** len(there.layers)
