@@ -63,7 +63,8 @@ def test_network_bound_on_the_models_device(device, dtype, make, shape):
     # the same composition of brackets each within rtol of the other's
     assert there.upper <= on_cpu.upper * (1 + RTOL) ** len(there.layers)
     assert on_cpu.upper <= there.upper * (1 + RTOL) ** len(there.layers)
-    assert there.upper >= _max_jacobian_norm(copy.deepcopy(model).double(), shape) * (1 - 1e-6)
+    margin = 1e-4 if dtype == torch.float32 else 1e-9  # (the float64 copy recomputes parametrized weights)
+    assert there.upper >= _max_jacobian_norm(copy.deepcopy(model).double(), shape) * (1 - margin)
     assert next(moved.parameters()).device.type == torch.device(device).type  # left where it was
 
 
