@@ -340,8 +340,8 @@ _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
 _REDUCING_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum"}
 _REDUCING_METHODS = {"mean", "sum"}
 # the entrywise max (min) of two tensors: |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|) in
-# every entry, so ‖Δy‖^2 <= ‖Δa‖^2 + ‖Δb‖^2 when a and b have y's shape (MaxMin, traced: its max and
-# min of one pair of slices then get 2, where the module form gets 1)
+# every entry, so ‖Δy‖^2 <= ‖Δa‖^2 + ‖Δb‖^2 when a and b have y's shape (a max and a min of the same
+# two pieces of one tensor, concatenated, are MaxMin: _max_min_source)
 _PAIRWISE_EXTREMA = {torch.maximum, torch.minimum, torch.fmax, torch.fmin}
 _PAIRWISE_EXTREMA_METHODS = {"maximum", "minimum", "fmax", "fmin"}
 # sorted values along one dim (and the top k of them): per slice ‖sort(a) − sort(b)‖ <= ‖a − b‖ (the
