@@ -6,8 +6,8 @@
 #     bash benchmarks/gpu_check.sh          # from the repository root
 #
 # Full logs go under $OUT (or ./gpu_check_out), eight files (the most a device call brings back); a
-# short summary is printed last.  Sized to finish in
-# under 9 minutes on one H100 or H200 (build, then GPU_CHECK_BUDGET).
+# short summary is printed last.  Sized to finish in under 9 minutes on one H100 or H200 (the build,
+# then GPU_CHECK_BUDGET).
 #
 # GPU_CHECK_TESTS: the pytest arguments (default: the CUDA cases of tests/, in 4 processes where
 # pytest-xdist is installed; GPU_CHECK_ALL=1 runs the other tests after them in the time left: CI runs
