@@ -6,12 +6,14 @@ eager form from their settings and state_dict; a traced module keeps no settings
 them as constants), so it is followed through its graph like every other module (the model's own
 classes, Sequential), whose aten operations become the torch functions that the composition rules
 know: helper methods and compiled functions are followed into, and a branch (prim::If) on a Python
-value, such as a module's flag, takes its side.  Control flow on values computed from the input,
-and operations with no translation, raise ValueError; check_translation compares the result with
-the script on a random input.
+value, such as a module's flag, takes its side; so does a branch or loop on the input's sizes alone
+(a shape check, torch._assert), decided for the input shape being bounded.  Control flow on the
+input's entries, and operations with no translation, raise ValueError; check_translation compares
+the result with the script on a random input.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import operator
@@ -166,6 +168,26 @@ _PYTHON_OPERATIONS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
     "neg": operator.neg, "__contains__": operator.contains, "__getitem__": operator.getitem,
 }
+_SIZE_OPERATIONS = set(_PYTHON_OPERATIONS.values()) | {operator.floordiv, operator.mod}
+
+
+#: the shape of one input (batch of one) of the translation under way, when the caller knows it: a
+#: branch on sizes alone is then decided for that shape (_Block.decide)
+_example_shape: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("example_shape", default=None)
+
+
+def _shape_only(value) -> bool:
+    """Whether a graph value is computed from tensors' sizes alone (their dims, sizes and numels,
+    and Python arithmetic and comparisons on those), not from any tensor's entries."""
+    if not isinstance(value, torch.fx.Node):
+        return True
+    if value.op == "call_method" and value.target in ("size", "dim", "numel"):
+        return True
+    if value.op == "call_function" and value.target in _SIZE_OPERATIONS:
+        found: list = []
+        torch.fx.node.map_arg((value.args, value.kwargs), found.append)
+        return all(_shape_only(v) for v in found)
+    return False
 
 
 def _has_node(args) -> bool:
@@ -209,7 +231,7 @@ class _Block:
         elif kind == "prim::CallMethod":
             self.call_method(node, outputs, ins)
         elif kind == "prim::If":
-            condition = self.get(ins[0])
+            condition = self.decide(self.get(ins[0]))
             if not isinstance(condition, bool):  # decided by the input: no single graph
                 self.control_flow("prim::If on a value computed from the input")
             block = list(node.blocks())[0 if condition else 1]
@@ -234,7 +256,9 @@ class _Block:
         elif kind == "prim::Uninitialized":  # a branch's output on a path that raises
             env[outputs[0].debugName()] = None
         elif kind == "prim::RaiseException":
-            raise ValueError(f"the TorchScript code of {self.where} raises an exception for this input")
+            message = self.get(ins[0]) if ins else None
+            said = f" ({message})" if isinstance(message, str) and message else ""
+            raise ValueError(f"the TorchScript code of {self.where} raises an exception for this input{said}")
         elif kind == "aten::warn":
             pass
         elif kind == "prim::CallFunction":
@@ -256,7 +280,7 @@ class _Block:
     def loop(self, node, outputs, ins) -> None:
         """prim::Loop(trips, condition, *carried): unrolled, when the trip count and every condition
         are Python values (a loop over a list of layers or features, say)."""
-        trips, condition = self.get(ins[0]), self.get(ins[1])
+        trips, condition = self.decide(self.get(ins[0])), self.decide(self.get(ins[1]))
         carried = [self.get(v) for v in ins[2:]]
         block = next(node.blocks())
         inputs, results = list(block.inputs()), list(block.outputs())
@@ -267,12 +291,35 @@ class _Block:
             for value, item in zip(inputs, [i] + carried):
                 self.env[value.debugName()] = item
             self.run(block.nodes())
-            condition, carried = self.get(results[0]), [self.get(v) for v in results[1:]]
+            condition, carried = self.decide(self.get(results[0])), [self.get(v) for v in results[1:]]
             i += 1
         if not (isinstance(trips, int) and isinstance(condition, bool)):
             self.control_flow("prim::Loop on a value computed from the input")
         for out, item in zip(outputs, carried):
             self.env[out.debugName()] = item
+
+    def decide(self, condition):
+        """A branch's condition, or a loop's trip count, computed in the graph from sizes alone (a
+        shape check in the forward, torch._assert on sizes, range(x.size(1))): its value for an
+        input of the example shape, whose sizes it then has; anything else as it is."""
+        shape = _example_shape.get()
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if not (isinstance(condition, torch.fx.Node) and shape is not None and len(placeholders) == 1
+                and _shape_only(condition)):
+            return condition
+        copy = torch.fx.Graph()
+        mapping: dict = {}
+        copy.graph_copy(self.graph, mapping)
+        copy.output(mapping[condition])
+        param = next(self.root.parameters(), None)
+        x = torch.zeros((1, *shape), dtype=param.dtype if param is not None else torch.float32,
+                        device=param.device if param is not None else None)
+        try:
+            with torch.no_grad():
+                value = torch.fx.GraphModule(self.root, copy).forward(x)
+        except Exception:
+            return condition
+        return value if isinstance(value, (bool, int)) else condition
 
     def graph_constants(self, args: list) -> list:
         """args with each tensor constant of the script (a traced torch.tensor(...), say) installed
@@ -317,6 +364,10 @@ class _Block:
         args = [self.get(v) for v in ins]
         if name in _PYTHON_OPERATIONS and not _has_node(args):
             self.env[output.debugName()] = _PYTHON_OPERATIONS[name](*args)
+            return
+        if name in _PYTHON_OPERATIONS and not any(isinstance(v.type(), torch._C.TensorType) for v in ins):
+            # arithmetic or a comparison on sizes computed in the graph: the Python operation
+            self.env[output.debugName()] = self.graph.call_function(_PYTHON_OPERATIONS[name], tuple(args))
             return
         if name == "append" and isinstance(args[0], list):  # a list being built (of features, say)
             args[0].append(args[1])
@@ -451,9 +502,18 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     return graph.call_function(fn, tuple(args))
 
 
-def to_graph_module(script: torch.jit.ScriptModule) -> torch.fx.GraphModule:
+def to_graph_module(script: torch.jit.ScriptModule, input_shape: tuple[int, ...] | None = None) -> torch.fx.GraphModule:
     """An fx GraphModule computing what the scripted model computes, with its torch.nn layers as
-    eager leaf modules at their qualified names.  Raises ValueError for what cannot be translated."""
+    eager leaf modules at their qualified names; with input_shape (one example's), branches on sizes
+    alone are decided for it.  Raises ValueError for what cannot be translated."""
+    token = _example_shape.set(tuple(input_shape) if input_shape is not None else None)
+    try:
+        return _to_graph_module(script)
+    finally:
+        _example_shape.reset(token)
+
+
+def _to_graph_module(script: torch.jit.ScriptModule) -> torch.fx.GraphModule:
     root = nn.Module()
     graph = torch.fx.Graph()
     inputs = [graph.placeholder(value.debugName().split(".")[0] or f"input_{i}")

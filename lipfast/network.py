@@ -1248,7 +1248,7 @@ def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]
         kind, translate = "exported program", _export.to_graph_module
         note = "its aten operators followed as torch functions"
     elif isinstance(model, torch.jit.ScriptModule):
-        kind, translate = "TorchScript model", _torchscript.to_graph_module
+        kind, translate = "TorchScript model", lambda script: _torchscript.to_graph_module(script, input_shape)
         note = ("its torch.nn layers rebuilt from their weights where it keeps their settings, the rest followed "
                 "through its TorchScript graphs")
     else:

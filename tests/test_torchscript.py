@@ -287,3 +287,62 @@ def test_scripted_loops_and_lists_are_unrolled():
 
     with pytest.raises(ValueError, match="prim::"):
         lipfast.lipschitz_bound(torch.jit.script(Data()), (4,), progress=False)
+
+
+class _SizeBranches(nn.Module):
+    """A forward that checks its input's shape, scales by 10 on wide inputs and loops once per
+    channel: branches and trip counts decided by sizes alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError("expected (N, C, H, W)")
+        torch._assert(x.size(1) == 2, "expected two channels")
+        y = self.conv(x)
+        if y.shape[-1] > 4:
+            y = y * 10
+        for _ in range(x.size(1)):
+            y = y + self.conv(y)
+        return self.head(y.flatten(1)[:, :12])
+
+
+class _SizeBranchesTaken(nn.Module):
+    """_SizeBranches with the branches that an input of width `width` takes, written out."""
+
+    def __init__(self, source: _SizeBranches, width: int) -> None:
+        super().__init__()
+        self.conv, self.head, self.wide = source.conv, source.head, width > 4
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.wide:
+            y = y * 10
+        y = y + self.conv(y)
+        y = y + self.conv(y)
+        return self.head(y.flatten(1)[:, :12])
+
+
+@pytest.mark.parametrize("width", [3, 6])
+def test_branches_and_loops_on_sizes_are_decided_for_the_input_shape(width):
+    torch.manual_seed(width)
+    model = _SizeBranches().double().eval()
+    scripted = torch.jit.script(model)
+    report = lipfast.lipschitz_bound(scripted, (2, 3, width), progress=False)
+    taken = lipfast.lipschitz_bound(_SizeBranchesTaken(model, width), (2, 3, width), progress=False)
+    assert report.upper == pytest.approx(taken.upper, rel=1e-12) and math.isfinite(report.upper)
+    assert _jacobian_norm(model, (2, 3, width)) <= report.upper
+    with pytest.raises(ValueError, match="raises an exception for this input.*expected two channels"):
+        lipfast.lipschitz_bound(scripted, (3, 3, width), progress=False)
+
+    class ValueBranch(nn.Module):  # a size and an entry: still refused
+        def forward(self, x):
+            if x.size(1) > 1 and bool(x[0, 0] > 0):
+                return x * 3
+            return x
+
+    with pytest.raises(ValueError, match="prim::If"):
+        lipfast.lipschitz_bound(torch.jit.script(ValueBranch()), (4,), progress=False)
