@@ -8,8 +8,10 @@ node with sound rules (each stated beside its code): a value counts as often as 
 as copies, an in-place call overwrites its input.  Linear and conv functions applied to weights
 that do not depend on the input (stored, or computed from parameters in the forward) get brackets
 of their own; rules that need sizes or such weights read them from a run of the traced graph.  What no rule covers gives no finite bound (inf), with the reason in the report.
-Where tracing fails it falls back to the leaf modules in call order, a chain, and says whether they
-are one.  A TorchScript model is first translated into an fx graph (lipfast/_torchscript.py).
+Where tracing fails on a branch or loop on the input's sizes, the model is traced for the input
+shape; where it still fails (control flow on the input's entries), the bound falls back to the
+product over the leaf modules in call order, marked NOT CERTIFIED.  A TorchScript model is first
+translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
@@ -427,6 +429,35 @@ class _Tracer(torch.fx.Tracer):
 
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, _Tracer().trace(model))
+
+
+def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
+    """The model traced for inputs of example's shape (a batch of one), where plain tracing fails on
+    a branch or loop on the input's sizes (a shape check, an assert, range(x.size(1))): torch.fx's
+    meta tracer runs the modules on the example alongside the trace, so that sizes, dims and dtypes
+    are numbers, while the entries stay symbolic (a branch on them still fails).  The graph is then
+    checked against the model on a random input of that shape; ValueError where it differs."""
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class ShapeTracer(_Tracer, MetaTracer):
+        pass
+
+    inputs = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(inputs) != 1:
+        raise ValueError(f"its forward takes {len(inputs)} inputs, not one")
+    with warnings.catch_warnings():  # (the meta tracer warns of each value it could not run: those stay symbolic)
+        warnings.simplefilter("ignore")
+        traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
+    from lipfast import _torchscript
+
+    x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(example)
+    with _util.eval_mode(model), _util.eval_mode(traced), torch.no_grad():
+        expected, got = _torchscript._flat(model(x.clone())), _torchscript._flat(traced(x.clone()))
+    if len(got) != len(expected) or not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                                            for a, b in zip(got, expected)):
+        raise ValueError("its trace for this input shape does not compute what it does")
+    return traced
 
 
 def _nodes_in(args) -> list[torch.fx.Node]:
@@ -1328,15 +1359,26 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     method = "fx"
     try:
         with _util.eval_mode(model):  # the bound is the eval-mode network's: so are its branches on self.training
-            traced = _trace(model)
+            try:
+                traced = _trace(model)
+            except Exception as plain:  # a branch on the input: on its sizes alone, the trace for this shape holds
+                try:
+                    traced = _trace_for_shape(model, example)
+                except Exception:
+                    raise plain from None
+                notes.append(f"torch.fx traced it for inputs of shape {tuple(input_shape)}, its branches and loops "
+                             f"on sizes decided for that shape (plainly: {type(plain).__name__}: {plain})")
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         method = "hooks"
         per_call = {(layer.name, layer.input_shape, layer.output_shape): layer.upper for layer in layers}
         upper = _product(*(per_call[name, in_shape, out_shape] for name, _, in_shape, out_shape in leaves))  # every call
         if chain:
-            notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); its leaf modules "
-                         "form a chain (each takes the previous one's output, and the model returns the last "
-                         "one's), so the product of their constants bounds it")
+            # one path, the zero input's: a branch on the entries can take another for other inputs,
+            # and jump between the two (x if x.sum() > 0 else -x has no constant at all)
+            notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); on the zero input "
+                         "its leaf modules formed a chain (each took the previous one's output, and the model "
+                         "returned the last one's), and the bound is the product of their constants: NOT "
+                         "CERTIFIED, another input may take another path through the forward")
         else:
             notes.append(f"torch.fx could not trace this model ({type(exc).__name__}: {exc}); the bound treats the "
                          "leaf modules as a chain in call order, but they are not one (operations outside modules, "

@@ -334,6 +334,10 @@ def test_branches_and_loops_on_sizes_are_decided_for_the_input_shape(width):
     report = lipfast.lipschitz_bound(scripted, (2, 3, width), progress=False)
     taken = lipfast.lipschitz_bound(_SizeBranchesTaken(model, width), (2, 3, width), progress=False)
     assert report.upper == pytest.approx(taken.upper, rel=1e-12) and math.isfinite(report.upper)
+    # the Python module too: torch.fx traces it for that input shape (plainly it cannot)
+    eager = lipfast.lipschitz_bound(model, (2, 3, width), progress=False)
+    assert eager.method == "fx" and any("traced it for inputs of shape" in note for note in eager.notes)
+    assert eager.upper == pytest.approx(taken.upper, rel=1e-12)
     assert _jacobian_norm(model, (2, 3, width)) <= report.upper
     with pytest.raises(ValueError, match="raises an exception for this input.*expected two channels"):
         lipfast.lipschitz_bound(scripted, (3, 3, width), progress=False)
