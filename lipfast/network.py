@@ -1424,6 +1424,10 @@ def certified_accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, eps: fl
         raise ValueError(f"lipfast.certified_accuracy: inputs holds no examples (shape {tuple(inputs.shape)})")
     if report is None:
         report = lipschitz_bound(model, tuple(inputs.shape[1:]), progress=False)
+    if report.method == "hooks":
+        raise ValueError("lipfast.certified_accuracy: the network bound is NOT CERTIFIED (torch.fx could not trace "
+                         "the model, and the hooks fallback saw one path through its forward): no certified "
+                         "accuracy rests on it")
     logits = eval_forward(model, inputs)  # the bound is the eval-mode network's; and nothing is updated
     radius = certified_radius(logits, labels, report.upper)
     correct = logits.argmax(1) == labels.to(logits.device)

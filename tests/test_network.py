@@ -600,6 +600,8 @@ def test_untraceable_model_falls_back_to_a_chain_of_every_call():
     x = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)  # sum 0: lin(relu(lin(x)))
     y = x + 1e-9  # sum > 0: lin(relu(lin(-y)))
     assert float((model(x) - model(y)).norm()) > 1e6 * float((x - y).norm())  # a jump: no constant at all
+    with pytest.raises(ValueError, match="NOT CERTIFIED"):  # and no certified accuracy rests on it
+        lipfast.certified_accuracy(model, torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.int64), 0.1)
 
     class Skip(_Branchy):
         def forward(self, x):
