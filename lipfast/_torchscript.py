@@ -441,9 +441,9 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name  # in place -> out of place
-    if name == "index" and len(args) == 2 and _constant_index(args[1]) is not None:
+    if name == "index" and len(args) == 2 and (index := _constant_index(args[1])) is not None:
         # x[i] with constant index lists: a getitem, whose copies of each entry the composition counts
-        return graph.call_function(operator.getitem, (args[0], _constant_index(args[1])))
+        return graph.call_function(operator.getitem, (args[0], index))
     if name in ("add", "sub") and len(args) == 3:  # aten::add(self, other, alpha)
         return graph.call_function(getattr(torch, name), tuple(args[:2]), {"alpha": args[2]})
     if name == "_convolution":  # a traced conv layer: (input, weight, bias, stride, padding, dilation,

@@ -436,7 +436,8 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     a branch or loop on the input's sizes (a shape check, an assert, range(x.size(1))): torch.fx's
     meta tracer runs the modules on the example alongside the trace, so that sizes, dims and dtypes
     are numbers, while the entries stay symbolic (a branch on them still fails).  The graph is then
-    checked against the model on a random input of that shape; ValueError where it differs."""
+    checked against the model on a random input of that shape (as a translated script is); ValueError
+    where it differs."""
     from torch.fx.experimental.meta_tracer import MetaTracer
 
     class ShapeTracer(_Tracer, MetaTracer):
@@ -451,12 +452,7 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
         traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
     from lipfast import _torchscript
 
-    x = torch.randn(example.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(example)
-    with _util.eval_mode(model), _util.eval_mode(traced), torch.no_grad():
-        expected, got = _torchscript._flat(model(x.clone())), _torchscript._flat(traced(x.clone()))
-    if len(got) != len(expected) or not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
-                                            for a, b in zip(got, expected)):
-        raise ValueError("its trace for this input shape does not compute what it does")
+    _torchscript.check_translation(model, traced, tuple(example.shape[1:]))  # ValueError where they differ
     return traced
 
 
@@ -888,8 +884,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
             raise _Unsupported(f"{node.name}: the (values, indices) of a {name} used whole: its indices jump")
         return first  # its values: norm <= 1 (its indices: _sort_output)
-    if (target is operator.getitem or target is getattr) and _sort_output(node) is not None:
-        if _sort_output(node) != "values":
+    if (target is operator.getitem or target is getattr) and (output := _sort_output(node)) is not None:
+        if output != "values":
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
     if target is operator.getitem:
