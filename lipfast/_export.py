@@ -85,17 +85,18 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
             if _torchscript.identity_in_place(name, args):
                 env[node] = args[0]
                 continue
-            values = _positional(node.target, *torch.fx.node.map_aggregate(
-                (node.args, node.kwargs), lambda v: constants.get(v, env.get(v)) if isinstance(v, torch.fx.Node) else v))
-            folded = _torchscript.fold_constant(name, values)
-            source_value = values[0] if values else None
-            if folded is not None and isinstance(source_value, torch.Tensor) and folded.dtype == source_value.dtype \
-                    and folded.device == source_value.device and torch.equal(folded, source_value):
-                # a copy of a constant (an index list lifted into the program, say): the same buffer
-                env[node], constants[node] = env[node.args[0]], folded
-                continue
-            if name == "index" and _torchscript._constant_index(values[1]) is not None:
-                args[1] = values[1]  # constant index tensors, which the translation turns into lists
+            if name in _torchscript.FOLDED or name == "index":  # the program's constants as their values
+                values = _positional(node.target, *torch.fx.node.map_aggregate(
+                    (node.args, node.kwargs), lambda v: constants.get(v, env.get(v)) if isinstance(v, torch.fx.Node) else v))
+                folded = _torchscript.fold_constant(name, values)
+                source_value = values[0] if values else None
+                if folded is not None and isinstance(source_value, torch.Tensor) and folded.dtype == source_value.dtype \
+                        and folded.device == source_value.device and torch.equal(folded, source_value):
+                    # a copy of a constant (an index list lifted into the program, say): the same buffer
+                    env[node], constants[node] = env[node.args[0]], folded
+                    continue
+                if name == "index" and _torchscript._constant_index(values[1]) is not None:
+                    args[1] = values[1]  # constant index tensors, which the translation turns into lists
             env[node] = _torchscript._aten(graph, name, args)
             first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             if first is not None and name in _util.VIEW_OPERATIONS:  # the result shares its input's memory

@@ -398,13 +398,13 @@ class _Block:
 
 #: operations that only copy, convert or move a tensor: on a constant (a traced index list, an
 #: exported lifted tensor) they are evaluated while translating, and the result stays a constant
-_FOLDED = {"to", "_to_copy", "lift_fresh", "lift_fresh_copy", "clone", "detach", "detach_", "contiguous", "alias"}
+FOLDED = {"to", "_to_copy", "lift_fresh", "lift_fresh_copy", "clone", "detach", "detach_", "contiguous", "alias"}
 
 
 def fold_constant(name: str, args: list) -> torch.Tensor | None:
-    """aten::<name>(*args) evaluated now, when it is an operation of _FOLDED on a constant tensor
+    """aten::<name>(*args) evaluated now, when it is an operation of FOLDED on a constant tensor
     (no graph value among args); None otherwise."""
-    if name not in _FOLDED or not args or not isinstance(args[0], torch.Tensor) or _has_node(args):
+    if name not in FOLDED or not args or not isinstance(args[0], torch.Tensor) or _has_node(args):
         return None
     try:
         return getattr(torch.ops.aten, name)(*args)

@@ -1018,8 +1018,8 @@ def _max_min_source(node: torch.fx.Node) -> torch.fx.Node | None:
             return None
         operands.append((kind in ("maximum", "max"), t.args))
     (first_is_max, (a, b)), (second_is_max, (c, d)) = operands
-    if first_is_max == second_is_max or len({_propagated_shape(v) for v in (a, b, c, d, *tensors)} - {None}) != 1 or \
-            None in {_propagated_shape(v) for v in (a, b, c, d)}:
+    shapes = {_propagated_shape(v) for v in (a, b, c, d, *tensors)}
+    if first_is_max == second_is_max or len(shapes) != 1 or None in shapes:
         return None
     found = [_entries(v) for v in (a, b, c, d)]
     if any(f is None or f[0] is not found[0][0] or f[0] in (a, b, c, d) or not isinstance(f[1], torch.Tensor)
