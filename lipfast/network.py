@@ -158,7 +158,21 @@ _NONNEGATIVE_LINEAR = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgP
 _NO_CONSTANT = {
     nn.LayerNorm: "LayerNorm divides by the input's own standard deviation: no global Lipschitz constant",
     nn.GroupNorm: "GroupNorm divides by the input's own standard deviation: no global Lipschitz constant",
+    nn.RMSNorm: "RMSNorm divides by the input's own root mean square: no global Lipschitz constant",
+    nn.modules.instancenorm._InstanceNorm: "InstanceNorm without running statistics divides by each input's own "
+                                           "standard deviation: no global Lipschitz constant",
     nn.MultiheadAttention: "dot-product attention has no global Lipschitz constant (Kim et al. 2021)",
+    **dict.fromkeys((nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                     nn.TransformerDecoderLayer),
+                    "a Transformer layer: dot-product attention has no global Lipschitz constant (Kim et al. 2021)"),
+}
+#: functions whose output has no global Lipschitz constant, and why
+_NO_CONSTANT_FUNCTIONS = {
+    F.layer_norm: "layer_norm divides by the input's own standard deviation",
+    F.group_norm: "group_norm divides by the input's own standard deviation",
+    F.rms_norm: "rms_norm divides by the input's own root mean square",
+    F.normalize: "normalize divides by the input's own norm",
+    F.scaled_dot_product_attention: "dot-product attention (Kim et al. 2021)",
 }
 _REGISTRY: dict[type, Callable] = {}
 
@@ -206,6 +220,21 @@ def _silu_slope() -> float:
     return _max_slope(lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))))
 
 
+def _log_softmax_slope(dim: int | None, shape: tuple[int, ...]) -> float:
+    """The Lipschitz constant of log_softmax along dim of a tensor of shape (batch dim included):
+    its Jacobian I - 1 pᵀ (p the softmax) has norm sqrt(max(1, n ‖p‖²)) (it is the identity off
+    span{1, p}), which tends to sqrt(n) as p tends to a corner of the simplex (n = shape[dim] >= 2;
+    a single entry's log_softmax is the constant 0).  dim None: torch's implicit choice."""
+    if dim is None:
+        dim = 0 if len(shape) in (0, 1, 3) else 1
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+        raise _Unsupported(f"log_softmax along dim={dim!r} of a tensor of shape {tuple(shape)}")
+    if dim % len(shape) == 0:
+        raise _Unsupported("log_softmax along the batch dim mixes the examples")
+    n = shape[dim]
+    return _sqrt_up(n) if n > 1 else 0.0
+
+
 def _window_counts(n: int, k: int, s: int, p: int, d: int, out: int) -> int:
     """The largest number of pooling windows (out of `out`, kernel k, stride s, padding p, dilation
     d) that contain one input position of a length-n signal."""
@@ -251,8 +280,11 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
             warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
             lower, upper = conv.operator_norm_bounds(module, input_shape[1:], rtol=rtol)
         return float(lower), float(upper), ""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    running_instance_norm = isinstance(module, nn.modules.instancenorm._InstanceNorm) and \
+        module.track_running_stats and module.running_var is not None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) or running_instance_norm:
         # eval: y = gamma (x - mean) / sqrt(var + eps) + beta, per channel: max |gamma| / sqrt(var + eps)
+        # (an InstanceNorm that tracks running statistics computes this too, in eval mode)
         var = module.running_var.detach().double() if module.running_var is not None else None
         if var is None:
             return 0.0, math.inf, "BatchNorm without running statistics normalizes by the batch: no constant"
@@ -260,6 +292,12 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
         value = float((gamma / torch.sqrt(var + module.eps)).max()) * (1 + 1e-12)
         note = "in training mode; the eval-mode constant is given" if module.training else ""
         return value, value, note
+    if isinstance(module, nn.LogSoftmax):
+        try:
+            value = _log_softmax_slope(module.dim, (1, *input_shape))
+        except _Unsupported as error:
+            return 0.0, math.inf, str(error)
+        return value, value, ""
     if isinstance(module, _ONE) or (isinstance(module, nn.Sequential) and len(module) == 0):
         return 1.0, 1.0, ""  # (an empty Sequential is the identity)
     if isinstance(module, nn.LeakyReLU):
@@ -378,7 +416,9 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
                     torch.softmax: _SLOPES[nn.Softmax](None), F.selu: _SLOPES[nn.SELU](None),
                     torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0}
-_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0}
+_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0,
+                  "softmax": _SLOPES[nn.Softmax](None)}
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax}
 
 
 class _Unsupported(Exception):
@@ -808,8 +848,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True
     if node.op == "call_method":
         return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
-                or node.target in _PAIRWISE_EXTREMA_METHODS)
-    return (node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
+                or node.target in _PAIRWISE_EXTREMA_METHODS or node.target == "log_softmax")
+    return (node.target in _LOG_SOFTMAX or node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
             or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS
             or node.target in _PAIRWISE_EXTREMA)
 
@@ -923,6 +963,17 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
             return first
     if target in _FUNCTION_SLOPES:
         return _product(first, _FUNCTION_SLOPES[target])
+    if target in _LOG_SOFTMAX or (node.op == "call_method" and name == "log_softmax"):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        try:
+            return _product(first, _log_softmax_slope(dim, _shape(node, node.args[0])))
+        except _Unsupported as error:
+            raise _Unsupported(f"{node.name}: {error}") from None
+    if target in _NO_CONSTANT_FUNCTIONS:
+        raise _Unsupported(f"{node.name}: {_NO_CONSTANT_FUNCTIONS[target]}: no global Lipschitz constant")
+    if target is F.instance_norm:
+        raise _Unsupported(f"{node.name}: instance_norm (with the input's own statistics, or statistics computed "
+                           "in the forward): no global Lipschitz constant")
     if node.op == "call_method" and name in _METHOD_SLOPES:
         return _product(first, _METHOD_SLOPES[name])
     if target in (F.leaky_relu,):

@@ -754,6 +754,63 @@ def test_more_activations(module, exact):
     assert float(quotient.max()) <= report.upper * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("form", ["module", "F", "torch", "method", "script", "trace", "export"])
+@pytest.mark.parametrize("dim, n", [(1, 3), (-1, 5), (2, 5)])
+def test_log_softmax_has_constant_sqrt_n(form, dim, n):
+    # its Jacobian I - 1 pᵀ has norm sqrt(n ‖p‖²): sqrt(n) in the limit p -> a corner, n the size along dim
+    forms = {"module": nn.LogSoftmax(dim), "F": _Applies(lambda x: F.log_softmax(x, dim=dim)),
+             "torch": _Applies(lambda x: torch.log_softmax(x, dim)), "method": _Applies(lambda x: x.log_softmax(dim))}
+    example = torch.randn(1, 3, 5)
+    model = {"script": lambda: torch.jit.script(nn.LogSoftmax(dim)),
+             "trace": lambda: torch.jit.trace(nn.LogSoftmax(dim), example),
+             "export": lambda: torch.export.export(nn.LogSoftmax(dim), (example,))}.get(form, lambda: forms[form])()
+    report = lipfast.lipschitz_bound(model, (3, 5), progress=False)
+    assert (form not in forms or report.notes == []) and math.sqrt(n) <= report.upper <= math.sqrt(n) * (1 + 1e-15)
+    x = torch.zeros(1, 3, 5, dtype=torch.float64)
+    x.select(dim, 0).fill_(40.0)  # softmax at a corner along dim: the Jacobian's norm is sqrt(n) to 1e-15
+    J = torch.autograd.functional.jacobian(lambda t: torch.log_softmax(t, dim).reshape(-1), x).reshape(15, 15)
+    assert math.sqrt(n) * (1 - 1e-9) <= float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+
+
+def test_softmax_along_one_entry_batch_dim_and_implicit_dim():
+    assert lipfast.lipschitz_bound(nn.LogSoftmax(1), (1, 4), progress=False).upper == 0.0  # the constant 0
+    implicit = lipfast.lipschitz_bound(nn.LogSoftmax(), (7,), progress=False).upper  # torch's choice: dim 1
+    assert math.sqrt(7) <= implicit <= math.sqrt(7) * (1 + 1e-15)
+    report = lipfast.lipschitz_bound(nn.LogSoftmax(0), (7,), progress=False)
+    assert report.upper == math.inf and any("batch dim" in note for note in report.notes), report.notes
+    assert lipfast.lipschitz_bound(_Applies(lambda x: x.softmax(-1)), (7,), progress=False).upper == 0.5
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_with_running_statistics_is_affine_and_without_has_no_constant(affine):
+    norm = nn.InstanceNorm2d(3, affine=affine, track_running_stats=True).eval()
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        norm.running_var.copy_(torch.tensor([0.25, 4.0, 0.01]))
+        if affine:
+            norm.weight.copy_(torch.tensor([1.0, -3.0, 0.05]))
+    report = lipfast.lipschitz_bound(norm, (3, 2, 2), progress=False)
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: norm.double()(t).reshape(-1), x).reshape(12, 12)
+    exact = float(torch.linalg.matrix_norm(J, 2))  # eval mode: a diagonal map, its norm the largest scale
+    assert report.notes == [] and exact <= report.upper <= exact * (1 + 1e-9)
+    report = lipfast.lipschitz_bound(nn.InstanceNorm2d(3, affine=affine), (3, 2, 2), progress=False)
+    assert report.upper == math.inf and any("InstanceNorm" in note for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("model, reason", [
+    (nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), "Transformer"),
+    (nn.RMSNorm(8), "RMSNorm"),
+    (_Applies(lambda x: F.layer_norm(x, (8,))), "layer_norm divides"),
+    (_Applies(lambda x: F.normalize(x, dim=-1)), "normalize divides"),
+    (_Applies(lambda x: F.scaled_dot_product_attention(x, x, x)), "attention"),
+    (_Applies(lambda x: F.instance_norm(x)), "instance_norm"),
+], ids=["transformer", "rmsnorm", "layer_norm", "normalize", "attention", "instance_norm"])
+def test_layers_with_no_global_constant_name_their_reason(model, reason):
+    report = lipfast.lipschitz_bound(model.eval(), (4, 8), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
 def test_prelu_and_jumps():
     prelu = nn.PReLU(3, init=0.25)
     with torch.no_grad():
