@@ -486,8 +486,10 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_method(name, tuple(args[:2]))
     if name == "sort" and len(args) == 4:  # aten::sort.stable(self, stable, dim, descending)
         return graph.call_function(torch.sort, (args[0],), {"stable": args[1], "dim": args[2], "descending": args[3]})
-    if name == "contiguous":  # (self, memory_format): the layout does not change the values
-        return graph.call_method("contiguous", (args[0],))
+    if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values
+        return graph.call_method(name, (args[0],))
+    if name == "gather" and len(args) == 4:  # (self, dim, index, sparse_grad): a keyword of torch.gather
+        return graph.call_function(torch.gather, tuple(args[:3]), {"sparse_grad": args[3]})
     if name in ("Int", "Float", "ScalarImplicit") and len(args) == 1:  # a traced size, kept as it is
         return args[0]
     if name in _METHODS:

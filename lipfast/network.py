@@ -796,19 +796,48 @@ def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
     return False
 
 
-def _literal_index(part):
-    """An index tensor that is a constant of the model (torch.tensor([...]) in the forward, which
-    torch.fx keeps as an attribute, or a stored one): as the list of ints it selects (a boolean
-    mask: its true positions); anything else as it is."""
+def _constant_integers(part) -> Tensor | None:
+    """The value of a graph node that is an integer or boolean tensor constant of the model
+    (torch.tensor([...]) in the forward, which torch.fx keeps as an attribute, or a stored one)."""
     if not (isinstance(part, torch.fx.Node) and part.op == "get_attr" and part.graph.owning_module is not None):
-        return part
+        return None
     try:
         value = functools.reduce(getattr, part.target.split("."), part.graph.owning_module)
     except AttributeError:
-        return part
-    if not isinstance(value, Tensor) or value.dim() != 1 or value.is_floating_point() or value.is_complex():
+        return None
+    if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
+        return None
+    return value
+
+
+def _literal_index(part):
+    """A 1-D index tensor that is a constant of the model as the list of ints it selects (a boolean
+    mask: its true positions); anything else as it is."""
+    value = _constant_integers(part)
+    if value is None or value.dim() != 1:
         return part
     return value.nonzero().flatten().tolist() if value.dtype == torch.bool else value.tolist()
+
+
+def _gathered_copies(node: torch.fx.Node, name: str) -> int:
+    """The most times torch.gather(x, dim, index) or torch.index_select(x, dim, index) (function or
+    method) takes one entry of x, for an index that is a constant of the model: each output entry is
+    one entry of x (neither accepts negative indices), so ‖Δy‖^2 <= copies ‖Δx‖^2."""
+    names = ("dim", "index") if node.op == "call_method" else ("input", "dim", "index")
+    arguments = {**dict(zip(names, node.args[1:] if node.op == "call_method" else node.args)), **node.kwargs}
+    dim, index = arguments.get("dim"), _constant_integers(arguments.get("index"))
+    if index is None or index.dtype == torch.bool or not isinstance(dim, int) or isinstance(dim, bool):
+        raise _Unsupported(f"{node.name}: {name} with an index that is not a stored constant of the model (computed in the "
+                           "forward, its picks may jump)")
+    if index.numel() == 0:
+        return 0
+    if name == "index_select":
+        return int(torch.unique(index.flatten(), return_counts=True)[1].max())
+    # gather: the entry taken at a position is x at that position with its dim coordinate replaced
+    # by the index there: count the values within each fiber of the index along dim
+    fibers = index.movedim(dim, -1).reshape(-1, index.shape[dim]).long()
+    keys = torch.arange(fibers.shape[0]).unsqueeze(1) * (int(fibers.max()) + 1) + fibers
+    return int(torch.unique(keys.flatten(), return_counts=True)[1].max())
 
 
 def _index_copies(index) -> int:
@@ -928,6 +957,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         if output != "values":
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
+    if target in (torch.gather, torch.index_select) or (node.op == "call_method" and name in ("gather", "index_select")):
+        return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
         # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
         return _product(first, _sqrt_up(_index_copies(node.args[1])))

@@ -379,6 +379,49 @@ def test_indices_and_factors_that_are_tensors_give_no_finite_bound(use, reason):
     assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
 
+class _Gathers(nn.Module):
+    """x.gather(dim, index) or x.index_select(dim, index) with a stored index (x: one example of 2 x 5)."""
+
+    def __init__(self, kind, dim, index):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+        self.register_buffer("index", torch.tensor(index))
+
+    def forward(self, x):
+        return getattr(x, self.kind)(self.dim, self.index)
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("kind, dim, index, copies", [
+    ("gather", 2, [[[0, 0, 4], [1, 3, 3]]], 2),  # within each row: 0 twice, 3 twice
+    ("gather", 2, [[[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]], 1),  # a permutation of each row
+    ("gather", 1, [[[0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]], 2),  # along the 2 rows: column 0 takes row 0 twice
+    ("gather", 2, [[[2, 2, 2, 2], [0, 1, 2, 3]]], 4),
+    ("index_select", 2, [1, 1, 1, 4], 3),
+    ("index_select", 1, [1, 0], 1),
+], ids=["gather-pairs", "gather-permutation", "gather-rows", "gather-four", "index_select-three", "index_select-rows"])
+def test_gather_and_index_select_with_stored_indices_count_their_copies(form, kind, dim, index, copies):
+    # each output entry is one input entry: the map's norm is sqrt(the most copies of one entry)
+    model = _Gathers(kind, dim, index).double().eval()
+    example = torch.randn(1, 2, 5, dtype=torch.float64)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,))}[form]()
+    report = lipfast.lipschitz_bound(bounded, (2, 5), progress=False)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, 10)
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert abs(exact - math.sqrt(copies)) < 1e-12
+    assert math.sqrt(copies) <= report.upper <= math.sqrt(copies) * (1 + 1e-15)
+
+
+@pytest.mark.parametrize("index, reason", [
+    (lambda x: x.argsort(1), "argsort"),  # from the input's entries: picks that jump
+    (lambda x: torch.arange(x.size(1)).flip(0)[None], "not a stored constant"),  # computed in the forward
+], ids=["from-entries", "computed"])
+def test_gather_with_an_index_computed_in_the_forward_has_no_finite_bound(index, reason):
+    report = lipfast.lipschitz_bound(_Applies(lambda x: x.gather(1, index(x))), (5,), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
 class _Applies(nn.Module):
     def __init__(self, fn):
         super().__init__()

@@ -350,3 +350,24 @@ def test_branches_and_loops_on_sizes_are_decided_for_the_input_shape(width):
 
     with pytest.raises(ValueError, match="prim::If"):
         lipfast.lipschitz_bound(torch.jit.script(ValueBranch()), (4,), progress=False)
+
+
+@pytest.mark.parametrize("make", [lambda m: torch.jit.trace(m, torch.randn(1, 6)),
+                                  lambda m: torch.export.export(m, (torch.randn(1, 6),))],
+                         ids=["trace", "export"])
+def test_parametrized_layers_and_copies_with_a_memory_format(make):
+    # torch's orthogonal parametrization clones with a memory format (aten::clone(self, memory_format),
+    # whose second argument Tensor.clone takes by keyword only)
+    class Copies(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.utils.parametrizations.orthogonal(nn.Linear(6, 6))
+            self.b = nn.utils.parametrizations.spectral_norm(nn.Linear(6, 3))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).clone(memory_format=torch.contiguous_format))
+
+    torch.manual_seed(0)
+    model = Copies().eval()
+    expected = lipfast.lipschitz_bound(model, (6,), progress=False).upper
+    assert lipfast.lipschitz_bound(make(model), (6,), progress=False).upper == pytest.approx(expected, rel=1e-6)
