@@ -362,10 +362,13 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
 
 _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
                          torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t,
-                         torch.unflatten, torch.ravel}
+                         torch.unflatten, torch.ravel,
+                         # permutations of the entries
+                         torch.flip, torch.fliplr, torch.flipud, torch.roll, torch.rot90}
 _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
                        "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze",
-                       "unsqueeze", "clone", "detach", "float", "double", "to", "type_as"}
+                       "unsqueeze", "clone", "detach", "float", "double", "to", "type_as",
+                       "flip", "fliplr", "flipud", "roll", "rot90"}
 # each output entry one input entry, no input entry taken twice (a slice, or a tuple of the pieces
 # of a split, which together are a permutation): norm <= 1
 _SELECTING_FUNCTIONS = {torch.narrow, torch.select, torch.chunk, torch.split, torch.tensor_split, torch.unbind,
@@ -415,9 +418,13 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: _SLOPES[nn.Hardswish](None),
                     F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
                     torch.softmax: _SLOPES[nn.Softmax](None), F.selu: _SLOPES[nn.SELU](None),
-                    torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0}
+                    torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0,
+                    # erf' = 2 exp(-x^2) / sqrt(pi), largest at 0 (the division rounded, so a margin)
+                    **dict.fromkeys((torch.erf, torch.special.erf, torch.erfc, torch.special.erfc),
+                                    2 / math.sqrt(math.pi) * (1 + 1e-15))}
 _METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0,
-                  "softmax": _SLOPES[nn.Softmax](None)}
+                  "softmax": _SLOPES[nn.Softmax](None), "erf": _FUNCTION_SLOPES[torch.erf],
+                  "erfc": _FUNCTION_SLOPES[torch.erf]}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax}
 
 
@@ -919,6 +926,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in ("mul", "div", "__mul__", "__truediv__"):
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
+            gated = _self_gated(node, bounds) if target in (operator.mul, torch.mul) or name in ("mul", "__mul__") \
+                else None
+            if gated is not None:
+                return gated
             raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
         other = [a for a in node.args if not isinstance(a, torch.fx.Node)]
         if not other or not isinstance(other[0], (int, float)):
@@ -1031,6 +1042,144 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
                            "computed from it")
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _scaled_source(node) -> tuple[torch.fx.Node, Fraction] | None:
+    """(x, c) for a node computing c x with a number c (products and quotients by numbers, and
+    negations, followed back); (node, 1) for any other node; None for what is no graph value."""
+    factor = Fraction(1)
+    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
+        nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if name in ("neg", "__neg__") and len(nodes) == 1 and not node.kwargs:
+            factor, node = -factor, nodes[0]
+        elif name in ("mul", "__mul__") and len(nodes) == 1 and len(numbers) == 1 and not node.kwargs:
+            factor, node = factor * Fraction(numbers[0]), nodes[0]
+        elif name in ("div", "truediv", "__truediv__") and len(node.args) == 2 and node.args[0] is (nodes or [None])[0] \
+                and numbers and numbers[0] != 0 and not node.kwargs:
+            factor, node = factor / Fraction(numbers[0]), nodes[0]
+        else:
+            break
+    return (node, factor) if isinstance(node, torch.fx.Node) else None
+
+
+def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
+    """(kind, input) of a call of sigmoid, hardsigmoid, relu6 (or hardtanh(0, 6)), tanh, softplus
+    with beta 1, erf or a scalar add (kind "add", its number in place of the input's partner) as a
+    function, a method or a torch.nn module; None for anything else."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        if type(module) in (nn.Hardtanh, nn.ReLU6) and (module.min_val, module.max_val) == (0, 6):
+            kind = "relu6"
+        elif type(module) in (nn.Softplus,) and module.beta == 1:
+            kind = "softplus"
+        else:
+            kind = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid", nn.Tanh: "tanh"}.get(type(module))
+        return (kind, node.args[0]) if kind and len(node.args) == 1 and not node.kwargs else None
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    target, args, kwargs = node.target, node.args, node.kwargs
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if target in (torch.sigmoid, F.sigmoid, torch.special.expit) or (node.op == "call_method" and name == "sigmoid"):
+        return ("sigmoid", args[0]) if len(args) == 1 and not kwargs else None
+    if target in (torch.tanh, F.tanh) or (node.op == "call_method" and name == "tanh"):
+        return ("tanh", args[0]) if len(args) == 1 and not kwargs else None
+    if target in (torch.erf, torch.special.erf) or (node.op == "call_method" and name == "erf"):
+        return ("erf", args[0]) if len(args) == 1 and not kwargs else None
+    if target is F.softplus:  # (input, beta=1, threshold=20)
+        beta = kwargs.get("beta", args[1] if len(args) > 1 else 1)
+        return ("softplus", args[0]) if beta == 1 and not isinstance(beta, bool) else None
+    try:
+        bound = inspect.signature(target).bind(*args, **kwargs).arguments if node.op == "call_function" else None
+    except (TypeError, ValueError):
+        return None
+    if bound is None:
+        return None
+    if target is F.hardsigmoid:
+        return "hardsigmoid", args[0]
+    if target is F.relu6 or (target is F.hardtanh and (bound.get("min_val", -1.0), bound.get("max_val", 1.0)) == (0, 6)):
+        return "relu6", args[0]
+    return None
+
+
+def _shifted(node: torch.fx.Node) -> tuple[torch.fx.Node, Fraction] | None:
+    """(v, b) for a node computing v + b, b + v or v - b with a number b (alpha 1); None otherwise."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs not in ({}, {"alpha": 1}):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
+    pieces = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if len(numbers) != 1 or len(pieces) != 1:
+        return None
+    if name in ("add", "__add__", "__radd__"):
+        return pieces[0], Fraction(numbers[0])
+    if name in ("sub", "__sub__") and node.args[0] is pieces[0]:
+        return pieces[0], -Fraction(numbers[0])
+    return None
+
+
+def _self_gated(node: torch.fx.Node, bounds: dict) -> float | None:
+    """The constant of a self-gated activation written out, y = x * g(x) with g a squashing function
+    of x (SiLU as x * sigmoid(x), QuickGELU x * sigmoid(1.702 x), hardswish x * relu6(x + 3) / 6,
+    Mish x * tanh(softplus(x)), GELU x * 0.5 * (1 + erf(x / sqrt(2)))): an elementwise
+    t -> a t g(t), whose slope is bounded in closed form by the module's constant; None for every
+    other product.  With u = c t: t sigmoid(c t) = silu(u) / c, t hardsigmoid(c t) = hardswish(u) / c,
+    t tanh(softplus(c t)) = mish(u) / c and t (1 + erf(c t)) = sqrt(2) gelu(sqrt(2) u) / c, so the slope
+    is that of silu (hardswish, mish, 2 gelu) for every c != 0; t relu6(c t + b) has slope 0 for
+    u < 0, 2u - b on (0, 6) and 6 above: at most max(|b|, |12 - b|, 6).  The values must not be
+    changed in place on the way (the graph has no in-place call on x, or on what views it)."""
+    a, b = node.args[:2]
+    for x_side, gate_side in ((a, b), (b, a)):
+        outer = _scaled_source(x_side)
+        inner = _scaled_source(gate_side)
+        if outer is None or inner is None:
+            continue
+        (x, k1), (gate, k2) = outer, inner
+        found = _elementwise_kind(gate)
+        offset = Fraction(0)
+        if found is None and (shifted := _shifted(gate)) is not None and shifted[1] == 1:
+            # 1 + erf(c x), or erf(c x) + 1: GELU's form
+            erf = _elementwise_kind(shifted[0])
+            found = ("1+erf", erf[1]) if erf is not None and erf[0] == "erf" else None
+        if found is None:
+            continue
+        kind, argument = found
+        if kind == "tanh":  # Mish: tanh(softplus(x))
+            inner_kind = _elementwise_kind(argument) if isinstance(argument, torch.fx.Node) else None
+            if inner_kind is None or inner_kind[0] != "softplus":
+                continue
+            kind, argument = "mish", inner_kind[1]
+        if kind == "relu6" and (shifted := _shifted(argument)) is not None:  # relu6(c x + b), b a number
+            argument, offset = shifted
+        if kind not in ("sigmoid", "hardsigmoid", "mish", "1+erf", "relu6"):
+            continue
+        scaled = _scaled_source(argument)
+        if scaled is None or scaled[0] is not x or scaled[1] == 0 or _changed_in_place(x):
+            continue
+        slope = {"sigmoid": lambda: _silu_slope(), "hardsigmoid": lambda: _SLOPES[nn.Hardswish](None),
+                 "mish": lambda: _mish_slope(), "1+erf": lambda: _mul_up(2.0, _gelu_slope("none")),
+                 "relu6": lambda: _float_up(max(abs(offset), abs(12 - offset), Fraction(6)))}[kind]()
+        return _product(bounds[x], _float_up(abs(k1 * k2)), slope)
+    return None
+
+
+def _changed_in_place(x: torch.fx.Node) -> bool:
+    """Whether some call writes into x's memory: an in-place call on x, or on a value that may view it."""
+    seen, pending = set(), [x]
+    while pending:
+        value = pending.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            first = user.args[0] if user.args else None
+            if first is value and (_in_place(user) or (user.op == "call_module" and getattr(
+                    user.graph.owning_module.get_submodule(user.target), "inplace", False) is True)):
+                return True
+            if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
+                pending.append(user)
+    return False
 
 
 def _extremum_form(node: torch.fx.Node) -> str | None:

@@ -854,6 +854,54 @@ def test_layers_with_no_global_constant_name_their_reason(model, reason):
     assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
 
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, module, scale", [
+    (lambda x: x * torch.sigmoid(x), nn.SiLU(), 1.0),  # Swish
+    (lambda x: x.sigmoid().mul(x), nn.SiLU(), 1.0),
+    (lambda x: x * torch.sigmoid(1.702 * x), nn.SiLU(), 1.0),  # QuickGELU: the slope of silu at any scale
+    (lambda x: -x * torch.sigmoid(x / -4), nn.SiLU(), 1.0),
+    (lambda x: x * F.relu6(x + 3.0) / 6.0, nn.Hardswish(), 1.0),
+    (lambda x: x * F.relu6(x + 3.0, inplace=True) / 6.0, nn.Hardswish(), 1.0),  # in place on x + 3 only
+    (lambda x: x * (F.hardtanh(x + 3, 0.0, 6.0) / 6), nn.Hardswish(), 1.0),
+    (lambda x: 2 * x * F.hardsigmoid(x), nn.Hardswish(), 2.0),
+    (lambda x: x * torch.tanh(F.softplus(x)), nn.Mish(), 1.0),
+    (lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), nn.GELU(), 1.0),  # BERT's gelu
+    (lambda x: 0.5 * x * (torch.erf(x * 0.7071067811865476) + 1), nn.GELU(), 1.0),
+    (lambda x: x * F.relu6(2 * x - 1), None, 13.0),  # slope 2u + 1 on 0 < u = 2x - 1 < 6: up to 13
+], ids=["swish", "swish-method", "quickgelu", "swish-negative", "hardswish", "hardswish-in-place",
+        "hardswish-hardtanh", "hardsigmoid", "mish", "gelu-erf", "gelu-erf-reversed", "relu6-shifted"])
+def test_self_gated_activations_written_out_get_their_constant(fn, module, scale, form):
+    model = _Applies(fn).double()
+    example = torch.randn(1, 5, dtype=torch.float64)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example.clone()),
+               "export": lambda: torch.export.export(model, (example.clone(),))}[form]()
+    report = lipfast.lipschitz_bound(bounded, (5,), progress=False)
+    exact = scale * (lipfast.lipschitz_bound(module, (5,), progress=False).upper if module is not None else 1.0)
+    assert exact <= report.upper <= exact * (1 + 1e-12), report.notes
+    t = torch.linspace(-12, 12, 480001, dtype=torch.float64)
+    y = fn(t.clone()[:, None])[:, 0]
+    quotients = (y[1:] - y[:-1]) / (t[1:] - t[:-1])
+    assert report.upper * (1 - 1e-4) <= float(quotients.abs().max()) <= report.upper
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x * x, lambda x: x * F.relu(x), lambda x: x * torch.sigmoid(x + 1),
+    lambda x: x * torch.sigmoid(x.flip(-1)), lambda x: x * torch.erf(x), lambda x: x * torch.tanh(x),
+    lambda x: x * F.relu6(x, inplace=True),  # x itself changed in place: x is then relu6(x)
+    lambda x: x * torch.tanh(F.softplus(x, beta=2.0)),
+], ids=["square", "x-relu", "shifted-sigmoid", "other-source", "x-erf", "x-tanh", "in-place-on-x", "softplus-beta"])
+def test_products_outside_the_self_gated_forms_get_no_finite_bound(fn):
+    report = lipfast.lipschitz_bound(_Applies(fn), (5,), progress=False)
+    assert report.upper == math.inf and any("product of two" in note for note in report.notes), report.notes
+
+
+def test_flips_rolls_and_erf():
+    for fn, exact in [(lambda x: x.flip(-1) + torch.roll(x, 2, 1), 2.0), (lambda x: torch.rot90(x, 1, (1, 2)), 1.0),
+                      (lambda x: torch.erf(x) + x.erfc(), 4 / math.sqrt(math.pi))]:
+        report = lipfast.lipschitz_bound(_Applies(fn), (3, 3), progress=False)
+        assert report.notes == [] and exact <= report.upper <= exact * (1 + 1e-14)
+
+
 def test_prelu_and_jumps():
     prelu = nn.PReLU(3, init=0.25)
     with torch.no_grad():
