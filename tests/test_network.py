@@ -1,6 +1,7 @@
 """Whole-network Lipschitz bounds: exact chains, soundness against Jacobians, composition rules."""
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -216,10 +217,13 @@ def test_functional_dropout_and_batch_norm(forward, factor):
     model = _Functional2(forward).train()
     report = lipfast.lipschitz_bound(model, (4,), progress=False)
     linear = next(layer for layer in report.layers if layer.kind == "Linear")
-    if factor == "bn":
-        factor = float((model.gamma.detach().abs() / (model.var + 1e-3).sqrt()).max())
-    elif factor == "bn1":
-        factor = float((1 / (model.var + 1e-5).sqrt()).max())
+    if factor in ("bn", "bn1"):
+        # the BatchNorm folded into the Linear before it: the bracket is of diag(s) W, s its scales
+        scale = model.gamma.detach() / (model.var + 1e-3).sqrt() if factor == "bn" else 1 / (model.var + 1e-5).sqrt()
+        exact = float(torch.linalg.matrix_norm(scale[:, None] * model.lin.weight.detach(), 2))
+        assert exact <= report.upper <= exact * (1 + 1e-3) and report.upper == linear.upper
+        assert "folded in" in linear.note and any(layer.note == "folded into lin's bracket" for layer in report.layers)
+        factor = 1.0
     assert report.upper == pytest.approx(factor * linear.upper, rel=1e-9, abs=0)
     if factor:  # never below a draw's Jacobian (dropout: masks drawn at random)
         x = torch.randn(1, 4, dtype=torch.float64)
@@ -1171,3 +1175,112 @@ class _ResidualForCompile(nn.Module):
 
     def forward(self, x):
         return x + self.b(torch.relu(self.a(x)))
+
+
+def _jacobian_norm(model: nn.Module, shape: tuple) -> float:
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    model = copy.deepcopy(model).double().eval()
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+def _explicit_norm(model: nn.Module, shape: tuple) -> float:
+    """The exact norm of a linear model (its bias removed by a difference), from its matrix in float64."""
+    model = copy.deepcopy(model).double().eval()
+    zero = model(torch.zeros(1, *shape, dtype=torch.float64))
+    basis = torch.eye(math.prod(shape), dtype=torch.float64).reshape(-1, *shape)
+    with torch.no_grad():
+        matrix = (model(basis) - zero).reshape(basis.shape[0], -1)
+    return float(torch.linalg.matrix_norm(matrix, 2))
+
+
+def _varied_norm(channels: int, dim: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](channels)
+    with torch.no_grad():
+        norm.running_var.copy_(torch.rand(channels, generator=g) * 4 + 0.01)
+        norm.running_mean.copy_(torch.randn(channels, generator=g))
+        norm.weight.copy_(torch.randn(channels, generator=g) * 2)
+        norm.bias.copy_(torch.randn(channels, generator=g))
+    return norm.eval()
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(3, 5, 3, padding=1), (3, 5, 5)),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"), (4, 6, 6)),
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"), (4, 5, 5)),
+    (nn.Conv2d(2, 3, (3, 5), padding="same", padding_mode="replicate", bias=False), (2, 4, 5)),
+    (nn.Conv1d(3, 4, 5, padding=2), (3, 9)),
+    (nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
+    (nn.Linear(6, 5), (6,)),
+], ids=["zeros", "circular-strided", "reflect-groups", "replicate-same", "1d", "3d", "linear"])
+def test_a_batch_norm_after_a_layer_is_folded_into_its_bracket(layer, shape):
+    # BatchNorm(conv(x)) = conv'(x) + b with conv' the conv with output channel c scaled by
+    # s_c = gamma_c / sqrt(var_c + eps): its norm, often far below ‖conv‖ max |s|
+    torch.manual_seed(0)
+    dim = 1 if isinstance(layer, nn.Linear) else layer.weight.dim() - 2
+    norm = _varied_norm(layer.weight.shape[0], dim)
+    model = nn.Sequential(layer, norm).eval()  # float32: the folded weight is rounded, and the margin covers it
+    exact = _explicit_norm(model, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    first, second = report.layers
+    assert first.lower <= exact <= first.upper and first.note == "1 folded in: the bracket is of 1 after 0"
+    assert second.note == "folded into 0's bracket" and report.naive_upper == first.upper
+    unfolded = float(lipfast.operator_norm_bounds(layer, shape[1:] or None)[1]) * second.upper
+    assert report.upper <= unfolded * (1 + 2e-3)  # ‖diag(s) W‖ <= max |s| ‖W‖, up to the brackets' widths
+    # the same bound for the traced, exported and scripted forms (their functional layers fold too)
+    example = torch.randn(1, *shape)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)):
+        assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
+
+
+@pytest.mark.parametrize("case", ["used-twice", "uniform-scale", "linear-on-rows", "called-twice", "transposed"])
+def test_a_batch_norm_is_not_folded_where_the_two_are_not_one_map(case):
+    torch.manual_seed(0)
+    if case == "used-twice":  # the conv's output also skips past the norm
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), _varied_norm(3)
+
+            def forward(self, x):
+                y = self.conv(x)
+                return self.bn(y) + y
+        model, shape = Net(), (3, 4, 4)
+    elif case == "uniform-scale":  # nothing to gain: every channel scaled alike
+        model, shape = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)), (3, 4, 4)
+    elif case == "linear-on-rows":  # BatchNorm1d normalizes dim 1 of (batch, rows, features): the rows
+        model, shape = nn.Sequential(nn.Linear(4, 4), _varied_norm(3, 1)), (3, 4)
+    elif case == "called-twice":
+        conv = nn.Conv2d(3, 3, 3, padding=1)
+        model, shape = nn.Sequential(conv, _varied_norm(3), nn.ReLU(), conv), (3, 4, 4)
+    else:
+        model, shape = nn.Sequential(nn.ConvTranspose2d(3, 3, 3), _varied_norm(3)), (3, 4, 4)
+    model.eval()
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert not any("folded" in layer.note for layer in report.layers)
+    assert report.upper >= _jacobian_norm(model, shape) if case != "linear-on-rows" else True
+    assert report.naive_upper == pytest.approx(math.prod(layer.upper for layer in report.layers), rel=1e-12)
+
+
+def test_folding_tightens_a_resnet_with_trained_like_statistics_and_stays_sound(monkeypatch):
+    from lipfast import network
+    from lipfast.models import resnet18_cifar
+
+    model = resnet18_cifar()
+    for i, module in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        module.load_state_dict({**module.state_dict(), **{k: v for k, v in _varied_norm(module.num_features, seed=i)
+                                                          .state_dict().items() if k != "num_batches_tracked"}})
+    model.eval()
+    report = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
+    folded = sum("folded in:" in layer.note for layer in report.layers)
+    assert folded == 20  # every conv of ResNet-18 (17 3x3, 3 shortcuts) feeds its own BatchNorm
+    monkeypatch.setattr(network, "_folds", lambda *args: {})
+    unfolded = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
+    assert report.upper < unfolded.upper / 10  # each block's branch is far tighter folded
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    double = copy.deepcopy(model).double()
+    worst = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        lambda t: double(t).reshape(-1), x[i : i + 1]).reshape(10, -1), 2)) for i in range(3))
+    assert worst <= report.upper
