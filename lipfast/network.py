@@ -15,11 +15,13 @@ translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import math
 import operator
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -474,8 +476,23 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, tuple(_REGISTRY)) or _computes_as_torch_layer(m)
 
 
+@contextlib.contextmanager
+def _leaving_no_constants(model: nn.Module):
+    """torch.fx keeps the tensors a trace computes from constants as attributes _tensor_constant<i>
+    of the model it traces (the graph module takes its own references): they are removed from the
+    model afterwards, which is left as it was."""
+    before = set(vars(model))
+    try:
+        yield
+    finally:
+        for name in set(vars(model)) - before:
+            if re.fullmatch(r"_tensor_constant\d+", name):
+                delattr(model, name)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    return torch.fx.GraphModule(model, _Tracer().trace(model))
+    with _leaving_no_constants(model):
+        return torch.fx.GraphModule(model, _Tracer().trace(model))
 
 
 def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
@@ -496,7 +513,8 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
         raise ValueError(f"its forward takes {len(inputs)} inputs, not one")
     with warnings.catch_warnings():  # (the meta tracer warns of each value it could not run: those stay symbolic)
         warnings.simplefilter("ignore")
-        traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
+        with _leaving_no_constants(model):
+            traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
     from lipfast import _torchscript
 
     _torchscript.check_translation(model, traced, tuple(example.shape[1:]))  # ValueError where they differ
@@ -651,6 +669,9 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
 def _tensor_value(graph_module: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node,
                   computed: dict[torch.fx.Node, Tensor | None], what: str) -> Tensor:
     """The value of a functional layer's constant tensor: stored (get_attr), or computed in the forward."""
+    if _drawn(source):
+        raise _Unsupported(f"{node.name}: {node.target.__name__}'s {what} is drawn at random in the forward (tracing "
+                           "kept one draw)")
     if source.op == "get_attr":
         value = graph_module
         for part in source.target.split("."):
@@ -691,9 +712,12 @@ def _product(*factors: float) -> float:
 
 
 def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
-             functional: dict[torch.fx.Node, tuple[float, dict]] | None = None) -> float:
+             functional: dict[torch.fx.Node, tuple[float, dict]] | None = None,
+             values: dict[torch.fx.Node, Tensor | None] | None = None) -> float:
     """L(node) bounds the Lipschitz constant of node's value as a function of the model's input;
-    functional: the functional layers' (constant, arguments) (_functional_layer)."""
+    functional: the functional layers' (constant, arguments) (_functional_layer); values: the
+    values of constant tensors the rules read (_propagate; a scale or divisor tensor)."""
+    values = values or {}
     bounds: dict[torch.fx.Node, float] = {}
     functional = functional or {}
     for node in graph_module.graph.nodes:
@@ -718,7 +742,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             continue  # a piece taken and never used (the indices of a sort, say): it changes nothing
         elif node.op in ("call_function", "call_method"):
             try:
-                bounds[node] = _function_bound(node, bounds)
+                bounds[node] = _function_bound(node, bounds, values)
             except _Unsupported:
                 raise
             except Exception as exc:  # a call a rule did not foresee: no finite bound (inf is always sound)
@@ -769,6 +793,51 @@ _ALIASING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {torch.broa
                                                                        F.dropout}
 
 
+def _tensor_constants(traced: torch.fx.GraphModule) -> list[tuple[str, Tensor]]:
+    """The tensors torch.fx kept as constants of the graph while tracing, in graph order."""
+    found = []
+    for node in traced.graph.nodes:
+        if node.op == "get_attr" and re.fullmatch(r"_tensor_constant\d+", node.target):
+            value = getattr(traced, node.target, None)
+            if isinstance(value, Tensor):
+                found.append((node.target, value))
+    return found
+
+
+def _mark_drawn_constants(traced: torch.fx.GraphModule, second: torch.fx.GraphModule) -> None:
+    """torch.fx runs a call whose arguments are all known while tracing (torch.rand(2), 1 / self.std)
+    and keeps its result as a constant of the graph: for a random call, one draw, where the model
+    draws anew at every call.  The constants that differ between two traces are such draws; the
+    nodes computed from them are recorded on the graph (_drawn), and no rule takes their values
+    for the model's."""
+    first, again = _tensor_constants(traced), _tensor_constants(second)
+    drawn = {name for name, _ in first} if len(first) != len(again) else {
+        name for (name, a), (_, b) in zip(first, again) if not (a.shape == b.shape and torch.equal(a, b))}
+    nodes: set[torch.fx.Node] = set()
+    for node in traced.graph.nodes:
+        if (node.op == "get_attr" and node.target in drawn) or any(a in nodes for a in node.all_input_nodes):
+            nodes.add(node)
+    traced._lipfast_drawn = nodes
+
+
+def _drawn(node) -> bool:
+    """Whether a graph value is computed from a random draw that tracing kept as a constant."""
+    return isinstance(node, torch.fx.Node) and node in getattr(node.graph.owning_module, "_lipfast_drawn", ())
+
+
+def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The constant tensors that scale (multiply or divide) an input-dependent one: their values
+    set the product's constant (_tensor_scale)."""
+    found = set()
+    for node in traced.graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_function", "call_method") and name in ("mul", "div", "truediv", "__mul__", "__truediv__"):
+            tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            if len(tensors) == 2 and sum(a in depends for a in tensors) == 1:
+                found.update(a for a in tensors if a not in depends)
+    return found
+
+
 def _propagate(traced: torch.fx.GraphModule, example: Tensor, weights: set) -> dict:
     """Runs the traced graph on the example in eval mode, recording every node's shape (the shape
     propagation the size rules read) and returning the values of `weights` (weights the forward
@@ -807,7 +876,8 @@ def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
 def _constant_integers(part) -> Tensor | None:
     """The value of a graph node that is an integer or boolean tensor constant of the model
     (torch.tensor([...]) in the forward, which torch.fx keeps as an attribute, or a stored one)."""
-    if not (isinstance(part, torch.fx.Node) and part.op == "get_attr" and part.graph.owning_module is not None):
+    if not (isinstance(part, torch.fx.Node) and part.op == "get_attr" and part.graph.owning_module is not None) or \
+            _drawn(part):
         return None
     try:
         value = functools.reduce(getattr, part.target.split("."), part.graph.owning_module)
@@ -881,6 +951,10 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return bool(_nodes_in(node.args[1:]))
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("add", "sub", "__add__", "__sub__", "mul", "div", "truediv", "__mul__", "__truediv__") and \
+            len(_nodes_in((node.args, node.kwargs))) > 1:
+        return True  # two tensors: one may be broadcast to the other's shape
     if _extremum_form(node) == "pairwise":
         return True
     if node.op == "call_method":
@@ -909,7 +983,7 @@ def _copies(node: torch.fx.Node) -> Fraction:
     return Fraction(out, inp) if inp else Fraction(0)
 
 
-def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
+def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = None) -> float:
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     tensor_args = _passed((node.args, node.kwargs), bounds)
@@ -917,13 +991,16 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
         return 0.0  # a function of constants only (sizes, buffers, arithmetic on them)
     first = bounds[tensor_args[0]]
     if target in (operator.add, torch.add, operator.sub, torch.sub) or name in ("add", "sub", "__add__", "__sub__"):
-        # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds nothing
+        # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds
+        # nothing; an operand broadcast to the result's shape counts once per copy of each entry
         alpha = node.kwargs.get("alpha", 1)
         if not isinstance(alpha, (int, float)):
             raise _Unsupported(f"{node.name}: {name} with alpha={alpha!r}")
         operands = list(node.args[:2]) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
-        return _sum_up([_mul_up(bounds[a], abs(alpha)) if i == 1 else bounds[a]
-                        for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds])
+        alone = len(_nodes_in(operands)) < 2  # a tensor and a number: nothing is broadcast
+        return _sum_up([_product(bounds[a], abs(alpha) if i == 1 else 1.0,
+                                 1.0 if alone else _sqrt_up(_broadcast_copies(node, a)))
+                        for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds and bounds[a] > 0])
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in ("mul", "div", "__mul__", "__truediv__"):
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
@@ -932,6 +1009,12 @@ def _function_bound(node: torch.fx.Node, bounds: dict) -> float:
             if gated is not None:
                 return gated
             raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
+        if len(operands) == 2 and not node.kwargs:  # by a constant tensor: (x - mean) / std, say
+            x, c = operands if bounds[operands[0]] > 0 else operands[::-1]
+            divide = target in (operator.truediv, torch.div) or name in ("div", "__truediv__")
+            if divide and node.args[0] is not x:
+                raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
+            return _product(bounds[x], _tensor_scale(node, x, None if _drawn(c) else (values or {}).get(c), divide))
         other = [a for a in node.args if not isinstance(a, torch.fx.Node)]
         if not other or not isinstance(other[0], (int, float)):
             raise _Unsupported(f"{node.name}: scaling by a tensor that is not a known constant")
@@ -1181,6 +1264,40 @@ def _changed_in_place(x: torch.fx.Node) -> bool:
             if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
                 pending.append(user)
     return False
+
+
+def _broadcast_copies(node: torch.fx.Node, operand: torch.fx.Node) -> Fraction:
+    """How many times node's result holds each entry of operand: numel(result) / numel(operand), 1
+    where the shapes are equal (broadcasting repeats every entry equally often)."""
+    out, inp = _shape(node, node), _shape(node, operand)
+    if out == inp:
+        return Fraction(1)
+    return Fraction(math.prod(out), math.prod(inp)) if math.prod(inp) else Fraction(0)
+
+
+def _tensor_scale(node: torch.fx.Node, x: torch.fx.Node, value, divide: bool) -> float:
+    """The norm of x -> x * c (x / c with divide) for a constant tensor c: max |c| (1 / min |c|) where
+    x has the result's shape; where broadcasting repeats x's entries, each entry's copies count
+    together: sqrt(max over entries of x of the sum of c^2 over its copies)."""
+    if not isinstance(value, Tensor) or value.is_complex():
+        raise _Unsupported(f"{node.name}: scaling by a tensor that is not a known constant (or differs between runs)")
+    weights = value.detach().double().abs().cpu()
+    if not torch.isfinite(weights).all() or (divide and (weights == 0).any()):
+        raise _Unsupported(f"{node.name}: scaling by a tensor with entries that are not finite (or dividing by 0)")
+    out, inp = _shape(node, node), _shape(node, x)
+    if weights.numel() == 0 or math.prod(out) == 0:
+        return 0.0
+    if out == inp:  # each entry of x scaled once: exactly the largest scale
+        return _float_up(1 / Fraction(float(weights.min()))) if divide else float(weights.max())
+    if divide:
+        weights = 1 / weights  # each within 2^-53 of the exact quotient
+    aligned = (1,) * (len(out) - len(inp)) + tuple(inp)
+    repeated = [d for d, (a, o) in enumerate(zip(aligned, out)) if a == 1 and o != 1]
+    squares = torch.broadcast_to(weights, out) ** 2
+    sums = squares.sum(dim=repeated) if repeated else squares
+    terms = math.prod(out[d] for d in repeated)
+    # float64: each quotient, square and the sum of `terms` of them within (terms + 3) 2^-53 relative
+    return _sqrt_up(float(sums.max()) * (1 + (terms + 4) * 2.0**-52))
 
 
 def _extremum_form(node: torch.fx.Node) -> str | None:
@@ -1756,13 +1873,16 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         with _util.eval_mode(model):  # the bound is the eval-mode network's: so are its branches on self.training
             try:
                 traced = _trace(model)
+                again = _trace
             except Exception as plain:  # a branch on the input: on its sizes alone, the trace for this shape holds
                 try:
                     traced = _trace_for_shape(model, example)
+                    again = functools.partial(_trace_for_shape, example=example)
                 except Exception:
                     raise plain from None
                 notes.append(f"torch.fx traced it for inputs of shape {tuple(input_shape)}, its branches and loops "
                              f"on sizes decided for that shape (plainly: {type(plain).__name__}: {plain})")
+            _mark_drawn_constants(traced, again(model))
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         failure = exc
     calls: dict[torch.fx.Node, dict] = {}  # the functional layers' arguments
@@ -1772,7 +1892,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         calls = {node: _with_copying_pad(node, arguments) for node in traced.graph.nodes
                  if (arguments := _layer_arguments(node, depends)) is not None}
         weights = {t for node, arguments in calls.items() for t in _layer_tensors(node, arguments) if t.op != "get_attr"}
-        if any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
+        weights |= _scaling_tensors(traced, depends)
+        if weights or any(_needs_sizes(node) for node in traced.graph.nodes):  # one more forward, only then
             try:
                 computed = _propagate(traced, example, weights)
             except Exception:  # nodes then lack sizes, and the rules that need them give no finite bound
@@ -1823,7 +1944,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                     uncounted.add(id(layer))
                 layers.append(layer)
                 functional[node] = (1.0 if node in folded_norms else layer.upper, arguments)
-            upper = _compose(traced, constants, functional)
+            upper = _compose(traced, constants, functional, computed)
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
             upper = math.inf
             notes.append(f"no finite bound: {exc}")

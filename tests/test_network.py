@@ -350,7 +350,8 @@ class _Uses(nn.Module):
     (lambda m, y: torch.split(y, [1, 3], 1)[1] * 2, 2.0),
     (lambda m, y: torch.stack(y.unbind(1)[:2], 1), 1.0),
     (lambda m, y: torch.tensor_split(y, 3, dim=1)[2], 1.0),
-    (lambda m, y: y.narrow(1, 1, 2) + torch.select(y, 1, 0)[:, None], 2.0),
+    # the selected column is broadcast over the 2 of the slice: counted twice, sqrt(2)
+    (lambda m, y: y.narrow(1, 1, 2) + torch.select(y, 1, 0)[:, None], 1 + math.sqrt(2)),
     (lambda m, y: y.unflatten(1, (2, 2)).movedim(1, 2).swapaxes(1, 2).flatten(1).t(), 1.0),
 ], ids=["sum", "cat", "alpha", "expand", "stored-index", "expand_as", "repeat", "list-index", "signed-index", "slice",
         "computed-slice", "two-outputs", "neg", "chunk", "split", "unbind", "tensor_split", "narrow-select",
@@ -424,6 +425,61 @@ def test_gather_and_index_select_with_stored_indices_count_their_copies(form, ki
 def test_gather_with_an_index_computed_in_the_forward_has_no_finite_bound(index, reason):
     report = lipfast.lipschitz_bound(_Applies(lambda x: x.gather(1, index(x))), (5,), progress=False)
     assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
+class _Normalized(nn.Module):
+    """y = f(x, c) for a stored tensor c: an input normalization ((x - mean) / std), a scale, a broadcast."""
+
+    def __init__(self, fn, shape):
+        super().__init__()
+        self.fn = fn
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("c", torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.2)
+        self.register_buffer("mean", torch.rand(shape, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, c_shape, x_shape", [
+    (lambda m, x: (x - m.mean) / m.c, (3, 1, 1), (3, 4, 4)),  # per-channel normalization: 1 / min c
+    (lambda m, x: x.sub(m.mean).mul(1 / m.c), (3, 1, 1), (3, 4, 4)),
+    (lambda m, x: m.c * x, (3, 4), (3, 4)),  # max |c|
+    (lambda m, x: torch.div(x, m.c), (4,), (3, 4)),
+    (lambda m, x: x * m.c, (3, 4), (3, 1)),  # x's entries broadcast: each scaled by 4 entries of c
+    (lambda m, x: x / m.c, (2, 1, 3), (3,)),  # x repeated over a batch-like dim of 2
+    (lambda m, x: x + m.c, (3, 4), (3, 1)),  # broadcast by a sum: sqrt(4) copies of every entry
+    (lambda m, x: m.c - x, (2, 3), (3,)),
+], ids=["normalize", "normalize-methods", "scale", "divide", "scale-broadcast", "divide-broadcast",
+        "add-broadcast", "sub-broadcast"])
+def test_scaling_by_stored_tensors_and_broadcasting(fn, c_shape, x_shape, form):
+    model = _Normalized(fn, c_shape).eval()
+    example = torch.randn(1, *x_shape, dtype=torch.float64)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,))}[form]()
+    report = lipfast.lipschitz_bound(bounded, x_shape, progress=False)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))  # the map is linear (affine): this is its constant
+    assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-12)
+
+
+def test_scaling_by_tensors_that_are_not_constants_or_divide_by_zero():
+    class ByZero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.tensor([1.0, 0.0]))
+
+        def forward(self, x):
+            return x / self.c
+
+    class ByRandom(nn.Module):
+        def forward(self, x):
+            return x * torch.rand(2)
+
+    for model, reason in ((ByZero(), "dividing by 0"), (ByRandom(), "differs between runs")):
+        report = lipfast.lipschitz_bound(model, (2,), progress=False)
+        assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
 
 class _Applies(nn.Module):
@@ -1011,7 +1067,7 @@ def test_functional_layers_with_computed_weights():
     with torch.no_grad():
         conv.weight.copy_(model.kernel / model.kernel.norm())
     assert report.upper == float(lipfast.operator_norm_bounds(conv, (5, 5))[1])
-    for model, reason in ((Dropped(), "differed"), (Steered(), "scaling by a tensor")):
+    for model, reason in ((Dropped(), "differed"), (Steered(), "weight that depends on the input")):
         report = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
         assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
@@ -1284,3 +1340,20 @@ def test_folding_tightens_a_resnet_with_trained_like_statistics_and_stays_sound(
     worst = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
         lambda t: double(t).reshape(-1), x[i : i + 1]).reshape(10, -1), 2)) for i in range(3))
     assert worst <= report.upper
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda x: x * torch.rand(4), "differs between runs"),  # torch.fx runs torch.rand(4) once while tracing
+    (lambda x: x[:, torch.randint(0, 4, (6,))], "not known to be an int"),  # one draw of picks
+    (lambda x: F.linear(x, torch.randn(3, 4)), "drawn at random"),
+], ids=["scale", "index", "weight"])
+def test_values_drawn_at_random_in_the_forward_are_not_taken_from_one_trace(fn, reason):
+    report = lipfast.lipschitz_bound(_Applies(fn), (4,), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
+def test_tracing_leaves_no_constants_on_the_model():
+    model = _Applies(lambda x: (x - torch.tensor([1.0, 2.0])) / torch.tensor([2.0, 4.0]))
+    before = set(vars(model))
+    report = lipfast.lipschitz_bound(model, (2,), progress=False)
+    assert report.upper == 0.5 and set(vars(model)) == before
