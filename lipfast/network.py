@@ -724,8 +724,10 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
         if node in functional:
             # W x + b: Lip <= ‖W‖ Lip(x) + Lip(b) (b is a constant, but could be computed from x)
             constant, arguments = functional[node]
+            bias = arguments.get("bias")  # added to every row (pixel): counted once per copy where it is not constant
+            copies = _broadcast_copies(node, bias) if isinstance(bias, torch.fx.Node) and bounds.get(bias, 0) > 0 else 1
             bounds[node] = _sum_up([_product(constant, _concatenated([arguments["input"]], bounds)),
-                                    _concatenated([arguments.get("bias")], bounds)])
+                                    _product(_concatenated([bias], bounds), _sqrt_up(copies))])
         elif node.op == "placeholder":
             bounds[node] = 1.0
         elif node.op == "get_attr":
@@ -826,12 +828,13 @@ def _drawn(node) -> bool:
 
 
 def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    """The constant tensors that scale (multiply or divide) an input-dependent one: their values
-    set the product's constant (_tensor_scale)."""
+    """The constant tensors that scale (multiply, divide or matrix-multiply) an input-dependent one:
+    their values set the product's constant (_tensor_scale, _matmul_bound)."""
     found = set()
     for node in traced.graph.nodes:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.op in ("call_function", "call_method") and name in ("mul", "div", "truediv", "__mul__", "__truediv__"):
+        if node.op in ("call_function", "call_method") and name in ("mul", "div", "truediv", "__mul__", "__truediv__",
+                                                                    "matmul", "mm", "mv", "__matmul__", "__rmatmul__"):
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2 and sum(a in depends for a in tensors) == 1:
                 found.update(a for a in tensors if a not in depends)
@@ -1025,6 +1028,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if node.kwargs.get("rounding_mode") is not None:  # floor or trunc: steps, no constant
             raise _Unsupported(f"{node.name}: division with rounding_mode={node.kwargs['rounding_mode']!r}")
         return _float_up(Fraction(first) / abs(Fraction(other[0]))) if math.isfinite(first) else first  # x / c
+    if target in (operator.matmul, torch.matmul, torch.mm, torch.mv) or \
+            (node.op == "call_method" and name in ("matmul", "mm", "mv", "__matmul__", "__rmatmul__")):
+        return _matmul_bound(node, bounds, values or {})
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
@@ -1264,6 +1270,32 @@ def _changed_in_place(x: torch.fx.Node) -> bool:
             if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
                 pending.append(user)
     return False
+
+
+def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """x @ W or W @ x for a constant matrix (or vector) W: every row (column) of x times W, so
+    ‖W‖_2 times x's constant (a certified upper end: a Cholesky test, as for nn.Linear); a product
+    of two input-dependent tensors has none."""
+    operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if len(operands) != 2 or len(node.args) != 2 or node.kwargs:
+        raise _Unsupported(f"{node.name}: {name} with arguments {node.args!r}, {node.kwargs!r}")
+    if all(bounds[a] > 0 for a in operands):
+        raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
+    x, c = operands if bounds[operands[0]] > 0 else operands[::-1]
+    value = None if _drawn(c) else values.get(c)
+    if not isinstance(value, Tensor) or value.is_complex() or value.dim() not in (1, 2):
+        raise _Unsupported(f"{node.name}: {name} by a tensor that is not a known constant matrix or vector "
+                           "(or differs between runs)")
+    weight = value.detach().double().cpu()
+    if not torch.isfinite(weight).all():
+        raise _Unsupported(f"{node.name}: {name} by a matrix with entries that are not finite")
+    if weight.dim() == 1 or min(weight.shape) == 1:  # a vector's norm: sqrt of a sum of squares, rounded up
+        squares = float((weight**2).sum())
+        return _product(bounds[x], _sqrt_up(squares * (1 + (weight.numel() + 2) * 2.0**-52)))
+    bracket = conv.dense_brackets([weight], 1e-3, linalg.DEFAULT_MAX_ITERS)
+    upper = bracket[0][1] if bracket else float(linalg.spectral_norm_bounds(weight)[1])
+    return _product(bounds[x], upper)
 
 
 def _broadcast_copies(node: torch.fx.Node, operand: torch.fx.Node) -> Fraction:

@@ -464,7 +464,39 @@ def test_scaling_by_stored_tensors_and_broadcasting(fn, c_shape, x_shape, form):
     assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-12)
 
 
-def test_scaling_by_tensors_that_are_not_constants_or_divide_by_zero():
+class _Multiplies(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fn = fn
+        self.W = nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64))
+        self.v = nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, shape", [
+    (lambda m, x: x @ m.W, (6,)),
+    (lambda m, x: x @ m.W, (3, 6)),  # each row of x times W
+    (lambda m, x: m.W @ x, (5, 2)),  # each column
+    (lambda m, x: torch.matmul(x, m.W.t()), (5,)),
+    (lambda m, x: x.mm(m.W), (6,)),
+    (lambda m, x: x @ m.v, (4, 5)),  # a vector: its norm
+], ids=["row", "rows", "columns", "transposed", "mm", "vector"])
+def test_matrix_products_with_a_stored_matrix(fn, shape, form):
+    model = _Multiplies(fn)
+    example = torch.randn(1, *shape, dtype=torch.float64)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,))}[form]()
+    report = lipfast.lipschitz_bound(bounded, shape, progress=False)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))  # linear: its norm is ‖W‖ (‖v‖)
+    assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-3), report.notes
+
+
+def test_products_with_tensors_that_are_not_constants_or_divide_by_zero():
     class ByZero(nn.Module):
         def __init__(self):
             super().__init__()
@@ -477,7 +509,12 @@ def test_scaling_by_tensors_that_are_not_constants_or_divide_by_zero():
         def forward(self, x):
             return x * torch.rand(2)
 
-    for model, reason in ((ByZero(), "dividing by 0"), (ByRandom(), "differs between runs")):
+    class Quadratic(nn.Module):
+        def forward(self, x):
+            return x @ x.transpose(-1, -2)
+
+    for model, reason in ((ByZero(), "dividing by 0"), (ByRandom(), "differs between runs"),
+                          (Quadratic(), "product of two input-dependent")):
         report = lipfast.lipschitz_bound(model, (2,), progress=False)
         assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
 
@@ -1357,3 +1394,20 @@ def test_tracing_leaves_no_constants_on_the_model():
     before = set(vars(model))
     report = lipfast.lipschitz_bound(model, (2,), progress=False)
     assert report.upper == 0.5 and set(vars(model)) == before
+
+
+def test_a_bias_computed_from_the_input_counts_once_per_row_it_is_added_to():
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+        def forward(self, x):
+            return F.linear(x, self.W, x[0, 0, :3])  # the first row's first entries, added to all 5 rows
+
+    model = Biased()
+    report = lipfast.lipschitz_bound(model, (5, 4), progress=False)
+    weight = float(torch.linalg.matrix_norm(model.W.detach(), 2))
+    assert weight + math.sqrt(5) <= report.upper <= (weight + math.sqrt(5)) * (1 + 1e-3)
+    assert _jacobian_norm(model, (5, 4)) <= report.upper
+    assert _jacobian_norm(model, (5, 4)) > weight + 1  # where counting the bias once would fall
