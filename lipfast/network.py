@@ -1156,8 +1156,7 @@ def _scaled_source(node) -> tuple[torch.fx.Node, Fraction] | None:
 
 def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
     """(kind, input) of a call of sigmoid, hardsigmoid, relu6 (or hardtanh(0, 6)), tanh, softplus
-    with beta 1, erf or a scalar add (kind "add", its number in place of the input's partner) as a
-    function, a method or a torch.nn module; None for anything else."""
+    with beta 1 or erf, as a function, a method or a torch.nn module; None for anything else."""
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target)
         if type(module) in (nn.Hardtanh, nn.ReLU6) and (module.min_val, module.max_val) == (0, 6):
