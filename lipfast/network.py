@@ -421,10 +421,13 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
                     torch.softmax: _SLOPES[nn.Softmax](None), F.selu: _SLOPES[nn.SELU](None),
                     torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0,
+                    # |sin'|, |cos'| <= 1; atan' = 1 / (1 + x^2), asinh' = 1 / sqrt(1 + x^2): at most 1
+                    **dict.fromkeys((torch.sin, torch.cos, torch.atan, torch.arctan, torch.asinh, torch.arcsinh), 1.0),
                     # erf' = 2 exp(-x^2) / sqrt(pi), largest at 0 (the division rounded, so a margin)
                     **dict.fromkeys((torch.erf, torch.special.erf, torch.erfc, torch.special.erfc),
                                     2 / math.sqrt(math.pi) * (1 + 1e-15))}
-_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0,
+_METHOD_SLOPES = {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "abs": 1.0, "neg": 1.0, "sin": 1.0, "cos": 1.0,
+                  "atan": 1.0, "arctan": 1.0, "asinh": 1.0, "arcsinh": 1.0,
                   "softmax": _SLOPES[nn.Softmax](None), "erf": _FUNCTION_SLOPES[torch.erf],
                   "erfc": _FUNCTION_SLOPES[torch.erf]}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax}
@@ -1095,6 +1098,11 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             return first
     if target in _FUNCTION_SLOPES:
         return _product(first, _FUNCTION_SLOPES[target])
+    if target in (torch.clamp, torch.clip) or (node.op == "call_method" and name in ("clamp", "clip")):
+        # the nearest point of an interval, entry by entry: 1-Lipschitz, for bounds that are constants
+        if any(bounds.get(a, 0) > 0 for a in _nodes_in((node.args[1:], node.kwargs))):
+            raise _Unsupported(f"{node.name}: {name} with bounds that depend on the input")
+        return first
     if target in _LOG_SOFTMAX or (node.op == "call_method" and name == "log_softmax"):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         try:

@@ -992,11 +992,25 @@ def test_products_outside_the_self_gated_forms_get_no_finite_bound(fn):
     assert report.upper == math.inf and any("product of two" in note for note in report.notes), report.notes
 
 
-def test_flips_rolls_and_erf():
-    for fn, exact in [(lambda x: x.flip(-1) + torch.roll(x, 2, 1), 2.0), (lambda x: torch.rot90(x, 1, (1, 2)), 1.0),
-                      (lambda x: torch.erf(x) + x.erfc(), 4 / math.sqrt(math.pi))]:
-        report = lipfast.lipschitz_bound(_Applies(fn), (3, 3), progress=False)
-        assert report.notes == [] and exact <= report.upper <= exact * (1 + 1e-14)
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, exact", [
+    (lambda x: x.flip(-1) + torch.roll(x, 2, 1), 2.0), (lambda x: torch.rot90(x, 1, (1, 2)), 1.0),
+    (lambda x: torch.erf(x) + x.erfc(), 4 / math.sqrt(math.pi)),
+    (lambda x: x.clamp(0, 1) + torch.clamp(x, min=-1) + torch.clip(x, max=0.5), 3.0),
+    (lambda x: torch.sin(x) + x.cos() + torch.atan(x) + torch.asinh(x), 4.0),
+], ids=["flip-roll", "rot90", "erf", "clamp", "sin-cos"])
+def test_permutations_clamps_and_smooth_functions(fn, exact, form):
+    model = _Applies(fn)
+    example = torch.randn(1, 3, 3)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,))}[form]()
+    report = lipfast.lipschitz_bound(bounded, (3, 3), progress=False)
+    assert (form != "python" or report.notes == []) and exact <= report.upper <= exact * (1 + 1e-14), report.notes
+
+
+def test_clamp_to_bounds_that_depend_on_the_input_has_no_finite_bound():
+    report = lipfast.lipschitz_bound(_Applies(lambda x: x.clamp(max=x.mean())), (3,), progress=False)
+    assert report.upper == math.inf and any("bounds that depend on the input" in note for note in report.notes)
 
 
 def test_prelu_and_jumps():
