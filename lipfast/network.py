@@ -151,6 +151,10 @@ _SLOPES: dict[type, Callable[[nn.Module], float]] = {
     # softmax's Jacobian diag(p) - p pᵀ is the covariance of v_X, X ~ p, for a unit v: by
     # Popoviciu's inequality at most (max v - min v)^2 / 4 <= 2 / 4
     nn.Softmax: lambda m: 0.5,
+    nn.Softmax2d: lambda m: 0.5,  # softmax over the channels
+    nn.Softmin: lambda m: 0.5,  # softmax(-x)
+    # leaky with a slope drawn from [lower, upper] (training), or their mean (eval)
+    nn.RReLU: lambda m: max(1.0, abs(m.lower), abs(m.upper)),
 }
 #: linear maps with nonnegative weights, bounded by _linear_pool_bound: averages, interpolation
 #: (upsampling other than bicubic, whose weights take both signs), padding that copies entries
@@ -164,6 +168,7 @@ _NO_CONSTANT = {
     nn.modules.instancenorm._InstanceNorm: "InstanceNorm without running statistics divides by each input's own "
                                            "standard deviation: no global Lipschitz constant",
     nn.MultiheadAttention: "dot-product attention has no global Lipschitz constant (Kim et al. 2021)",
+    nn.GLU: "GLU multiplies one half of its input by a gate on the other: no global Lipschitz constant",
     **dict.fromkeys((nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
                      nn.TransformerDecoderLayer),
                     "a Transformer layer: dot-product attention has no global Lipschitz constant (Kim et al. 2021)"),
@@ -175,6 +180,7 @@ _NO_CONSTANT_FUNCTIONS = {
     F.rms_norm: "rms_norm divides by the input's own root mean square",
     F.normalize: "normalize divides by the input's own norm",
     F.scaled_dot_product_attention: "dot-product attention (Kim et al. 2021)",
+    F.glu: "glu multiplies one half of its input by a gate on the other",
 }
 _REGISTRY: dict[type, Callable] = {}
 
@@ -419,7 +425,8 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
                     torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardswish: _SLOPES[nn.Hardswish](None),
                     F.hardsigmoid: _SLOPES[nn.Hardsigmoid](None), F.softmax: _SLOPES[nn.Softmax](None),
-                    torch.softmax: _SLOPES[nn.Softmax](None), F.selu: _SLOPES[nn.SELU](None),
+                    torch.softmax: _SLOPES[nn.Softmax](None), F.softmin: _SLOPES[nn.Softmax](None),
+                    F.selu: _SLOPES[nn.SELU](None),
                     torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0,
                     # |sin'|, |cos'| <= 1; atan' = 1 / (1 + x^2), asinh' = 1 / sqrt(1 + x^2): at most 1
                     **dict.fromkeys((torch.sin, torch.cos, torch.atan, torch.arctan, torch.asinh, torch.arcsinh), 1.0),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipfast
+from lipfast import network
 from conftest import random_network, with_singular_values
 
 
@@ -153,15 +154,18 @@ def test_no_global_constant_and_unknown_modules():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.m = nn.Softmin(dim=1)
+            self.m = nn.LPPool1d(2, 2)
 
         def forward(self, x):
             return self.m(x)
 
     with pytest.raises(TypeError, match="register_lipschitz"):
-        lipfast.lipschitz_bound(Net(), (4,), progress=False)
-    lipfast.register_lipschitz(nn.Softmin, lambda module, shape: 1.0)
-    assert lipfast.lipschitz_bound(Net(), (4,), progress=False).upper == 1.0
+        lipfast.lipschitz_bound(Net(), (1, 4), progress=False)
+    lipfast.register_lipschitz(nn.LPPool1d, lambda module, shape: 1.0)
+    try:
+        assert lipfast.lipschitz_bound(Net(), (1, 4), progress=False).upper == 1.0
+    finally:
+        network._REGISTRY.pop(nn.LPPool1d)
     with pytest.raises(ValueError, match="input_shape"):
         lipfast.lipschitz_bound(Net(), (0, 4))
     with pytest.raises(ValueError, match="does not accept"):
@@ -879,8 +883,9 @@ def test_in_place_activations_overwrite_their_input(use):
 @pytest.mark.parametrize("module, exact", [
     (nn.Hardswish(), 1.5), (nn.Hardsigmoid(), 1 / 6), (nn.SELU(), 1.0507009873554805 * 1.6732632423543772),
     (nn.CELU(2.0), 1.0), (nn.Mish(), 1.0884), (nn.Softsign(), 1.0), (nn.LogSigmoid(), 1.0), (nn.Tanhshrink(), 1.0),
-    (nn.Softshrink(0.5), 1.0), (nn.Softmax(dim=1), 0.5),
-], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+    (nn.Softshrink(0.5), 1.0), (nn.Softmax(dim=1), 0.5), (nn.Softmin(dim=1), 0.5), (nn.RReLU(0.1, 0.3).eval(), 1.0),
+    (nn.RReLU(-2.0, -1.0).eval(), 2.0),  # its eval slope is -1.5; 2 covers every draw of training mode
+], ids=lambda v: type(v).__name__ + (str(v.lower) if isinstance(v, nn.RReLU) else "") if isinstance(v, nn.Module) else "")
 def test_more_activations(module, exact):
     report = lipfast.lipschitz_bound(nn.Sequential(module), (6,), progress=False)
     assert report.notes == [] and exact * (1 - 1e-4) <= report.upper <= exact * (1 + 1e-4)
@@ -910,6 +915,17 @@ def test_log_softmax_has_constant_sqrt_n(form, dim, n):
     x.select(dim, 0).fill_(40.0)  # softmax at a corner along dim: the Jacobian's norm is sqrt(n) to 1e-15
     J = torch.autograd.functional.jacobian(lambda t: torch.log_softmax(t, dim).reshape(-1), x).reshape(15, 15)
     assert math.sqrt(n) * (1 - 1e-9) <= float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+
+
+def test_softmax_over_channels_and_softmin():
+    for model in (nn.Softmax2d(), _Applies(lambda x: F.softmin(x, dim=1))):
+        report = lipfast.lipschitz_bound(model, (3, 2, 2), progress=False)
+        assert report.notes == [] and report.upper == 0.5
+        # the largest Jacobian norm, near a point where two channels share the mass: 1/2
+        x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+        x[:, :2] = 30.0 if isinstance(model, nn.Softmax2d) else -30.0  # (softmin: the smallest take the mass)
+        J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), x).reshape(12, 12)
+        assert 0.5 * (1 - 1e-9) <= float(torch.linalg.matrix_norm(J, 2)) <= 0.5
 
 
 def test_softmax_along_one_entry_batch_dim_and_implicit_dim():
@@ -945,7 +961,8 @@ def test_instance_norm_with_running_statistics_is_affine_and_without_has_no_cons
     (_Applies(lambda x: F.normalize(x, dim=-1)), "normalize divides"),
     (_Applies(lambda x: F.scaled_dot_product_attention(x, x, x)), "attention"),
     (_Applies(lambda x: F.instance_norm(x)), "instance_norm"),
-], ids=["transformer", "rmsnorm", "layer_norm", "normalize", "attention", "instance_norm"])
+    (nn.GLU(), "GLU multiplies"), (_Applies(lambda x: F.glu(x)), "glu multiplies"),
+], ids=["transformer", "rmsnorm", "layer_norm", "normalize", "attention", "instance_norm", "GLU", "glu"])
 def test_layers_with_no_global_constant_name_their_reason(model, reason):
     report = lipfast.lipschitz_bound(model.eval(), (4, 8), progress=False)
     assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
