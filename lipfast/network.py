@@ -1930,7 +1930,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                              f"on sizes decided for that shape (plainly: {type(plain).__name__}: {plain})")
             _mark_drawn_constants(traced, again(model))
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
-        failure = exc
+        traced, failure = None, exc  # (also where the second trace failed: its draws would be unknown)
     calls: dict[torch.fx.Node, dict] = {}  # the functional layers' arguments
     computed: dict[torch.fx.Node, Tensor | None] = {}
     if traced is not None:
