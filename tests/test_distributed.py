@@ -126,10 +126,14 @@ def test_sharded_extreme_scales(tmp_path, dtype, scale):
 
 def small_cnn() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16),
         nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
     ).eval()
+    with torch.no_grad():  # statistics that differ by channel: the BatchNorm is folded into the conv before it
+        model[3].running_var.copy_(torch.linspace(0.2, 3.0, 16))
+        model[3].weight.copy_(torch.linspace(-1.5, 2.0, 16))
+    return model
 
 
 def _network_bound(rank: int, world: int):
@@ -140,6 +144,7 @@ def _network_bound(rank: int, world: int):
 @pytest.mark.parametrize("world", [2, 4])
 def test_lipschitz_bound_shares_layers(tmp_path, world):
     single = lipfast.lipschitz_bound(small_cnn(), (3, 8, 8), progress=False)
+    assert single.layers[2].note == "3 folded in: the bracket is of 3 after 2"
     results = run_ranks(_network_bound, world, tmp_path)
     expected_layers = [(layer.name, layer.lower, layer.upper) for layer in single.layers]
     for upper, naive, layers in results:
