@@ -41,6 +41,33 @@ def _one_lipschitz(dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+class _Wrapped(nn.Module):
+    """An input normalization by stored tensors, a conv folded with its BatchNorm, a self-gated
+    activation written out, a product by a stored matrix and a stored index: this session's rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4, 0.5]).view(2, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.3]).view(2, 1, 1))
+        self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.W = nn.Parameter(torch.randn(6, 4))
+        self.register_buffer("picks", torch.tensor([0, 2, 2, 3]))
+
+    def forward(self, x):
+        y = self.bn(self.conv((x - self.mean) / self.std))
+        y = y * torch.sigmoid(1.702 * y)
+        return (y @ self.W).index_select(-1, self.picks)
+
+
+def _wrapped(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(2)
+    model = _Wrapped().to(dtype)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.2, 2.0)
+        model.bn.weight.uniform_(-2, 2)
+    return model.eval()
+
+
 def _overlap(a, b, margin: float) -> bool:
     """Whether two certified brackets of one number can both hold, up to a relative margin (a
     parametrized weight, recomputed on each device, differs there in its last bits)."""
@@ -48,7 +75,8 @@ def _overlap(a, b, margin: float) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("make, shape", [(_residual, (3, 6, 6)), (_one_lipschitz, (2, 6, 6))], ids=["residual", "blocks"])
+@pytest.mark.parametrize("make, shape", [(_residual, (3, 6, 6)), (_one_lipschitz, (2, 6, 6)), (_wrapped, (2, 6, 6))],
+                         ids=["residual", "blocks", "wrapped"])
 def test_network_bound_on_the_models_device(device, dtype, make, shape):
     # every layer kind of both networks on the device: zero-padded and circular convs, BatchNorm,
     # pools, a concatenation, the 1-Lipschitz blocks, and the matrix layers' one batched bracket
