@@ -1668,14 +1668,15 @@ def _folded_weight(weight: Tensor, running_var: Tensor, gamma: Tensor | None, ep
     scaled = (weight.detach().double() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
     if not torch.isfinite(scaled).all():
         return None
-    # each entry of W' is off from the exact product by at most 2^-48 + the type's unit roundoff of
-    # itself (one rounding to that type, after float64 arithmetic: the quotient, root, sum and
-    # product, each within 2^-53), plus its smallest step (subnormals); the map of those errors E is
-    # a sum over taps of the tap's matrix E_t applied after the padding and a selection of distinct
-    # positions, so ‖E‖ <= sqrt(copies) sum_t ‖E_t‖_F
+    # each entry w' of W' is the exact product w s times (1 + d), |d| <= 2^-50 (float64: the sum,
+    # root, quotient and product, each within 2^-53), then rounded to the weight's type: within u
+    # (its unit roundoff) of that, plus its subnormal step (Higham's model); so |w' - w s| <= ((u +
+    # 2^-50) |w'| + step) / (1 - u) with room to spare.  The map of those errors E is a sum over taps
+    # of the tap's matrix E_t applied after the padding and a selection of distinct positions, so
+    # ‖E‖ <= sqrt(copies) sum_t ‖E_t‖_F
     unit, step = _ROUNDING[weight.dtype]
     taps = scaled.double().abs().reshape(*scaled.shape[:2], -1)
-    per_tap = torch.linalg.vector_norm(taps * (unit + 2.0**-48) + step, dim=(0, 1))
+    per_tap = torch.linalg.vector_norm((taps * (unit + 2.0**-50) + step) / (1 - unit), dim=(0, 1))
     return scaled, math.sqrt(copies) * float(per_tap.sum()) * (1 + 1e-9)
 
 
