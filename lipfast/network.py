@@ -1617,15 +1617,17 @@ def _as_called(module: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Modul
 
 @dataclass
 class _Fold:
-    """A conv (or Linear) whose only user is a BatchNorm on running statistics: the two are one
-    linear map, the conv with each output channel scaled by the BatchNorm's gamma / sqrt(running_var
-    + eps) (plus a constant), often of much smaller norm than the product of the two constants.
+    """A conv (or Linear) layer next to a BatchNorm on running statistics, with nothing else using
+    the value between them: the two are one linear map, the layer with each output channel (each
+    input channel, for a BatchNorm before it) scaled by the BatchNorm's gamma / sqrt(running_var +
+    eps), plus a constant, often of much smaller norm than the product of the two constants.
     `weight` is that scaled weight in the layer's type; `margin` bounds the norm of its difference
     from the exact product (rounding), added to the bracket's upper end and taken from its lower end."""
 
     norm: torch.fx.Node  # the BatchNorm's call (a module's, or F.batch_norm)
     weight: Tensor
     margin: float
+    before: bool = False  # the BatchNorm comes before the layer
 
 
 #: per floating type: the unit roundoff, and the spacing of its subnormals
@@ -1653,19 +1655,14 @@ def _padding_copies(padding_mode: str, padding, dilation: tuple, kernel: tuple, 
     return copies
 
 
-def _folded_weight(weight: Tensor, running_var: Tensor, gamma: Tensor | None, eps: float,
-                   copies: int) -> tuple[Tensor, float] | None:
-    """(W', margin): a conv's or linear layer's weight with its output channels scaled as the
-    BatchNorm after it scales them, s = gamma / sqrt(running_var + eps), in the weight's type; and a
-    bound on the norm of the map of W' - diag(s) W (rounding), the padding repeating each input
-    entry at most `copies` times.  None where folding cannot narrow the bracket (every |s| equal:
-    ‖diag(s) W‖ >= min |s| ‖W‖) or the scaled weight is not finite."""
-    var = running_var.detach().double()
-    gamma = gamma.detach().double() if gamma is not None else torch.ones_like(var)
-    scale = gamma / torch.sqrt(var + eps)
-    if float(scale.abs().max()) <= float(scale.abs().min()) * (1 + 1e-4) or weight.dtype not in _ROUNDING:
+def _folded_weight(weight: Tensor, scale: Tensor, copies: int) -> tuple[Tensor, float] | None:
+    """(W', margin): a conv's or linear layer's weight times `scale` (float64, broadcast to the
+    weight: a BatchNorm's s = gamma / sqrt(running_var + eps) along the output or input channels), in
+    the weight's type; and a bound on the norm of the map of W' - scale W (rounding), the padding
+    repeating each input entry at most `copies` times.  None where the scaled weight is not finite."""
+    if weight.dtype not in _ROUNDING:
         return None
-    scaled = (weight.detach().double() * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+    scaled = (weight.detach().double() * scale).to(weight.dtype)
     if not torch.isfinite(scaled).all():
         return None
     # each entry w' of W' is the exact product w s times (1 + d), |d| <= 2^-50 (float64: the sum,
@@ -1680,19 +1677,33 @@ def _folded_weight(weight: Tensor, running_var: Tensor, gamma: Tensor | None, ep
     return scaled, math.sqrt(copies) * float(per_tap.sum()) * (1 + 1e-9)
 
 
-def _with_margin(layer: LayerBound, margin: float, norm: str) -> LayerBound:
+def _norm_scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor | None:
+    """A BatchNorm's per-channel scale gamma / sqrt(running_var + eps) in float64; None where every
+    |s| is equal, where folding could narrow nothing (‖diag(s) W‖ >= min |s| ‖W‖)."""
+    var = var.detach().double()
+    gamma = gamma.detach().double() if gamma is not None else torch.ones_like(var)
+    scale = gamma / torch.sqrt(var + eps)
+    return None if float(scale.abs().max()) <= float(scale.abs().min()) * (1 + 1e-4) else scale
+
+
+def _with_margin(layer: LayerBound, fold: _Fold) -> LayerBound:
+    """The bracket of a layer with its BatchNorm folded in, widened by the fold's margin."""
     if not math.isfinite(layer.upper):
         return layer
-    return replace(layer, lower=max(layer.lower - margin, 0.0), upper=_sum_up([layer.upper, margin]),
-                   note=f"{norm} folded in: the bracket is of {norm} after {layer.name}")
+    norm = _node_label(fold.norm)
+    order = f"{layer.name} after {norm}" if fold.before else f"{norm} after {layer.name}"
+    return replace(layer, lower=max(layer.lower - fold.margin, 0.0), upper=_sum_up([layer.upper, fold.margin]),
+                   note=f"{norm} folded in: the bracket is of {order}")
 
 
 def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node, dict],
            computed: dict[torch.fx.Node, Tensor | None]) -> dict[torch.fx.Node, _Fold]:
-    """The conv (Conv1d/2d/3d, F.conv1d/2d/3d) and linear layers of the graph whose only user is a
-    BatchNorm on running statistics (a module's, or F.batch_norm's), with that BatchNorm folded into
-    the weight (_Fold), by the layer's node.  A module must be called once (so must its BatchNorm
-    module), and keep no hooks; calls: the functional layers' arguments (_layer_arguments)."""
+    """The conv (Conv1d/2d/3d, F.conv1d/2d/3d) and linear layers of the graph next to a BatchNorm on
+    running statistics (a module's, or F.batch_norm's) with that BatchNorm folded into the weight
+    (_Fold), by the layer's node: a BatchNorm that is the layer's only user, or else one whose only
+    user is the layer (for a linear layer, also through a flatten of its channels and positions).
+    A module must be called once and keep no hooks; each BatchNorm is folded once (twice would
+    count its scale twice); calls: the functional layers' arguments (_layer_arguments)."""
     counts: dict[str, int] = {}
     for node in traced.graph.nodes:
         if node.op == "call_module":
@@ -1706,64 +1717,133 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             return None
         return module
 
-    folds = {}
-    for node in traced.graph.nodes:
-        if len(node.users) != 1:
-            continue
-        (user,) = node.users
+    def layer(node: torch.fx.Node):  # (input node, weight, padding settings or None, input and output shapes)
+        if node.op == "call_module" and node.target in shapes and (module := plain(node)) is not None:
+            if isinstance(module, nn.Linear):
+                settings = None
+            elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+                settings = (module.padding_mode, module.padding, module.dilation)
+            else:
+                return None
+            if len(node.args) != 1 or node.kwargs:
+                return None
+            return (node.args[0], module.weight.detach(), settings, *shapes[node.target])
+        if node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+            arguments = calls[node]
+            weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
+            dims = weight.dim() - 2
+            padding = arguments.get("padding", 0)
+            settings = None if node.target is F.linear else (
+                arguments.get("padding_mode", "zeros"), padding if isinstance(padding, str) else _as_tuple(padding, dims),
+                _as_tuple(arguments.get("dilation", 1), dims))
+            return arguments["input"], weight, settings, _example_shape(arguments["input"]), _example_shape(node)
+        return None
+
+    def norm(node: torch.fx.Node):  # (input node, scale) of a BatchNorm on running statistics
+        if node.op == "call_module":
+            module = plain(node)
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_var is None or \
+                    len(node.args) != 1 or node.kwargs:
+                return None
+            var, gamma, eps, source = module.running_var, module.weight, module.eps, node.args[0]
+        elif node in calls and node.target is F.batch_norm:
+            arguments = calls[node]
+            eps = arguments.get("eps", 1e-5)
+            if arguments.get("training", False) is not False or not isinstance(eps, (int, float)) or \
+                    isinstance(eps, bool):
+                return None
+            var = _tensor_value(traced, node, arguments["running_var"], computed, "running_var")
+            gamma = arguments.get("weight")
+            gamma = _tensor_value(traced, node, gamma, computed, "weight") if gamma is not None else None
+            source = arguments.get("input")
+        else:
+            return None
+        if var.dim() != 1 or (gamma is not None and gamma.shape != var.shape):
+            return None
+        scale = _norm_scale(var, gamma, eps)
+        return (source, scale) if scale is not None else None
+
+    def copies(weight: Tensor, settings, in_shape: tuple) -> int | None:
+        if settings is None:
+            return 1 if weight.dim() == 2 else None
+        if len(in_shape) != weight.dim() - 1:
+            return None
+        return _padding_copies(*settings, tuple(weight.shape[2:]), in_shape[1:])
+
+    def flattened(node: torch.fx.Node) -> torch.fx.Node | None:  # x for a flatten of dims 1 to -1 of x
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if not node.args or not isinstance(node.args[0], torch.fx.Node) or node.kwargs:
+            return None
+        if node.op == "call_module":
+            module = traced.get_submodule(node.target)
+            ok = type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1) and len(node.args) == 1
+        elif node.op in ("call_function", "call_method") and name == "flatten":  # (x, 1) or (x, 1, -1)
+            ok = tuple(node.args[1:]) in ((1,), (1, -1))
+        elif node.op in ("call_function", "call_method") and name in ("view", "reshape"):  # to (batch, -1)
+            full = _propagated_shape(node.args[0])
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            ok = full is not None and len(full) > 1 and tuple(sizes) in (
+                (full[0], math.prod(full[1:])), (full[0], -1), (-1, math.prod(full[1:])))
+        else:
+            ok = False
+        return node.args[0] if ok else None
+
+    folds: dict[torch.fx.Node, _Fold] = {}
+    folded: set[torch.fx.Node] = set()
+    nodes = list(traced.graph.nodes)
+    for node in nodes:  # a BatchNorm after the layer: scales its output channels
         try:
-            if node.op == "call_module" and node.target in shapes and (layer := plain(node)) is not None:
-                in_shape, out_shape = shapes[node.target]
-                if isinstance(layer, nn.Linear):
-                    settings = None
-                elif isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
-                    settings = (layer.padding_mode, layer.padding, layer.dilation)
-                else:
-                    continue
-                weight = layer.weight.detach()
-            elif node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
-                arguments = calls[node]
-                weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
-                in_shape, out_shape = _example_shape(arguments["input"]), _example_shape(node)
-                dims = weight.dim() - 2
-                padding = arguments.get("padding", 0)
-                settings = None if node.target is F.linear else (
-                    arguments.get("padding_mode", "zeros"), padding if isinstance(padding, str) else _as_tuple(padding, dims),
-                    _as_tuple(arguments.get("dilation", 1), dims))
-            else:
-                continue
-            if user.op == "call_module":
-                norm = plain(user)
-                if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None or \
-                        user.args != (node,) or user.kwargs:
-                    continue
-                var, gamma, eps = norm.running_var, norm.weight, norm.eps
-            elif user in calls and user.target is F.batch_norm and calls[user].get("input") is node:
-                arguments = calls[user]
-                eps = arguments.get("eps", 1e-5)
-                if arguments.get("training", False) is not False or not isinstance(eps, (int, float)) or \
-                        isinstance(eps, bool):
-                    continue
-                var = _tensor_value(traced, user, arguments["running_var"], computed, "running_var")
-                gamma = arguments.get("weight")
-                gamma = _tensor_value(traced, user, gamma, computed, "weight") if gamma is not None else None
-            else:
-                continue
+            found = layer(node) if len(node.users) == 1 else None
+            after = norm(next(iter(node.users))) if found is not None else None
         except _Unsupported:  # a value that could not be had: no fold
             continue
-        if var.dim() != 1 or var.numel() != weight.shape[0] or (gamma is not None and gamma.shape != var.shape):
+        if after is None or after[0] is not node:
             continue
-        if settings is None:  # a linear layer: BatchNorm1d's channels are its features when its output is 1-D
-            if weight.dim() != 2 or len(out_shape) != 1:
+        _, weight, settings, in_shape, out_shape = found
+        if after[1].numel() != weight.shape[0] or (settings is None and len(out_shape) != 1):
+            continue  # (BatchNorm1d normalizes a linear layer's features only when its output is 1-D)
+        count = copies(weight, settings, in_shape)
+        result = _folded_weight(weight, after[1].reshape(-1, *[1] * (weight.dim() - 1)), count) \
+            if count is not None else None
+        if result is not None:
+            (user,) = node.users
+            folds[node], folded = _Fold(user, *result), folded | {user}
+    for node in nodes:  # a BatchNorm before the layer (not folded already): scales its input channels
+        if node in folds or node in folded:
+            continue
+        try:
+            found = layer(node)
+            if found is None:
                 continue
-            copies = 1
+            source, through = found[0], None
+            if isinstance(source, torch.fx.Node) and found[2] is None and len(source.users) == 1 and \
+                    (inner := flattened(source)) is not None:
+                source, through = inner, source
+            before = norm(source) if isinstance(source, torch.fx.Node) and len(source.users) == 1 else None
+        except _Unsupported:
+            continue
+        if before is None or source in folded:
+            continue
+        _, weight, settings, in_shape, out_shape = found
+        scale = before[1]
+        if settings is None:  # a linear layer: its columns are the BatchNorm's channels (times the positions)
+            shape = shapes[source.target][1] if source.op == "call_module" and source.target in shapes \
+                else _example_shape(source)
+            if weight.dim() != 2 or not shape or shape[0] != scale.numel() or \
+                    (through is None and len(shape) != 1) or math.prod(shape) != weight.shape[1]:
+                continue
+            scale = scale.repeat_interleave(math.prod(shape[1:])).reshape(1, -1)
         else:
-            if len(in_shape) != weight.dim() - 1:
+            if not in_shape or in_shape[0] != scale.numel() or in_shape[0] % weight.shape[1]:
                 continue
-            copies = _padding_copies(*settings, tuple(weight.shape[2:]), in_shape[1:])
-        folded = _folded_weight(weight, var, gamma, eps, copies)
-        if folded is not None:
-            folds[node] = _Fold(user, *folded)
+            groups = in_shape[0] // weight.shape[1]  # input channel of (o, j): (o // (out / groups)) (in / groups) + j
+            index = (torch.arange(weight.shape[0])[:, None] // (weight.shape[0] // groups)) * weight.shape[1] + \
+                torch.arange(weight.shape[1])[None, :]
+            scale = scale.cpu()[index].to(scale.device).reshape(*weight.shape[:2], *[1] * (weight.dim() - 2))
+        count = copies(weight, settings, in_shape)
+        result = _folded_weight(weight, scale.to(weight.device), count) if count is not None else None
+        if result is not None:
+            folds[node], folded = _Fold(source, *result, before=True), folded | {source}
     return folds
 
 
@@ -1831,7 +1911,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object,
             results.update(part)
     for key, layer in results.items():
         if layer.name in folds:
-            results[key] = _with_margin(layer, folds[layer.name].margin, _node_label(folds[layer.name].norm))
+            results[key] = _with_margin(layer, folds[layer.name])
     return [results[name, in_shape, out_shape] for name, _, in_shape, out_shape in unique]
 
 
@@ -1982,8 +2062,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             for node, arguments in calls.items():
                 if node in folds:
                     fold = folds[node]
-                    layer = _with_margin(_functional_layer(traced, node, arguments, rtol, computed, fold.weight),
-                                         fold.margin, _node_label(fold.norm))
+                    layer = _with_margin(_functional_layer(traced, node, arguments, rtol, computed, fold.weight), fold)
                 else:
                     layer = _functional_layer(traced, node, arguments, rtol, computed)
                 if node in folded_norms:

@@ -1442,3 +1442,39 @@ def test_a_bias_computed_from_the_input_counts_once_per_row_it_is_added_to():
     assert weight + math.sqrt(5) <= report.upper <= (weight + math.sqrt(5)) * (1 + 1e-3)
     assert _jacobian_norm(model, (5, 4)) <= report.upper
     assert _jacobian_norm(model, (5, 4)) > weight + 1  # where counting the bias once would fall
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(_varied_norm(6, 1), nn.Linear(6, 4)), (6,)),
+    (lambda: nn.Sequential(_varied_norm(3, 2, seed=1), nn.Conv2d(3, 4, 3, padding=1)), (3, 5, 5)),
+    (lambda: nn.Sequential(_varied_norm(4, 2, seed=2), nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect")),
+     (4, 5, 5)),
+    (lambda: nn.Sequential(_varied_norm(3, 2, seed=3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)), (3, 4, 4)),
+    (lambda: nn.Sequential(_varied_norm(2, 1, seed=4), nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="circular")),
+     (2, 7)),
+], ids=["linear", "conv", "groups-reflect", "through-flatten", "1d-circular"])
+def test_a_batch_norm_before_a_layer_is_folded_into_its_bracket(make, shape):
+    # conv(s x + b) = conv'(x) + a constant, conv' the conv with input channel i scaled by s_i
+    # (any padding: it is linear); through a flatten, a linear layer's columns of channel i
+    torch.manual_seed(0)
+    model = make().eval()
+    exact = _explicit_norm(model, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    norm, *_, layer = report.layers
+    assert norm.note == f"folded into {layer.name}'s bracket"
+    assert layer.note == f"0 folded in: the bracket is of {layer.name} after 0"
+    example = torch.randn(1, *shape)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)):
+        assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
+
+
+def test_a_batch_norm_between_two_layers_is_folded_once():
+    # conv, BatchNorm, conv: folded into the first (after it), not also into the second, where its
+    # scale would count twice (‖conv2 S‖ ‖S conv1‖ can be below ‖conv2 S conv1‖)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), _varied_norm(3), nn.Conv2d(3, 2, 3, padding=1)).eval()
+    report = lipfast.lipschitz_bound(model, (3, 5, 5), progress=False)
+    assert [layer.note for layer in report.layers] == ["1 folded in: the bracket is of 1 after 0",
+                                                        "folded into 0's bracket", ""]
+    assert _explicit_norm(model, (3, 5, 5)) <= report.upper
