@@ -1780,9 +1780,12 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         elif node.op in ("call_function", "call_method") and name == "flatten":  # (x, 1) or (x, 1, -1)
             ok = tuple(node.args[1:]) in ((1,), (1, -1))
         elif node.op in ("call_function", "call_method") and name in ("view", "reshape"):  # to (batch, -1)
-            full = _propagated_shape(node.args[0])
+            source = node.args[0]  # its shape, batch dim included: from the module calls where it is one
+            full = (1, *shapes[source.target][1]) if source.op == "call_module" and source.target in shapes \
+                else _propagated_shape(source)
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            ok = full is not None and len(full) > 1 and tuple(sizes) in (
+            sizes = tuple(full[0] if full is not None and _is_size_of(size, node.args[0], 0) else size for size in sizes)
+            ok = full is not None and len(full) > 1 and sizes in (
                 (full[0], math.prod(full[1:])), (full[0], -1), (-1, math.prod(full[1:])))
         else:
             ok = False
@@ -1815,11 +1818,21 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             found = layer(node)
             if found is None:
                 continue
-            source, through = found[0], None
+            # the value the BatchNorm must feed, and nothing else: the layer's own argument (a copying
+            # pad that _with_copying_pad merged into a conv's arguments, which must feed only the conv),
+            # or a flatten into a linear layer
+            source, consumer, flat = found[0], node, False
+            if node.op == "call_function" and node.args and node.args[0] is not source:  # a merged pad
+                pad = node.args[0]
+                if not (isinstance(pad, torch.fx.Node) and len(pad.users) == 1 and pad.args and pad.args[0] is source):
+                    continue
+                consumer = pad
             if isinstance(source, torch.fx.Node) and found[2] is None and len(source.users) == 1 and \
                     (inner := flattened(source)) is not None:
-                source, through = inner, source
-            before = norm(source) if isinstance(source, torch.fx.Node) and len(source.users) == 1 else None
+                source, consumer, flat = inner, source, True
+            sole = isinstance(source, torch.fx.Node) and all(  # (besides reads of its size, as x.view(x.size(0), -1))
+                user is consumer or _reads_size(user) for user in source.users)
+            before = norm(source) if sole else None
         except _Unsupported:
             continue
         if before is None or source in folded:
@@ -1830,7 +1843,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             shape = shapes[source.target][1] if source.op == "call_module" and source.target in shapes \
                 else _example_shape(source)
             if weight.dim() != 2 or not shape or shape[0] != scale.numel() or \
-                    (through is None and len(shape) != 1) or math.prod(shape) != weight.shape[1]:
+                    (not flat and len(shape) != 1) or math.prod(shape) != weight.shape[1]:
                 continue
             scale = scale.repeat_interleave(math.prod(shape[1:])).reshape(1, -1)
         else:
@@ -1845,6 +1858,23 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         if result is not None:
             folds[node], folded = _Fold(source, *result, before=True), folded | {source}
     return folds
+
+
+def _reads_size(node: torch.fx.Node) -> bool:
+    """Whether a use of a value reads only its size (x.size(...), x.shape, x.dim())."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or \
+        (node.target is getattr and len(node.args) == 2 and node.args[1] in ("shape", "ndim"))
+
+
+def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:
+    """Whether a graph value is x.size(dim) (or x.shape[dim]): x.view(x.size(0), -1) flattens."""
+    if not isinstance(value, torch.fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size" and value.args == (x, dim) and not value.kwargs:
+        return True
+    source = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
+    return isinstance(source, torch.fx.Node) and value.args[1] == dim and source.target is getattr and \
+        source.args == (x, "shape")
 
 
 def _node_label(node: torch.fx.Node) -> str:

@@ -1444,6 +1444,16 @@ def test_a_bias_computed_from_the_input_counts_once_per_row_it_is_added_to():
     assert _jacobian_norm(model, (5, 4)) > weight + 1  # where counting the bias once would fall
 
 
+class _ViewHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = _varied_norm(3, 2, seed=5), nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.fc(y.view(y.size(0), -1))
+
+
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Sequential(_varied_norm(6, 1), nn.Linear(6, 4)), (6,)),
     (lambda: nn.Sequential(_varied_norm(3, 2, seed=1), nn.Conv2d(3, 4, 3, padding=1)), (3, 5, 5)),
@@ -1452,7 +1462,8 @@ def test_a_bias_computed_from_the_input_counts_once_per_row_it_is_added_to():
     (lambda: nn.Sequential(_varied_norm(3, 2, seed=3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)), (3, 4, 4)),
     (lambda: nn.Sequential(_varied_norm(2, 1, seed=4), nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="circular")),
      (2, 7)),
-], ids=["linear", "conv", "groups-reflect", "through-flatten", "1d-circular"])
+    (lambda: _ViewHead(), (3, 4, 4)),
+], ids=["linear", "conv", "groups-reflect", "through-flatten", "1d-circular", "through-view"])
 def test_a_batch_norm_before_a_layer_is_folded_into_its_bracket(make, shape):
     # conv(s x + b) = conv'(x) + a constant, conv' the conv with input channel i scaled by s_i
     # (any padding: it is linear); through a flatten, a linear layer's columns of channel i
@@ -1463,7 +1474,7 @@ def test_a_batch_norm_before_a_layer_is_folded_into_its_bracket(make, shape):
     assert exact <= report.upper <= exact * (1 + 2e-3)
     norm, *_, layer = report.layers
     assert norm.note == f"folded into {layer.name}'s bracket"
-    assert layer.note == f"0 folded in: the bracket is of {layer.name} after 0"
+    assert layer.note == f"{norm.name} folded in: the bracket is of {layer.name} after {norm.name}"
     example = torch.randn(1, *shape)
     for made in (torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)):
         assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
@@ -1478,3 +1489,22 @@ def test_a_batch_norm_between_two_layers_is_folded_once():
     assert [layer.note for layer in report.layers] == ["1 folded in: the bracket is of 1 after 0",
                                                         "folded into 0's bracket", ""]
     assert _explicit_norm(model, (3, 5, 5)) <= report.upper
+
+
+def test_a_batch_norm_whose_padded_value_is_also_used_elsewhere_is_not_folded():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = _varied_norm(2), nn.Conv2d(2, 3, 3)
+
+        def forward(self, x):
+            p = F.pad(self.bn(x), (1, 1, 1, 1), mode="reflect")  # (read as the conv's own padding)
+            return torch.cat([self.conv(p).flatten(1), p.flatten(1)], 1)  # the padded value, used twice
+
+    model = Shared().eval()
+    example = torch.randn(1, 2, 4, 4)
+    for made in (model, torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        # (traced and exported, the pad and the conv are one conv with reflect padding: _with_copying_pad)
+        report = lipfast.lipschitz_bound(made, (2, 4, 4), progress=False)
+        assert not any("folded" in layer.note for layer in report.layers)
+        assert _explicit_norm(model, (2, 4, 4)) <= report.upper
