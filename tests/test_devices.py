@@ -16,13 +16,18 @@ from test_network import Residual, _max_jacobian_norm
 RTOL = 1e-3
 
 
-def _residual(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)
-    model = Residual().to(dtype)
+def _with_statistics(make: type, seed: int, dtype: torch.dtype) -> nn.Module:
+    """make() seeded, its BatchNorm `bn` given statistics that differ by channel (so it is folded)."""
+    torch.manual_seed(seed)
+    model = make().to(dtype)
     with torch.no_grad():
         model.bn.running_var.uniform_(0.2, 2.0)
         model.bn.weight.uniform_(-2, 2)
     return model.eval()
+
+
+def _residual(dtype: torch.dtype) -> nn.Module:
+    return _with_statistics(Residual, 0, dtype)
 
 
 def _one_lipschitz(dtype: torch.dtype) -> nn.Module:
@@ -60,12 +65,7 @@ class _Wrapped(nn.Module):
 
 
 def _wrapped(dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(2)
-    model = _Wrapped().to(dtype)
-    with torch.no_grad():
-        model.bn.running_var.uniform_(0.2, 2.0)
-        model.bn.weight.uniform_(-2, 2)
-    return model.eval()
+    return _with_statistics(_Wrapped, 2, dtype)
 
 
 def _overlap(a, b, margin: float) -> bool:
