@@ -767,10 +767,15 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
     raise _Unsupported("the graph has no output")
 
 
+def _call_name(node: torch.fx.Node) -> str:
+    """A call's name: a method's, or a function's __name__ ("" for a target without one)."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def _in_place(node: torch.fx.Node) -> bool:
     """Whether a function or method call writes its result into its first argument (inplace=True,
     or a trailing underscore)."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _call_name(node)
     if name.endswith("_") and not name.startswith("_"):
         return True
     if node.op != "call_function":
@@ -842,7 +847,7 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
     their values set the product's constant (_tensor_scale, _matmul_bound)."""
     found = set()
     for node in traced.graph.nodes:
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = _call_name(node)
         if node.op in ("call_function", "call_method") and name in ("mul", "div", "truediv", "__mul__", "__truediv__",
                                                                     "matmul", "mm", "mv", "__matmul__", "__rmatmul__"):
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -964,7 +969,7 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return bool(_nodes_in(node.args[1:]))
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _call_name(node)
     if name in ("add", "sub", "__add__", "__sub__", "mul", "div", "truediv", "__mul__", "__truediv__") and \
             len(_nodes_in((node.args, node.kwargs))) > 1:
         return True  # two tensors: one may be broadcast to the other's shape
@@ -1154,7 +1159,7 @@ def _scaled_source(node) -> tuple[torch.fx.Node, Fraction] | None:
     negations, followed back); (node, 1) for any other node; None for what is no graph value."""
     factor = Fraction(1)
     while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = _call_name(node)
         numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
         nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
         if name in ("neg", "__neg__") and len(nodes) == 1 and not node.kwargs:
@@ -1184,7 +1189,7 @@ def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
     if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return None
     target, args, kwargs = node.target, node.args, node.kwargs
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = _call_name(node)
     if target in (torch.sigmoid, F.sigmoid, torch.special.expit) or (node.op == "call_method" and name == "sigmoid"):
         return ("sigmoid", args[0]) if len(args) == 1 and not kwargs else None
     if target in (torch.tanh, F.tanh) or (node.op == "call_method" and name == "tanh"):
@@ -1211,7 +1216,7 @@ def _shifted(node: torch.fx.Node) -> tuple[torch.fx.Node, Fraction] | None:
     """(v, b) for a node computing v + b, b + v or v - b with a number b (alpha 1); None otherwise."""
     if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs not in ({}, {"alpha": 1}):
         return None
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _call_name(node)
     numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
     pieces = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if len(numbers) != 1 or len(pieces) != 1:
@@ -1291,7 +1296,7 @@ def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
     ‖W‖_2 times x's constant (a certified upper end: a Cholesky test, as for nn.Linear); a product
     of two input-dependent tensors has none."""
     operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _call_name(node)
     if len(operands) != 2 or len(node.args) != 2 or node.kwargs:
         raise _Unsupported(f"{node.name}: {name} with arguments {node.args!r}, {node.kwargs!r}")
     if all(bounds[a] > 0 for a in operands):
@@ -1771,7 +1776,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         return _padding_copies(*settings, tuple(weight.shape[2:]), in_shape[1:])
 
     def flattened(node: torch.fx.Node) -> torch.fx.Node | None:  # x for a flatten of dims 1 to -1 of x
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = _call_name(node)
         if not node.args or not isinstance(node.args[0], torch.fx.Node) or node.kwargs:
             return None
         if node.op == "call_module":
