@@ -2064,11 +2064,12 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     folded_norms = {fold.norm: node for node, fold in folds.items()}  # BatchNorm -> the layer it is folded into
     layers = _bound_layers(leaves, rtol, progress, group,
                            {node.target: fold for node, fold in folds.items() if node.op == "call_module"})
-    for i, layer in enumerate(layers):  # a folded BatchNorm module: its own constant, counted in its layer's bracket
-        norm = next((n for n in folded_norms if n.op == "call_module" and n.target == layer.name), None)
-        if norm is not None:
-            layers[i] = replace(layer, note=f"folded into {_node_label(folded_norms[norm])}'s bracket")
-    uncounted = {id(layer) for layer in layers if layer.note.startswith("folded into")}  # (in naive_upper)
+    # a folded BatchNorm module: listed with its own constant, counted in its layer's bracket (and not
+    # again in the composition or in naive_upper)
+    folded_modules = {norm.target: layer for norm, layer in folded_norms.items() if norm.op == "call_module"}
+    layers = [replace(layer, note=f"folded into {_node_label(folded_modules[layer.name])}'s bracket")
+              if layer.name in folded_modules else layer for layer in layers]
+    uncounted = {id(layer) for layer in layers if layer.name in folded_modules}
     constants: dict[str, float] = {}  # a layer called on several input sizes: the largest of its constants
     for layer in layers:
         constants[layer.name] = max(constants.get(layer.name, 0.0), 1.0 if id(layer) in uncounted else layer.upper)
