@@ -767,6 +767,12 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
     raise _Unsupported("the graph has no output")
 
 
+#: the names of sums, of products and quotients, and of matrix products (functions, methods, operators)
+_SUM_NAMES = frozenset({"add", "sub", "__add__", "__sub__"})
+_PRODUCT_NAMES = frozenset({"mul", "div", "truediv", "__mul__", "__truediv__"})
+_MATMUL_NAMES = frozenset({"matmul", "mm", "mv", "__matmul__", "__rmatmul__"})
+
+
 def _call_name(node: torch.fx.Node) -> str:
     """A call's name: a method's, or a function's __name__ ("" for a target without one)."""
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
@@ -848,8 +854,7 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
     found = set()
     for node in traced.graph.nodes:
         name = _call_name(node)
-        if node.op in ("call_function", "call_method") and name in ("mul", "div", "truediv", "__mul__", "__truediv__",
-                                                                    "matmul", "mm", "mv", "__matmul__", "__rmatmul__"):
+        if node.op in ("call_function", "call_method") and name in _PRODUCT_NAMES | _MATMUL_NAMES:
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2 and sum(a in depends for a in tensors) == 1:
                 found.update(a for a in tensors if a not in depends)
@@ -970,7 +975,7 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
     name = _call_name(node)
-    if name in ("add", "sub", "__add__", "__sub__", "mul", "div", "truediv", "__mul__", "__truediv__") and \
+    if name in _SUM_NAMES | _PRODUCT_NAMES and \
             len(_nodes_in((node.args, node.kwargs))) > 1:
         return True  # two tensors: one may be broadcast to the other's shape
     if _extremum_form(node) == "pairwise":
@@ -1008,7 +1013,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if all(bounds[a] == 0 for a in tensor_args):
         return 0.0  # a function of constants only (sizes, buffers, arithmetic on them)
     first = bounds[tensor_args[0]]
-    if target in (operator.add, torch.add, operator.sub, torch.sub) or name in ("add", "sub", "__add__", "__sub__"):
+    if target in (operator.add, torch.add, operator.sub, torch.sub) or name in _SUM_NAMES:
         # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds
         # nothing; an operand broadcast to the result's shape counts once per copy of each entry
         alpha = node.kwargs.get("alpha", 1)
@@ -1019,7 +1024,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         return _sum_up([_product(bounds[a], abs(alpha) if i == 1 else 1.0,
                                  1.0 if alone else _sqrt_up(_broadcast_copies(node, a)))
                         for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds and bounds[a] > 0])
-    if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in ("mul", "div", "__mul__", "__truediv__"):
+    if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in _PRODUCT_NAMES:
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
             gated = _self_gated(node, bounds) if target in (operator.mul, torch.mul) or name in ("mul", "__mul__") \
@@ -1044,7 +1049,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             raise _Unsupported(f"{node.name}: division with rounding_mode={node.kwargs['rounding_mode']!r}")
         return _float_up(Fraction(first) / abs(Fraction(other[0]))) if math.isfinite(first) else first  # x / c
     if target in (operator.matmul, torch.matmul, torch.mm, torch.mv) or \
-            (node.op == "call_method" and name in ("matmul", "mm", "mv", "__matmul__", "__rmatmul__")):
+            (node.op == "call_method" and name in _MATMUL_NAMES):
         return _matmul_bound(node, bounds, values or {})
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
