@@ -3,10 +3,11 @@
     python benchmarks/bench_blocks.py
     python benchmarks/bench_blocks.py --device cuda   # on a GPU (float32, TF32 off for both)
 
-* AOL rescaling of a ResNet-18-sized conv kernel (512, 512, 3, 3): lipfast forms K ⋆ K from one Gram
-  matrix of the kernel as a (512, 9 * 512) matrix (each pair of kernel positions once: 2.2e10 flops);
-  the plain way convolves the kernel with itself (F.conv2d with padding k - 1: every shift times every
-  kernel position, 6.0e11 multiply-adds counted with the zero padding).
+* AOL rescaling of a ResNet-18-sized conv kernel (512, 512, 3, 3): lipfast forms every shift's matrix
+  of K ⋆ K by Toom-Cook (the kernel's matrix polynomial evaluated at 25 points, 19 of which take a
+  512³ product, the rest being transposes; then one interpolation): 19 products, where the plain way
+  convolves the kernel with itself (F.conv2d with padding k - 1: 81 products of (512, 512) position
+  matrices, counting only the taps that overlap).
 * One Björck step on a 1024 x 1024 weight: lipfast's op (1 + b) Q - b Q (QᵀQ), one product and one
   addmm with the scaling fused in, against the textbook (1 + b) W - b W Wᵀ W (two products and three
   elementwise passes).  Both are two 1024³ products (4.3 GFLOP), so only the elementwise passes
