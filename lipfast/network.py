@@ -133,8 +133,9 @@ class LipschitzReport:
 # --- layer constants -----------------------------------------------------------------------------
 
 _CONVS = conv._CONVS
-_ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+#: modules that compute the identity in the eval-mode network that lipschitz_bound bounds
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Flatten, nn.Unflatten, *_IDENTITIES,
         # permutations of the entries, and padding with a constant (or cropping, for negative amounts)
         nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.modules.padding._ConstantPadNd,
         # slopes in [0, 1]: 1 / (1 + |x|)^2, sigmoid(-x), tanh(x)^2, 0 or 1
@@ -1450,14 +1451,18 @@ def _dropout_scale(node: torch.fx.Node) -> float:
     """F.dropout(x, p, training): the identity when training is False; when it is True (its default:
     dropout that stays on, as in Monte Carlo dropout) each draw keeps entries scaled by 1 / (1 - p),
     so every draw has constant 1 / (1 - p) (0 for p = 1, which zeroes everything)."""
-    names = ("input", "p", "training", "inplace")
-    arguments = {**dict(zip(names, node.args)), **node.kwargs}
-    p, training = arguments.get("p", 0.5), arguments.get("training", True)
+    p, training = _dropout_arguments(node)
     if not isinstance(training, bool) or not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
         raise _Unsupported(f"{node.name}: dropout with p={p!r}, training={training!r}")
     if not training:
         return 1.0
     return _float_up(1 / (1 - Fraction(p))) if p < 1 else 0.0
+
+
+def _dropout_arguments(node: torch.fx.Node) -> tuple:
+    """(p, training) of an F.dropout call, as written (torch's defaults where left out)."""
+    arguments = {**dict(zip(("input", "p", "training", "inplace"), node.args)), **node.kwargs}
+    return arguments.get("p", 0.5), arguments.get("training", True)
 
 
 def _elu_slope(node: torch.fx.Node) -> float:
@@ -1711,7 +1716,8 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
     """The conv (Conv1d/2d/3d, F.conv1d/2d/3d) and linear layers of the graph next to a BatchNorm on
     running statistics (a module's, or F.batch_norm's) with that BatchNorm folded into the weight
     (_Fold), by the layer's node: a BatchNorm that is the layer's only user, or else one whose only
-    user is the layer (for a linear layer, also through a flatten of its channels and positions).
+    user is the layer (for a linear layer, also through a flatten of its channels and positions;
+    and through eval-mode Dropouts and Identities, the identity in the eval-mode network bounded).
     A module must be called once and keep no hooks; each BatchNorm is folded once (twice would
     count its scale twice); calls: the functional layers' arguments (_layer_arguments)."""
     counts: dict[str, int] = {}
@@ -1801,6 +1807,18 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             ok = False
         return node.args[0] if ok else None
 
+    def through_identities(source, consumer):  # back over eval-mode Dropouts and Identities that feed only consumer
+        while isinstance(source, torch.fx.Node) and source.args and isinstance(source.args[0], torch.fx.Node) and \
+                all(user is consumer or _reads_size(user) for user in source.users):
+            if source.op == "call_module":
+                if not isinstance(plain(source), _IDENTITIES) or len(source.args) != 1 or source.kwargs:
+                    break
+            elif not (source.op == "call_function" and source.target is F.dropout and
+                      _dropout_arguments(source)[1] is False):
+                break
+            source, consumer = source.args[0], source
+        return source, consumer
+
     folds: dict[torch.fx.Node, _Fold] = {}
     folded: set[torch.fx.Node] = set()
     nodes = list(traced.graph.nodes)
@@ -1837,9 +1855,11 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
                 if not (isinstance(pad, torch.fx.Node) and len(pad.users) == 1 and pad.args and pad.args[0] is source):
                     continue
                 consumer = pad
+            source, consumer = through_identities(source, consumer)
             if isinstance(source, torch.fx.Node) and found[2] is None and len(source.users) == 1 and \
                     (inner := flattened(source)) is not None:
                 source, consumer, flat = inner, source, True
+                source, consumer = through_identities(source, consumer)
             sole = isinstance(source, torch.fx.Node) and all(  # (besides reads of its size, as x.view(x.size(0), -1))
                 user is consumer or _reads_size(user) for user in source.users)
             before = norm(source) if sole else None

@@ -1359,7 +1359,8 @@ def test_a_batch_norm_after_a_layer_is_folded_into_its_bracket(layer, shape):
         assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
 
 
-@pytest.mark.parametrize("case", ["used-twice", "uniform-scale", "linear-on-rows", "called-twice", "transposed"])
+@pytest.mark.parametrize("case", ["used-twice", "uniform-scale", "linear-on-rows", "called-twice", "transposed",
+                                  "dropout-on"])
 def test_a_batch_norm_is_not_folded_where_the_two_are_not_one_map(case):
     torch.manual_seed(0)
     if case == "used-twice":  # the conv's output also skips past the norm
@@ -1379,6 +1380,8 @@ def test_a_batch_norm_is_not_folded_where_the_two_are_not_one_map(case):
     elif case == "called-twice":
         conv = nn.Conv2d(3, 3, 3, padding=1)
         model, shape = nn.Sequential(conv, _varied_norm(3), nn.ReLU(), conv), (3, 4, 4)
+    elif case == "dropout-on":  # dropout that stays on (Monte Carlo) between the norm and the layer: not one map
+        model, shape = _DroppedNorm(training_dropout=True), (3, 4, 4)
     else:
         model, shape = nn.Sequential(nn.ConvTranspose2d(3, 3, 3), _varied_norm(3)), (3, 4, 4)
     model.eval()
@@ -1444,6 +1447,15 @@ def test_a_bias_computed_from_the_input_counts_once_per_row_it_is_added_to():
     assert _jacobian_norm(model, (5, 4)) > weight + 1  # where counting the bias once would fall
 
 
+class _DroppedNorm(nn.Module):
+    def __init__(self, training_dropout: bool = False):
+        super().__init__()
+        self.bn, self.weight, self.on = _varied_norm(3, 2, seed=8), nn.Parameter(torch.randn(2, 3, 3, 3)), training_dropout
+
+    def forward(self, x):
+        return F.conv2d(F.dropout(self.bn(x), 0.2, training=self.on or self.training), self.weight, padding=1)
+
+
 class _ViewHead(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1463,7 +1475,13 @@ class _ViewHead(nn.Module):
     (lambda: nn.Sequential(_varied_norm(2, 1, seed=4), nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="circular")),
      (2, 7)),
     (lambda: _ViewHead(), (3, 4, 4)),
-], ids=["linear", "conv", "groups-reflect", "through-flatten", "1d-circular", "through-view"])
+    (lambda: nn.Sequential(_varied_norm(6, 1, seed=6), nn.Dropout(0.3), nn.Linear(6, 4)), (6,)),
+    # the face-recognition head: BatchNorm2d, Dropout, Flatten, Linear
+    (lambda: nn.Sequential(_varied_norm(3, 2, seed=7), nn.Dropout(0.4), nn.Flatten(), nn.Identity(), nn.Linear(48, 5)),
+     (3, 4, 4)),
+    (lambda: _DroppedNorm(), (3, 4, 4)),
+], ids=["linear", "conv", "groups-reflect", "through-flatten", "1d-circular", "through-view", "through-dropout",
+        "dropout-flatten-identity", "functional-dropout"])
 def test_a_batch_norm_before_a_layer_is_folded_into_its_bracket(make, shape):
     # conv(s x + b) = conv'(x) + a constant, conv' the conv with input channel i scaled by s_i
     # (any padding: it is linear); through a flatten, a linear layer's columns of channel i
