@@ -19,7 +19,6 @@ through their actual (normalized) weights, so their constants come out right wit
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipfast import _ext, _util, linalg, ops, reference
+from lipfast import _ext, _toom, _util, linalg, ops, reference
 from lipfast.network import register_lipschitz
 
 __all__ = ["Abs", "GroupSort", "HKRLoss", "LipschitzMarginLoss", "SLLBlock", "SLLConv2d", "aol", "export", "orthogonal"]
@@ -73,91 +72,15 @@ register_lipschitz(GroupSort, lambda module, input_shape: 1.0)
 register_lipschitz(Abs, lambda module, input_shape: 1.0)
 
 
-#: Toom-Cook evaluation points per kernel size k along a dim: the kernel's autocorrelation has degree
-#: 2 (k - 1) in each dim, so 2k - 1 points; inf stands for the leading coefficient.  Each set is closed
-#: under x -> 1/x as far as it can be (0 and inf, 2 and 1/2, 1 and -1 with themselves), which makes
-#: those points' products transposes of others'.  Measured in float32 against float64 on random,
-#: positive and single-tap kernels, the absolute row sums come out within 1.6-4.5e-7 for k <= 4 (the
-#: per-shift products: 1.5-9e-7); k = 5 needs larger points and lost a factor 10, so it is not used.
-_TOOM_POINTS = {
-    1: (1.0,),
-    2: (0.0, 1.0, math.inf),
-    3: (0.0, 1.0, -1.0, 2.0, math.inf),
-    4: (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, math.inf),
-}
-
-
-def _powers(points: tuple[float, ...], n: int) -> Tensor:
-    """(len(points), n) float64: the row of x is (1, x, ..., x^(n-1)); the row of inf picks the
-    leading coefficient (0, ..., 0, 1)."""
-    V = torch.zeros(len(points), n, dtype=torch.float64)
-    for i, x in enumerate(points):
-        if math.isinf(x):
-            V[i, -1] = 1.0
-        else:
-            V[i] = torch.tensor([x**e for e in range(n)], dtype=torch.float64)
-    return V
-
-
-def _inverse_point(x: float) -> float:
-    return math.inf if x == 0 else 0.0 if math.isinf(x) else 1 / x
-
-
-@functools.lru_cache(maxsize=None)
-def _toom_plan(kh: int, kw: int) -> tuple[Tensor, Tensor, tuple[int, ...], Tensor, Tensor]:
-    """For _toom_shift_grams: the evaluations at the points that take a product, of the positions
-    and of the reversed positions ((points, kh kw) each, row-major positions); for every other
-    point, the index among those of its inverse point and the scale of that point's transposed
-    value; and the interpolation ((2kh - 1)(2kw - 1), all points), its columns in the order of the
-    values (those that take a product, then the others).  float64, on the CPU."""
-    px, py = _TOOM_POINTS[kh], _TOOM_POINTS[kw]
-    grid = [(x, y) for x in px for y in py]
-    where = {point: i for i, point in enumerate(grid)}
-    taken: list[int] = []
-    mirrored: list[tuple[int, int, float]] = []  # (point, index of its inverse in taken, scale)
-    for i, (x, y) in enumerate(grid):
-        j = where.get((_inverse_point(x), _inverse_point(y)))
-        if j is None or j >= i:
-            taken.append(i)
-            continue
-        scale = 1.0
-        for v, degree in ((grid[j][0], 2 * kh - 2), (grid[j][1], 2 * kw - 2)):
-            if v != 0 and not math.isinf(v):
-                scale *= v**-degree  # the value at 1/v is v^-degree times the one at v, transposed
-        mirrored.append((i, taken.index(j), scale))
-    Ex, Ey = _powers(px, kh), _powers(py, kw)
-    evaluate = torch.kron(Ex, Ey)[taken]
-    evaluate_reversed = torch.kron(Ex.flip(1), Ey.flip(1))[taken]
-    interpolate = torch.kron(torch.linalg.inv(_powers(px, 2 * kh - 1)), torch.linalg.inv(_powers(py, 2 * kw - 1)))
-    order = taken + [m[0] for m in mirrored]
-    scales = torch.tensor([m[2] for m in mirrored], dtype=torch.float64)
-    return evaluate, evaluate_reversed, tuple(m[1] for m in mirrored), scales, interpolate[:, order]
-
-
 def _toom_shift_grams(W: Tensor) -> Tensor:
-    """C (2kh - 1, 2kw - 1, in, in): all the R_s of _abs_gram at once, R_s = C[kh - 1 - s].
-
-    With P(x, y) = Σ_ab K_ab x^a y^b (K_ab the (out, in) matrix of kernel position (a, b)) and
-    P~ the same with the positions reversed, P(x, y)ᵀ P~(x, y) = Σ_uv C_uv x^u y^v: a matrix
-    polynomial of degree 2 (k - 1) per dim whose coefficients are the R_s.  So its values at a grid
-    of (2kh - 1)(2kw - 1) points, one product each, give every R_s by interpolation (Toom-Cook);
-    and R_-s = R_sᵀ makes the value at (1/x, 1/y) that at (x, y) transposed, times x^-dx y^-dy
-    (dx = 2 (kh - 1)), so only the points with no inverse earlier in the grid take a product: 19 of
-    25 for a 3x3 kernel, against 45 (out x in)ᵀ(out x in) products one pair of positions at a time,
-    and the 81 a convolution of the kernel with itself costs."""
+    """The R_s of _abs_gram for the shifts s from 0 down (row-major: R_-s = R_sᵀ gives the rest), as
+    C ((2kh - 1)(2kw - 1) // 2 + 1, in, in), by Toom-Cook (lipfast._toom: 19 (out x in)ᵀ(out x in)
+    products for a 3x3 kernel, against 45 one pair of positions at a time and the 81 a convolution
+    of the kernel with itself costs)."""
     out, cin, kh, kw = W.shape
     dtype = torch.promote_types(W.dtype, torch.float32)  # half types: the products accumulate in float32 anyway
-    evaluate, evaluate_reversed, sources, scales, interpolate = (
-        t.to(device=W.device, dtype=dtype) if isinstance(t, Tensor) else t for t in _toom_plan(kh, kw)
-    )
-    positions = W.to(dtype).permute(2, 3, 0, 1).reshape(kh * kw, out * cin)
-    P = (evaluate @ positions).view(-1, out, cin)
-    P_reversed = (evaluate_reversed @ positions).view(-1, out, cin)
-    values = torch.bmm(P.mT, P_reversed)  # (points that take a product, in, in)
-    if sources:
-        values = torch.cat([values, values[list(sources)].mT * scales.view(-1, 1, 1)])
-    C = interpolate @ values.reshape(values.shape[0], -1)
-    return C.view(2 * kh - 1, 2 * kw - 1, cin, cin).to(W.dtype)
+    positions = W.to(dtype).permute(2, 3, 0, 1).reshape(kh * kw, out, cin)
+    return _toom.correlations(positions, (kh, kw)).to(W.dtype)
 
 
 def _abs_gram(W: Tensor) -> Tensor:
@@ -172,12 +95,14 @@ def _abs_gram(W: Tensor) -> Tensor:
     if W.dim() == 2:
         return (W.mT @ W).abs()
     out, cin, kh, kw = W.shape
-    toom = kh in _TOOM_POINTS and kw in _TOOM_POINTS
+    toom = _toom.supported((kh, kw))
     if out * cin * cin < (2**20 if toom else 2**22):
         KK = F.conv2d(W.transpose(0, 1), W.transpose(0, 1), padding=(kh - 1, kw - 1))
         return KK.abs().sum(dim=(2, 3))
     if toom:
-        return _toom_shift_grams(W).abs().sum(dim=(0, 1))
+        C = _toom_shift_grams(W).abs()
+        shifted = C[1:].sum(dim=0)
+        return C[0] + shifted + shifted.mT
     positions = W.permute(2, 3, 0, 1).contiguous()  # (kh, kw, out, in): one (out, in) matrix per position
     S = torch.zeros(cin, cin, dtype=W.dtype, device=W.device)
     for da in range(kh):

@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lipfast import _ext, _util, linalg, ops, reference
+from lipfast import _ext, _toom, _util, linalg, ops, reference
 
 __all__ = ["conv_spectral_norm", "conv_spectral_norm_bounds", "operator_norm", "operator_norm_bounds"]
 
@@ -498,6 +498,25 @@ def _direct_grams(weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> _Gr
     return _Grams(Hr, Hi, fro2, rounding, sym.transposed, sym.kept)
 
 
+def _toom_basis_error(kernel: tuple[int, ...], inner: int) -> float:
+    """b of _Autocorrelation's rounding bound, for Toom-Cook: H_d +- H_dᵀ = Z +- Zᵀ with Z = (F +- B)
+    M (_basis), Z off by c_t T entrywise (lipfast._toom) and |Z| <= A T, so H_d +- H_dᵀ by 2 (c_t +
+    u A (1 + c_t)) T; summed over the 1 + D of them (D = half the points), with no T_d to share T
+    out as the pairs have."""
+    plan = _toom.plan(kernel)
+    c_t = plan.error(inner, _UNIT)
+    return (1 + plan.points // 2) * (c_t + _UNIT * plan.amplification * (1 + c_t))
+
+
+#: the largest _toom_basis_error that Toom-Cook is used with, so that the rounding stays far inside
+#: any bracket: 3x3 kernels up to about 800 channels (3.4e-11 at 512), 4x4 and 3x3x3 ones never
+_TOOM_ERROR = 5e-11
+#: the least inner x block^2 (a pair's product's multiply-adds) for which the autocorrelation is
+#: formed by Toom-Cook: below, the pairs' Python loop costs little (64 channels: 1.4 ms), and their
+#: rounding bound is the tighter (fro2 of the smallest symbols within 1e-9 where Toom-Cook's is 6e-8)
+_TOOM_SIZE = 2**18
+
+
 class _Autocorrelation:
     """The Gram matrices of every kept frequency of any grid with these offsets and phases, from
     the kernel's autocorrelation (the same for both grids of a zero-padded conv).
@@ -512,7 +531,8 @@ class _Autocorrelation:
         H_r(f) = H_0 + sum_d cos(w_f . d) (H_d + H_dᵀ),    H_i(f) = sum_d sin(w_f . d) (H_d - H_dᵀ),
 
     two real matrix products (frequencies x coefficients) @ (coefficients x q^2) for all f at once.
-    The H_d cost a product per pair of taps, once; the Gram matrices then cost 2 (1 + 2D) q^2 flops
+    The H_d cost a product per pair of taps, once (with one phase per dim, fewer by Toom-Cook:
+    lipfast._toom, 19 products for a 3x3 kernel against 45 pairs); the Gram matrices then cost 2 (1 + 2D) q^2 flops
     each (D the number of d > 0, 12 for a 3x3 kernel) where the symbols' cost 4 p q^2: far less on
     large grids and with stride (p = phases x channels), the same on small grids.
 
@@ -522,8 +542,11 @@ class _Autocorrelation:
     dims u of e^(i w_f . d) (as in _symbol_error; exactly +-1 and 0 where the frequency is its own
     mirror, so those matrices come out exactly real); every output entry is a sum of K <= 1 + D
     products, off by gamma(K) times the sum of their absolute values.  Altogether |dH_r|, |dH_i| <=
-    c T with c = 2 (e_c + gamma(m + 1) + gamma(K)) and T = sum over all pairs of |P_j|ᵀ|P_j'| =
-    |P|ᵀ|P|, |P| = sum_j |P_j|.  So ‖fl(H) - H‖_2 <= ‖|dH_r| + |dH_i|‖_2 <= 2 c ‖|P|‖_F^2 <= 2 c w1^2,
+    c T with c = 2 (e_c + b + gamma(K)) (1 + 2 b), b = gamma(m + 1), and T = sum over all pairs of
+    |P_j|ᵀ|P_j'| = |P|ᵀ|P|, |P| = sum_j |P_j|.  By Toom-Cook each H_d is off by c_t T instead (no
+    T_d: every value mixes all the taps), so b = (1 + D) (c_t + u (1 + c_t)), the sum over the d of
+    each H_d +- H_dᵀ's error over 2T; the entries the coefficients and sums multiply are then within
+    2 T (1 + b) in all, which the factor 1 + 2 b covers.  So ‖fl(H) - H‖_2 <= ‖|dH_r| + |dH_i|‖_2 <= 2 c ‖|P|‖_F^2 <= 2 c w1^2,
     with w1 = ‖(sum_j |w_oij|)_oi‖_F (merging |P|'s phase blocks only increases its Frobenius norm),
     plus an underflow term.  Here H is the Gram matrix of the exact symbol of the (scaled) weights."""
 
@@ -555,10 +578,29 @@ class _Autocorrelation:
         self.shifts = sorted(d for d in pairs if d > zero)
         self.pairs = pairs
         inner = c_in if self.transposed else c_out
-        self.m = max(len(p) for p in pairs.values()) * inner
         block = c_out if self.transposed else c_in  # each pair's product: block x inner x block
-        self.pair_flops = 2 * groups * sum(len(p) for p in pairs.values()) * block * inner * block
-        self.weight, self.phases, self.c_in, self.grids = weight, phases, c_in, grids
+        D = len(self.shifts)
+        m = max(len(p) for p in pairs.values()) * inner
+        # with one phase per dim (stride 1) the taps' shifts are their offsets, evenly spaced (by the
+        # dilation): then Toom-Cook (lipfast._toom) forms every H_d from fewer products, 19 for a 3x3
+        # kernel against 45 pairs, where its rounding bound stays far below the certificates' margins
+        self.steps = tuple(g.offsets[1] - g.offsets[0] if len(g.offsets) > 1 else 1 for g in grids)
+        self.toom = R == 1 and len(phases) > 1 and inner * block * block >= _TOOM_SIZE and \
+            _toom.supported(tuple(kernel)) and all(list(g.offsets) == [g.offsets[0] + i * step for i in range(len(g.offsets))]
+                                                   for g, step in zip(grids, self.steps)) and \
+            _toom_basis_error(tuple(kernel), inner) <= _TOOM_ERROR
+        if self.toom:
+            plan = _toom.plan(tuple(kernel))
+            self.basis_error = _toom_basis_error(tuple(kernel), inner)
+            taps, products, outputs = len(phases), plan.products, plan.forward.shape[0]
+            self.underflow_terms = (1 + D) * plan.amplification * (inner + 2 * taps + plan.points + 1)
+            self.pair_flops = 2 * groups * (products * block * inner * block + 2 * products * taps * inner * block
+                                            + 2 * outputs * products * block * block)
+        if not self.toom:
+            # each H_d is a sum of at most m products, plus one rounding in H_d +- H_dᵀ: gamma(m + 1) T_d
+            self.basis_error, self.underflow_terms = _gamma(m + 1), m
+            self.pair_flops = 2 * groups * sum(len(p) for p in pairs.values()) * block * inner * block
+        self.weight, self.phases, self.c_in, self.grids, self.kernel = weight, phases, c_in, grids, tuple(kernel)
 
     def flops(self, frequencies: int) -> float:
         """Multiply-adds (times 2) for the Gram matrices of `frequencies` kept frequencies."""
@@ -573,19 +615,37 @@ class _Autocorrelation:
         real = w.new_empty(1 + D, groups, q, q)
         imag = w.new_zeros(max(D, 1), groups, q, q)
         H = w.new_empty(groups, q, q)
+        if self.toom:
+            # H_d = Σ P_jᵀP_k over the taps j - k = d / steps: lipfast._toom's C_u at u = kernel - 1 +
+            # d / steps, from the centre up (d >= 0); C_u = F M + (B M)ᵀ, so C_u +- C_uᵀ = Z +- Zᵀ
+            # with Z = (F +- B) M, and no transposed copies are needed
+            plan, P = _toom.plan(self.kernel), w.mT if self.transposed else w
+            evaluations = _buffer("toom evaluations", 2 * plan.products, P[0].numel())
+            M = _toom.values(P, self.kernel, (evaluations, _buffer("toom values", plan.products, groups * q * q)))
+            # Z into the evaluations' buffer, read by now (inner >= block here, so it holds both Z)
+            outputs = len(plan.sums)
+            Z = evaluations.view(-1)[: 2 * outputs * groups * q * q].view(2, outputs, groups * q * q)
+            Z_plus, Z_minus = (torch.mm(weights, M.view(plan.products, -1), out=Z[i]).view(-1, groups, q, q)
+                               for i, weights in enumerate((plan.sums, plan.differences)))
         for i, d in enumerate([(0,) * self.dims] + self.shifts):
-            H.zero_()
-            for j, k in self.pairs[d]:
-                if self.transposed:  # W_j W_kᵀ
-                    H.baddbmm_(w[j], w[k].mT)
-                else:  # W_jᵀ W_k into block (phase j, phase k)
-                    rj, rk = self.phases[j], self.phases[k]
-                    H[:, rj * c_in : (rj + 1) * c_in, rk * c_in : (rk + 1) * c_in].baddbmm_(w[j].mT, w[k])
+            if self.toom:
+                u = 0  # the row-major index of kernel - 1 + d / steps on the (2 kernel - 1) grid, from the centre
+                for k, a, step in zip(self.kernel, d, self.steps):
+                    u = u * (2 * k - 1) + k - 1 + a // step
+                H, H_minus = Z_plus[u - outputs + 1], Z_minus[u - outputs + 1]
+            else:
+                H = H_minus = H.zero_()
+                for j, k in self.pairs[d]:
+                    if self.transposed:  # W_j W_kᵀ
+                        H.baddbmm_(w[j], w[k].mT)
+                    else:  # W_jᵀ W_k into block (phase j, phase k)
+                        rj, rk = self.phases[j], self.phases[k]
+                        H[:, rj * c_in : (rj + 1) * c_in, rk * c_in : (rk + 1) * c_in].baddbmm_(w[j].mT, w[k])
             torch.add(H, H.mT, out=real[i])
             if i == 0:
                 real[0].mul_(0.5)  # H_0 made exactly symmetric
             else:
-                torch.sub(H, H.mT, out=imag[i - 1])
+                torch.sub(H_minus, H_minus.mT, out=imag[i - 1])
         return real.reshape(1 + D, -1), imag.reshape(imag.shape[0], -1)
 
     def grams(self, grid_list: Sequence[Sequence[_DimGrid]], w1: float) -> list[_Grams]:
@@ -593,8 +653,9 @@ class _Autocorrelation:
         w1 = _tap_abs_norm(weight)."""
         basis_r, basis_i = self._basis()
         q, D = self.q, len(self.shifts)
-        c = 2 * (64 * self.dims * _UNIT + _gamma(self.m + 1) + _gamma(D + 1))
-        underflow = q * (self.m + D + 1) * 2.0**-1000
+        # (the basis's own error, over 2 T in all, and its entries' sizes, 2 T (1 + that) in all)
+        c = 2 * (64 * self.dims * _UNIT + self.basis_error + _gamma(D + 1)) * (1 + 2 * self.basis_error)
+        underflow = q * (self.underflow_terms + D + 1) * 2.0**-1000
         out = []
         for number, grids in enumerate(grid_list):
             # the H_d hold for any grid with the same taps' phases and shifts (twists may differ)

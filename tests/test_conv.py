@@ -147,10 +147,12 @@ def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return clone
 
 
-@pytest.fixture(params=["autocorrelation", "symbols"])
+@pytest.fixture(params=["autocorrelation", "toom-cook", "symbols"])
 def gram_method(request, monkeypatch):
-    """The circulant bound's Gram matrices made one way only (the library picks the cheaper)."""
-    monkeypatch.setattr(conv, "_use_autocorrelation", lambda auto, direct: request.param == "autocorrelation")
+    """The circulant bound's Gram matrices made one way only (the library picks the cheaper): the
+    autocorrelation by pairs of taps, or by Toom-Cook wherever it applies, or the symbols."""
+    monkeypatch.setattr(conv, "_use_autocorrelation", lambda auto, direct: request.param != "symbols")
+    monkeypatch.setattr(conv, "_TOOM_SIZE", 0 if request.param == "toom-cook" else math.inf)
     return request.param
 
 
@@ -199,16 +201,25 @@ def test_wide_strided_layers_store_k_itself():
         assert math.prod(g.phases for g in grids) > 1
 
 
+@pytest.mark.parametrize("toom", [False, True], ids=["pairs", "toom-cook"])
 @pytest.mark.parametrize("op", _circulant_configs())
-def test_autocorrelation_grams_match_the_symbols(op):
+def test_autocorrelation_grams_match_the_symbols(op, toom, monkeypatch):
     """The Gram matrices from the kernel's autocorrelation against those of the stacked symbols, on
     every candidate grid (strides, groups, dilation, 1-3 dims, both orientations, twisted grids):
     the same matrices to rounding, each within the other's stated rounding bound, their fro2 an
     upper bound on the symbols' Frobenius norms (and not a loose one), and exactly real matrices
-    at the frequencies that are their own mirrors."""
+    at the frequencies that are their own mirrors.  The autocorrelation formed one product per
+    pair of taps, and by Toom-Cook wherever it applies (one phase per dim, kernels up to 4 per dim;
+    these test layers are below the size where it is used by itself)."""
     w = op.weight.detach()
     grids, _, _ = conv._grids(op)
-    auto = conv._Autocorrelation(w, op.groups, grids[0]).grams(grids, conv._tap_abs_norm(w))
+    monkeypatch.setattr(conv, "_TOOM_SIZE", 0 if toom else math.inf)
+    correlation = conv._Autocorrelation(w, op.groups, grids[0])
+    inner = w.shape[1] if correlation.transposed else w.shape[0] // op.groups
+    applies = all(g.phases == 1 for g in grids[0]) and max(op.kernel) <= 4 and math.prod(op.kernel) > 1 and \
+        conv._toom_basis_error(op.kernel, inner) <= conv._TOOM_ERROR
+    assert correlation.toom == (toom and applies)
+    auto = correlation.grams(grids, conv._tap_abs_norm(w))
     for grid, a in zip(grids, auto):
         d = conv._direct_grams(w, op.groups, grid)
         sym = conv._symbol_stack(w, op.groups, grid)
@@ -219,12 +230,16 @@ def test_autocorrelation_grams_match_the_symbols(op):
         diff = diff + diff.mH - torch.diag_embed(torch.diagonal(diff, dim1=-2, dim2=-1))
         gap = torch.linalg.matrix_norm(diff, 2)
         scale = torch.linalg.matrix_norm(torch.complex(d.Hr, d.Hi), 2)
+        if correlation.toom:  # every value mixes all the taps: its error goes with the largest symbol's size
+            scale = scale.max()
         assert bool((gap <= 1e-13 * scale + 1e-300).all())
         symbol = conv._symbol_error(conv._tap_abs_norm(w), w.dim() - 2, math.prod(w.shape[2:]))
         slack = 2 * d.fro2.sqrt() * symbol + symbol**2
         assert bool((gap <= a.rounding + d.rounding + slack).all())
         fro2 = torch.linalg.vector_norm(sym.S, dim=(-2, -1)).square()
-        assert bool((a.fro2 >= fro2 * (1 - 1e-12)).all()) and bool((a.fro2 <= fro2 * (1 + 1e-9) + 1e-300).all())
+        # (Toom-Cook's rounding bound is looser: fro2 at most 1e-7 above, not 1e-9, on the smallest symbols)
+        loose = 1e-7 if correlation.toom else 1e-9
+        assert bool((a.fro2 >= fro2 * (1 - 1e-12)).all()) and bool((a.fro2 <= fro2 * (1 + loose) + 1e-300).all())
         index = torch.stack(torch.unravel_index(a.kept, [g.frequencies for g in grid]), 1)
         own_mirror = torch.ones(a.kept.numel(), dtype=torch.bool)
         for dim, g in enumerate(grid):
