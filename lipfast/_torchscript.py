@@ -39,6 +39,10 @@ _FUNCTIONS = {
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
     "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "floor_divide": operator.floordiv, "floordiv": operator.floordiv,
+    # (values, indices), in aten's argument order, as these functions return them
+    "max_pool1d_with_indices": F.max_pool1d_with_indices, "max_pool2d_with_indices": F.max_pool2d_with_indices,
+    "max_pool3d_with_indices": F.max_pool3d_with_indices, "adaptive_max_pool1d": F.adaptive_max_pool1d_with_indices,
+    "adaptive_max_pool2d": F.adaptive_max_pool2d_with_indices, "adaptive_max_pool3d": F.adaptive_max_pool3d_with_indices,
 }
 #: aten operations translated to tensor methods
 _METHODS = {"view", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}

@@ -75,7 +75,7 @@ def may_share_memory(layer: nn.Module) -> bool:
 #: their input: views, and the conversions that return the input itself when there is nothing to do
 VIEW_OPERATIONS = {"view", "view_as", "reshape", "flatten", "unflatten", "select", "slice", "narrow", "transpose",
                    "permute", "t", "expand", "expand_as", "broadcast_to", "squeeze", "unsqueeze", "detach",
-                   "contiguous", "to", "float", "double", "type_as", "as_strided", "split", "chunk", "unbind",
+                   "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "as_strided", "split", "chunk", "unbind",
                    "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split", "unsafe_chunk",
                    "movedim", "moveaxis", "swapaxes", "swapdims", "reshape_as", "ravel", "alias", "dropout",
                    "feature_dropout"}

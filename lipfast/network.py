@@ -134,7 +134,8 @@ class LipschitzReport:
 
 _CONVS = conv._CONVS
 #: modules that compute the identity in the eval-mode network that lipschitz_bound bounds
-_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+               nn.FeatureAlphaDropout)
 _ONE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Flatten, nn.Unflatten, *_IDENTITIES,
         # permutations of the entries, and padding with a constant (or cropping, for negative amounts)
         nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.modules.padding._ConstantPadNd,
@@ -161,7 +162,13 @@ _SLOPES: dict[type, Callable[[nn.Module], float]] = {
 #: (upsampling other than bicubic, whose weights take both signs), padding that copies entries
 _NONNEGATIVE_LINEAR = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                        nn.AdaptiveAvgPool3d, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
-                       nn.modules.padding._CircularPadNd)
+                       nn.modules.padding._CircularPadNd,
+                       # sliding blocks taken apart (each input entry copied into every block holding it)
+                       # and summed back: sqrt(the largest number of blocks holding one entry), exactly
+                       nn.Unfold, nn.Fold)
+#: pooling modules that can return (values, indices): the indices jump with the input (no constant)
+_INDEXED_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                  nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
 _NO_CONSTANT = {
     nn.LayerNorm: "LayerNorm divides by the input's own standard deviation: no global Lipschitz constant",
     nn.GroupNorm: "GroupNorm divides by the input's own standard deviation: no global Lipschitz constant",
@@ -256,6 +263,46 @@ def _window_counts(n: int, k: int, s: int, p: int, d: int, out: int) -> int:
     return max(counts) if counts else 0
 
 
+def _pooled_size(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The spatial size a pooling module's output has on inputs of input_shape (its values', where it
+    also returns indices)."""
+    with torch.no_grad():
+        out = module(torch.zeros(1, *input_shape))
+    return tuple((out[0] if isinstance(out, tuple) else out).shape[2:])
+
+
+def _lp_pool_bound(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[float, float, str]:
+    """LPPool: (K sum over a window of x^p / n_w)^(1/p) per window (torch's avg_pool of x^p times the
+    kernel's size K, n_w the entries of a window cut off by ceil_mode), so for even p the window's
+    p-norm times a_w^(1/p), a_w = K / n_w.  A p-norm with p >= 2 is 1-Lipschitz in the 2-norm, so
+    ‖Δy‖^2 <= sum over windows of a_w^(2/p) ‖Δx_w‖^2 <= max over entries of the sum over the windows
+    holding it of a_w^(2/p), times ‖Δx‖^2; a_w is a product over dims, and so is that sum.  p = 1 is
+    linear (the window sums times a_w), p = +-inf a max pool of |x|; for odd p > 1, (sum x^p)^(1/p)
+    has unbounded slope where the sum crosses 0, and other p are not defined for negative entries."""
+    p = module.norm_type
+    dims = len(input_shape) - 1
+    k = _as_tuple(module.kernel_size, dims)
+    s = _as_tuple(module.stride if module.stride is not None else module.kernel_size, dims)
+    out = _pooled_size(module, input_shape)
+    if p in (math.inf, -math.inf):
+        m = math.prod(_window_counts(n, kd, sd, 0, 1, o) for n, kd, sd, o in zip(input_shape[1:], k, s, out))
+        return 1.0, _sqrt_up(m), ""
+    if p == 1:
+        return (*_linear_pool_bound(module, input_shape), "")
+    if not (float(p).is_integer() and p >= 2 and int(p) % 2 == 0):
+        reason = "odd" if float(p).is_integer() and p > 1 else "not an even integer"
+        return 0.0, math.inf, f"LPPool with norm_type={p} ({reason}): no Lipschitz constant"
+    total = 1.0
+    for n, kd, sd, o in zip(input_shape[1:], k, s, out):
+        sums = [0.0] * n
+        for j in range(o):
+            lo, hi = j * sd, min(j * sd + kd, n)
+            for i in range(lo, hi):
+                sums[i] += (kd / (hi - lo)) ** (2 / p) * (1 + 1e-15)
+        total *= max(sums) * (1 + 1e-14)
+    return 1.0, _sqrt_up(total) * (1 + 1e-15), ""
+
+
 def _as_tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
@@ -339,10 +386,23 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
         dims = len(input_shape) - 1
         k, s = _as_tuple(module.kernel_size, dims), _as_tuple(module.stride or module.kernel_size, dims)
         p, d = _as_tuple(module.padding, dims), _as_tuple(module.dilation, dims)
-        with torch.no_grad():
-            out = module(torch.zeros(1, *input_shape)).shape[2:]
+        out = _pooled_size(module, input_shape)
         m = math.prod(_window_counts(n, *a) for n, *a in zip(input_shape[1:], k, s, p, d, out))
         return 1.0, _sqrt_up(m), ""
+    if isinstance(module, (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)):
+        # windows of kernel_size at pseudo-random but distinct starts (torch requires output + kernel - 1
+        # <= input, so consecutive starts differ by at least 1): one input lies in at most k windows
+        # per dim, whatever the draw, and L <= sqrt(m) as for MaxPool with m = prod k
+        dims = 2 if isinstance(module, nn.FractionalMaxPool2d) else 3
+        return 1.0, _sqrt_up(math.prod(_as_tuple(module.kernel_size, dims))), ""
+    if isinstance(module, (nn.LPPool1d, nn.LPPool2d, nn.LPPool3d)):
+        return _lp_pool_bound(module, input_shape)
+    if isinstance(module, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)):
+        # the values placed at the given indices, each once (a later one overwriting): norm <= 1 in the
+        # values for fixed indices.  Counted as 1 for the values and indices together: indices that
+        # depend on the input come from a pool's indices or a rounding, which have no constant, so the
+        # product is inf there, as it must be (the output jumps where the indices do)
+        return 1.0, 1.0, ""
     if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
         dims = len(input_shape) - 1
         out = _as_tuple(module.output_size, dims)
@@ -376,7 +436,7 @@ _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsq
                          torch.flip, torch.fliplr, torch.flipud, torch.roll, torch.rot90}
 _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
                        "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "contiguous", "squeeze",
-                       "unsqueeze", "clone", "detach", "float", "double", "to", "type_as",
+                       "unsqueeze", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as",
                        "flip", "fliplr", "flipud", "roll", "rot90"}
 # each output entry one input entry, no input entry taken twice (a slice, or a tuple of the pieces
 # of a split, which together are a permutation): norm <= 1
@@ -411,7 +471,7 @@ _EXTREMA = {torch.max, torch.min}
 _EXTREMA_METHODS = {"max", "min"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                     F.adaptive_avg_pool3d, F.interpolate, F.pad}
+                     F.adaptive_avg_pool3d, F.interpolate, F.pad, F.fold, F.unfold}
 # max pools: the module built from the same arguments (the functions take them in another order)
 _FUNCTIONAL_MAX_POOLS = {
     F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
@@ -421,6 +481,13 @@ _FUNCTIONAL_MAX_POOLS = {
     F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
     F.adaptive_max_pool3d: (nn.AdaptiveMaxPool3d, ("output_size", "return_indices")),
 }
+# (called with return_indices=True, the functions above trace as these, which return (values, indices))
+_FUNCTIONAL_INDEXED_POOLS = {
+    F.max_pool1d_with_indices: F.max_pool1d, F.max_pool2d_with_indices: F.max_pool2d,
+    F.max_pool3d_with_indices: F.max_pool3d, F.adaptive_max_pool1d_with_indices: F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d_with_indices: F.adaptive_max_pool2d, F.adaptive_max_pool3d_with_indices: F.adaptive_max_pool3d,
+}
+_FUNCTIONAL_MAX_POOLS.update({name: _FUNCTIONAL_MAX_POOLS[plain] for name, plain in _FUNCTIONAL_INDEXED_POOLS.items()})
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
@@ -748,6 +815,9 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             # one concatenated input; a module of constants only (a parametrization computing a
             # weight, say) gives a constant
             inputs = _concatenated((node.args, node.kwargs), bounds)
+            if inputs > 0 and _returns_pair(node) and any(user.target not in (operator.getitem, getattr)
+                                                          for user in node.users):
+                raise _Unsupported(f"{node.name}: the (values, indices) of {node.target} used whole: its indices jump")
             bounds[node] = _product(constants[node.target], inputs) if inputs > 0 else 0.0  # (no constant looked up)
             if getattr(graph_module.get_submodule(node.target), "inplace", False) is True:
                 _overwrites(node, bounds, graph_module)
@@ -981,12 +1051,45 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True  # two tensors: one may be broadcast to the other's shape
     if _extremum_form(node) == "pairwise":
         return True
+    if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
+            (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
+        return True  # the type of another tensor
     if node.op == "call_method":
         return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
                 or node.target in _PAIRWISE_EXTREMA_METHODS or node.target == "log_softmax")
     return (node.target in _LOG_SOFTMAX or node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
             or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS
             or node.target in _PAIRWISE_EXTREMA)
+
+
+#: conversions whose type may be another than a float's: to an integer or boolean type they round,
+#: and jump (no constant); between floating types they are the identity in exact arithmetic
+_CONVERSION_METHODS = frozenset({"to", "type", "type_as"})
+
+
+def _converted_dtype(node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype a to / type / type_as call gives: the one it names (a dtype, or a tensor type's name),
+    the input's own where it names none (to a device, say), else the shape propagation's record of
+    its output (a tensor's type); None where none of these tells."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "dtype"):
+        return meta.dtype
+    named = [v for v in (*node.args[1:], *node.kwargs.values()) if isinstance(v, (torch.dtype, str, torch.fx.Node))]
+    for value in named:
+        if isinstance(value, torch.dtype):
+            return value
+        if isinstance(value, str) and value.endswith("Tensor"):
+            try:
+                return torch.empty(0).type(value).dtype
+            except (TypeError, ValueError, RuntimeError):
+                return None
+    if node.target == "type_as" or any(isinstance(v, torch.fx.Node) for v in named):
+        return None  # the type of another tensor: only the propagation knows it
+    source = node.args[0] if node.args else None
+    if node.target == "type" and len(node.args) + len(node.kwargs) == 1:
+        return None  # x.type(): the name of its type, a string
+    meta = source.meta.get("tensor_meta") if isinstance(source, torch.fx.Node) else None
+    return meta.dtype if meta is not None and hasattr(meta, "dtype") else torch.get_default_dtype()
 
 
 def _shape(node: torch.fx.Node, value) -> tuple[int, ...]:
@@ -1064,8 +1167,15 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             if bounds[a] > 0 and _shape(node, a) != shape:
                 raise _Unsupported(f"{node.name}: {name} of an input-dependent operand broadcast to a larger shape")
         return _concatenated((node.args, node.kwargs), bounds)
+    if node.op == "call_method" and name in _CONVERSION_METHODS:
+        dtype = _converted_dtype(node)
+        if dtype is None:
+            raise _Unsupported(f"{node.name}: the type that {name} converts to is not known")
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise _Unsupported(f"{node.name}: a conversion to {dtype} rounds to whole numbers: it jumps, no Lipschitz "
+                               "constant")
     if target in _SHAPE_ONLY_FUNCTIONS or (node.op == "call_method" and name in _SHAPE_ONLY_METHODS):
-        return first  # a permutation of the entries, or a conversion: norm 1
+        return first  # a permutation of the entries, or a conversion between floating types: norm 1
     if target is F.dropout:
         return _product(first, _dropout_scale(node))
     if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
@@ -1102,6 +1212,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if _nodes_in((node.args[1:], node.kwargs)):
             raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
         if target in _FUNCTIONAL_MAX_POOLS:
+            if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
+                raise _Unsupported(f"{node.name}: the (values, indices) of a {name} used whole: its indices jump")
             kind, names = _FUNCTIONAL_MAX_POOLS[target]
             module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
             return _product(first, _layer_constant(node.name, module, shape[1:], 1e-3)[1])
@@ -1370,18 +1482,23 @@ def _extremum_form(node: torch.fx.Node) -> str | None:
 
 
 def _returns_pair(node: torch.fx.Node) -> bool:
-    """Whether node is a sort, topk, or max or min along a dim, which return (values, indices)."""
+    """Whether node is a sort, topk, max or min along a dim, or a max pool asked for its indices, which
+    return (values, indices)."""
     if _extremum_form(node) == "pair":
         return True
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target) if node.graph.owning_module else None
+        return isinstance(module, _INDEXED_POOLS) and bool(module.return_indices)
     if node.op == "call_function":
-        return bool(_SORTS.get(node.target))
+        return bool(_SORTS.get(node.target)) or node.target in _FUNCTIONAL_INDEXED_POOLS
     return node.op == "call_method" and bool(_SORT_METHODS.get(node.target))
 
 
 #: operations that take entries of their first argument and move them, without arithmetic: run on a
 #: tensor of entry numbers, they tell which entries a value holds (_entries)
 _MOVING_FUNCTIONS = _SHAPE_ONLY_FUNCTIONS | _SELECTING_FUNCTIONS | {operator.getitem}
-_MOVING_METHODS = (_SHAPE_ONLY_METHODS - {"float", "double", "to", "type_as", "detach"}) | _SELECTING_METHODS
+_MOVING_METHODS = (_SHAPE_ONLY_METHODS - {"float", "double", "half", "bfloat16", "to", "type", "type_as", "detach"}) \
+    | _SELECTING_METHODS
 
 
 def _entries(node: torch.fx.Node, depth: int = 0) -> tuple[torch.fx.Node, object] | None:
@@ -2041,6 +2158,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
     param = next(model.parameters(), None)
+    if param is None:  # the input's type and device from a floating buffer, where there is no parameter
+        param = next((b for b in model.buffers() if b.is_floating_point()), None)
     try:
         example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
                               device=param.device if param is not None else None)

@@ -154,18 +154,18 @@ def test_no_global_constant_and_unknown_modules():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.m = nn.LPPool1d(2, 2)
+            self.m = nn.LocalResponseNorm(2)
 
         def forward(self, x):
             return self.m(x)
 
     with pytest.raises(TypeError, match="register_lipschitz"):
         lipfast.lipschitz_bound(Net(), (1, 4), progress=False)
-    lipfast.register_lipschitz(nn.LPPool1d, lambda module, shape: 1.0)
+    lipfast.register_lipschitz(nn.LocalResponseNorm, lambda module, shape: 1.0)
     try:
         assert lipfast.lipschitz_bound(Net(), (1, 4), progress=False).upper == 1.0
     finally:
-        network._REGISTRY.pop(nn.LPPool1d)
+        network._REGISTRY.pop(nn.LocalResponseNorm)
     with pytest.raises(ValueError, match="input_shape"):
         lipfast.lipschitz_bound(Net(), (0, 4))
     with pytest.raises(ValueError, match="does not accept"):
@@ -788,7 +788,7 @@ def test_transposed_conv_is_bounded_with_the_output_padding_of_its_call():
     nn.Upsample(size=(7, 5), mode="bilinear", align_corners=True), nn.UpsamplingNearest2d(scale_factor=3),
     nn.ReflectionPad2d(2), nn.ReplicationPad2d((1, 0, 2, 1)), nn.CircularPad2d(1), nn.ZeroPad2d(2),
     nn.ConstantPad2d(-1, 3.0), nn.PixelShuffle(2), nn.PixelUnshuffle(2), nn.ChannelShuffle(2),
-    nn.AvgPool2d(2, divisor_override=-3),
+    nn.AvgPool2d(2, divisor_override=-3), nn.Unfold(2), nn.Unfold((3, 2), dilation=(1, 2), padding=1, stride=(2, 1)),
 ], ids=lambda m: type(m).__name__)
 def test_linear_resampling_and_padding_layers(module):
     shape = (4, 4, 6)
@@ -836,7 +836,11 @@ class _GlobalPool(nn.Module):
     (lambda y: torch.nn.functional.max_pool2d(y, 3, 1, 1), 3.0),  # up to 9 windows hold one entry
     (lambda y: torch.nn.functional.max_pool2d(y, 2, ceil_mode=True), 1.0),
     (lambda y: torch.nn.functional.adaptive_max_pool2d(y, (4, 5)), 2.0),  # 2 windows per dim
-], ids=["mean", "adaptive", "avg-overlapping", "nearest", "bilinear", "max-overlapping", "max-ceil", "adaptive-max"])
+    (lambda y: torch.nn.functional.unfold(y, 3, padding=1), 3.0),  # up to 9 blocks hold one entry
+    (lambda y: torch.nn.functional.fold(y.flatten(2)[:, :, :12], (4, 5), (1, 3)), 3**0.5),  # summed back: 3 blocks
+    (lambda y: torch.nn.functional.max_pool2d(y, 2, return_indices=True)[0], 1.0),  # the values only
+], ids=["mean", "adaptive", "avg-overlapping", "nearest", "bilinear", "max-overlapping", "max-ceil", "adaptive-max",
+        "unfold", "fold", "max-values"])
 def test_functional_pools_match_their_modules(fn, factor):
     torch.manual_seed(0)
     model = _GlobalPool(fn).eval()
@@ -849,6 +853,103 @@ def test_functional_pools_match_their_modules(fn, factor):
     bicubic = _GlobalPool(lambda y: torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic"))
     report = lipfast.lipschitz_bound(bicubic, (2, 6, 6), progress=False)
     assert report.upper == math.inf and any("bicubic" in note for note in report.notes)
+
+
+def test_fold_sums_overlapping_blocks_back():
+    # the adjoint of unfold: sqrt(the largest number of blocks holding one output entry), exactly
+    module = nn.Fold((4, 5), (2, 3))  # (2 * 2 * 3, 3 * 3) in, 2 channels out
+    report = lipfast.lipschitz_bound(nn.Sequential(module), (12, 9), progress=False)
+    x = torch.zeros(1, 12, 9, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: module(t).flatten(), x).reshape(-1, x.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert exact == pytest.approx(math.sqrt(6), rel=1e-12) and exact <= report.upper <= exact * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("module, shape, exact", [
+    (nn.LPPool2d(2, 2), (2, 4, 6), 1.0),  # disjoint windows: each a 2-norm
+    (nn.LPPool2d(2, 2, ceil_mode=True), (2, 5, 5), 2.0),  # the corner window holds 1 of 4 entries: 2 |x|
+    (nn.LPPool1d(4, 3, stride=1), (2, 7), None),  # 3 windows hold an entry: sqrt(3)
+    (nn.LPPool2d(2, 3, stride=1), (1, 5, 5), None),
+    (nn.LPPool1d(1, 2), (2, 6), math.sqrt(2)),  # linear: sums of 2
+    (nn.LPPool2d(math.inf, 2), (2, 4, 4), 1.0),  # a max pool of |x|
+    (nn.FractionalMaxPool2d(2, output_size=3), (2, 5, 5), None),
+    (nn.FeatureAlphaDropout(0.3), (3, 4), 1.0),
+], ids=["lp2", "lp2-ceil", "lp4-overlapping", "lp2-overlapping", "lp1", "lp-inf", "fractional", "feature-alpha-dropout"])
+def test_more_pooling_layers_are_bounded(module, shape, exact):
+    report = lipfast.lipschitz_bound(nn.Sequential(module), shape, progress=False)
+    assert report.notes == [] and math.isfinite(report.upper)
+    if exact is not None:
+        assert report.upper == pytest.approx(exact, rel=1e-9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # never below a Jacobian's norm (at points with no zero window)
+        x = (torch.rand(1, *shape, generator=g, dtype=torch.float64) + 0.5) * torch.where(
+            torch.rand(1, *shape, generator=g) < 0.5, -1.0, 1.0).double()
+        J = torch.autograd.functional.jacobian(lambda t: module(t).flatten(), x).reshape(-1, x.numel())
+        assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("p", [3, 1.5, -2])
+def test_lp_pools_without_a_constant(p):
+    report = lipfast.lipschitz_bound(nn.Sequential(nn.LPPool1d(p, 2)), (2, 6), progress=False)
+    assert report.upper == math.inf and "no Lipschitz constant" in report.layers[0].note
+
+
+class _PoolIndices(nn.Module):
+    def __init__(self, use, pool):
+        super().__init__()
+        self.pool, self.unpool, self.use = pool, nn.MaxUnpool2d(2), use
+
+    def forward(self, x):
+        return self.use(self, x)
+
+
+@pytest.mark.parametrize("use, pool, exportable", [
+    (lambda m, x: m.pool(x)[1].double(), nn.MaxPool2d(2, return_indices=True), True),
+    (lambda m, x: m.pool(x)[1] * 1.0, nn.AdaptiveMaxPool2d(2, return_indices=True), True),
+    # SegNet's decoder (torch.export cannot take MaxUnpool: it checks the indices' values)
+    (lambda m, x: m.unpool(m.pool(x)[0], m.pool(x)[1]), nn.MaxPool2d(2, return_indices=True), False),
+    (lambda m, x: F.max_pool2d(x, 2, return_indices=True)[1].double(), None, True),
+    (lambda m, x: m.pool(x)[0] + m.pool(x)[1].double(), nn.FractionalMaxPool2d(2, output_size=2, return_indices=True),
+     False),
+], ids=["max-pool", "adaptive", "unpool", "functional", "fractional"])
+def test_the_indices_a_pool_returns_have_no_constant(use, pool, exportable):
+    # argmax positions: piecewise constant with jumps, so no Lipschitz constant (a bound of 1 or sqrt(m)
+    # for them, as for the values, would be below the truth); the values alone keep theirs
+    model = _PoolIndices(use, pool).double()
+    report = lipfast.lipschitz_bound(model, (2, 4, 4), progress=False)
+    assert report.upper == math.inf and any("indices" in note and "jump" in note for note in report.notes), report.notes
+    example = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    if exportable:  # the traced and exported forms too, where aten's pools return (values, indices)
+        for made in (torch.jit.trace(model, example), torch.export.export(model, (example,))):
+            assert lipfast.lipschitz_bound(made, (2, 4, 4), progress=False).upper == math.inf
+    if pool is None:
+        return
+    values_only = _PoolIndices(lambda m, x: m.pool(x)[0], pool).double()
+    values = lipfast.lipschitz_bound(values_only, (2, 4, 4), progress=False)
+    assert values.upper in (1.0, 2.0) and values.notes == []
+    if not isinstance(pool, nn.FractionalMaxPool2d):  # (its draws differ between runs: no trace is checked equal)
+        for made in (torch.jit.trace(values_only, example), torch.export.export(values_only, (example,))):
+            assert lipfast.lipschitz_bound(made, (2, 4, 4), progress=False).upper == values.upper
+
+
+@pytest.mark.parametrize("use, bound", [
+    (lambda x: x.to(torch.long).double(), math.inf),
+    (lambda x: x.to(dtype=torch.int32) * 1.0, math.inf),
+    (lambda x: x.type("torch.LongTensor").double(), math.inf),
+    (lambda x: x.type_as(torch.zeros(1, dtype=torch.int64)).double(), math.inf),
+    (lambda x: x.to(torch.bool).double(), math.inf),
+    (lambda x: 2 * x.to(torch.float32).double(), 2.0),
+    (lambda x: 2 * x.type_as(x), 2.0),
+    (lambda x: 2 * x.to("cpu"), 2.0),
+    (lambda x: 2 * x.half().double(), 2.0),
+], ids=["to-long", "to-int32", "type-name", "type-as-long", "to-bool", "to-float", "type-as-self", "to-device", "half"])
+def test_conversions_to_whole_numbers_have_no_constant(use, bound):
+    # truncating to an integer type jumps at every whole number; a conversion between floating types
+    # is the identity in exact arithmetic (the rules' model), as float() and double() are
+    report = lipfast.lipschitz_bound(_Applies(use), (4,), progress=False)
+    assert report.upper == bound
+    if bound == math.inf:
+        assert any("rounds to whole numbers" in note for note in report.notes), report.notes
 
 
 class _InPlace(nn.Module):
