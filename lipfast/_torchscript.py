@@ -476,8 +476,10 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         if len(args) == 4:
             options["align_corners"] = args[2]
         return graph.call_function(F.interpolate, (args[0],), options)
-    if name == "mean" and len(args) == 4:  # (self, dim, keepdim, dtype): dtype is a keyword of torch.mean
-        return graph.call_function(torch.mean, tuple(args[:3]), {"dtype": args[3]})
+    if name in ("mean", "sum") and len(args) == 4:  # (self, dim, keepdim, dtype): dtype is a keyword of torch's
+        return graph.call_function(getattr(torch, name), tuple(args[:3]), {"dtype": args[3]})
+    if name in ("mean", "sum") and len(args) == 2 and (args[1] is None or isinstance(args[1], torch.dtype)):
+        return graph.call_function(getattr(torch, name), (args[0],), {"dtype": args[1]})  # (self, dtype)
     if name == "slice" and 1 <= len(args) <= 5 and isinstance((args + [0])[1], int):
         # (self, dim=0, start=None, end=None, step=1): x[..., start:end:step] along dim
         x, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]

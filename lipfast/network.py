@@ -1197,6 +1197,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
         return _product(first, _sqrt_up(_copies(node)))
     if target in _REDUCING_FUNCTIONS or (node.op == "call_method" and name in _REDUCING_METHODS):
+        dtype = node.kwargs.get("dtype")
+        if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex):
+            raise _Unsupported(f"{node.name}: a {name} in {dtype} rounds its entries to whole numbers: it jumps, no "
+                               "Lipschitz constant")
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
         return _product(first, _sqrt_up(ratio) if reduction == "mean" else (_sqrt_up(1 / ratio) if ratio else 0.0))

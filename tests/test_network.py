@@ -818,6 +818,24 @@ def test_means_and_sums(use, factor):
     assert report.upper <= factor * report.layers[0].upper * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("use", [lambda m, y: y.sum(-1), lambda m, y: y.sum(), lambda m, y: y.mean(-1, keepdim=True)],
+                         ids=["sum-dim", "sum", "mean-dim"])
+def test_sums_and_means_traced_and_exported(use):
+    # aten's sum and mean carry the dtype positionally (torch's take it by keyword): one bound in every form
+    torch.manual_seed(0)
+    model = _Uses(use).eval()
+    bound = lipfast.lipschitz_bound(model, (4,), progress=False).upper
+    example = torch.randn(1, 4, dtype=torch.float64)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        assert lipfast.lipschitz_bound(made, (4,), progress=False).upper == bound
+
+
+def test_a_sum_in_an_integer_type_has_no_constant():
+    # the entries are rounded to whole numbers first: the sum jumps (its bound was that of a float sum)
+    report = lipfast.lipschitz_bound(_Uses(lambda m, y: y.sum(-1, dtype=torch.long).double()), (4,), progress=False)
+    assert report.upper == math.inf and any("whole numbers" in note for note in report.notes)
+
+
 class _GlobalPool(nn.Module):
     def __init__(self, fn):
         super().__init__()
