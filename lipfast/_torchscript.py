@@ -441,6 +441,27 @@ def identity_in_place(name: str, args: list) -> bool:
         len(args) >= 3 and args[2] is False
 
 
+#: c10::ScalarType's numbering, in which TorchScript graphs pass a dtype
+_SCALAR_TYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 5: torch.float16,
+                 6: torch.float32, 7: torch.float64, 8: torch.complex32, 9: torch.complex64, 10: torch.complex128,
+                 11: torch.bool, 15: torch.bfloat16}
+
+
+def _conversion(graph: torch.fx.Graph, args: list):
+    """aten::to (any overload) or aten::_to_copy as x.to(dtype), x.to(other) or x.to(): the dtype is
+    the first of args[1:3] that is a dtype (an exported program's), a ScalarType number (a
+    TorchScript graph's; not a bool, which is non_blocking) or a tensor to take it from; none of
+    these (a device, None) keeps the input's."""
+    for value in args[1:3]:
+        if isinstance(value, torch.dtype) or isinstance(value, torch.fx.Node):
+            return graph.call_method("to", (args[0], value))
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value not in _SCALAR_TYPES:
+                raise ValueError(f"aten::to with scalar type {value} has no translation (pass the Python module instead)")
+            return graph.call_method("to", (args[0], _SCALAR_TYPES[value]))
+    return graph.call_method("to", (args[0],))
+
+
 def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
@@ -492,6 +513,14 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_method(name, tuple(args[:2]))
     if name == "sort" and len(args) == 4:  # aten::sort.stable(self, stable, dim, descending)
         return graph.call_function(torch.sort, (args[0],), {"stable": args[1], "dim": args[2], "descending": args[3]})
+    if name in ("to", "_to_copy"):
+        return _conversion(graph, args)
+    if name in ("zeros", "ones", "empty", "full") and args and isinstance(args[0], (list, tuple)):
+        # (size[, fill_value], dtype, layout, device, pin_memory): a constant made in the forward
+        values = 2 if name == "full" else 1
+        dtype, device = (list(args[values:]) + [None] * 3)[0], (list(args[values:]) + [None] * 3)[2]
+        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
+        return graph.call_function(getattr(torch, name), tuple(args[:values]), {"dtype": dtype, "device": device})
     if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values
         return graph.call_method(name, (args[0],))
     if name == "gather" and len(args) == 4:  # (self, dim, index, sparse_grad): a keyword of torch.gather
@@ -557,9 +586,9 @@ def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, inp
     of one, as lipschitz_bound runs them; both in eval mode): a net under every rule that reads the
     graph.  Raises InputRejected where the script refuses that input; skipped where the script is
     random itself (dropout left on)."""
-    param = next(script.parameters(), None)
+    dtype, device = _util.input_type(script)
     x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x.to(dtype=param.dtype if param is not None else torch.float32, device=param.device if param is not None else None)
+    x = x.to(dtype=dtype, device=device)
     with _util.eval_mode(script), _util.eval_mode(graph_module):
         try:
             expected, again = _flat(script(x.clone())), _flat(script(x.clone()))

@@ -25,6 +25,19 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def input_type(model: nn.Module) -> tuple[torch.dtype, torch.device | None]:
+    """The dtype and device to give a model's example input: its first parameter's, else its first
+    floating buffer's, else (an exported program's module, which checks its inputs) the first input
+    it was exported with; else float32 on the default device."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next((b for b in model.buffers() if b.is_floating_point()), None)
+    if tensor is None and isinstance(model, torch.fx.GraphModule):
+        values = (node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder")
+        tensor = next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    return (tensor.dtype, tensor.device) if tensor is not None else (torch.float32, None)
+
+
 @contextlib.contextmanager
 def full_float32() -> Iterator[None]:
     """float32 matrix products and cuDNN convolutions in full float32 (no TF32) inside the block,

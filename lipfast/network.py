@@ -2158,15 +2158,12 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     rtol = linalg._check_rtol("lipschitz_bound", rtol)
     start = time.perf_counter()
     notes: list[str] = []
+    dtype, device = _util.input_type(model)
     model = _translated(model, tuple(input_shape), notes)
     if _Tracer().is_leaf_module(model, ""):
         model = nn.Sequential(model)  # one layer: make it a module call in the graph (named "0")
-    param = next(model.parameters(), None)
-    if param is None:  # the input's type and device from a floating buffer, where there is no parameter
-        param = next((b for b in model.buffers() if b.is_floating_point()), None)
     try:
-        example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32,
-                              device=param.device if param is not None else None)
+        example = torch.zeros(1, *input_shape, dtype=dtype, device=device)
     except RuntimeError as exc:  # out of memory: an input this large is not one the model can take either
         raise ValueError(f"lipfast.lipschitz_bound: input_shape {tuple(input_shape)} is too large: one example of "
                          f"{math.prod(input_shape)} entries cannot be allocated ({str(exc).splitlines()[0]})") from None
