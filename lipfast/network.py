@@ -496,6 +496,8 @@ _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0,
                     torch.softmax: _SLOPES[nn.Softmax](None), F.softmin: _SLOPES[nn.Softmax](None),
                     F.selu: _SLOPES[nn.SELU](None),
                     torch.selu: _SLOPES[nn.SELU](None), F.softsign: 1.0, F.logsigmoid: 1.0,
+                    # x - tanh(x): slope tanh(x)^2 < 1; softshrink: slope 0 or 1
+                    F.tanhshrink: 1.0, F.softshrink: 1.0,
                     # |sin'|, |cos'| <= 1; atan' = 1 / (1 + x^2), asinh' = 1 / sqrt(1 + x^2): at most 1
                     **dict.fromkeys((torch.sin, torch.cos, torch.atan, torch.arctan, torch.asinh, torch.arcsinh), 1.0),
                     # erf' = 2 exp(-x^2) / sqrt(pi), largest at 0 (the division rounded, so a margin)

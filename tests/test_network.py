@@ -661,15 +661,17 @@ def test_composition_rounds_up():
     (lambda x: torch.nn.functional.celu(x, 0.5), nn.CELU(0.5)),
     (torch.nn.functional.softsign, nn.Softsign()),
     (torch.nn.functional.logsigmoid, nn.LogSigmoid()),
+    (torch.nn.functional.tanhshrink, nn.Tanhshrink()),
+    (lambda x: torch.nn.functional.softshrink(x, 0.3), nn.Softshrink(0.3)),
 ], ids=["gelu", "gelu-tanh", "silu", "elu", "softplus", "softplus-beta", "mish", "selu", "celu", "softsign",
-        "logsigmoid"])
+        "logsigmoid", "tanhshrink", "softshrink"])
 def test_functional_activations_get_their_modules_constants(fn, module):
     functional = lipfast.lipschitz_bound(_Applies(fn), (3,), progress=False)
     assert functional.notes == [] and functional.upper == lipfast.lipschitz_bound(module, (3,), progress=False).upper
-    # and the constant holds: no difference quotient above it
+    # and the constant holds: no difference quotient above it (but for the rounding of x - 0.3 in softshrink)
     x = torch.linspace(-6, 6, 20001, dtype=torch.float64)
     y = fn(x)
-    assert float(((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs().max()) <= functional.upper
+    assert float(((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs().max()) <= functional.upper * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("fn, module, shape", [
