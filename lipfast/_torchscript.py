@@ -462,10 +462,37 @@ def _conversion(graph: torch.fx.Graph, args: list):
     return graph.call_method("to", (args[0],))
 
 
+#: aten's arithmetic on numbers, as Python's (a traced size turned into a tensor and scaled, say:
+#: torch.pow(4, -0.5) takes no two numbers)
+_NUMBER_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+                      "pow": operator.pow, "floor_divide": operator.floordiv, "neg": operator.neg}
+
+
+def _is_number(value, depth: int = 0) -> bool:
+    """Whether a translated value is a Python number when it runs: a constant, a size read
+    (x.size(d), x.dim(), x.numel(), x.size()[d]), or arithmetic on such."""
+    if (isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+            (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()):
+        return True  # (a number a trace kept as a tensor constant too)
+    if not isinstance(value, torch.fx.Node) or depth > 16:
+        return False
+    if value.op == "call_method":
+        return (value.target == "size" and len(value.args) == 2) or value.target in ("dim", "numel")
+    if value.target is operator.getitem and isinstance(value.args[0], torch.fx.Node):
+        inner = value.args[0]
+        return inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1
+    return value.target in _NUMBER_ARITHMETIC.values() and all(_is_number(a, depth + 1) for a in value.args)
+
+
 def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name  # in place -> out of place
+    if name in _NUMBER_ARITHMETIC and all(_is_number(a) for a in args) and any(isinstance(a, torch.fx.Node) for a in args) \
+            and len(args) - (name in ("add", "sub") and len(args) == 3 and args[2] == 1) == (1 if name == "neg" else 2):
+        # numbers (sizes) only: (self, other[, alpha = 1])
+        numbers = tuple(a.item() if isinstance(a, torch.Tensor) else a for a in args[: 1 if name == "neg" else 2])
+        return graph.call_function(_NUMBER_ARITHMETIC[name], numbers)
     if name == "index" and len(args) == 2 and (index := _constant_index(args[1])) is not None:
         # x[i] with constant index lists: a getitem, whose copies of each entry the composition counts
         return graph.call_function(operator.getitem, (args[0], index))

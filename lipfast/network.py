@@ -1143,6 +1143,11 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             divide = target in (operator.truediv, torch.div) or name in ("div", "__truediv__")
             if divide and node.args[0] is not x:
                 raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
+            scalar = _size_scalar(c)
+            if scalar is not None:  # by a number computed from sizes: x / x.size(-1), say
+                if divide and scalar == 0:
+                    raise _Unsupported(f"{node.name}: dividing by 0")
+                return _product(bounds[x], _float_up(1 / abs(Fraction(scalar))) if divide else abs(scalar))
             return _product(bounds[x], _tensor_scale(node, x, None if _drawn(c) else (values or {}).get(c), divide))
         other = [a for a in node.args if not isinstance(a, torch.fx.Node)]
         if not other or not isinstance(other[0], (int, float)):
@@ -2017,6 +2022,52 @@ def _reads_size(node: torch.fx.Node) -> bool:
     """Whether a use of a value reads only its size (x.size(...), x.shape, x.dim())."""
     return (node.op == "call_method" and node.target in ("size", "dim")) or \
         (node.target is getattr and len(node.args) == 2 and node.args[1] in ("shape", "ndim"))
+
+
+_SCALAR_ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+                      operator.truediv: operator.truediv, operator.floordiv: operator.floordiv,
+                      operator.pow: operator.pow, operator.neg: operator.neg}
+
+
+def _size_scalar(value, depth: int = 0) -> float | None:
+    """The number a graph value is when it is computed from sizes of the input's example dims (not the
+    batch dim: a batch-dependent number does not fix the map of one example) and numbers, by plain
+    arithmetic: x.size(-1), x.shape[2] ** 0.5, x.dim(); None for anything else.  The sizes are those of
+    the input shape the graph was traced and propagated for, which fixes them as branches on sizes are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, torch.fx.Node) or depth > 16:
+        return None
+    if value.op == "call_function" and value.target in _SCALAR_ARITHMETIC and not value.kwargs:
+        operands = [_size_scalar(a, depth + 1) for a in value.args]
+        if None in operands:
+            return None
+        try:
+            result = _SCALAR_ARITHMETIC[value.target](*operands)
+        except (ArithmeticError, ValueError):
+            return None
+        return result if isinstance(result, (int, float)) and math.isfinite(result) else None
+    source, dim = None, None
+    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and not value.kwargs:
+        source, dim = value.args
+    elif value.op == "call_method" and value.target == "dim" and len(value.args) == 1:
+        shape = _propagated_shape(value.args[0])
+        return len(shape) if shape is not None else None
+    elif value.target is getattr and len(value.args) == 2 and value.args[1] == "ndim":
+        shape = _propagated_shape(value.args[0])
+        return len(shape) if shape is not None else None
+    elif value.target is operator.getitem and len(value.args) == 2 and isinstance(value.args[0], torch.fx.Node):
+        inner = value.args[0]
+        if inner.target is getattr and inner.args[1:] == ("shape",):
+            source, dim = inner.args[0], value.args[1]
+        elif inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1:
+            source, dim = inner.args[0], value.args[1]
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    shape = _propagated_shape(source)
+    if shape is None or not -len(shape) <= dim < len(shape) or dim % len(shape) == 0:
+        return None  # (dim 0: the batch)
+    return shape[dim]
 
 
 def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:

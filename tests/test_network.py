@@ -838,6 +838,27 @@ def test_a_sum_in_an_integer_type_has_no_constant():
     assert report.upper == math.inf and any("whole numbers" in note for note in report.notes)
 
 
+@pytest.mark.parametrize("use, factor", [
+    (lambda x: x / x.size(-1), 1 / 4), (lambda x: x * x.shape[-1] ** -0.5, 1 / 2),
+    (lambda x: x.sum(-1) / x.size(-1), 1 / 2), (lambda x: x / x.size()[1], 1 / 3),
+    (lambda x: x / (x.size(1) * x.size(2) - 2), 1 / 10), (lambda x: x * x.dim(), 3.0),
+    (lambda x: x / x.size(0), math.inf), (lambda x: x / x.numel(), math.inf),  # the batch's size: not one example's map
+], ids=["div-size", "pow-size", "mean-written-out", "size-list", "arithmetic", "dim", "batch", "numel"])
+def test_scaling_by_numbers_computed_from_sizes(use, factor):
+    # the sizes of an example's dims are fixed by the input shape (as branches on them are), so a
+    # number computed from them scales as a constant; one that involves the batch's size does not
+    model = _Applies(use)
+    example = torch.randn(1, 3, 4, dtype=torch.float64)
+    for made in (model, torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        report = lipfast.lipschitz_bound(made, (3, 4), progress=False)
+        if factor == math.inf:
+            assert report.upper == math.inf
+            break  # (traced, the batch's size is a constant of the trace)
+        assert report.upper == pytest.approx(factor, rel=1e-15) and report.upper >= factor
+    J = torch.autograd.functional.jacobian(lambda t: use(t).reshape(-1), example).reshape(-1, example.numel())
+    assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 1e-12)
+
+
 class _GlobalPool(nn.Module):
     def __init__(self, fn):
         super().__init__()
