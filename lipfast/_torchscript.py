@@ -35,6 +35,7 @@ _FUNCTIONS = {
     "elu": torch._C._nn.elu,  # (self, alpha, scale, input_scale): F.elu takes (input, alpha, inplace)
     "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "selu": F.selu, "softsign": F.softsign,
     "log_sigmoid": F.logsigmoid, "mish": F.mish, "celu": F.celu, "prelu": F.prelu, "softshrink": F.softshrink,
+    "im2col": F.unfold, "col2im": F.fold,  # (self[, output_size], kernel_size, dilation, padding, stride)
     "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,

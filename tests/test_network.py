@@ -904,6 +904,13 @@ def test_fold_sums_overlapping_blocks_back():
     J = torch.autograd.functional.jacobian(lambda t: module(t).flatten(), x).reshape(-1, x.numel())
     exact = float(torch.linalg.matrix_norm(J, 2))
     assert exact == pytest.approx(math.sqrt(6), rel=1e-12) and exact <= report.upper <= exact * (1 + 1e-9)
+    # traced and exported, unfold and fold are aten's im2col and col2im: the same bounds
+    model = _Applies(lambda x: F.fold(F.unfold(x, 2, padding=1), (4, 5), 2, padding=1))
+    bound = lipfast.lipschitz_bound(model, (2, 4, 5), progress=False).upper
+    assert bound == pytest.approx(4.0, rel=1e-9)  # sqrt(4 copies), twice
+    example = torch.randn(1, 2, 4, 5)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        assert lipfast.lipschitz_bound(made, (2, 4, 5), progress=False).upper == bound
 
 
 @pytest.mark.parametrize("module, shape, exact", [
