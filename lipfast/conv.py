@@ -532,9 +532,9 @@ class _Autocorrelation:
 
     two real matrix products (frequencies x coefficients) @ (coefficients x q^2) for all f at once.
     The H_d cost a product per pair of taps, once (with one phase per dim, fewer by Toom-Cook:
-    lipfast._toom, 19 products for a 3x3 kernel against 45 pairs); the Gram matrices then cost 2 (1 + 2D) q^2 flops
-    each (D the number of d > 0, 12 for a 3x3 kernel) where the symbols' cost 4 p q^2: far less on
-    large grids and with stride (p = phases x channels), the same on small grids.
+    lipfast._toom, 19 products for a 3x3 kernel against 45 pairs); the Gram matrices then cost
+    2 (1 + 2D) q^2 flops each (D the number of d > 0, 12 for a 3x3 kernel) where the symbols' cost
+    4 p q^2: far less on large grids and with stride (p = phases x channels), the same on small grids.
 
     Rounding, entry by entry: every H_d entry is a sum of at most m products (m = the pairs
     times the inner channel count), off by gamma(m + 1) T_d with T_d the same sums of |P_j|ᵀ|P_j'|
@@ -543,12 +543,13 @@ class _Autocorrelation:
     mirror, so those matrices come out exactly real); every output entry is a sum of K <= 1 + D
     products, off by gamma(K) times the sum of their absolute values.  Altogether |dH_r|, |dH_i| <=
     c T with c = 2 (e_c + b + gamma(K)) (1 + 2 b), b = gamma(m + 1), and T = sum over all pairs of
-    |P_j|ᵀ|P_j'| = |P|ᵀ|P|, |P| = sum_j |P_j|.  By Toom-Cook each H_d is off by c_t T instead (no
-    T_d: every value mixes all the taps), so b = (1 + D) (c_t + u (1 + c_t)), the sum over the d of
-    each H_d +- H_dᵀ's error over 2T; the entries the coefficients and sums multiply are then within
-    2 T (1 + b) in all, which the factor 1 + 2 b covers.  So ‖fl(H) - H‖_2 <= ‖|dH_r| + |dH_i|‖_2 <= 2 c ‖|P|‖_F^2 <= 2 c w1^2,
-    with w1 = ‖(sum_j |w_oij|)_oi‖_F (merging |P|'s phase blocks only increases its Frobenius norm),
-    plus an underflow term.  Here H is the Gram matrix of the exact symbol of the (scaled) weights."""
+    |P_j|ᵀ|P_j'| = |P|ᵀ|P|, |P| = sum_j |P_j|.  By Toom-Cook each H_d +- H_dᵀ comes from a Z within
+    c_t T of its exact value and with |Z| <= A T (lipfast._toom), so it is off by 2 (c_t + u A (1 +
+    c_t)) T, with no T_d (every value mixes all the taps): b = (1 + D) (c_t + u A (1 + c_t))
+    (_toom_basis_error), and the entries the coefficients and sums multiply are within 2 T (1 + b)
+    in all, which the factor 1 + 2 b covers.  So ‖fl(H) - H‖_2 <= ‖|dH_r| + |dH_i|‖_2 <= 2 c ‖|P|‖_F^2
+    <= 2 c w1^2, with w1 = ‖(sum_j |w_oij|)_oi‖_F (merging |P|'s phase blocks only increases its
+    Frobenius norm), plus an underflow term.  Here H is the Gram matrix of the exact symbol of the (scaled) weights."""
 
     def __init__(self, weight: Tensor, groups: int, grids: Sequence[_DimGrid]) -> None:
         kernel = weight.shape[2:]
