@@ -2024,9 +2024,8 @@ def _reads_size(node: torch.fx.Node) -> bool:
         (node.target is getattr and len(node.args) == 2 and node.args[1] in ("shape", "ndim"))
 
 
-_SCALAR_ARITHMETIC = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-                      operator.truediv: operator.truediv, operator.floordiv: operator.floordiv,
-                      operator.pow: operator.pow, operator.neg: operator.neg}
+_SCALAR_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+                                operator.pow, operator.neg})
 
 
 def _size_scalar(value, depth: int = 0) -> float | None:
@@ -2043,7 +2042,7 @@ def _size_scalar(value, depth: int = 0) -> float | None:
         if None in operands:
             return None
         try:
-            result = _SCALAR_ARITHMETIC[value.target](*operands)
+            result = value.target(*operands)
         except (ArithmeticError, ValueError):
             return None
         return result if isinstance(result, (int, float)) and math.isfinite(result) else None
