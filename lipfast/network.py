@@ -1053,6 +1053,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True  # two tensors: one may be broadcast to the other's shape
     if _extremum_form(node) == "pairwise":
         return True
+    if _call_name(node) in ("where", "masked_fill"):
+        return True  # an operand may be broadcast to the result's shape
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
         return True  # the type of another tensor
@@ -1196,6 +1198,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if output != "values":
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
+    if target in (torch.where, torch.masked_fill) or (node.op == "call_method" and name in ("where", "masked_fill")):
+        return _selected_bound(node, bounds)
     if target in (torch.gather, torch.index_select) or (node.op == "call_method" and name in ("gather", "index_select")):
         return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
@@ -1444,6 +1448,29 @@ def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
     bracket = conv.dense_brackets([weight], 1e-3, linalg.DEFAULT_MAX_ITERS)
     upper = bracket[0][1] if bracket else float(linalg.spectral_norm_bounds(weight)[1])
     return _product(bounds[x], upper)
+
+
+def _selected_bound(node: torch.fx.Node, bounds: dict) -> float:
+    """torch.where(cond, a, b) (x.where(cond, b): a = x) and masked_fill(x, mask, value): each output
+    entry is one entry of one operand, as a condition that does not depend on the input says, so
+    ‖Δy‖^2 <= sum over the operands of copies ‖Δoperand‖^2 (copies: how often broadcasting repeats
+    each of its entries), and Lip <= sqrt(sum of copies L^2).  A condition computed from the input
+    makes the output jump between operands: no constant."""
+    method = node.op == "call_method"
+    names = ("input", "mask", "value") if _call_name(node) == "masked_fill" else \
+        (("input", "condition", "other") if method else ("condition", "input", "other"))
+    arguments = {**dict(zip(names, node.args)), **node.kwargs}
+    if len(node.args) + len(node.kwargs) != 3:
+        raise _Unsupported(f"{node.name}: {_call_name(node)} with {len(node.args) + len(node.kwargs)} arguments")
+    condition = arguments.get("mask", arguments.get("condition"))
+    if isinstance(condition, torch.fx.Node) and bounds.get(condition, 0.0) > 0:
+        raise _Unsupported(f"{node.name}: {_call_name(node)} on a condition that depends on the input: the output "
+                           "jumps between its operands")
+    operands = [arguments[k] for k in ("input", "other", "value") if isinstance(arguments.get(k), torch.fx.Node)
+                and bounds.get(arguments[k], 0.0) > 0]
+    if any(math.isinf(bounds[a]) for a in operands):
+        return math.inf
+    return _sqrt_up(sum((Fraction(bounds[a]) ** 2 * _broadcast_copies(node, a) for a in operands), Fraction(0)))
 
 
 def _broadcast_copies(node: torch.fx.Node, operand: torch.fx.Node) -> Fraction:

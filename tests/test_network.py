@@ -859,6 +859,36 @@ def test_scaling_by_numbers_computed_from_sizes(use, factor):
     assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 1e-12)
 
 
+class _Masked(nn.Module):
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.lin = use, nn.Linear(4, 4).double()
+        self.register_buffer("mask", torch.tensor([True, False, True, False]))
+        self.register_buffer("b", torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.use(self, x)
+
+
+@pytest.mark.parametrize("use, bound", [
+    (lambda m, x: torch.where(m.mask, x, m.b), 1.0),  # x's entries where the mask is set, constants elsewhere
+    (lambda m, x: torch.where(m.mask, x, 2 * x), math.sqrt(5)),  # sqrt(1 + 2^2): each entry from one operand
+    (lambda m, x: x.where(m.mask, 3 * x), math.sqrt(10)),
+    (lambda m, x: torch.masked_fill(3 * x, m.mask, 1.0), 3.0),
+    # a (4, 4) result: x[:, :1] repeated 16 times, x 4 times, each bounded alone: sqrt(16 + 4)
+    (lambda m, x: torch.where(m.mask.reshape(4, 1), x[:, :1], x), math.sqrt(20)),
+    (lambda m, x: torch.where(x > 0, x, 0.5 * x), math.inf),  # a condition on the input: jumps in general
+], ids=["constant", "two-operands", "method", "masked-fill", "broadcast", "input-condition"])
+def test_selection_by_a_constant_mask(use, bound):
+    model = _Masked(use)
+    example = torch.randn(1, 4, dtype=torch.float64)
+    for made in (model, torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        assert lipfast.lipschitz_bound(made, (4,), progress=False).upper == pytest.approx(bound, rel=1e-15)
+    if math.isfinite(bound):
+        J = torch.autograd.functional.jacobian(lambda t: use(model, t).reshape(-1), example).reshape(-1, 4)
+        assert float(torch.linalg.matrix_norm(J, 2)) <= bound * (1 + 1e-12)
+
+
 class _GlobalPool(nn.Module):
     def __init__(self, fn):
         super().__init__()
