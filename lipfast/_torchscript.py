@@ -465,8 +465,12 @@ def _conversion(graph: torch.fx.Graph, args: list):
 
 #: aten's arithmetic on numbers, as Python's (a traced size turned into a tensor and scaled, say:
 #: torch.pow(4, -0.5) takes no two numbers)
+def _rsub(a, b):
+    return b - a  # aten::rsub(self, other): other - self
+
+
 _NUMBER_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-                      "pow": operator.pow, "floor_divide": operator.floordiv, "neg": operator.neg}
+                      "pow": operator.pow, "floor_divide": operator.floordiv, "neg": operator.neg, "rsub": _rsub}
 
 
 def _is_number(value, depth: int = 0) -> bool:
@@ -490,7 +494,7 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     itself where the operation only converts a size."""
     name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name  # in place -> out of place
     if name in _NUMBER_ARITHMETIC and all(_is_number(a) for a in args) and any(isinstance(a, torch.fx.Node) for a in args) \
-            and len(args) - (name in ("add", "sub") and len(args) == 3 and args[2] == 1) == (1 if name == "neg" else 2):
+            and len(args) - (name in ("add", "sub", "rsub") and len(args) == 3 and args[2] == 1) == (1 if name == "neg" else 2):
         # numbers (sizes) only: (self, other[, alpha = 1])
         numbers = tuple(a.item() if isinstance(a, torch.Tensor) else a for a in args[: 1 if name == "neg" else 2])
         return graph.call_function(_NUMBER_ARITHMETIC[name], numbers)

@@ -1224,16 +1224,20 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "bicubic":
             raise _Unsupported(f"{node.name}: bicubic interpolation (weights of both signs)")
         shape = _shape(node, node.args[0])
-        if _nodes_in((node.args[1:], node.kwargs)):
+        # arguments computed from sizes (interpolate(y, size=x.shape[-2:]), as feature pyramids do):
+        # the numbers they are for this input shape
+        resolved = _size_values((node.args[1:], node.kwargs))
+        if resolved is None:
             raise _Unsupported(f"{node.name}: {name} with arguments computed in the graph")
+        args, kwargs = resolved
         if target in _FUNCTIONAL_MAX_POOLS:
             if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
                 raise _Unsupported(f"{node.name}: the (values, indices) of a {name} used whole: its indices jump")
             kind, names = _FUNCTIONAL_MAX_POOLS[target]
-            module = kind(**dict(zip(names, node.args[1:])), **node.kwargs)
+            module = kind(**dict(zip(names, args)), **kwargs)
             return _product(first, _layer_constant(node.name, module, shape[1:], 1e-3)[1])
         # (a pad that copies entries: its constant value, if any, plays no part)
-        return _product(first, _linear_pool_bound(lambda t: target(t, *node.args[1:], **node.kwargs), shape[1:])[1])
+        return _product(first, _linear_pool_bound(lambda t: target(t, *args, **kwargs), shape[1:])[1])
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
     if target is getattr and len(node.args) == 2:  # x.shape and the like: constants; x.T: a permutation
@@ -2094,6 +2098,32 @@ def _size_scalar(value, depth: int = 0) -> float | None:
     if shape is None or not -len(shape) <= dim < len(shape) or dim % len(shape) == 0:
         return None  # (dim 0: the batch)
     return shape[dim]
+
+
+def _size_values(value):
+    """value (numbers, strings, None, and lists, tuples and dicts of them) with every graph value in it
+    replaced by the number or sizes it is for this input shape (_size_scalar, or a slice of a shape
+    that leaves out the batch dim: x.shape[-2:]); None where some graph value is neither."""
+    if isinstance(value, torch.fx.Node):
+        scalar = _size_scalar(value)
+        if scalar is not None:
+            return scalar
+        inner = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
+        if isinstance(inner, torch.fx.Node) and isinstance(value.args[1], slice) and (
+                (inner.target is getattr and inner.args[1:] == ("shape",)) or
+                (inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1)):
+            shape = _propagated_shape(inner.args[0])
+            if shape is None or 0 in range(len(shape))[value.args[1]]:
+                return None  # (the batch dim: no part of one example's map)
+            return tuple(shape[value.args[1]])
+        return None
+    if isinstance(value, (list, tuple)):
+        items = [_size_values(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {k: _size_values(v) for k, v in value.items()}
+        return None if any(items[k] is None and value[k] is not None for k in value) else items
+    return value
 
 
 def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:

@@ -889,6 +889,39 @@ def test_selection_by_a_constant_mask(use, bound):
         assert float(torch.linalg.matrix_norm(J, 2)) <= bound * (1 + 1e-12)
 
 
+class _Pyramid(nn.Module):
+    """A feature pyramid's top-down step: the coarse map resized to the fine one's size, read from it."""
+
+    def __init__(self, use):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fine, self.coarse, self.lateral = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 1)
+        self.use = use
+
+    def forward(self, x):
+        a = self.fine(x)
+        return self.use(self, a, self.coarse(a))
+
+
+@pytest.mark.parametrize("use", [
+    lambda m, a, b: m.lateral(a) + F.interpolate(b, size=a.shape[-2:], mode="nearest"),
+    lambda m, a, b: m.lateral(a) + F.interpolate(b, size=(a.size(2), a.size(3)), mode="bilinear"),
+    lambda m, a, b: F.pad(b, (0, a.size(-1) - b.size(-1), 0, a.size(-2) - b.size(-2)), mode="replicate"),
+], ids=["nearest-to-shape", "bilinear-to-sizes", "pad-to-sizes"])
+def test_resampling_to_sizes_read_from_the_graph(use):
+    # arguments computed from an example's sizes are numbers for the input shape: bounded as given
+    model = _Pyramid(use).eval()
+    report = lipfast.lipschitz_bound(model, (3, 6, 6), progress=False)
+    assert math.isfinite(report.upper) and report.notes == []
+    example = torch.randn(1, 3, 6, 6)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,))):
+        assert lipfast.lipschitz_bound(made, (3, 6, 6), progress=False).upper == pytest.approx(report.upper, rel=1e-6)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    double = copy.deepcopy(model).double()
+    J = torch.autograd.functional.jacobian(lambda t: double(t).reshape(-1), x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+
+
 class _GlobalPool(nn.Module):
     def __init__(self, fn):
         super().__init__()
