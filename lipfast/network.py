@@ -431,7 +431,8 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
 
 _SHAPE_ONLY_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
                          torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis, torch.t,
-                         torch.unflatten, torch.ravel,
+                         torch.unflatten, torch.ravel, F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle,
+                         torch.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
                          # permutations of the entries
                          torch.flip, torch.fliplr, torch.flipud, torch.roll, torch.rot90}
 _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "ravel", "permute",
@@ -640,12 +641,34 @@ _FUNCTIONAL_LAYERS = {
 _LAYER_TENSORS = {F.batch_norm: ("running_mean", "running_var", "weight")}
 
 
+#: tensors made in the shape (and type) of another, whose values do not depend on that one's
+_SHAPED_LIKE = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+_SHAPED_LIKE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+
+
+def _reads_shape_only(node: torch.fx.Node) -> bool:
+    """Whether node reads only its first argument's shape, type or device: a size (x.size(1),
+    x.shape, x.dim()), or a tensor made in its shape (zeros_like(x), x.new_ones(3)); for the
+    latter its other arguments still count (full_like(x, v) depends on v)."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.target is getattr and len(node.args) == 2 and \
+            node.args[1] in ("shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"):
+        return True
+    return (node.op == "call_function" and node.target in _SHAPED_LIKE) or \
+        (node.op == "call_method" and node.target in _SHAPED_LIKE_METHODS)
+
+
 def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """The nodes whose values depend on the model's input (the others are constants: parameters,
-    buffers, and what the graph computes from them alone, such as a parametrized weight)."""
+    """The nodes whose values depend on the model's input values (the others are constants:
+    parameters, buffers, what the graph computes from them alone, such as a parametrized weight,
+    and what it computes from the input's sizes alone, which the input shape fixes)."""
     depends: set[torch.fx.Node] = set()
     for node in graph_module.graph.nodes:
-        if node.op == "placeholder" or any(a in depends for a in node.all_input_nodes):
+        read = node.all_input_nodes
+        if node.op in ("call_function", "call_method") and _reads_shape_only(node):
+            read = _nodes_in((node.args[1:], node.kwargs))
+        if node.op == "placeholder" or any(a in depends for a in read):
             depends.add(node)
     return depends
 
@@ -851,6 +874,14 @@ def _call_name(node: torch.fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+def _rule_name(node: torch.fx.Node) -> str:
+    """The name the rules know a call by: an in-place method's (x.relu_(), x.mul_(3)) is that of the
+    method it does in place, which computes the same (what it overwrites, _overwrites follows)."""
+    name = _call_name(node)
+    in_place = node.op == "call_method" and name.endswith("_") and not name.startswith("_")
+    return name[:-1] if in_place else name
+
+
 def _in_place(node: torch.fx.Node) -> bool:
     """Whether a function or method call writes its result into its first argument (inplace=True,
     or a trailing underscore)."""
@@ -1047,13 +1078,13 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return bool(_nodes_in(node.args[1:]))
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
-    name = _call_name(node)
+    name = _rule_name(node)
     if name in _SUM_NAMES | _PRODUCT_NAMES and \
             len(_nodes_in((node.args, node.kwargs))) > 1:
         return True  # two tensors: one may be broadcast to the other's shape
     if _extremum_form(node) == "pairwise":
         return True
-    if _call_name(node) in ("where", "masked_fill"):
+    if name in ("where", "masked_fill"):
         return True  # an operand may be broadcast to the result's shape
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
@@ -1116,7 +1147,7 @@ def _copies(node: torch.fx.Node) -> Fraction:
 
 def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = None) -> float:
     target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    name = _rule_name(node) if node.op == "call_method" else getattr(target, "__name__", str(target))
     tensor_args = _passed((node.args, node.kwargs), bounds)
     if all(bounds[a] == 0 for a in tensor_args):
         return 0.0  # a function of constants only (sizes, buffers, arithmetic on them)
@@ -1240,6 +1271,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         return _product(first, _linear_pool_bound(lambda t: target(t, *args, **kwargs), shape[1:])[1])
     if node.op == "call_method" and name in ("size", "dim", "numel"):
         return 0.0
+    if _reads_shape_only(node):  # a tensor made in x's shape: its values do not depend on x's
+        if any(bounds.get(a, 0.0) > 0 for a in _nodes_in((node.args[1:], node.kwargs))):
+            raise _Unsupported(f"{node.name}: {name} filled with a value that depends on the input")
+        return 0.0
     if target is getattr and len(node.args) == 2:  # x.shape and the like: constants; x.T: a permutation
         if node.args[1] in ("shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"):
             return 0.0
@@ -1247,7 +1282,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             return first
     if target in _FUNCTION_SLOPES:
         return _product(first, _FUNCTION_SLOPES[target])
-    if target in (torch.clamp, torch.clip) or (node.op == "call_method" and name in ("clamp", "clip")):
+    if target in (torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max) or \
+            (node.op == "call_method" and name in ("clamp", "clip", "clamp_min", "clamp_max")):
         # the nearest point of an interval, entry by entry: 1-Lipschitz, for bounds that are constants
         if any(bounds.get(a, 0) > 0 for a in _nodes_in((node.args[1:], node.kwargs))):
             raise _Unsupported(f"{node.name}: {name} with bounds that depend on the input")
@@ -1461,14 +1497,14 @@ def _selected_bound(node: torch.fx.Node, bounds: dict) -> float:
     each of its entries), and Lip <= sqrt(sum of copies L^2).  A condition computed from the input
     makes the output jump between operands: no constant."""
     method = node.op == "call_method"
-    names = ("input", "mask", "value") if _call_name(node) == "masked_fill" else \
+    names = ("input", "mask", "value") if _rule_name(node) == "masked_fill" else \
         (("input", "condition", "other") if method else ("condition", "input", "other"))
     arguments = {**dict(zip(names, node.args)), **node.kwargs}
     if len(node.args) + len(node.kwargs) != 3:
-        raise _Unsupported(f"{node.name}: {_call_name(node)} with {len(node.args) + len(node.kwargs)} arguments")
+        raise _Unsupported(f"{node.name}: {_rule_name(node)} with {len(node.args) + len(node.kwargs)} arguments")
     condition = arguments.get("mask", arguments.get("condition"))
     if isinstance(condition, torch.fx.Node) and bounds.get(condition, 0.0) > 0:
-        raise _Unsupported(f"{node.name}: {_call_name(node)} on a condition that depends on the input: the output "
+        raise _Unsupported(f"{node.name}: {_rule_name(node)} on a condition that depends on the input: the output "
                            "jumps between its operands")
     operands = [arguments[k] for k in ("input", "other", "value") if isinstance(arguments.get(k), torch.fx.Node)
                 and bounds.get(arguments[k], 0.0) > 0]

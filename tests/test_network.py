@@ -922,6 +922,27 @@ def test_resampling_to_sizes_read_from_the_graph(use):
     assert float(torch.linalg.matrix_norm(J, 2)) <= report.upper
 
 
+@pytest.mark.parametrize("use, shape, bound", [
+    (lambda x: (3 * x).relu_(), (4,), 3.0),  # in place: the rule of the method it does in place
+    (lambda x: (2 * x).mul_(3), (4,), 6.0),
+    (lambda x: (2 * x).clamp_(-1, 1), (4,), 2.0),
+    (lambda x: x.clamp_min(0.0) * 2, (4,), 2.0),
+    (lambda x: torch.clamp_max(x, 1.0), (4,), 1.0),
+    (lambda x: x + torch.zeros_like(x), (4,), 1.0),  # made in x's shape: constants
+    (lambda x: x * torch.full_like(x, 3.0), (4,), 3.0),
+    (lambda x: torch.cat([x, x.new_zeros(x.size(0), 2)], 1), (4,), 1.0),
+    (lambda x: 2 * F.pixel_shuffle(x, 2), (4, 2, 2), 2.0),  # a permutation
+    (lambda x: F.channel_shuffle(x, 2), (4, 2, 2), 1.0),
+], ids=["relu_", "mul_", "clamp_", "clamp_min", "clamp_max", "zeros_like", "full_like", "new_zeros", "pixel_shuffle",
+        "channel_shuffle"])
+def test_in_place_methods_clamps_and_tensors_made_in_a_shape(use, shape, bound):
+    report = lipfast.lipschitz_bound(_Applies(use), shape, progress=False)
+    assert report.upper == bound and report.notes == []
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda t: use(t.clone()).reshape(-1), x).reshape(-1, x.numel())
+    assert float(torch.linalg.matrix_norm(J, 2)) <= bound * (1 + 1e-12)
+
+
 class _GlobalPool(nn.Module):
     def __init__(self, fn):
         super().__init__()
