@@ -588,11 +588,12 @@ class _Autocorrelation:
         self.steps = tuple(g.offsets[1] - g.offsets[0] if len(g.offsets) > 1 else 1 for g in grids)
         self.toom = R == 1 and len(phases) > 1 and inner * block * block >= _TOOM_SIZE and \
             _toom.supported(tuple(kernel)) and all(list(g.offsets) == [g.offsets[0] + i * step for i in range(len(g.offsets))]
-                                                   for g, step in zip(grids, self.steps)) and \
-            _toom_basis_error(tuple(kernel), inner) <= _TOOM_ERROR
+                                                   for g, step in zip(grids, self.steps))
+        if self.toom:
+            self.basis_error = _toom_basis_error(tuple(kernel), inner)
+            self.toom = self.basis_error <= _TOOM_ERROR
         if self.toom:
             plan = _toom.plan(tuple(kernel))
-            self.basis_error = _toom_basis_error(tuple(kernel), inner)
             taps, products, outputs = len(phases), plan.products, plan.forward.shape[0]
             self.underflow_terms = (1 + D) * plan.amplification * (inner + 2 * taps + plan.points + 1)
             self.pair_flops = 2 * groups * (products * block * inner * block + 2 * products * taps * inner * block

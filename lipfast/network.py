@@ -2095,6 +2095,21 @@ _SCALAR_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operat
                                 operator.pow, operator.neg})
 
 
+def _size_read(value) -> tuple[torch.fx.Node, object] | None:
+    """(x, index) for a graph value that reads x's sizes: x.size(i) and x.shape[i] or x.size()[i] (an
+    int index), x.shape[a:b] or x.size()[a:b] (a slice); None for anything else."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and not value.kwargs:
+        return value.args[0], value.args[1]
+    inner = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
+    if isinstance(inner, torch.fx.Node) and ((inner.target is getattr and inner.args[1:] == ("shape",)) or
+                                             (inner.op == "call_method" and inner.target == "size" and
+                                              len(inner.args) == 1)):
+        return inner.args[0], value.args[1]
+    return None
+
+
 def _size_scalar(value, depth: int = 0) -> float | None:
     """The number a graph value is when it is computed from sizes of the input's example dims (not the
     batch dim: a batch-dependent number does not fix the map of one example) and numbers, by plain
@@ -2113,21 +2128,11 @@ def _size_scalar(value, depth: int = 0) -> float | None:
         except (ArithmeticError, ValueError):
             return None
         return result if isinstance(result, (int, float)) and math.isfinite(result) else None
-    source, dim = None, None
-    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and not value.kwargs:
-        source, dim = value.args
-    elif value.op == "call_method" and value.target == "dim" and len(value.args) == 1:
+    if (value.op == "call_method" and value.target == "dim" and len(value.args) == 1) or \
+            (value.target is getattr and len(value.args) == 2 and value.args[1] == "ndim"):
         shape = _propagated_shape(value.args[0])
         return len(shape) if shape is not None else None
-    elif value.target is getattr and len(value.args) == 2 and value.args[1] == "ndim":
-        shape = _propagated_shape(value.args[0])
-        return len(shape) if shape is not None else None
-    elif value.target is operator.getitem and len(value.args) == 2 and isinstance(value.args[0], torch.fx.Node):
-        inner = value.args[0]
-        if inner.target is getattr and inner.args[1:] == ("shape",):
-            source, dim = inner.args[0], value.args[1]
-        elif inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1:
-            source, dim = inner.args[0], value.args[1]
+    source, dim = _size_read(value) or (None, None)
     if not isinstance(dim, int) or isinstance(dim, bool):
         return None
     shape = _propagated_shape(source)
@@ -2144,15 +2149,11 @@ def _size_values(value):
         scalar = _size_scalar(value)
         if scalar is not None:
             return scalar
-        inner = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
-        if isinstance(inner, torch.fx.Node) and isinstance(value.args[1], slice) and (
-                (inner.target is getattr and inner.args[1:] == ("shape",)) or
-                (inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1)):
-            shape = _propagated_shape(inner.args[0])
-            if shape is None or 0 in range(len(shape))[value.args[1]]:
-                return None  # (the batch dim: no part of one example's map)
-            return tuple(shape[value.args[1]])
-        return None
+        source, index = _size_read(value) or (None, None)
+        shape = _propagated_shape(source) if isinstance(index, slice) else None
+        if shape is None or 0 in range(len(shape))[index]:
+            return None  # (the batch dim: no part of one example's map)
+        return tuple(shape[index])
     if isinstance(value, (list, tuple)):
         items = [_size_values(v) for v in value]
         return None if any(i is None and v is not None for i, v in zip(items, value)) else type(value)(items)
@@ -2164,13 +2165,8 @@ def _size_values(value):
 
 def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:
     """Whether a graph value is x.size(dim) (or x.shape[dim]): x.view(x.size(0), -1) flattens."""
-    if not isinstance(value, torch.fx.Node):
-        return False
-    if value.op == "call_method" and value.target == "size" and value.args == (x, dim) and not value.kwargs:
-        return True
-    source = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
-    return isinstance(source, torch.fx.Node) and value.args[1] == dim and source.target is getattr and \
-        source.args == (x, "shape")
+    read = _size_read(value)
+    return read is not None and read[0] is x and isinstance(read[1], int) and read[1] == dim
 
 
 def _node_label(node: torch.fx.Node) -> str:
