@@ -115,6 +115,14 @@ def gram_baseline(layer, size, cap_steps: int = 14) -> tuple[float, int, float]:
     return seconds, steps, bound
 
 
+def header(device: torch.device | str = "cpu") -> str:
+    """The line each benchmark's output starts with: versions, backend, threads, and the CPU or GPU."""
+    device = torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {where}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="four layers only")
@@ -125,9 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     warnings.simplefilter("ignore", RuntimeWarning)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {where}\n")
+    print(header(device))
     for mode in args.modes.split(","):
         layers = conv_layers(resnet18_cifar(padding_mode=mode).to(device), (3, 32, 32))
         layers = [entry for entry in layers if isinstance(entry[1], torch.nn.Conv2d)]

@@ -17,8 +17,9 @@ few train-mode passes over random inputs uniform in [0, 1) (cumulative averages,
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -27,6 +28,9 @@ from torch import nn
 import lipfast
 from lipfast import network
 from lipfast.models import resnet18_cifar, resnet50_imagenet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_conv import header  # noqa: E402
 
 
 def with_statistics(model: nn.Module, shape: tuple[int, ...], passes: int = 4, batch: int = 16) -> nn.Module:
@@ -73,8 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resnet50", action="store_true", help="ResNet-50 at 224x224 too")
     args = parser.parse_args()
-    print(f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print(header())
     print("| network | pairs folded | unfolded bound | folded bound | unfolded / folded | attained (truth >=) "
           "| unfolded s | folded s |")
     print("|---|---|---|---|---|---|---|---|")

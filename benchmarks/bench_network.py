@@ -17,7 +17,6 @@ matching that would make the loop pay for accuracy nobody asked for.)
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import lipfast
 from lipfast.models import conv_layers, resnet18_cifar, resnet50_imagenet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_conv import _sync, power_iteration_baseline  # noqa: E402
+from bench_conv import _sync, header, power_iteration_baseline  # noqa: E402
 
 RTOL = 1e-3
 
@@ -79,9 +78,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="ResNet-18 only")
     parser.add_argument("--device", default="cpu", help="where the networks live (cpu, cuda)")
     args = parser.parse_args()
-    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    print(f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {where}\n")
+    print(header(args.device))
     print("| network | layers | lipfast s | plain loop s | plain / lipfast | bound | naive product | naive / bound |")
     print("|---|---|---|---|---|---|---|---|")
     slowest: list[str] = []

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from torch.nn.utils import parametrizations
 
 import lipfast
 from lipfast.models import resnet18_cifar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_conv import header  # noqa: E402
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -149,8 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
-    print(f"# lipfast {lipfast.__version__}, backend {lipfast.backend()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print(header())
     eval_forward_table(20 if args.quick else 200)
     weights_only_table(3 if args.quick else 15)
     training_step_table(2 if args.quick else 7)
