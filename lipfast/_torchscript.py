@@ -481,11 +481,11 @@ def _is_number(value, depth: int = 0) -> bool:
         return True  # (a number a trace kept as a tensor constant too)
     if not isinstance(value, torch.fx.Node) or depth > 16:
         return False
+    read = _util.size_read(value)
+    if read is not None:
+        return isinstance(read[1], int)
     if value.op == "call_method":
-        return (value.target == "size" and len(value.args) == 2) or value.target in ("dim", "numel")
-    if value.target is operator.getitem and isinstance(value.args[0], torch.fx.Node):
-        inner = value.args[0]
-        return inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1
+        return value.target in ("dim", "numel")
     return value.target in _NUMBER_ARITHMETIC.values() and all(_is_number(a, depth + 1) for a in value.args)
 
 
@@ -550,7 +550,7 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     if name in ("zeros", "ones", "empty", "full") and args and isinstance(args[0], (list, tuple)):
         # (size[, fill_value], dtype, layout, device, pin_memory): a constant made in the forward
         values = 2 if name == "full" else 1
-        dtype, device = (list(args[values:]) + [None] * 3)[0], (list(args[values:]) + [None] * 3)[2]
+        dtype, _, device = (list(args[values:]) + [None] * 3)[:3]
         dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
         return graph.call_function(getattr(torch, name), tuple(args[:values]), {"dtype": dtype, "device": device})
     if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values

@@ -1,8 +1,9 @@
-"""Small helpers shared by lipfast's modules: eval-mode probes, full-float32 arithmetic, optional
-progress bars."""
+"""Small helpers shared by lipfast's modules: eval-mode probes, a model's input type, size reads in
+a graph, full-float32 arithmetic, optional progress bars."""
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,6 +37,21 @@ def input_type(model: nn.Module) -> tuple[torch.dtype, torch.device | None]:
         values = (node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder")
         tensor = next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     return (tensor.dtype, tensor.device) if tensor is not None else (torch.float32, None)
+
+
+def size_read(value) -> tuple[torch.fx.Node, object] | None:
+    """(x, index) for a graph value that reads x's sizes: x.size(i) and x.shape[i] or x.size()[i] (an
+    int index), x.shape[a:b] or x.size()[a:b] (a slice); None for anything else."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and not value.kwargs:
+        return value.args[0], value.args[1]
+    inner = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
+    if isinstance(inner, torch.fx.Node) and ((inner.target is getattr and inner.args[1:] == ("shape",)) or
+                                             (inner.op == "call_method" and inner.target == "size" and
+                                              len(inner.args) == 1)):
+        return inner.args[0], value.args[1]
+    return None
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from collections import OrderedDict
 import torch
 
 import lipfast
+from lipfast import _util
 
 # model -> (residual blocks per stage, whether the blocks are bottlenecks with 4x expansion)
 _RESNETS = {
@@ -239,9 +240,7 @@ def _gap(model, shape, inputs: tuple[torch.Tensor | None, str] | None, report, s
     data, source = inputs
     if data is None:
         data = torch.rand(samples, *shape, generator=torch.Generator().manual_seed(0))
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else None
+    dtype, device = _util.input_type(model)
     try:
         gap = lipfast.lipschitz_gap(model, data.to(dtype=dtype, device=device), report=report)
     except Exception as exc:  # a model torch.func cannot differentiate: the bound still stands

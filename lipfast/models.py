@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lipfast._util import eval_mode
+from lipfast._util import eval_mode, input_type
 
 __all__ = ["BasicBlock", "Bottleneck", "resnet18_cifar", "resnet50_imagenet", "conv_layers", "eval_forward"]
 
@@ -137,9 +137,7 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[st
                 found.append((name, mod, tuple(args[0].shape[2:])))
             hooks.append(module.register_forward_pre_hook(hook))
     try:
-        param = next(model.parameters(), None)
-        dtype = param.dtype if param is not None else torch.float32
-        device = param.device if param is not None else None
+        dtype, device = input_type(model)
         eval_forward(model, torch.zeros(1, *input_shape, dtype=dtype, device=device))
     finally:
         for h in hooks:

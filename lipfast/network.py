@@ -2095,21 +2095,6 @@ _SCALAR_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operat
                                 operator.pow, operator.neg})
 
 
-def _size_read(value) -> tuple[torch.fx.Node, object] | None:
-    """(x, index) for a graph value that reads x's sizes: x.size(i) and x.shape[i] or x.size()[i] (an
-    int index), x.shape[a:b] or x.size()[a:b] (a slice); None for anything else."""
-    if not isinstance(value, torch.fx.Node):
-        return None
-    if value.op == "call_method" and value.target == "size" and len(value.args) == 2 and not value.kwargs:
-        return value.args[0], value.args[1]
-    inner = value.args[0] if value.target is operator.getitem and len(value.args) == 2 else None
-    if isinstance(inner, torch.fx.Node) and ((inner.target is getattr and inner.args[1:] == ("shape",)) or
-                                             (inner.op == "call_method" and inner.target == "size" and
-                                              len(inner.args) == 1)):
-        return inner.args[0], value.args[1]
-    return None
-
-
 def _size_scalar(value, depth: int = 0) -> float | None:
     """The number a graph value is when it is computed from sizes of the input's example dims (not the
     batch dim: a batch-dependent number does not fix the map of one example) and numbers, by plain
@@ -2132,7 +2117,7 @@ def _size_scalar(value, depth: int = 0) -> float | None:
             (value.target is getattr and len(value.args) == 2 and value.args[1] == "ndim"):
         shape = _propagated_shape(value.args[0])
         return len(shape) if shape is not None else None
-    source, dim = _size_read(value) or (None, None)
+    source, dim = _util.size_read(value) or (None, None)
     if not isinstance(dim, int) or isinstance(dim, bool):
         return None
     shape = _propagated_shape(source)
@@ -2149,7 +2134,7 @@ def _size_values(value):
         scalar = _size_scalar(value)
         if scalar is not None:
             return scalar
-        source, index = _size_read(value) or (None, None)
+        source, index = _util.size_read(value) or (None, None)
         shape = _propagated_shape(source) if isinstance(index, slice) else None
         if shape is None or 0 in range(len(shape))[index]:
             return None  # (the batch dim: no part of one example's map)
@@ -2165,7 +2150,7 @@ def _size_values(value):
 
 def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:
     """Whether a graph value is x.size(dim) (or x.shape[dim]): x.view(x.size(0), -1) flattens."""
-    read = _size_read(value)
+    read = _util.size_read(value)
     return read is not None and read[0] is x and isinstance(read[1], int) and read[1] == dim
 
 
