@@ -473,7 +473,8 @@ _EXTREMA_METHODS = {"max", "min"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate, F.pad, F.fold, F.unfold}
-# max pools: the module built from the same arguments (the functions take them in another order)
+# max pools (and below, LP pools): the module built from the same arguments (the functions take them
+# in another order)
 _FUNCTIONAL_MAX_POOLS = {
     F.max_pool1d: (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
     F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
@@ -489,6 +490,12 @@ _FUNCTIONAL_INDEXED_POOLS = {
     F.adaptive_max_pool2d_with_indices: F.adaptive_max_pool2d, F.adaptive_max_pool3d_with_indices: F.adaptive_max_pool3d,
 }
 _FUNCTIONAL_MAX_POOLS.update({name: _FUNCTIONAL_MAX_POOLS[plain] for name, plain in _FUNCTIONAL_INDEXED_POOLS.items()})
+# power-average pools: bounded as the module (_lp_pool_bound), built from the same arguments
+_FUNCTIONAL_MAX_POOLS.update({
+    F.lp_pool1d: (nn.LPPool1d, ("norm_type", "kernel_size", "stride", "ceil_mode")),
+    F.lp_pool2d: (nn.LPPool2d, ("norm_type", "kernel_size", "stride", "ceil_mode")),
+    F.lp_pool3d: (nn.LPPool3d, ("norm_type", "kernel_size", "stride", "ceil_mode")),
+})
 _FUNCTION_SLOPES = {F.relu: 1.0, torch.relu: 1.0, F.relu6: 1.0, torch.tanh: 1.0, F.tanh: 1.0, F.hardtanh: 1.0,
                     torch.abs: 1.0, torch.neg: 1.0, operator.neg: 1.0,
                     F.softplus: 1.0,  # its slope sigmoid(beta x) < 1 for every beta
@@ -823,8 +830,21 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
     values = values or {}
     bounds: dict[torch.fx.Node, float] = {}
     functional = functional or {}
+    lp_pools, inside = {}, set()  # LPPools spelled out (_decomposed_lp_pool), and the nodes within them
     for node in graph_module.graph.nodes:
-        if node in functional:
+        if (found := _decomposed_lp_pool(node)) is not None:
+            lp_pools[node] = found[:2]
+            inside.update(found[2])
+    for node in graph_module.graph.nodes:
+        if node in inside:
+            continue  # (bounded where the pool ends)
+        if node in lp_pools:
+            x, module = lp_pools[node]
+            _, constant, reason = _lp_pool_bound(module, _shape(node, x)[1:])
+            if bounds[x] > 0 and not math.isfinite(constant):
+                raise _Unsupported(f"{node.name}: {reason}")
+            bounds[node] = _product(bounds[x], constant) if bounds[x] > 0 else 0.0
+        elif node in functional:
             # W x + b: Lip <= ‖W‖ Lip(x) + Lip(b) (b is a constant, but could be computed from x)
             constant, arguments = functional[node]
             bias = arguments.get("bias")  # added to every row (pixel): counted once per copy where it is not constant
@@ -1167,9 +1187,11 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
             gated = _self_gated(node, bounds) if target in (operator.mul, torch.mul) or name in ("mul", "__mul__") \
-                else None
+                else _softsign_bound(node, bounds)
             if gated is not None:
                 return gated
+            if target in (operator.truediv, torch.div) or name in ("div", "__truediv__", "truediv"):
+                raise _Unsupported(f"{node.name}: dividing by the input has no global Lipschitz constant")
             raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
         if len(operands) == 2 and not node.kwargs:  # by a constant tensor: (x - mean) / std, say
             x, c = operands if bounds[operands[0]] > 0 else operands[::-1]
@@ -1301,6 +1323,23 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
                            "in the forward): no global Lipschitz constant")
     if node.op == "call_method" and name in _METHOD_SLOPES:
         return _product(first, _METHOD_SLOPES[name])
+    if target in (F.threshold, torch.threshold, F.threshold_, torch.threshold_):
+        # (input, threshold, value): y = x above threshold, value elsewhere; a jump unless value ==
+        # threshold, where y = max(x, threshold) is 1-Lipschitz
+        padded = list(node.args) + [None] * 2
+        level, value = node.kwargs.get("threshold", padded[1]), node.kwargs.get("value", padded[2])
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (level, value)):
+            raise _Unsupported(f"{node.name}: threshold with a threshold or value that is not a number")
+        if level != value:
+            raise _Unsupported(f"{node.name}: threshold jumps from {value!r} to {level!r}: no Lipschitz constant")
+        return first
+    if target in (F.rrelu, torch.rrelu, F.rrelu_, torch.rrelu_):
+        # leaky with a slope drawn from [lower, upper] (training), or their mean (eval): as nn.RReLU
+        lower = node.kwargs.get("lower", node.args[1] if len(node.args) > 1 else 1 / 8)
+        upper = node.kwargs.get("upper", node.args[2] if len(node.args) > 2 else 1 / 3)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lower, upper)):
+            raise _Unsupported(f"{node.name}: rrelu with bounds that are not numbers")
+        return _product(first, max(1.0, abs(lower), abs(upper)))
     if target in (F.leaky_relu,):
         slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
         return _product(first, max(1.0, abs(slope)))
@@ -1443,6 +1482,95 @@ def _self_gated(node: torch.fx.Node, bounds: dict) -> float | None:
                  "mish": lambda: _mish_slope(), "1+erf": lambda: _mul_up(2.0, _gelu_slope("none")),
                  "relu6": lambda: _float_up(max(abs(offset), abs(12 - offset), Fraction(6)))}[kind]()
         return _product(bounds[x], _float_up(abs(k1 * k2)), slope)
+    return None
+
+
+_AVG_POOLS = {F.avg_pool1d: nn.LPPool1d, F.avg_pool2d: nn.LPPool2d, F.avg_pool3d: nn.LPPool3d}
+
+
+def _call_of(node, names: tuple[str, ...], functions: tuple = ()) -> bool:
+    """Whether node calls one of the functions, or a torch function or method of one of the names."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method"):
+        return False
+    if node.op == "call_method":
+        return node.target in names
+    return node.target in functions or any(node.target is getattr(torch, name, None) for name in names)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decomposed_lp_pool(node: torch.fx.Node) -> tuple[torch.fx.Node, nn.Module, list[torch.fx.Node]] | None:
+    """(x, the LPPool module, the nodes between) where node ends F.lp_pool<n>d(x, p, kernel, stride,
+    ceil_mode) as traced, scripted and exported models spell it out:
+    (sign(a) * relu(|a|)).mul(prod kernel).pow(1 / p) with a = avg_pool<n>d(x.pow(p), kernel, stride,
+    0, ceil_mode), and the nodes between used by nothing else; None for anything else.  Its bound is
+    the module's (_lp_pool_bound), which the pieces one by one would not give (x^p has no constant)."""
+    if not (_call_of(node, ("pow",)) and len(node.args) == 2 and not node.kwargs and _number(node.args[1])):
+        return None
+    scaled = node.args[0]
+    if not (_call_of(scaled, ("mul",)) and len(scaled.args) == 2 and not scaled.kwargs and _number(scaled.args[1])):
+        return None
+    signed = scaled.args[0]
+    if not (_call_of(signed, ("mul",)) and len(signed.args) == 2 and not signed.kwargs):
+        return None
+    sign, relu = signed.args if _call_of(signed.args[0], ("sign",)) else signed.args[::-1]
+    if not (_call_of(sign, ("sign",)) and _call_of(relu, ("relu",), (F.relu,)) and len(relu.args) == 1
+            and _call_of(relu.args[0], ("abs",)) and len(sign.args) == 1 and len(relu.args[0].args) == 1):
+        return None
+    pooled = sign.args[0]
+    if relu.args[0].args[0] is not pooled or not (isinstance(pooled, torch.fx.Node) and pooled.target in _AVG_POOLS):
+        return None
+    module_class = _AVG_POOLS[pooled.target]
+    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    arguments = {**dict(zip(names, pooled.args)), **pooled.kwargs}  # (the functions are builtins: no signature)
+    powered = arguments["input"]
+    if not (_call_of(powered, ("pow",)) and len(powered.args) == 2 and not powered.kwargs and _number(powered.args[1])):
+        return None
+    p, kernel = powered.args[1], arguments.get("kernel_size")
+    dims = {nn.LPPool1d: 1, nn.LPPool2d: 2, nn.LPPool3d: 3}[module_class]
+    stride = arguments.get("stride") or None  # (aten's default: an empty list)
+    padding = arguments.get("padding", 0)
+    if not (isinstance(kernel, (int, list, tuple)) and p != 0 and node.args[1] == 1.0 / p
+            and scaled.args[1] == math.prod(_as_tuple(kernel, dims)) and padding in (0, [0] * dims, (0,) * dims)
+            and arguments.get("count_include_pad", True) is True and arguments.get("divisor_override") is None):
+        return None
+    inner = [scaled, signed, sign, relu, relu.args[0], pooled, powered]
+    if any(user not in inner and user is not node for value in inner for user in value.users):
+        return None
+    def size(value):  # aten's lists as the module takes them (a 1-d pool multiplies by its int kernel_size)
+        return (value[0] if dims == 1 else tuple(value)) if isinstance(value, (list, tuple)) else value
+
+    module = module_class(p, size(kernel), size(stride), bool(arguments.get("ceil_mode", False)))
+    return powered.args[0], module, inner
+
+
+def _softsign_bound(node: torch.fx.Node, bounds: dict) -> float | None:
+    """The constant of softsign written out, y = k x / (a |m x| + c) with numbers k, m, a >= 0 and
+    c > 0 (a traced or exported F.softsign is x / (|x| + 1)): an elementwise t -> k t / (b |t| + c),
+    b = a |m| >= 0, whose slope k c / (b |t| + c)^2 is at most |k| / c; None for every other
+    quotient.  x must not be changed in place on the way."""
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return None
+    numerator, denominator = _scaled_source(node.args[0]), _shifted(node.args[1])
+    if numerator is None or denominator is None or denominator[1] <= 0:
+        return None
+    (x, k), (magnitude, c) = numerator, denominator
+    outer = _scaled_source(magnitude)  # (|m x|, a)
+    inner = _abs_source(outer[0]) if outer is not None and outer[1] >= 0 else None
+    scaled = _scaled_source(inner) if inner is not None else None
+    if scaled is None or scaled[0] is not x or _changed_in_place(x):
+        return None
+    return _product(bounds[x], _float_up(abs(k) / c))
+
+
+def _abs_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """v for a node computing |v| (torch.abs, the method, or abs()); None otherwise."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 1 or node.kwargs:
+        return None
+    if node.target in (torch.abs, operator.abs) or (node.op == "call_method" and node.target in ("abs", "__abs__")):
+        return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
     return None
 
 

@@ -1010,6 +1010,10 @@ def test_fold_sums_overlapping_blocks_back():
 def test_more_pooling_layers_are_bounded(module, shape, exact):
     report = lipfast.lipschitz_bound(nn.Sequential(module), shape, progress=False)
     assert report.notes == [] and math.isfinite(report.upper)
+    if isinstance(module, (nn.LPPool1d, nn.LPPool2d)):  # traced and exported: aten's pow, avg_pool, ... pow
+        example = torch.randn(1, *shape)
+        for made in (torch.jit.trace(nn.Sequential(module), example), torch.export.export(nn.Sequential(module), (example,))):
+            assert lipfast.lipschitz_bound(made, shape, progress=False).upper == report.upper
     if exact is not None:
         assert report.upper == pytest.approx(exact, rel=1e-9)
     g = torch.Generator().manual_seed(0)
@@ -1024,6 +1028,11 @@ def test_more_pooling_layers_are_bounded(module, shape, exact):
 def test_lp_pools_without_a_constant(p):
     report = lipfast.lipschitz_bound(nn.Sequential(nn.LPPool1d(p, 2)), (2, 6), progress=False)
     assert report.upper == math.inf and "no Lipschitz constant" in report.layers[0].note
+    example = torch.rand(1, 2, 6) + 0.5  # (pow of a negative entry: nan, which the translation check refuses)
+    for made in (torch.jit.trace(nn.Sequential(nn.LPPool1d(p, 2)), example),
+                 torch.export.export(nn.Sequential(nn.LPPool1d(p, 2)), (example,))):
+        report = lipfast.lipschitz_bound(made, (2, 6), progress=False)
+        assert report.upper == math.inf and "no Lipschitz constant" in " ".join(report.notes)
 
 
 class _PoolIndices(nn.Module):
@@ -1276,6 +1285,79 @@ def test_prelu_and_jumps():
         report = lipfast.lipschitz_bound(nn.Sequential(module), (3,), progress=False)
         assert report.upper == math.inf and report.notes, module
     assert lipfast.lipschitz_bound(nn.Sequential(nn.Threshold(0.1, 0.1)), (3,), progress=False).upper == 1.0
+
+
+class _Threshold(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return F.threshold(x, 0.2, self.value)
+
+
+class _RReLU(nn.Module):
+    def forward(self, x):
+        return F.rrelu(x, -2.0, -1.0)
+
+
+class _ScaledSoftsign(nn.Module):
+    def forward(self, x):
+        return 2 * x / (3 * x.abs() + 0.5)  # slope 2 * 0.5 / (3 |x| + 0.5)^2: 4 at 0
+
+
+class _NearestExact(nn.Module):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=1.5, mode="nearest-exact")
+
+
+class _LPPool(nn.Module):
+    def forward(self, x):
+        return F.lp_pool2d(x, 2, 3, stride=1)
+
+
+@pytest.mark.parametrize("layer, exact", [
+    (nn.Threshold(0.1, 0.1), 1.0), (_Threshold(0.2), 1.0), (nn.RReLU(0.1, 0.3).eval(), 1.0), (_RReLU(), 2.0),
+    (nn.Softsign(), 1.0), (_ScaledSoftsign(), 4.0), (nn.Upsample(scale_factor=1.5, mode="nearest-exact"), None),
+    (_NearestExact(), None), (_LPPool(), None),
+], ids=["Threshold", "threshold", "RReLU", "rrelu", "Softsign", "scaled-softsign", "Upsample-nearest-exact",
+        "interpolate-nearest-exact", "lp_pool2d"])
+def test_activations_and_resampling_in_every_form(layer, exact):
+    # the Python model, and its traced, scripted and exported forms (aten::threshold, aten::rrelu,
+    # softsign as x / (|x| + 1), aten::_upsample_nearest_exact2d, F.lp_pool2d as pow, avg_pool2d,
+    # sign, relu, abs, mul, pow): one bound, never below a Jacobian
+    shape = (2, 4, 4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), layer).double().eval()
+    example = torch.randn(1, *shape, dtype=torch.float64)
+    forms = [model, torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)]
+    bounds = [lipfast.lipschitz_bound(made, shape, progress=False).upper for made in forms]
+    conv = lipfast.lipschitz_bound(model[0], shape, progress=False).upper
+    assert math.isfinite(bounds[0]) and bounds == [bounds[0]] * len(forms)
+    if exact is not None:
+        assert bounds[0] == pytest.approx(exact * conv, rel=1e-12)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(1, *shape, generator=g, dtype=torch.float64) * 0.3
+        J = torch.autograd.functional.jacobian(lambda t: model(t).flatten(), x).reshape(-1, x.numel())
+        assert float(torch.linalg.matrix_norm(J, 2)) <= bounds[0] * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("layer", [nn.Threshold(0.1, 20.0), _Threshold(0.0)], ids=["Threshold", "threshold"])
+def test_threshold_jumps_in_every_form(layer):
+    model = nn.Sequential(nn.Linear(3, 3), layer).eval()
+    example = torch.randn(1, 3)
+    for made in (model, torch.jit.trace(model, example), torch.jit.script(model),
+                 torch.export.export(model, (example,))):
+        report = lipfast.lipschitz_bound(made, (3,), progress=False)
+        assert report.upper == math.inf and any("jump" in note for note in report.notes), made
+
+
+def test_quotients_that_are_not_softsign_have_no_constant():
+    for fn in (lambda x: x / (x.abs() - 1),  # a pole at |x| = 1
+               lambda x: x / (-2 * x.abs() + 3),  # a pole at |x| = 1.5
+               lambda x: x / (x.abs() + 1 + x)):  # not |x| + c
+        report = lipfast.lipschitz_bound(_Applies(fn), (3,), progress=False)
+        assert report.upper == math.inf and "dividing by the input" in " ".join(report.notes)
 
 
 class _InitOnlyLinear(nn.Linear):
