@@ -770,10 +770,25 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
             or not (own == "valid" or own == 0 or (isinstance(own, (list, tuple)) and not any(own))):
         return arguments
     sides = [(pad[2 * i], pad[2 * i + 1]) for i in range(dims)][::-1]  # F.pad lists the last dim first
-    if any(left != right for left, right in sides) or not isinstance(pad_arguments.get("input"), torch.fx.Node):
+    if not isinstance(pad_arguments.get("input"), torch.fx.Node):
         return arguments
-    return {**arguments, "input": pad_arguments["input"], "padding": tuple(left for left, _ in sides),
-            "padding_mode": mode}
+    if all(left == right for left, right in sides):
+        padding = tuple(left for left, _ in sides)
+    else:
+        # padding="same" with a copying mode pads d (k - 1) // 2 before and the rest after (stride 1),
+        # as an even kernel needs: the module's own form, which traces as this pad and the conv
+        weight = arguments.get("weight")  # stored (a traced or exported module's): its shape is known now
+        stored = weight.graph.owning_module if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+        stored = functools.reduce(getattr, weight.target.split("."), stored) if stored is not None else None
+        shape = tuple(stored.shape) if isinstance(stored, Tensor) else None
+        dilation = _as_tuple(arguments.get("dilation", 1), dims)
+        if shape is None or len(shape) != dims + 2 or _as_tuple(arguments.get("stride", 1), dims) != (1,) * dims:
+            return arguments
+        extents = [d * (k - 1) for d, k in zip(dilation, shape[2:])]
+        if sides != [(e // 2, e - e // 2) for e in extents]:
+            return arguments
+        padding = "same"
+    return {**arguments, "input": pad_arguments["input"], "padding": padding, "padding_mode": mode}
 
 
 def _tensor_value(graph_module: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node,

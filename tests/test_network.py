@@ -1653,10 +1653,11 @@ def _varied_norm(channels: int, dim: int = 2, seed: int = 0):
     (nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"), (4, 6, 6)),
     (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"), (4, 5, 5)),
     (nn.Conv2d(2, 3, (3, 5), padding="same", padding_mode="replicate", bias=False), (2, 4, 5)),
+    (nn.Conv2d(2, 3, (2, 4), padding="same", padding_mode="reflect"), (2, 4, 5)),
     (nn.Conv1d(3, 4, 5, padding=2), (3, 9)),
     (nn.Conv3d(2, 3, 3, padding=1), (2, 3, 3, 3)),
     (nn.Linear(6, 5), (6,)),
-], ids=["zeros", "circular-strided", "reflect-groups", "replicate-same", "1d", "3d", "linear"])
+], ids=["zeros", "circular-strided", "reflect-groups", "replicate-same", "reflect-same-even", "1d", "3d", "linear"])
 def test_a_batch_norm_after_a_layer_is_folded_into_its_bracket(layer, shape):
     # BatchNorm(conv(x)) = conv'(x) + b with conv' the conv with output channel c scaled by
     # s_c = gamma_c / sqrt(var_c + eps): its norm, often far below ‖conv‖ max |s|
@@ -1676,6 +1677,39 @@ def test_a_batch_norm_after_a_layer_is_folded_into_its_bracket(layer, shape):
     example = torch.randn(1, *shape)
     for made in (torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)):
         assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel, dilation", [(4, 1), ((2, 3), 1), (2, 3)], ids=["4", "2x3", "2-dilated"])
+def test_even_kernel_same_padding_is_one_operator_in_every_form(mode, kernel, dilation):
+    # padding="same" with an even extent pads d (k - 1) // 2 before and the rest after: traced and
+    # exported, an asymmetric F.pad and then the conv, bracketed as the module is (they were bounded
+    # apart: the pad's copies times the conv's norm)
+    torch.manual_seed(0)
+    shape = (2, 5, 6)
+    model = nn.Sequential(nn.Conv2d(2, 3, kernel, padding="same", dilation=dilation, padding_mode=mode)).double().eval()
+    exact = _explicit_norm(model, shape)
+    example = torch.randn(1, *shape, dtype=torch.float64)
+    bounds = [lipfast.lipschitz_bound(made, shape, progress=False).upper
+              for made in (model, torch.jit.trace(model, example), torch.export.export(model, (example,)))]
+    assert exact <= bounds[0] <= exact * (1 + 2e-3) and bounds == [bounds[0]] * 3
+
+
+def test_an_asymmetric_copying_pad_other_than_same_stays_apart():
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 2).double()
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (1, 0, 0, 1), mode="replicate"))  # "same" would be (0, 1, 0, 1)
+
+    torch.manual_seed(0)
+    model, shape = Padded().eval(), (2, 4, 4)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert math.isfinite(report.upper) and report.upper >= _explicit_norm(model, shape)
+    conv = lipfast.lipschitz_bound(model.conv, (2, 5, 5), progress=False).upper
+    assert report.upper == pytest.approx(conv * math.sqrt(4), rel=1e-9)  # the pad apart: a corner copied 4 times
 
 
 @pytest.mark.parametrize("case", ["used-twice", "uniform-scale", "linear-on-rows", "called-twice", "transposed",
