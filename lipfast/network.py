@@ -719,7 +719,8 @@ def _example_shape(value) -> tuple[int, ...]:
 
 
 def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, arguments: dict, rtol: float,
-                      computed: dict[torch.fx.Node, Tensor | None], weight: Tensor | None = None) -> LayerBound:
+                      computed: dict[torch.fx.Node, Tensor | None], weight: Tensor | None = None,
+                      groups: int | None = None) -> LayerBound:
     """The bracket of a linear or conv layer applied as a function (a custom module's forward
     calling F.conv2d(x, self.weight, ...)), as nn.Linear's or nn.ConvNd's would be (a conv on the
     input size the shape propagation recorded).  arguments: _layer_arguments(node); computed: the
@@ -745,6 +746,8 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
                 raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")
             options = {k: arguments[k] for k in ("stride", "padding", "dilation", "groups", "output_padding",
                                                  "padding_mode") if k in arguments}
+            if groups is not None:  # (a layer merged into it: _merged_weight)
+                options["groups"] = groups
             lower, upper = conv.conv_spectral_norm_bounds(
                 weight, in_shape[1:], transposed=node.target.__name__.startswith("conv_transpose"), rtol=rtol, **options)
     return LayerBound(node.name, f"F.{node.target.__name__}", in_shape, out_shape, float(lower), float(upper),
@@ -1977,10 +1980,11 @@ class _Fold:
     `weight` is that scaled weight in the layer's type; `margin` bounds the norm of its difference
     from the exact product (rounding), added to the bracket's upper end and taken from its lower end."""
 
-    norm: torch.fx.Node  # the BatchNorm's call (a module's, or F.batch_norm)
+    norm: torch.fx.Node  # the BatchNorm's call (a module's, or F.batch_norm); or the 1x1 conv or linear layer merged in
     weight: Tensor
     margin: float
     before: bool = False  # the BatchNorm comes before the layer
+    groups: int | None = None  # the merged layer's groups (1), where it is not the layer's own
 
 
 #: per floating type: the unit roundoff, and the spacing of its subnormals
@@ -2028,6 +2032,36 @@ def _folded_weight(weight: Tensor, scale: Tensor, copies: int) -> tuple[Tensor, 
     taps = scaled.double().abs().reshape(*scaled.shape[:2], -1)
     per_tap = torch.linalg.vector_norm((taps * (unit + 2.0**-50) + step) / (1 - unit), dim=(0, 1))
     return scaled, math.sqrt(copies) * float(per_tap.sum()) * (1 + 1e-9)
+
+
+def _merged_weight(first: Tensor, groups: int, second: Tensor, copies: int) -> tuple[Tensor, float] | None:
+    """(M, margin): the weight of the map x -> second(first(x)), a linear layer (second (d, o)) or
+    1x1 conv (second (d, o, 1, ...)) applied to a linear or conv layer's output (first (o, i / groups,
+    *kernel)): M[d, c] = sum_o second[d, o] first[o, c], with first made dense over the groups (one
+    conv of groups 1, first's other settings), formed in float64 and rounded to first's type; and a
+    bound on the norm of the map of M - the exact product, the padding repeating each input entry at
+    most `copies` times.  None where it is not finite or the types are not floating."""
+    if first.dtype not in _ROUNDING or second.dtype != first.dtype:
+        return None
+    out_c, in_per_group = first.shape[:2]
+    dense = first.new_zeros(out_c, in_per_group * groups, *first.shape[2:], dtype=torch.float64)
+    for g in range(groups):  # output channel o reads input channels (o // (out / groups)) (in / groups) + j
+        rows = slice(g * (out_c // groups), (g + 1) * (out_c // groups))
+        dense[rows, g * in_per_group:(g + 1) * in_per_group] = first[rows].double()
+    mix = second.detach().double().reshape(second.shape[0], second.shape[1])
+    exact_abs = torch.einsum("do,oc...->dc...", mix.abs(), dense.abs())
+    merged = torch.einsum("do,oc...->dc...", mix, dense).to(first.dtype)
+    if not torch.isfinite(merged).all() or not torch.isfinite(exact_abs).all():
+        return None
+    # each float64 entry is a sum of o products: within gamma(o) of its sum of |products| (Higham 3.5),
+    # then rounded to first's type (within u |m'| + step, with u + 2^-50 covering the float64 error's
+    # effect); the map of the errors E, a sum over taps of E_t after the padding and a selection of
+    # distinct positions, has ‖E‖ <= sqrt(copies) sum_t ‖E_t‖_F (as _folded_weight's)
+    unit, step = _ROUNDING[first.dtype]
+    gamma64 = out_c * 2.0**-53 / (1 - out_c * 2.0**-53)
+    error = (exact_abs * gamma64 * (1 + unit) + merged.double().abs() * unit + step) / (1 - unit)
+    per_tap = torch.linalg.vector_norm(error.reshape(*error.shape[:2], -1), dim=(0, 1))
+    return merged, math.sqrt(copies) * float(per_tap.sum()) * (1 + 1e-9)
 
 
 def _norm_scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor | None:
@@ -2225,6 +2259,43 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         result = _folded_weight(weight, scale.to(weight.device), count) if count is not None else None
         if result is not None:
             folds[node], folded = _Fold(source, *result, before=True), folded | {source}
+    for node in nodes:  # a linear layer, or a 1x1 conv of stride 1, no padding and groups 1, right after the layer
+        if node in folds or node in folded or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        try:
+            found = layer(node)
+            following = layer(user) if found is not None and user not in folds and user not in folded else None
+        except _Unsupported:
+            continue
+        if following is None or following[0] is not node:
+            continue
+        first, settings, in_shape = found[1], found[2], found[3]
+        second, second_settings = following[1], following[2]
+        if user.op == "call_module":
+            module = traced.get_submodule(user.target)
+            stride, second_groups = getattr(module, "stride", 1), getattr(module, "groups", 1)
+        else:
+            stride, second_groups = calls[user].get("stride", 1), calls[user].get("groups", 1)
+        if settings is None:  # linear then linear: each row (the last dim) through both
+            if second_settings is not None or first.dim() != 2 or second.dim() != 2:
+                continue
+            groups = 1
+        else:
+            dims = first.dim() - 2
+            padding = second_settings[1] if second_settings is not None else None
+            if second.dim() != first.dim() or any(k != 1 for k in second.shape[2:]) or second_groups != 1 or \
+                    _as_tuple(stride, dims) != (1,) * dims or not (padding in ("valid", "same") or not any(
+                        _as_tuple(padding, dims))) or not in_shape or in_shape[0] % first.shape[1]:
+                continue
+            groups = in_shape[0] // first.shape[1]
+        if second.shape[1] != first.shape[0]:
+            continue
+        count = copies(first, settings, in_shape)
+        result = _merged_weight(first, groups, second, count) if count is not None else None
+        if result is not None:
+            folds[node] = _Fold(user, *result, groups=1 if settings is not None else None)
+            folded.add(user)
     return folds
 
 
@@ -2302,14 +2373,16 @@ def _node_label(node: torch.fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
-def _plain_layer(layer: nn.Module, weight: Tensor) -> nn.Module:
-    """A torch.nn Linear or ConvNd with layer's settings and the given weight, no bias."""
+def _plain_layer(layer: nn.Module, weight: Tensor, groups: int | None = None) -> nn.Module:
+    """A torch.nn Linear or ConvNd with layer's settings (but its output channels, the weight's, and
+    groups where given) and the given weight, no bias."""
     if isinstance(layer, nn.Linear):
-        module = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        module = nn.Linear(layer.in_features, weight.shape[0], bias=False, device="meta")
     else:  # the torch.nn class it computes as (a subclass, or a parametrized one, is not rebuilt)
         base = next(c for c in type(layer).__mro__ if c in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        module = base(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                      layer.dilation, layer.groups, False, layer.padding_mode, device="meta")
+        module = base(layer.in_channels, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+                      layer.dilation, layer.groups if groups is None else groups, False, layer.padding_mode,
+                      device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
 
@@ -2323,7 +2396,8 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object,
     folds = folds or {}
     first_calls: dict[tuple[str, tuple, tuple], tuple] = {}
     for name, module, in_shape, out_shape in leaves:
-        module = _plain_layer(module, folds[name].weight) if name in folds else _as_called(module, in_shape, out_shape)
+        module = _plain_layer(module, folds[name].weight, folds[name].groups) if name in folds \
+            else _as_called(module, in_shape, out_shape)
         first_calls.setdefault((name, in_shape, out_shape), (name, module, in_shape, out_shape))
     unique = list(first_calls.values())
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
@@ -2512,7 +2586,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             for node, arguments in calls.items():
                 if node in folds:
                     fold = folds[node]
-                    layer = _with_margin(_functional_layer(traced, node, arguments, rtol, computed, fold.weight), fold)
+                    layer = _with_margin(_functional_layer(traced, node, arguments, rtol, computed, fold.weight,
+                                                           fold.groups), fold)
                 else:
                     layer = _functional_layer(traced, node, arguments, rtol, computed)
                 if node in folded_norms:

@@ -1712,6 +1712,89 @@ def test_an_asymmetric_copying_pad_other_than_same_stays_apart():
     assert report.upper == pytest.approx(conv * math.sqrt(4), rel=1e-9)  # the pad apart: a corner copied 4 times
 
 
+class _SeparableConv(nn.Module):
+    """Depthwise then pointwise, as functions (timm's SeparableConv2d, written out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.pointwise = nn.Parameter(torch.randn(6, 4, 1, 1) * 0.5)
+
+    def forward(self, x):
+        return F.conv2d(F.conv2d(x, self.depthwise, padding=1, groups=4), self.pointwise)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), (6,)),
+    (lambda: nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), (3, 6)),  # rows of a 2-d example
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1)), (4, 5, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), nn.Conv2d(6, 3, 1)),
+     (4, 5, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 2, stride=2, padding="valid"), nn.Conv2d(6, 3, 1, padding="same")),
+     (4, 7, 7)),
+    (lambda: nn.Sequential(nn.Conv1d(3, 5, 3, padding=1, dilation=2), nn.Conv1d(5, 2, 1)), (3, 8)),
+    (_SeparableConv, (4, 5, 5)),
+], ids=["linear", "linear-rows", "depthwise-pointwise", "grouped-reflect", "strided", "1d-dilated", "functional"])
+def test_a_pointwise_layer_after_a_layer_is_merged_into_its_bracket(make, shape):
+    # y = B(A(x)) with B a linear layer or a 1x1 conv (stride 1, no padding, groups 1) is one linear
+    # map: the conv of weight sum_o B[d, o] A[o, c] with A's settings and groups 1, whose norm can be
+    # far below ‖B‖ ‖A‖ (a depthwise conv and its pointwise mix: a separable conv)
+    torch.manual_seed(0)
+    model = make().eval()
+    exact = _explicit_norm(model, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    first, second = report.layers
+    assert first.lower <= exact <= first.upper and "folded in" in first.note and "folded into" in second.note
+    assert report.naive_upper == first.upper
+    assert report.upper <= first.upper and report.upper <= (1 + 2e-3) * _product_of_brackets(model, shape)
+    example = torch.randn(1, *shape)
+    forms = [torch.jit.trace(model, example), torch.export.export(model, (example,))]
+    forms += [torch.jit.script(model)] if isinstance(model, nn.Sequential) else []
+    for made in forms:
+        assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
+
+
+def _product_of_brackets(model: nn.Module, shape: tuple) -> float:
+    """‖B‖ ‖A‖ for a model of two layers, each bracketed on its own (the unmerged bound)."""
+    if isinstance(model, _SeparableConv):
+        a = lipfast.conv_spectral_norm_bounds(model.depthwise.detach(), shape[1:], padding=1, groups=4)[1]
+        b = lipfast.conv_spectral_norm_bounds(model.pointwise.detach(), shape[1:])[1]
+        return float(a) * float(b)
+    first, second = model
+    if isinstance(first, nn.Linear):
+        return float(lipfast.operator_norm_bounds(first)[1]) * float(lipfast.operator_norm_bounds(second)[1])
+    out = tuple(first(torch.zeros(1, *shape)).shape[2:])
+    return float(lipfast.operator_norm_bounds(first, shape[1:])[1]) * float(lipfast.operator_norm_bounds(second, out)[1])
+
+
+@pytest.mark.parametrize("case", ["strided", "padded", "grouped", "used-twice", "activation-between"])
+def test_layers_that_are_not_one_map_are_not_merged(case):
+    torch.manual_seed(0)
+    shape = (4, 6, 6)
+    second = {"strided": nn.Conv2d(6, 3, 1, stride=2), "padded": nn.Conv2d(6, 3, 1, padding=1),
+              "grouped": nn.Conv2d(6, 3 * 2, 1, groups=2)}.get(case, nn.Conv2d(6, 3, 1))
+    if case == "used-twice":
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), second
+
+            def forward(self, x):
+                y = self.a(x)
+                return torch.cat([self.b(y).flatten(1), y.flatten(1)], 1)
+
+        model = Net().eval()
+    elif case == "activation-between":
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), second).eval()
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), second).eval()
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert not any("folded" in layer.note for layer in report.layers)
+    if case != "activation-between":
+        assert report.upper >= _explicit_norm(model, shape)
+
+
 @pytest.mark.parametrize("case", ["used-twice", "uniform-scale", "linear-on-rows", "called-twice", "transposed",
                                   "dropout-on"])
 def test_a_batch_norm_is_not_folded_where_the_two_are_not_one_map(case):
