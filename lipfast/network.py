@@ -1985,6 +1985,8 @@ class _Fold:
     margin: float
     before: bool = False  # the BatchNorm comes before the layer
     groups: int | None = None  # the merged layer's groups (1), where it is not the layer's own
+    also: tuple = ()  # the nodes merged in after norm (a 1x1 conv or linear layer, and its BatchNorm), in order
+    merged: bool = False  # a layer after it is merged in (_merged_weight)
 
 
 #: per floating type: the unit roundoff, and the spacing of its subnormals
@@ -2077,10 +2079,10 @@ def _with_margin(layer: LayerBound, fold: _Fold) -> LayerBound:
     """The bracket of a layer with its BatchNorm folded in, widened by the fold's margin."""
     if not math.isfinite(layer.upper):
         return layer
-    norm = _node_label(fold.norm)
-    order = f"{layer.name} after {norm}" if fold.before else f"{norm} after {layer.name}"
+    labels = [_node_label(node) for node in (fold.norm, *fold.also)]
+    chain = ([labels[0], layer.name] + labels[1:]) if fold.before else [layer.name] + labels  # in the order applied
     return replace(layer, lower=max(layer.lower - fold.margin, 0.0), upper=_sum_up([layer.upper, fold.margin]),
-                   note=f"{norm} folded in: the bracket is of {order}")
+                   note=f"{', '.join(labels)} folded in: the bracket is of {' after '.join(reversed(chain))}")
 
 
 def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node, dict],
@@ -2260,18 +2262,24 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         if result is not None:
             folds[node], folded = _Fold(source, *result, before=True), folded | {source}
     for node in nodes:  # a linear layer, or a 1x1 conv of stride 1, no padding and groups 1, right after the layer
-        if node in folds or node in folded or len(node.users) != 1:
+        fold = folds.get(node)  # (either one may have its BatchNorm folded in: then the three or four are one map)
+        if node in folded or (fold is not None and fold.merged):
             continue
-        (user,) = node.users
+        tail = fold.norm if fold is not None and not fold.before else node  # what the layer's output is
+        if len(tail.users) != 1:
+            continue
+        (user,) = tail.users
+        second_fold = folds.get(user)
         try:
             found = layer(node)
-            following = layer(user) if found is not None and user not in folds and user not in folded else None
+            following = layer(user) if found is not None and user not in folded and \
+                not (second_fold is not None and (second_fold.before or second_fold.merged)) else None
         except _Unsupported:
             continue
-        if following is None or following[0] is not node:
+        if following is None or following[0] is not tail:
             continue
-        first, settings, in_shape = found[1], found[2], found[3]
-        second, second_settings = following[1], following[2]
+        first, settings, in_shape = (fold.weight if fold is not None else found[1]), found[2], found[3]
+        second, second_settings = (second_fold.weight if second_fold is not None else following[1]), following[2]
         if user.op == "call_module":
             module = traced.get_submodule(user.target)
             stride, second_groups = getattr(module, "stride", 1), getattr(module, "groups", 1)
@@ -2293,9 +2301,24 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             continue
         count = copies(first, settings, in_shape)
         result = _merged_weight(first, groups, second, count) if count is not None else None
-        if result is not None:
-            folds[node] = _Fold(user, *result, groups=1 if settings is not None else None)
-            folded.add(user)
+        if result is None:
+            continue
+        merged, margin = result
+        # the folded weights are W_a + E_a and W_b + E_b, the exact ones' maps W_a and W_b within the
+        # folds' margins m_a and m_b of them: ‖W_b W_a - (W_a + E_a)(W_b + E_b)‖ <= m_b ‖W_a + E_a‖ +
+        # ‖W_b + E_b‖ m_a + m_a m_b, with ‖W_a + E_a‖ <= sqrt(copies) sum_t ‖W_t‖_F (as _abs_norm's)
+        first_margin, second_margin = (fold.margin if fold else 0.0), (second_fold.margin if second_fold else 0.0)
+        if first_margin or second_margin:
+            crude = math.sqrt(count) * float(torch.linalg.vector_norm(
+                first.double().reshape(*first.shape[:2], -1), dim=(0, 1)).sum()) * (1 + 1e-9)
+            second_norm = float(torch.linalg.vector_norm(second.double())) * (1 + 1e-9)
+            margin = _sum_up([margin, _mul_up(second_margin, crude), _mul_up(second_norm, first_margin),
+                              _mul_up(first_margin, second_margin)])
+        absorbed = ([fold.norm] if fold is not None else []) + [user] + ([second_fold.norm] if second_fold else [])
+        folds[node] = _Fold(absorbed[0], merged, margin, before=fold is not None and fold.before,
+                            groups=1 if settings is not None else None, also=tuple(absorbed[1:]), merged=True)
+        folds.pop(user, None)
+        folded.update(absorbed)
     return folds
 
 
@@ -2549,7 +2572,8 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             except Exception:  # nodes then lack sizes, and the rules that need them give no finite bound
                 pass
     folds = _folds(traced, leaves, calls, computed) if traced is not None else {}
-    folded_norms = {fold.norm: node for node, fold in folds.items()}  # BatchNorm -> the layer it is folded into
+    # BatchNorm (or a layer merged in) -> the layer it is folded into
+    folded_norms = {absorbed: node for node, fold in folds.items() for absorbed in (fold.norm, *fold.also)}
     layers = _bound_layers(leaves, rtol, progress, group,
                            {node.target: fold for node, fold in folds.items() if node.op == "call_module"})
     # a folded BatchNorm module: listed with its own constant, counted in its layer's bracket (and not

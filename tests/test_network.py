@@ -1755,6 +1755,30 @@ def test_a_pointwise_layer_after_a_layer_is_merged_into_its_bracket(make, shape)
         assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), _varied_norm(6), nn.Conv2d(6, 5, 1), _varied_norm(5, seed=1)),
+     (4, 5, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 1), _varied_norm(6), nn.Conv2d(6, 8, 1)), (4, 5, 5)),
+    (lambda: nn.Sequential(_varied_norm(4), nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 5, 1), _varied_norm(5, seed=1)),
+     (4, 5, 5)),
+    (lambda: nn.Sequential(nn.Linear(6, 8), _varied_norm(8, 1), nn.Linear(8, 4), _varied_norm(4, 1, seed=1)), (6,)),
+], ids=["conv-bn-pointwise-bn", "pointwise-bn-pointwise", "bn-conv-pointwise-bn", "linear-bn-linear-bn"])
+def test_layers_with_their_batch_norms_merge_into_one_bracket(make, shape):
+    # a MobileNetV2 block's projection (1x1 conv, BatchNorm, no activation) and the next block's
+    # expansion (1x1 conv, BatchNorm): every BatchNorm folded, the two layers merged, one bracket
+    torch.manual_seed(0)
+    model = make().eval()
+    exact = _explicit_norm(model, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    merged = [layer for layer in report.layers if "folded in:" in layer.note]
+    assert len(merged) == 1 and all("folded into" in layer.note for layer in report.layers if layer not in merged)
+    assert merged[0].lower <= exact <= merged[0].upper and report.naive_upper == merged[0].upper
+    example = torch.randn(1, *shape)
+    for made in (torch.jit.trace(model, example), torch.export.export(model, (example,)), torch.jit.script(model)):
+        assert lipfast.lipschitz_bound(made, shape, progress=False).upper == pytest.approx(report.upper, rel=2e-3)
+
+
 def _product_of_brackets(model: nn.Module, shape: tuple) -> float:
     """‖B‖ ‖A‖ for a model of two layers, each bracketed on its own (the unmerged bound)."""
     if isinstance(model, _SeparableConv):
