@@ -92,6 +92,12 @@ def _rebuild(cls: type, script: torch.jit.ScriptModule, path: str) -> nn.Module 
     if isinstance(script, torch.jit.TracedModule):
         return None
     kwargs = {}
+    if issubclass(cls, nn.RNNBase):  # (its __init__ takes *args, **kwargs: the settings RNNBase keeps)
+        names = ["input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"]
+        names += {nn.RNN: ["nonlinearity"], nn.LSTM: ["proj_size"]}.get(cls, [])
+        if not all(hasattr(script, name) for name in names):
+            return None
+        kwargs = {name: getattr(script, name) for name in names}
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
         if name in ("self", "device", "dtype") or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
@@ -346,7 +352,12 @@ class _Block:
         _, module, module_path = self.get(ins[0])
         call_args = [self.get(v) for v in ins[1:]]
         name = node.s("name")
-        cls = _eager_class(module) if name == "forward" else None
+        cls = _eager_class(module) if name.startswith("forward") else None
+        if name != "forward" and not (cls is not None and issubclass(cls, nn.RNNBase) and name == "forward__0"):
+            cls = None  # (a recurrent layer's forward on a tensor is its overload forward__0, hx None by default)
+        elif name == "forward__0":
+            while call_args and call_args[-1] is None:
+                call_args.pop()
         layer = None
         if cls is not None:
             try:  # a layer called twice is rebuilt once

@@ -34,7 +34,7 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipfast import _util, conv, linalg
+from lipfast import _recurrent, _util, conv, linalg
 from lipfast.certify import certified_radius
 from lipfast.models import eval_forward
 
@@ -331,6 +331,8 @@ def _layer_constant(name: str, module: nn.Module, input_shape: tuple[int, ...], 
     if isinstance(module, nn.Linear):
         lower, upper = linalg.spectral_norm_bounds(module.weight.detach(), rtol=rtol)
         return float(lower), float(upper), ""
+    if isinstance(module, nn.RNNBase):
+        return _recurrent.recurrent_bound(module, input_shape)
     if isinstance(module, _CONVS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the gap is in the report
@@ -878,6 +880,11 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             # one concatenated input; a module of constants only (a parametrization computing a
             # weight, say) gives a constant
             inputs = _concatenated((node.args, node.kwargs), bounds)
+            module = graph_module.get_submodule(node.target)
+            if isinstance(module, nn.RNNBase) and not isinstance(module, tuple(_REGISTRY)) and \
+                    (len(node.args) > 1 or node.kwargs):
+                raise _Unsupported(f"{node.name}: {type(module).__name__} called with an initial state (its bound "
+                                   "is for zero initial states)")
             if inputs > 0 and _returns_pair(node) and any(user.target not in (operator.getitem, getattr)
                                                           for user in node.users):
                 raise _Unsupported(f"{node.name}: the (values, indices) of {node.target} used whole: its indices jump")
@@ -1837,8 +1844,11 @@ def _leaf_modules(model: nn.Module, example: Tensor) -> tuple[list[tuple[str, nn
             leaves.append(name)
             def hook(mod, args, kwargs, out, name=name):
                 x = args[0] if args and isinstance(args[0], Tensor) else None
-                found.append((name, mod, tuple(x.shape[1:]) if x is not None else (),
-                              tuple(out.shape[1:]) if isinstance(out, Tensor) else ()))
+                in_shape = tuple(x.shape[1:]) if x is not None else ()
+                if isinstance(mod, nn.RNNBase) and x is not None:  # one sequence: (steps, features)
+                    in_shape = tuple(x.shape) if x.dim() == 2 else \
+                        (x.shape[0 if not mod.batch_first else 1], x.shape[2]) if x.dim() == 3 else ()
+                found.append((name, mod, in_shape, tuple(out.shape[1:]) if isinstance(out, Tensor) else ()))
                 chain["ok"] = chain["ok"] and x is chain["last"] and len(args) == 1 and not kwargs
                 chain["last"] = out
             hooks.append(module.register_forward_hook(hook, with_kwargs=True))
