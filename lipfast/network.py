@@ -1564,6 +1564,7 @@ def _decomposed_lp_pool(node: torch.fx.Node) -> tuple[torch.fx.Node, nn.Module, 
     inner = [scaled, signed, sign, relu, relu.args[0], pooled, powered]
     if any(user not in inner and user is not node for value in inner for user in value.users):
         return None
+
     def size(value):  # aten's lists as the module takes them (a 1-d pool multiplies by its int kernel_size)
         return (value[0] if dims == 1 else tuple(value)) if isinstance(value, (list, tuple)) else value
 
@@ -1995,7 +1996,7 @@ class _Fold:
     margin: float
     before: bool = False  # the BatchNorm comes before the layer
     groups: int | None = None  # the merged layer's groups (1), where it is not the layer's own
-    also: tuple = ()  # the nodes merged in after norm (a 1x1 conv or linear layer, and its BatchNorm), in order
+    also: tuple[torch.fx.Node, ...] = ()  # the nodes merged in after norm (a 1x1 conv or linear layer, and its BatchNorm), in order
     merged: bool = False  # a layer after it is merged in (_merged_weight)
 
 
@@ -2314,9 +2315,9 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         if result is None:
             continue
         merged, margin = result
-        # the folded weights are W_a + E_a and W_b + E_b, the exact ones' maps W_a and W_b within the
-        # folds' margins m_a and m_b of them: ‖W_b W_a - (W_a + E_a)(W_b + E_b)‖ <= m_b ‖W_a + E_a‖ +
-        # ‖W_b + E_b‖ m_a + m_a m_b, with ‖W_a + E_a‖ <= sqrt(copies) sum_t ‖W_t‖_F (as _abs_norm's)
+        # the folded weights' maps are F_a = W_a + E_a and F_b = W_b + E_b, W the exact maps and ‖E‖ within
+        # the folds' margins m: W_b W_a - F_b F_a = -E_b F_a - F_b E_a + E_b E_a, so it is at most m_b ‖F_a‖
+        # + ‖F_b‖ m_a + m_a m_b, with ‖F_a‖ <= sqrt(copies) sum_t ‖F_a,t‖_F (as _abs_norm's), ‖F_b‖ <= ‖F_b‖_F
         first_margin, second_margin = (fold.margin if fold else 0.0), (second_fold.margin if second_fold else 0.0)
         if first_margin or second_margin:
             crude = math.sqrt(count) * float(torch.linalg.vector_norm(
