@@ -125,6 +125,7 @@ def _jacobian_lower(module: nn.RNNBase, steps: int) -> float:
     its definition; computed in float64, and decreased for that rounding) near the zero sequence and
     a random one, v taken by power steps on the Jacobian there (J v by the quotient, Jᵀ by autograd)."""
     model = copy.deepcopy(module).double().eval().requires_grad_(False)
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     shape = (1, steps, module.input_size) if module.batch_first else (steps, 1, module.input_size)
 
@@ -136,8 +137,8 @@ def _jacobian_lower(module: nn.RNNBase, steps: int) -> float:
     lower, h = 0.0, 1e-5
     for x, power_steps in ((torch.zeros(shape, dtype=torch.float64), 8),
                            (torch.randn(shape, generator=generator, dtype=torch.float64), 3)):
-        v = torch.randn(shape, generator=generator, dtype=torch.float64)
-        x = x.requires_grad_()
+        v = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+        x = x.to(device).requires_grad_()
         y = flat(x)
         for _ in range(power_steps):
             v = v / torch.linalg.vector_norm(v)

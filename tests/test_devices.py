@@ -68,6 +68,29 @@ def _wrapped(dtype: torch.dtype) -> nn.Module:
     return _with_statistics(_Wrapped, 2, dtype)
 
 
+class _Sequence(nn.Module):
+    """A conv, its BatchNorm, a pointwise conv and its BatchNorm (merged into one bracket), an LPPool,
+    a GRU over the positions and a Linear head on every step: the nineteenth session's rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.pointwise, self.bn2 = nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6)
+        self.pool = nn.LPPool1d(2, 2, stride=1)
+        self.gru, self.head = nn.GRU(6, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        y = self.pool(self.bn2(self.pointwise(self.bn(self.conv(x)))))
+        return self.head(self.gru(y.transpose(1, 2))[0])
+
+
+def _sequence(dtype: torch.dtype) -> nn.Module:
+    model = _with_statistics(_Sequence, 3, dtype)
+    with torch.no_grad():
+        model.bn2.running_var.uniform_(0.2, 2.0)
+    return model
+
+
 def _overlap(a, b, margin: float) -> bool:
     """Whether two certified brackets of one number can both hold, up to a relative margin (a
     parametrized weight, recomputed on each device, differs there in its last bits)."""
@@ -75,8 +98,8 @@ def _overlap(a, b, margin: float) -> bool:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("make, shape", [(_residual, (3, 6, 6)), (_one_lipschitz, (2, 6, 6)), (_wrapped, (2, 6, 6))],
-                         ids=["residual", "blocks", "wrapped"])
+@pytest.mark.parametrize("make, shape", [(_residual, (3, 6, 6)), (_one_lipschitz, (2, 6, 6)), (_wrapped, (2, 6, 6)),
+                                         (_sequence, (3, 7))], ids=["residual", "blocks", "wrapped", "sequence"])
 def test_network_bound_on_the_models_device(device, dtype, make, shape):
     # every layer kind of both networks on the device: zero-padded and circular convs, BatchNorm,
     # pools, a concatenation, the 1-Lipschitz blocks, and the matrix layers' one batched bracket
