@@ -54,6 +54,7 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
     """A GraphModule computing what ``source`` (an exported program's module) computes, with torch
     functions in place of aten operators.  Raises ValueError for what cannot be translated."""
     graph = torch.fx.Graph()
+    root = nn.Module()
     env: dict[torch.fx.Node, object] = {}
     constants: dict[torch.fx.Node, torch.Tensor] = {}  # the program's tensors, and copies of them made in it
     aliased: set[torch.fx.Node] = set()  # values that share memory with another (a view, or viewed)
@@ -97,7 +98,9 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                     continue
                 if name == "index" and _torchscript._constant_index(values[1]) is not None:
                     args[1] = values[1]  # constant index tensors, which the translation turns into lists
-            env[node] = _torchscript._aten(graph, name, args)
+            rebuilt = _torchscript.recurrent(graph, root, name, args, lambda value: next(
+                (constants[n] for n, v in env.items() if v is value and n in constants), None))
+            env[node] = rebuilt if rebuilt is not None else _torchscript._aten(graph, name, args)
             first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
             if first is not None and name in _util.VIEW_OPERATIONS:  # the result shares its input's memory
                 aliased.update({first, node})
@@ -108,6 +111,8 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                     raise ValueError(f"exported program: in-place {name} on a tensor that shares memory with a view "
                                      "(pass the Python module instead)")
                 env[first] = env[node]
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+            env[node] = env[node.args[0]][node.args[1]]  # an output of a recurrent layer rebuilt (_torchscript.recurrent)
         elif node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload):
             env[node] = graph.call_function(node.target, get(node.args), get(node.kwargs))  # getitem and the like
             if node.target is operator.getitem and node.args[0] in aliased:  # a piece of a split: a view too
@@ -115,7 +120,6 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
         else:
             raise ValueError(f"exported program: operator {node.target} has no translation (pass the Python module "
                              "instead)")
-    root = nn.Module()
     for node in graph.nodes:
         if node.op == "get_attr":
             _torchscript._install(root, node.target, tensor=functools.reduce(getattr, node.target.split("."), source))

@@ -14,6 +14,7 @@ the result with the script on a random input.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 import inspect
 import operator
@@ -207,6 +208,56 @@ def _has_node(args) -> bool:
     return bool(found)
 
 
+#: aten's recurrent layers: (class, nonlinearity); the overload ``.input``'s arguments are (input, hx,
+#: params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+RECURRENT = {"lstm": (nn.LSTM, None), "gru": (nn.GRU, None), "rnn_tanh": (nn.RNN, "tanh"), "rnn_relu": (nn.RNN, "relu")}
+
+
+def recurrent(graph: torch.fx.Graph, root: nn.Module, name: str, args: list, value_of) -> tuple | None:
+    """A traced or exported aten::lstm / gru / rnn_tanh / rnn_relu as the torch.nn layer it came from,
+    rebuilt from its parameters (value_of: a graph value's tensor, or None) and called on the input,
+    when its initial states are zeros made in the forward (torch.zeros, as the module makes them) and
+    no dropout is on: the outputs (output, h_n[, c_n]) as graph values; None otherwise (the operator
+    stays, with no rule)."""
+    if name not in RECURRENT or len(args) != 9 or not isinstance(args[2], (list, tuple)):
+        return None
+    x, hx, params, biases, layers, dropout, train, bidirectional, batch_first = args
+    states = hx if isinstance(hx, (list, tuple)) else [hx]
+    if not all(isinstance(h, torch.fx.Node) and h.op == "call_function" and h.target is torch.zeros for h in states):
+        return None
+    if train and dropout:
+        return None
+    tensors = [value_of(p) for p in params]
+    if any(t is None for t in tensors):
+        return None
+    cls, nonlinearity = RECURRENT[name]
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cls]
+    per = len(tensors) // (layers * (2 if bidirectional else 1))  # weights, biases, and an LSTM's projection
+    hidden = tensors[0].shape[0] // gates
+    projection = tensors[per - 1].shape[0] if cls is nn.LSTM and per in (3, 5) else 0
+    options = {"nonlinearity": nonlinearity} if cls is nn.RNN else ({"proj_size": projection} if cls is nn.LSTM else {})
+    try:
+        layer = cls(tensors[0].shape[1], hidden, layers, bias=bool(biases), batch_first=bool(batch_first),
+                    bidirectional=bool(bidirectional), **options)
+        layer.to(device=tensors[0].device, dtype=tensors[0].dtype)
+        with torch.no_grad():
+            for weight_name, tensor in zip(layer._flat_weights_names, tensors, strict=True):
+                getattr(layer, weight_name).copy_(tensor)
+    except (ValueError, RuntimeError, TypeError):
+        return None
+    # named for the module that held the parameters ("rnn.lstm"), as the report lists it
+    owner = params[0].target.rpartition(".")[0] if isinstance(params[0], torch.fx.Node) and params[0].op == "get_attr" else ""
+    path = f"{owner}.{name}" if owner else name
+    taken = {n for n, _ in root.named_modules()} | {n for n, _ in root.named_buffers()} | {n for n, _ in root.named_parameters()}
+    path = next(f"{path}_{k}" if k else path for k in range(len(taken) + 1) if (f"{path}_{k}" if k else path) not in taken)
+    _install(root, path, module=layer.eval())
+    call = graph.call_module(path, (x,))
+    output, final = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
+    if cls is nn.LSTM:
+        return output, *(graph.call_function(operator.getitem, (final, i)) for i in range(2))
+    return output, final
+
+
 class _Block:
     """Translates TorchScript nodes into ``graph``, reading and writing values in ``env`` (by debug
     name): torch.nn layers become module calls, everything else is followed into."""
@@ -217,6 +268,13 @@ class _Block:
 
     def get(self, value):
         return self.env[value.debugName()]
+
+    def tensor_of(self, value) -> torch.Tensor | None:
+        """The tensor a graph value stands for, where it is one the model stores (get_attr)."""
+        if not (isinstance(value, torch.fx.Node) and value.op == "get_attr"):
+            return None
+        found = functools.reduce(getattr, value.target.split("."), self.root)
+        return found if isinstance(found, torch.Tensor) else None
 
     def run(self, nodes) -> None:
         for node in nodes:
@@ -282,9 +340,12 @@ class _Block:
         elif kind.startswith("aten::") and len(outputs) == 1:
             self.aten(kind, outputs[0], ins)
         elif kind.startswith("aten::") and len(outputs) > 1:  # a tuple (a sort's values and indices, say)
-            result = _aten(graph, kind[len("aten::"):], [self.get(v) for v in ins])
+            name, args = kind[len("aten::"):], [self.get(v) for v in ins]
+            rebuilt = recurrent(graph, root, name, args, self.tensor_of)
+            result = rebuilt if rebuilt is not None else _aten(graph, name, args)
             for i, out in enumerate(outputs):
-                env[out.debugName()] = graph.call_function(operator.getitem, (result, i))
+                env[out.debugName()] = result[i] if rebuilt is not None else \
+                    graph.call_function(operator.getitem, (result, i))
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
 

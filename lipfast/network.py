@@ -881,10 +881,14 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
             # weight, say) gives a constant
             inputs = _concatenated((node.args, node.kwargs), bounds)
             module = graph_module.get_submodule(node.target)
-            if isinstance(module, nn.RNNBase) and not isinstance(module, tuple(_REGISTRY)) and \
-                    (len(node.args) > 1 or node.kwargs):
-                raise _Unsupported(f"{node.name}: {type(module).__name__} called with an initial state (its bound "
-                                   "is for zero initial states)")
+            if isinstance(module, nn.RNNBase) and not isinstance(module, tuple(_REGISTRY)):
+                # its bound is for zero initial states: none given, or torch.zeros made in the forward
+                states = [*node.args[1:], *node.kwargs.values()]
+                if any(v is not None and not isinstance(v, (torch.fx.Node, tuple, list)) for v in states) or not all(
+                        v.op == "call_function" and v.target is torch.zeros and not _changed_in_place(v)
+                        for v in _nodes_in(states)):
+                    raise _Unsupported(f"{node.name}: {type(module).__name__} called with an initial state other "
+                                       "than torch.zeros (its bound is for zero initial states)")
             if inputs > 0 and _returns_pair(node) and any(user.target not in (operator.getitem, getattr)
                                                           for user in node.users):
                 raise _Unsupported(f"{node.name}: the (values, indices) of {node.target} used whole: its indices jump")
