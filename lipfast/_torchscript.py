@@ -247,9 +247,12 @@ def recurrent(graph: torch.fx.Graph, root: nn.Module, name: str, args: list, val
         return None
     # named for the module that held the parameters ("rnn.lstm"), as the report lists it
     owner = params[0].target.rpartition(".")[0] if isinstance(params[0], torch.fx.Node) and params[0].op == "get_attr" else ""
-    path = f"{owner}.{name}" if owner else name
+    base = path = f"{owner}.{name}" if owner else name
     taken = {n for n, _ in root.named_modules()} | {n for n, _ in root.named_buffers()} | {n for n, _ in root.named_parameters()}
-    path = next(f"{path}_{k}" if k else path for k in range(len(taken) + 1) if (f"{path}_{k}" if k else path) not in taken)
+    copies = 0
+    while path in taken:  # (a second layer in the same module: "rnn.lstm_1")
+        copies += 1
+        path = f"{base}_{copies}"
     _install(root, path, module=layer.eval())
     call = graph.call_module(path, (x,))
     output, final = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
@@ -413,11 +416,10 @@ class _Block:
         _, module, module_path = self.get(ins[0])
         call_args = [self.get(v) for v in ins[1:]]
         name = node.s("name")
-        cls = _eager_class(module) if name.startswith("forward") else None
-        if name != "forward" and not (cls is not None and issubclass(cls, nn.RNNBase) and name == "forward__0"):
-            cls = None  # (a recurrent layer's forward on a tensor is its overload forward__0, hx None by default)
-        elif name == "forward__0":
-            while call_args and call_args[-1] is None:
+        cls = _eager_class(module) if name in ("forward", "forward__0") else None
+        if name == "forward__0":  # a recurrent layer's forward on a tensor: an overload, hx None by default
+            cls = cls if cls is not None and issubclass(cls, nn.RNNBase) else None
+            while cls is not None and call_args and call_args[-1] is None:
                 call_args.pop()
         layer = None
         if cls is not None:
