@@ -1357,7 +1357,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         # threshold, where y = max(x, threshold) is 1-Lipschitz
         padded = list(node.args) + [None] * 2
         level, value = node.kwargs.get("threshold", padded[1]), node.kwargs.get("value", padded[2])
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (level, value)):
+        if not (_number(level) and _number(value)):
             raise _Unsupported(f"{node.name}: threshold with a threshold or value that is not a number")
         if level != value:
             raise _Unsupported(f"{node.name}: threshold jumps from {value!r} to {level!r}: no Lipschitz constant")
@@ -1366,7 +1366,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         # leaky with a slope drawn from [lower, upper] (training), or their mean (eval): as nn.RReLU
         lower = node.kwargs.get("lower", node.args[1] if len(node.args) > 1 else 1 / 8)
         upper = node.kwargs.get("upper", node.args[2] if len(node.args) > 2 else 1 / 3)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lower, upper)):
+        if not (_number(lower) and _number(upper)):
             raise _Unsupported(f"{node.name}: rrelu with bounds that are not numbers")
         return _product(first, max(1.0, abs(lower), abs(upper)))
     if target in (F.leaky_relu,):
@@ -1514,7 +1514,8 @@ def _self_gated(node: torch.fx.Node, bounds: dict) -> float | None:
     return None
 
 
-_AVG_POOLS = {F.avg_pool1d: nn.LPPool1d, F.avg_pool2d: nn.LPPool2d, F.avg_pool3d: nn.LPPool3d}
+# the average pool an LPPool's decomposition calls: (the LPPool it computes, its dims)
+_AVG_POOLS = {F.avg_pool1d: (nn.LPPool1d, 1), F.avg_pool2d: (nn.LPPool2d, 2), F.avg_pool3d: (nn.LPPool3d, 3)}
 
 
 def _call_of(node, names: tuple[str, ...], functions: tuple = ()) -> bool:
@@ -1551,14 +1552,13 @@ def _decomposed_lp_pool(node: torch.fx.Node) -> tuple[torch.fx.Node, nn.Module, 
     pooled = sign.args[0]
     if relu.args[0].args[0] is not pooled or not (isinstance(pooled, torch.fx.Node) and pooled.target in _AVG_POOLS):
         return None
-    module_class = _AVG_POOLS[pooled.target]
+    module_class, dims = _AVG_POOLS[pooled.target]
     names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
     arguments = {**dict(zip(names, pooled.args)), **pooled.kwargs}  # (the functions are builtins: no signature)
     powered = arguments["input"]
     if not (_call_of(powered, ("pow",)) and len(powered.args) == 2 and not powered.kwargs and _number(powered.args[1])):
         return None
     p, kernel = powered.args[1], arguments.get("kernel_size")
-    dims = {nn.LPPool1d: 1, nn.LPPool2d: 2, nn.LPPool3d: 3}[module_class]
     stride = arguments.get("stride") or None  # (aten's default: an empty list)
     padding = arguments.get("padding", 0)
     if not (isinstance(kernel, (int, list, tuple)) and p != 0 and node.args[1] == 1.0 / p
@@ -1825,7 +1825,7 @@ def _elu_slope(node: torch.fx.Node) -> float:
     alpha = node.kwargs.get("alpha", node.args[1] if len(node.args) > 1 else 1.0)
     scale, input_scale = (node.args[2], node.args[3]) if len(node.args) == 4 else (1.0, 1.0)
     numbers = (alpha, scale, input_scale)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or input_scale < 0:
+    if not all(_number(v) for v in numbers) or input_scale < 0:
         raise _Unsupported(f"{node.name}: elu with alpha, scale, input_scale = {numbers!r}")
     return _float_up(abs(Fraction(scale)) * max(Fraction(1), abs(Fraction(alpha) * Fraction(input_scale))))
 
