@@ -950,18 +950,59 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
     """An in-place call replaces its first argument's value by its result, and later uses of that
     argument's node see the result: the node's bound becomes the larger of the two.  Where that
     raises it, a value taken from the argument before the call may be a view of it (a reshape, a
-    slice, an Identity module) and change too; that is not followed: no finite bound then."""
+    slice, an Identity module) and change too; that is not followed: no finite bound then.
+
+    The argument may itself be a view of another value, which the call then changes too.  Where the
+    view holds all of that value's entries, each once (a reshape, a permutation, an Identity or an
+    eval-mode Dropout, an earlier in-place call: _whole_view_source), the value's new entries are
+    the result's, and its bound is raised the same way, and so on up the views (a BatchNorm, then
+    an Identity, then an in-place activation, as timm's BatchNormAct2d computes).  A partial view (a
+    slice) is not followed: no finite bound then."""
     target = node.args[0] if node.args else None
     if not (isinstance(target, torch.fx.Node) and target in bounds) or bounds[node] <= bounds[target]:
         return
-    # the users already bounded came before node
-    views = [user.name for user in target.users if user is not node and user in bounds and _may_alias(user, graph_module)]
-    if _may_alias(target, graph_module):  # then what it views changes too
-        views.append(f"{target.name}'s own source")
-    if views:
-        raise _Unsupported(f"{node.name}: an in-place call that can raise {target.name}'s constant after "
-                           f"{', '.join(views)} took a value from it that may share its memory")
-    bounds[target] = bounds[node]
+    raised, child = bounds[node], node
+    while True:
+        if bounds[target] < raised:
+            # its users already bounded came before the call: a view among them changes too
+            views = [user.name for user in target.users
+                     if user is not child and user in bounds and _may_alias(user, graph_module)]
+            if views:
+                raise _Unsupported(f"{node.name}: an in-place call that can raise {target.name}'s constant after "
+                                   f"{', '.join(views)} took a value from it that may share its memory")
+            bounds[target] = raised
+        if not _may_alias(target, graph_module):
+            return
+        source = _whole_view_source(target, graph_module)
+        if source is None:
+            raise _Unsupported(f"{node.name}: an in-place call that can raise {target.name}'s constant after "
+                               f"{target.name}'s own source took a value from it that may share its memory")
+        if source not in bounds:
+            return
+        child, target = target, source
+
+
+def _whole_view_source(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The value whose entries node's value holds, all of them, each once, when node may be a view
+    of it: node's first argument for a reshape or permutation (_SHAPE_ONLY_*), an Identity, Flatten,
+    Unflatten or eval-mode Dropout module or F.dropout, and an in-place call (which returns its
+    argument); None for anything else (a slice, an expand, a module lipfast does not know)."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        if isinstance(module, tuple(_REGISTRY)) or not _computes_as_torch_layer(module):
+            return None
+        whole = isinstance(module, (*_IDENTITIES, nn.Flatten, nn.Unflatten)) or getattr(module, "inplace", False) is True
+    elif node.op == "call_method":
+        whole = node.target in _SHAPE_ONLY_METHODS or _in_place(node)
+    elif node.op == "call_function":
+        whole = node.target in _SHAPE_ONLY_FUNCTIONS or _in_place(node) or (
+            node.target is F.dropout and _dropout_arguments(node)[1] is False)
+    else:
+        whole = False
+    return source if whole else None
 
 
 #: functions whose result may share its input's memory (a view, or the input itself); methods: _util.VIEW_OPERATIONS
@@ -1037,7 +1078,10 @@ def _propagate(traced: torch.fx.GraphModule, example: Tensor, weights: set) -> d
 
 def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
     """Whether node's value may share memory with its input: a view or the input itself (an
-    in-place call, an Identity or eval-mode Dropout module, a module lipfast does not know)."""
+    in-place call, an Identity or eval-mode Dropout module, a module lipfast does not know).  A
+    size read (x.shape, x.size()) holds no entries."""
+    if _reads_size(node):
+        return False
     if node.op == "call_module":
         module = graph_module.get_submodule(node.target)
         return _util.may_share_memory(module) or isinstance(module, tuple(_REGISTRY)) or \
