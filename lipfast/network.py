@@ -588,14 +588,53 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
 def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     """The model traced for inputs of example's shape (a batch of one), where plain tracing fails on
     a branch or loop on the input's sizes (a shape check, an assert, range(x.size(1))): torch.fx's
-    meta tracer runs the modules on the example alongside the trace, so that sizes, dims and dtypes
-    are numbers, while the entries stay symbolic (a branch on them still fails).  The graph is then
+    meta tracer, made to compute every call on the example alongside the trace (ShapeTracer), so
+    that sizes, dims and dtypes are numbers, while the entries stay symbolic (a branch on them still
+    fails).  The graph is then
     checked against the model on a random input of that shape (as a translated script is); ValueError
     where it differs."""
-    from torch.fx.experimental.meta_tracer import MetaTracer
+    from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, MetaTracer
+
+    def value(v):
+        if isinstance(v, MetaDeviceAttribute):  # x.device: the example's, where MetaTracer says "meta"
+            return value(v.root).device
+        if isinstance(v, torch.fx.Proxy):
+            if not isinstance(v, MetaProxy) or getattr(v, "_tensor_meta", None) is None:
+                raise LookupError("a value that was not computed")
+            return v._tensor_meta
+        return v
 
     class ShapeTracer(_Tracer, MetaTracer):
-        pass
+        """MetaTracer, with each call computed on the example's values where MetaTracer computes it
+        on meta tensors: it makes the model's own tensors (a BatchNorm's running statistics read in
+        a forward) and the tensors the forward creates meta tensors, which then meet the example's,
+        and every size after them stays symbolic (timm's "same" padding after its BatchNormAct2d)."""
+
+        def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+            proxy = torch.fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+            if kind == "placeholder" and target in self.meta_args:
+                proxy.install_tensor_meta(self.meta_args[target])
+                return proxy
+            try:
+                a, k = torch.fx.node.map_aggregate(args, value), torch.fx.node.map_aggregate(kwargs, value)
+                self._disable_module_getattr = True  # (the model's attributes as they are, not proxies)
+                if kind == "call_function":
+                    result = target(*a, **k)
+                elif kind == "call_method":
+                    result = getattr(a[0], target)(*a[1:], **k)
+                elif kind == "call_module":
+                    result = self.orig_forward(*a, **k)
+                elif kind == "get_attr":  # a copy: an in-place call in the forward leaves the model as it is
+                    result = functools.reduce(getattr, target.split("."), self.root)
+                    result = result.detach().clone() if isinstance(result, Tensor) else result
+                else:
+                    return proxy
+                proxy.install_tensor_meta(result)
+            except Exception:  # (a value it depends on was not computed): its sizes stay symbolic
+                pass
+            finally:
+                self._disable_module_getattr = False
+            return proxy
 
     inputs = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]

@@ -352,6 +352,38 @@ def test_branches_and_loops_on_sizes_are_decided_for_the_input_shape(width):
         lipfast.lipschitz_bound(torch.jit.script(ValueBranch()), (4,), progress=False)
 
 
+class _NormThenSizedPad(nn.Module):
+    """timm's BatchNormAct2d, then its "same" padding for a strided conv: F.batch_norm reads the
+    model's own statistics in the forward, and the padding is computed from the normalized value's
+    size, with max() on it (a branch on a size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3, stride=2)
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False, 0.1, 1e-5)
+        size = y.size(-1)
+        total = max((-(-size // 2) - 1) * 2 + 3 - size, 0)
+        return self.conv(F.pad(torch.relu(y), (total // 2, total - total // 2, total // 2, total - total // 2)))
+
+
+@pytest.mark.parametrize("width", [5, 6])
+def test_sizes_after_the_models_own_tensors_are_numbers_when_tracing_for_a_shape(width):
+    torch.manual_seed(width)
+    model = _NormThenSizedPad().double().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 2.0)
+    report = lipfast.lipschitz_bound(model, (2, 4, width), progress=False)
+    assert report.method == "fx" and any("traced it for inputs of shape" in note for note in report.notes), report.notes
+    scale = (model.bn.weight / torch.sqrt(model.bn.running_var + 1e-5)).abs().max()
+    total = max((-(-width // 2) - 1) * 2 + 3 - width, 0)  # the conv's input: padded by total in each dim
+    conv = lipfast.operator_norm_bounds(model.conv, (4 + total, width + total))[1]
+    assert math.isfinite(report.upper) and report.upper <= float(scale) * float(conv) * (1 + 1e-3)
+    assert _jacobian_norm(model, (2, 4, width)) <= report.upper
+
+
 @pytest.mark.parametrize("make", [lambda m: torch.jit.trace(m, torch.randn(1, 6)),
                                   lambda m: torch.export.export(m, (torch.randn(1, 6),))],
                          ids=["trace", "export"])
