@@ -2144,13 +2144,19 @@ def _merged_weight(first: Tensor, groups: int, second: Tensor, copies: int) -> t
     if first.dtype not in _ROUNDING or second.dtype != first.dtype:
         return None
     out_c, in_per_group = first.shape[:2]
-    dense = first.new_zeros(out_c, in_per_group * groups, *first.shape[2:], dtype=torch.float64)
-    for g in range(groups):  # output channel o reads input channels (o // (out / groups)) (in / groups) + j
-        rows = slice(g * (out_c // groups), (g + 1) * (out_c // groups))
-        dense[rows, g * in_per_group:(g + 1) * in_per_group] = first[rows].double()
     mix = second.detach().double().reshape(second.shape[0], second.shape[1])
-    exact_abs = torch.einsum("do,oc...->dc...", mix.abs(), dense.abs())
-    merged = torch.einsum("do,oc...->dc...", mix, dense).to(first.dtype)
+    # output channel o of group g reads input channels g (in / groups) + j: M's columns of group g
+    # are mix's columns of g's outputs times first's rows of them (the dense first's other entries
+    # are zeros: groups times fewer flops, 1080 x 1080 x 49 for a depthwise 7x7 before a pointwise)
+    per_group = first.detach().double().reshape(groups, out_c // groups, -1)  # (g, o_g, in_g * taps)
+    mix_g = mix.reshape(mix.shape[0], groups, out_c // groups).transpose(0, 1)  # (g, d, o_g)
+    shape = (mix.shape[0], in_per_group * groups, *first.shape[2:])
+
+    def product(a: Tensor, b: Tensor) -> Tensor:  # (g, d, in_g * taps) -> (d, in, *kernel)
+        return torch.bmm(a, b).reshape(groups, shape[0], in_per_group, -1).transpose(0, 1).reshape(shape)
+
+    exact_abs = product(mix_g.abs(), per_group.abs())
+    merged = product(mix_g, per_group).to(first.dtype)
     if not torch.isfinite(merged).all() or not torch.isfinite(exact_abs).all():
         return None
     # each float64 entry is a sum of o products: within gamma(o) of its sum of |products| (Higham 3.5),
