@@ -1276,7 +1276,7 @@ def dense_brackets(matrices: Sequence[Tensor], rtol: float, max_iters: int) -> l
     result: list[tuple[float, float]] = [(0.0, 0.0)] * len(matrices)
     for (r, c), members in groups.items():
         A = torch.stack([tall[i] for i in members]) if len(members) > 1 else tall[members[0]][None]  # (ldexp copies)
-        largest = A.abs().amax(dim=(1, 2))
+        largest = reference._largest_magnitude(A, (1, 2))
         if not bool(torch.isfinite(largest).all() and (largest > 0).all()):
             return None  # NaN/Inf (the caller names the layer) or a zero matrix (Gram iteration: 0 exactly)
         e = torch.frexp(largest).exponent
