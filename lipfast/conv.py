@@ -26,7 +26,7 @@ import contextvars
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence, Union
 
 import torch
@@ -1055,8 +1055,35 @@ def _border_envelope(x: Tensor) -> Tensor:
     return x
 
 
+def _reaching_taps(op: ConvOperator) -> ConvOperator:
+    """op with the kernel's outer taps that never meet an input entry cut off (zero padding): the
+    same map.  Output o reads input o s + j d - lo through tap j; a tap that reads only padding for
+    every o adds zeros.  Cutting taps 0 .. a - 1 and b + 1 .. k - 1 of a dim leaves padding lo - a d
+    and hi - (k - 1 - b) d (kept >= 0) and the same outputs.  A kernel larger than its input gets
+    smaller, and so do the circulant grids of its bound (n + pad): a 7x7 kernel with padding 3 on
+    the 2x2 input of PNASNet's last cells is a 3x3 kernel with padding 1 there, 169 -> 25 shifts of
+    its autocorrelation and a grid of 3 instead of 5."""
+    if op.padding_mode != "zeros":
+        return op
+    cuts, lows, highs = [], [], []
+    for n, k, s, lo, hi, d, out in zip(op.input_size, op.kernel, op.stride, op.pad_lo, op.pad_hi, op.dilation,
+                                       op.output_size):
+        reaching = [j for j in range(k) if any(0 <= o * s + j * d - lo < n for o in range(out))]
+        if not reaching:  # every output reads padding only: the zero map, left as it is
+            return op
+        first, last = min(reaching[0], lo // d), max(reaching[-1], k - 1 - hi // d)
+        cuts.append(slice(first, last + 1))
+        lows.append(lo - first * d)
+        highs.append(hi - (k - 1 - last) * d)
+    if all(cut.stop - cut.start == k for cut, k in zip(cuts, op.kernel)):
+        return op
+    weight = op.weight[(slice(None), slice(None), *cuts)].contiguous()
+    return replace(op, weight=weight, pad_lo=tuple(lows), pad_hi=tuple(highs))
+
+
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
+    op = _reaching_taps(op)
     weight = op.weight.detach()
     if _pointwise(op):  # the channel matrices' norm: certified as a dense layer's, Gram iteration if that fails
         matrices = weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])

@@ -101,6 +101,12 @@ CONFIGS = _random_configs(48, seed=3) + [
     (nn.ConvTranspose2d(4, 6, 1, stride=2, output_padding=1), (3, 2)),
     (nn.Conv2d(3, 6, 1, padding=1, padding_mode="reflect"), (4, 4)),
     (nn.Conv1d(2, 3, 1, stride=3, padding=1), (1,)),  # every output reads padding: the zero map
+    # kernels larger than their inputs: the taps that only ever read padding are cut off
+    (nn.Conv2d(4, 4, 7, padding=3), (2, 2)),
+    (nn.Conv2d(2, 4, 5, stride=2, padding=4, dilation=2), (3, 4)),
+    (nn.Conv1d(3, 2, 7, padding=3), (1,)),
+    (nn.ConvTranspose2d(4, 2, 5, stride=2, padding=2, output_padding=1), (2, 1)),
+    (nn.Conv3d(2, 2, 5, padding=2, groups=2), (1, 2, 3)),
 ]
 
 
@@ -189,7 +195,9 @@ def test_circulant_bounds_alone_are_valid(config, monkeypatch, gram_method):
 
 
 def _circulant_configs() -> list:
-    ops = [(conv._module_operator("test", module.double(), size), (module, size)) for module, size in CONFIGS + WIDE_STRIDED]
+    # as bracket() has them: with the taps that only read padding cut off
+    ops = [(conv._reaching_taps(conv._module_operator("test", module.double(), size)), (module, size))
+           for module, size in CONFIGS + WIDE_STRIDED]
     return [pytest.param(op, id=_id(config)) for op, config in ops if not conv._pointwise(op)]
 
 
@@ -615,6 +623,27 @@ def test_zero_padded_matrices_are_the_operator(config):
     k = min(len(assembled), len(exact))
     torch.testing.assert_close(assembled[:k], exact[:k], rtol=1e-12, atol=1e-12)
     assert (assembled[k:].abs() <= 1e-12).all() and (exact[k:].abs() <= 1e-12).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS + WIDE_STRIDED, ids=_id)
+def test_taps_that_only_read_padding_are_cut_off(config):
+    module, size = config
+    op = conv._module_operator("test", module.double(), size)
+    cut = conv._reaching_taps(op)
+    x = torch.randn(2, op.weight.shape[1] * op.groups, *op.input_size, dtype=torch.float64)
+    torch.testing.assert_close(cut.apply(x), op.apply(x), rtol=1e-12, atol=1e-12)  # the same map
+    assert cut.output_size == op.output_size and min(cut.pad_lo + cut.pad_hi) >= 0
+    if op.padding_mode != "zeros":
+        assert cut is op
+
+
+def test_a_kernel_larger_than_its_input_is_cut_to_the_taps_that_reach_it():
+    op = conv._module_operator("test", nn.Conv2d(4, 4, 7, padding=3), (2, 2))
+    cut = conv._reaching_taps(op)
+    assert cut.kernel == (3, 3) and cut.pad_lo == cut.pad_hi == (1, 1)
+    torch.testing.assert_close(cut.weight, op.weight[:, :, 2:5, 2:5].detach())
+    one = conv._reaching_taps(conv._module_operator("test", nn.Conv1d(3, 2, 7, padding=3), (1,)))
+    assert one.kernel == (1,) and conv._pointwise(one)  # one input position: the channel matrix's norm
 
 
 def test_small_operators_get_brackets_from_their_exact_matrix():
