@@ -81,6 +81,12 @@ class ConvOperator:
         )
 
 
+class PadSides(tuple):
+    """Zero padding given side by side, ((before, after), ...) for each spatial dim in order: an
+    F.pad with zeros that lipschitz_bound folds into the conv it feeds (timm's "same" padding for a
+    strided conv pads one more after than before, which no nn.ConvNd setting says)."""
+
+
 def _tuple(fn: str, name: str, value: object, dims: int, minimum: int) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,) * dims
@@ -160,7 +166,14 @@ def conv_operator(
 
     if output_padding not in (0, (0,) * dims, [0] * dims):
         raise ValueError(f"lipfast.{fn}: output_padding applies to transposed convolutions only, got {output_padding!r}")
-    if isinstance(padding, str):
+    if isinstance(padding, PadSides):
+        if padding_mode != "zeros" or len(padding) != dims or not all(
+                len(pair) == 2 and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair)
+                for pair in padding):
+            raise ValueError(f"lipfast.{fn}: padding given side by side must be {dims} pairs of ints >= 0 with "
+                             f"padding_mode='zeros', got {tuple(padding)!r} and {padding_mode!r}")
+        lo, hi = tuple(pair[0] for pair in padding), tuple(pair[1] for pair in padding)
+    elif isinstance(padding, str):
         if padding == "valid":
             lo = hi = (0,) * dims
         elif padding == "same":

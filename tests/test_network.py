@@ -1789,6 +1789,55 @@ def test_an_asymmetric_copying_pad_other_than_same_stays_apart():
     assert report.upper == pytest.approx(conv * math.sqrt(4), rel=1e-9)  # the pad apart: a corner copied 4 times
 
 
+class _ZeroPadded(nn.Module):
+    """F.pad with zeros, then a conv with no padding of its own, as a function (timm's Conv2dSame)."""
+
+    def __init__(self, conv: nn.Module, pad: tuple) -> None:
+        super().__init__()
+        self.conv, self.pad = conv, pad
+
+    def forward(self, x):
+        return self.conv._conv_forward(F.pad(x, self.pad), self.conv.weight, self.conv.bias)
+
+
+@pytest.mark.parametrize("conv, pad, shape", [
+    (nn.Conv2d(3, 4, 3, stride=2), (0, 1, 0, 1), (3, 6, 6)),  # timm's "same" for k 3, s 2 on an even input
+    (nn.Conv2d(2, 4, 7, stride=2), (2, 3, 3, 3), (2, 2, 3)),  # a kernel larger than the input: taps cut off
+    (nn.Conv1d(2, 3, 4, dilation=2), (3, 3), (2, 5)),
+    (nn.Conv3d(2, 2, 3), (1, 1, 0, 2, 1, 0), (2, 3, 2, 3)),
+], ids=["strided-same", "large-kernel", "1d-dilated", "3d"])
+def test_a_zero_pad_before_a_conv_is_folded_into_it_in_every_form(conv, pad, shape):
+    # conv(F.pad(x)) is one zero-padded operator on x: bracketed as that, its norm at most the
+    # unpadded conv's on the padded grid
+    torch.manual_seed(0)
+    model = _ZeroPadded(conv, pad).eval()
+    exact = _explicit_norm(model, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    (layer,) = [layer for layer in report.layers if "conv" in layer.kind]
+    assert layer.input_shape == shape and layer.lower <= exact <= layer.upper
+    padded = tuple(n + pad[-2 * i - 2] + pad[-2 * i - 1] for i, n in enumerate(shape[1:]))
+    assert report.upper <= float(lipfast.operator_norm_bounds(conv, padded)[1]) * (1 + 2e-3)
+    _same_in_every_form(model, shape, report.upper)
+
+
+def test_a_pad_with_another_value_or_a_crop_stays_apart():
+    torch.manual_seed(0)
+    class Padded(_ZeroPadded):
+        def forward(self, x):
+            return self.conv._conv_forward(F.pad(x, self.pad, value=self.value), self.conv.weight, self.conv.bias)
+
+    for pad, value in [((1, 1, 1, 1), 2.0), ((1, -1, 0, 1), 0.0)]:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3)).double().eval()
+        padded = Padded(model[0], pad)
+        padded.value = value
+        report = lipfast.lipschitz_bound(padded, (2, 5, 5), progress=False)
+        (layer,) = [layer for layer in report.layers if "conv" in layer.kind]
+        size = (5 + pad[2] + pad[3], 5 + pad[0] + pad[1])
+        assert layer.input_shape == (2, *size)  # the conv on the padded input, apart from the pad
+        assert report.upper == pytest.approx(float(lipfast.operator_norm_bounds(model[0], size)[1]), rel=1e-9)
+
+
 class _SeparableConv(nn.Module):
     """Depthwise then pointwise, as functions (timm's SeparableConv2d, written out)."""
 
