@@ -539,7 +539,7 @@ def _computes_as_torch_layer(m: nn.Module) -> bool:
     into.  The classes torch.nn.utils.parametrize makes for a parametrized module only compute its
     parametrized tensors, and are looked through (torch.fx itself takes them for torch.nn layers,
     whatever the class below them computes)."""
-    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _overrides_methods(m):
         return False
     for cls in type(m).__mro__:
         if cls.__module__ == "torch.nn.utils.parametrize":
@@ -580,7 +580,36 @@ def _leaving_no_constants(model: nn.Module):
                 delattr(model, name)
 
 
+def _overrides_methods(m: nn.Module) -> bool:
+    """Whether the module holds a method of its own (m.forward = ..., set on the instance), which
+    Python calls instead of its class's."""
+    return any(callable(value) and callable(getattr(type(m), name, None)) for name, value in vars(m).items())
+
+
+def _with_own_forward(model: nn.Module) -> nn.Module:
+    """The module to trace: torch.fx traces a module's class's forward, and a forward set on the
+    instance (model.forward = ...) is what a call runs; then a shallow copy (the same parameters and
+    submodules, under the same names) whose class runs that forward, for one input.  The copy's
+    attributes are its own, so what tracing adds to it leaves the model as it is."""
+    own = vars(model).get("forward")
+    if own is None:
+        return model
+    inputs = [p for p in inspect.signature(own).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if len(inputs) != 1:
+        raise ValueError(f"the forward set on the model takes {len(inputs)} inputs, not one")
+
+    class OwnForward(type(model)):
+        def forward(self, input):
+            return own(input)
+
+    copy = object.__new__(OwnForward)
+    copy.__dict__.update({name: value for name, value in vars(model).items() if name != "forward"})
+    return copy
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    model = _with_own_forward(model)
     with _leaving_no_constants(model):
         return torch.fx.GraphModule(model, _Tracer().trace(model))
 
@@ -590,9 +619,8 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     a branch or loop on the input's sizes (a shape check, an assert, range(x.size(1))): torch.fx's
     meta tracer, made to compute every call on the example alongside the trace (ShapeTracer), so
     that sizes, dims and dtypes are numbers, while the entries stay symbolic (a branch on them still
-    fails).  The graph is then
-    checked against the model on a random input of that shape (as a translated script is); ValueError
-    where it differs."""
+    fails).  The graph is then checked against the model on a random input of that shape (as a
+    translated script is); ValueError where it differs."""
     from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, MetaTracer
 
     def value(v):
@@ -636,6 +664,7 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
                 self._disable_module_getattr = False
             return proxy
 
+    checked, model = model, _with_own_forward(model)
     inputs = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     if len(inputs) != 1:
@@ -646,7 +675,7 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
             traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
     from lipfast import _torchscript
 
-    _torchscript.check_translation(model, traced, tuple(example.shape[1:]))  # ValueError where they differ
+    _torchscript.check_translation(checked, traced, tuple(example.shape[1:]))  # ValueError where they differ
     return traced
 
 

@@ -1640,6 +1640,27 @@ class _InPlaceThroughViews(nn.Module):
         return torch.tanh(3.0 * y)
 
 
+def test_a_forward_set_on_the_instance_is_the_one_bounded():
+    # torch.fx traces a module's class's forward, but a call runs the one set on the instance
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    model.forward = lambda x: 10 * model[2](model[1](model[0](x)))
+    report = lipfast.lipschitz_bound(model, (4,), progress=False)
+    assert report.method == "fx" and report.notes == [] and "forward" in vars(model)
+    plain = float(torch.linalg.matrix_norm(model[2].weight, 2) * torch.linalg.matrix_norm(model[0].weight, 2))
+    assert report.upper == pytest.approx(10 * plain, rel=2e-3) and report.upper >= _jacobian_norm(model, (4,))
+    # a torch.nn layer with a method of its own is not that layer: followed through its forward
+    layer = nn.Linear(4, 4).double()
+    layer.forward = lambda x: 10 * F.linear(x, layer.weight, layer.bias)
+    report = lipfast.lipschitz_bound(nn.Sequential(layer, nn.Tanh()), (4,), progress=False)
+    exact = 10 * float(torch.linalg.matrix_norm(layer.weight, 2))
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    two = nn.Identity()
+    two.forward = lambda x, y: x + y
+    with pytest.raises(ValueError, match="forward set on the model takes 2 inputs"):
+        network._with_own_forward(two)
+
+
 def test_forward_hooks_that_may_change_a_layer_give_no_finite_bound():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
