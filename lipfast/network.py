@@ -621,7 +621,7 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     that sizes, dims and dtypes are numbers, while the entries stay symbolic (a branch on them still
     fails).  The graph is then checked against the model on a random input of that shape (as a
     translated script is); ValueError where it differs."""
-    from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, MetaTracer
+    from torch.fx.experimental.meta_tracer import MetaAttribute, MetaDeviceAttribute, MetaProxy, MetaTracer
 
     def value(v):
         if isinstance(v, MetaDeviceAttribute):  # x.device: the example's, where MetaTracer says "meta"
@@ -632,11 +632,20 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
             return v._tensor_meta
         return v
 
+    class ShapeProxy(MetaProxy):
+        @property
+        def ndim(self):  # a number, as size(), dim() and shape are (timm checks x.ndim)
+            meta = getattr(self, "_tensor_meta", None)
+            return meta.ndim if isinstance(meta, Tensor) else MetaAttribute(self, "ndim")
+
     class ShapeTracer(_Tracer, MetaTracer):
         """MetaTracer, with each call computed on the example's values where MetaTracer computes it
         on meta tensors: it makes the model's own tensors (a BatchNorm's running statistics read in
         a forward) and the tensors the forward creates meta tensors, which then meet the example's,
         and every size after them stays symbolic (timm's "same" padding after its BatchNormAct2d)."""
+
+        def proxy(self, node: torch.fx.Node) -> MetaProxy:
+            return ShapeProxy(node, self)
 
         def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
             proxy = torch.fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

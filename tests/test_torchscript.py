@@ -355,7 +355,7 @@ def test_branches_and_loops_on_sizes_are_decided_for_the_input_shape(width):
 class _NormThenSizedPad(nn.Module):
     """timm's BatchNormAct2d, then its "same" padding for a strided conv: F.batch_norm reads the
     model's own statistics in the forward, and the padding is computed from the normalized value's
-    size, with max() on it (a branch on a size)."""
+    size, with max() on it (a branch on a size), after a check of its ndim."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -363,6 +363,8 @@ class _NormThenSizedPad(nn.Module):
 
     def forward(self, x):
         y = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False, 0.1, 1e-5)
+        if y.ndim != 4:  # (timm checks sizes this way too)
+            raise ValueError("expected (N, C, H, W)")
         size = y.size(-1)
         total = max((-(-size // 2) - 1) * 2 + 3 - size, 0)
         return self.conv(F.pad(torch.relu(y), (total // 2, total - total // 2, total // 2, total - total // 2)))
