@@ -681,7 +681,8 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     with warnings.catch_warnings():  # (the meta tracer warns of each value it could not run: those stay symbolic)
         warnings.simplefilter("ignore")
         with _leaving_no_constants(model):
-            traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example}))
+            # (a copy: the calls run on it, in-place ones included, and the caller's example is used again)
+            traced = torch.fx.GraphModule(model, ShapeTracer().trace(model, meta_args={inputs[0].name: example.clone()}))
     from lipfast import _torchscript
 
     _torchscript.check_translation(checked, traced, tuple(example.shape[1:]))  # ValueError where they differ

@@ -386,6 +386,20 @@ def test_sizes_after_the_models_own_tensors_are_numbers_when_tracing_for_a_shape
     assert _jacobian_norm(model, (2, 4, width)) <= report.upper
 
 
+def test_tracing_for_a_shape_leaves_the_example_as_it_is():
+    class InPlace(nn.Module):  # the traced calls run on the example, in-place ones too
+        def forward(self, x):
+            x.mul_(2.0)
+            return x * 3 if x.size(-1) > 2 else x
+
+    from lipfast import network
+
+    example = torch.randn(1, 4)
+    kept = example.clone()
+    traced = network._trace_for_shape(InPlace(), example)
+    assert torch.equal(example, kept) and torch.equal(traced(example.clone()), 6 * kept)
+
+
 @pytest.mark.parametrize("make", [lambda m: torch.jit.trace(m, torch.randn(1, 6)),
                                   lambda m: torch.export.export(m, (torch.randn(1, 6),))],
                          ids=["trace", "export"])
