@@ -81,7 +81,7 @@ class ConvOperator:
         )
 
 
-class PadSides(tuple):
+class _PadSides(tuple):
     """Zero padding given side by side, ((before, after), ...) for each spatial dim in order: an
     F.pad with zeros that lipschitz_bound folds into the conv it feeds (timm's "same" padding for a
     strided conv pads one more after than before, which no nn.ConvNd setting says)."""
@@ -166,7 +166,7 @@ def conv_operator(
 
     if output_padding not in (0, (0,) * dims, [0] * dims):
         raise ValueError(f"lipfast.{fn}: output_padding applies to transposed convolutions only, got {output_padding!r}")
-    if isinstance(padding, PadSides):
+    if isinstance(padding, _PadSides):
         if padding_mode != "zeros" or len(padding) != dims or not all(
                 len(pair) == 2 and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair)
                 for pair in padding):

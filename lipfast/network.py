@@ -840,7 +840,7 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
     applied to x (that is how the module computes, and how a traced or exported one reads): its
     arguments then say so, so that the pair is bracketed as one operator, whose norm can be well
     below the product of the two (the pad alone copies entries: norm above 1).  A pad with zeros is
-    folded in too, in any amounts (conv.PadSides): one zero-padded operator on x, whose norm is at
+    folded in too, in any amounts (conv._PadSides): one zero-padded operator on x, whose norm is at
     most the unpadded conv's on the padded grid, and whose bracket is cheaper (a smaller circulant
     grid, and the taps that only read padding cut off).  Others as they are."""
     source = arguments["input"]
@@ -860,7 +860,7 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
     if not isinstance(pad_arguments.get("input"), torch.fx.Node):
         return arguments
     if zeros:
-        return {**arguments, "input": pad_arguments["input"], "padding": conv.PadSides(sides), "padding_mode": "zeros"}
+        return {**arguments, "input": pad_arguments["input"], "padding": conv._PadSides(sides), "padding_mode": "zeros"}
     if all(left == right for left, right in sides):
         padding = tuple(left for left, _ in sides)
     else:
