@@ -866,9 +866,7 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
     else:
         # padding="same" with a copying mode pads d (k - 1) // 2 before and the rest after (stride 1),
         # as an even kernel needs: the module's own form, which traces as this pad and the conv
-        weight = arguments.get("weight")  # stored (a traced or exported module's): its shape is known now
-        stored = weight.graph.owning_module if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
-        stored = functools.reduce(getattr, weight.target.split("."), stored) if stored is not None else None
+        stored = _stored_value(arguments.get("weight"))  # (a traced or exported module's): its shape is known now
         shape = tuple(stored.shape) if isinstance(stored, Tensor) else None
         dilation = _as_tuple(arguments.get("dilation", 1), dims)
         if shape is None or len(shape) != dims + 2 or _as_tuple(arguments.get("stride", 1), dims) != (1,) * dims:
@@ -880,18 +878,25 @@ def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
     return {**arguments, "input": pad_arguments["input"], "padding": padding, "padding_mode": mode}
 
 
+def _stored_value(node, model: nn.Module | None = None) -> object | None:
+    """What a get_attr node reads from model (by default, the one its graph belongs to); None for any
+    other value, or where the model has no such attribute."""
+    model = model if model is not None else getattr(getattr(node, "graph", None), "owning_module", None)
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr" and model is not None):
+        return None
+    try:
+        return functools.reduce(getattr, node.target.split("."), model)
+    except AttributeError:
+        return None
+
+
 def _tensor_value(graph_module: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node,
                   computed: dict[torch.fx.Node, Tensor | None], what: str) -> Tensor:
     """The value of a functional layer's constant tensor: stored (get_attr), or computed in the forward."""
     if _drawn(source):
         raise _Unsupported(f"{node.name}: {node.target.__name__}'s {what} is drawn at random in the forward (tracing "
                            "kept one draw)")
-    if source.op == "get_attr":
-        value = graph_module
-        for part in source.target.split("."):
-            value = getattr(value, part)
-    else:
-        value = computed.get(source)
+    value = _stored_value(source, graph_module) if source.op == "get_attr" else computed.get(source)
     if not isinstance(value, Tensor):
         raise _Unsupported(f"{node.name}: {node.target.__name__}'s {what} is computed in the forward, and its value "
                            "could not be had (or differed between two runs)")
@@ -1180,14 +1185,8 @@ def _may_alias(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
 def _constant_integers(part) -> Tensor | None:
     """The value of a graph node that is an integer or boolean tensor constant of the model
     (torch.tensor([...]) in the forward, which torch.fx keeps as an attribute, or a stored one)."""
-    if not (isinstance(part, torch.fx.Node) and part.op == "get_attr" and part.graph.owning_module is not None) or \
-            _drawn(part):
-        return None
-    try:
-        value = functools.reduce(getattr, part.target.split("."), part.graph.owning_module)
-    except AttributeError:
-        return None
-    if not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
+    value = _stored_value(part)
+    if value is None or _drawn(part) or not isinstance(value, Tensor) or value.is_floating_point() or value.is_complex():
         return None
     return value
 
