@@ -47,7 +47,7 @@ _FUNCTIONS = {
     "adaptive_max_pool2d": F.adaptive_max_pool2d_with_indices, "adaptive_max_pool3d": F.adaptive_max_pool3d_with_indices,
 }
 #: aten operations translated to tensor methods
-_METHODS = {"view", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as"}
+_METHODS = {"view", "size", "dim", "numel", "detach", "clone", "expand_as", "type_as", "unfold"}
 _PADS = {"pad": None, "constant_pad_nd": "constant", "reflection_pad1d": "reflect", "reflection_pad2d": "reflect",
          "reflection_pad3d": "reflect", "replication_pad1d": "replicate", "replication_pad2d": "replicate",
          "replication_pad3d": "replicate", "_pad_circular": "circular"}

@@ -830,36 +830,120 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
                 options["groups"] = groups
             lower, upper = conv.conv_spectral_norm_bounds(
                 weight, in_shape[1:], transposed=node.target.__name__.startswith("conv_transpose"), rtol=rtol, **options)
-    return LayerBound(node.name, f"F.{node.target.__name__}", in_shape, out_shape, float(lower), float(upper),
-                      time.perf_counter() - t0)
+    kind = node.meta["lipfast_module"][1] if "lipfast_module" in node.meta else f"F.{node.target.__name__}"
+    return LayerBound(_node_label(node), kind, in_shape, out_shape, float(lower), float(upper), time.perf_counter() - t0)
+
+
+#: the torch.nn padding modules, by the F.pad mode they call
+_PAD_MODULE_MODES = ((nn.modules.padding._ConstantPadNd, "constant"), (nn.modules.padding._ReflectionPadNd, "reflect"),
+                     (nn.modules.padding._ReplicationPadNd, "replicate"), (nn.modules.padding._CircularPadNd, "circular"))
+
+
+def _pad_arguments(node) -> dict | None:
+    """F.pad's arguments by name (input, pad, mode, value) of a pad call: F.pad itself, or a torch.nn
+    padding module (ZeroPad2d, ReflectionPad1d, ...) called on one tensor, which calls F.pad with its
+    own padding; None for anything else."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_function" and node.target is F.pad:
+        return {"mode": "constant", "value": None, **dict(zip(("input", "pad", "mode", "value"), node.args)),
+                **node.kwargs}
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    module = _stored_module(node)
+    if module is None or isinstance(module, tuple(_REGISTRY)) or _hooks_note(module) or \
+            not _computes_as_torch_layer(module):
+        return None
+    mode = next((mode for kind, mode in _PAD_MODULE_MODES if isinstance(module, kind)), None)
+    if mode is None:
+        return None
+    return {"input": node.args[0], "pad": tuple(module.padding), "mode": mode, "value": getattr(module, "value", None)}
+
+
+def _stored_module(node: torch.fx.Node) -> nn.Module | None:
+    """The module a call_module node calls, from the graph's owner; None where it has none."""
+    owner = getattr(node.graph, "owning_module", None)
+    try:
+        return owner.get_submodule(node.target) if owner is not None else None
+    except AttributeError:
+        return None
+
+
+_FUNCTIONAL_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _padded_convs_as_functions(traced: torch.fx.GraphModule) -> set[str]:
+    """Rewrites in traced's graph each torch.nn Conv1d/2d/3d module called once, on the output of a
+    pad (F.pad or a padding module), as the F.conv1d/2d/3d call it makes (its weight and bias read
+    by get_attr nodes, its padding given when it pads with zeros): the same function, which
+    _with_copying_pad can then fold the pad into, as for a functional conv.  The new node keeps the
+    module's name and class (meta "lipfast_module") for the report.  Returns the names of the
+    modules rewritten, whose leaf entries are no longer bounded as modules.  Modules with a
+    registered constant, hooks, parametrizations or a forward of their own stay as they are."""
+    graph = traced.graph
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    rewritten = set()
+    for node in list(graph.nodes):
+        if node.op != "call_module" or counts[node.target] != 1 or len(node.args) != 1 or node.kwargs or \
+                _pad_arguments(node.args[0]) is None:
+            continue
+        module = _stored_module(node)
+        function = next((f for kind, f in _FUNCTIONAL_CONVS.items() if isinstance(module, kind)), None)
+        if function is None or isinstance(module, tuple(_REGISTRY)) or _hooks_note(module) or \
+                torch.nn.utils.parametrize.is_parametrized(module) or not _computes_as_torch_layer(module):
+            continue
+        # with padding_mode other than zeros the module pads by copying first (nothing, where its
+        # padding is 0); that pad and the one before are not one pad: left as it is
+        padding = module.padding if module.padding_mode == "zeros" else 0
+        if module.padding_mode != "zeros" and module.padding != "valid" and any(module.padding):
+            continue
+        with graph.inserting_before(node):
+            weight = graph.get_attr(f"{node.target}.weight")
+            bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            call = graph.call_function(function, (node.args[0], weight, bias, module.stride, padding,
+                                                  module.dilation, module.groups))
+        call.meta["lipfast_module"] = (node.target, type(module).__name__)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        rewritten.add(call.meta["lipfast_module"][0])
+    if rewritten:
+        traced.recompile()
+    return rewritten
 
 
 def _with_copying_pad(node: torch.fx.Node, arguments: dict) -> dict:
-    """A conv2d applied to F.pad(x, p, mode) with mode reflect, replicate or circular, equal amounts on
-    both sides of each spatial dim and no padding of its own is nn.Conv2d(padding=p, padding_mode=mode)
-    applied to x (that is how the module computes, and how a traced or exported one reads): its
-    arguments then say so, so that the pair is bracketed as one operator, whose norm can be well
-    below the product of the two (the pad alone copies entries: norm above 1).  A pad with zeros is
-    folded in too, in any amounts (conv._PadSides): one zero-padded operator on x, whose norm is at
-    most the unpadded conv's on the padded grid, and whose bracket is cheaper (a smaller circulant
-    grid, and the taps that only read padding cut off).  Others as they are."""
+    """A conv2d applied to F.pad(x, p, mode) (or a padding module) with mode reflect, replicate or
+    circular, equal amounts on both sides of each spatial dim and no padding of its own is
+    nn.Conv2d(padding=p, padding_mode=mode) applied to x (that is how the module computes, and how a
+    traced or exported one reads): its arguments then say so, so that the pair is bracketed as one
+    operator, whose norm can be well below the product of the two (the pad alone copies entries:
+    norm above 1).  A pad with zeros is folded in too, in any amounts, and added to the conv's own
+    zero padding (conv._PadSides): one zero-padded operator on x, whose norm is at most the unpadded
+    conv's on the padded grid, and whose bracket is cheaper (a smaller circulant grid, and the taps
+    that only read padding cut off).  Others as they are."""
     source = arguments["input"]
-    if node.target not in (F.conv1d, F.conv2d, F.conv3d) or not isinstance(source, torch.fx.Node) or \
-            source.op != "call_function" or source.target is not F.pad:
+    pad_arguments = _pad_arguments(source) if node.target in (F.conv1d, F.conv2d, F.conv3d) else None
+    if pad_arguments is None:
         return arguments
-    pad_arguments = {**dict(zip(("input", "pad", "mode", "value"), source.args)), **source.kwargs}
     pad, mode = pad_arguments.get("pad"), pad_arguments.get("mode", "constant")
     zeros = mode == "constant" and pad_arguments.get("value") in (None, 0)
     dims = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[node.target]
     own = arguments.get("padding", 0)
+    own = (0,) * dims if own == "valid" else _as_tuple(own, dims) if isinstance(own, (int, list, tuple)) else None
+    own = own if own is not None and len(own) == dims else None
     if not (zeros or mode in ("reflect", "replicate", "circular")) or not isinstance(pad, (list, tuple)) \
             or len(pad) != 2 * dims or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pad) \
-            or not (own == "valid" or own == 0 or (isinstance(own, (list, tuple)) and not any(own))):
+            or own is None or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in own) \
+            or (any(own) and not zeros):
         return arguments
     sides = [(pad[2 * i], pad[2 * i + 1]) for i in range(dims)][::-1]  # F.pad lists the last dim first
     if not isinstance(pad_arguments.get("input"), torch.fx.Node):
         return arguments
     if zeros:
+        sides = [(lo + p, hi + p) for (lo, hi), p in zip(sides, own)]
         return {**arguments, "input": pad_arguments["input"], "padding": conv._PadSides(sides), "padding_mode": "zeros"}
     if all(left == right for left, right in sides):
         padding = tuple(left for left, _ in sides)
@@ -1266,7 +1350,7 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
         return True  # the type of another tensor
     if node.op == "call_method":
-        return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS
+        return (node.target in _REPLICATING_METHODS or node.target in _REDUCING_METHODS or node.target == "unfold"
                 or node.target in _PAIRWISE_EXTREMA_METHODS or node.target == "log_softmax")
     return (node.target in _LOG_SOFTMAX or node.target in _REPLICATING_FUNCTIONS or node.target in _REDUCING_FUNCTIONS
             or node.target in _FUNCTIONAL_POOLS or node.target in _FUNCTIONAL_MAX_POOLS
@@ -1319,6 +1403,24 @@ def _copies(node: torch.fx.Node) -> Fraction:
     source = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     out, inp = math.prod(_shape(node, node)), math.prod(_shape(node, source))
     return Fraction(out, inp) if inp else Fraction(0)
+
+
+def _unfolded_copies(node: torch.fx.Node) -> int:
+    """x.unfold(dimension, size, step): the windows x[.., w step : w step + size, ..] side by side, so
+    each entry is copied into every window that holds it (and one past the last window into none):
+    ‖Δy‖^2 <= c ‖Δx‖^2 with c the largest number of windows holding one position, equal for a change
+    at that position alone.  Returns c."""
+    arguments = _size_values({**dict(zip(("dimension", "size", "step"), node.args[1:])), **node.kwargs})
+    if arguments is None or set(arguments) != {"dimension", "size", "step"} or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in arguments.values()):
+        raise _Unsupported(f"{node.name}: unfold with arguments computed in the graph")
+    shape = _shape(node, node.args[0])
+    dimension, size, step = arguments["dimension"], arguments["size"], arguments["step"]
+    if not -len(shape) <= dimension < len(shape) or dimension % len(shape) == 0 or size < 1 or step < 1 or \
+            size > shape[dimension]:
+        raise _Unsupported(f"{node.name}: unfold over dim {dimension} (the batch dim, or none of the input's)")
+    n = shape[dimension]
+    return _window_counts(n, size, step, 0, 1, (n - size) // step + 1)
 
 
 def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = None) -> float:
@@ -1416,6 +1518,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         return _product(first, _sqrt_up(_index_copies(node.args[1])))
     if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
         return _product(first, _sqrt_up(_copies(node)))
+    if node.op == "call_method" and name == "unfold":
+        return _product(first, _sqrt_up(_unfolded_copies(node)))
     if target in _REDUCING_FUNCTIONS or (node.op == "call_method" and name in _REDUCING_METHODS):
         dtype = node.kwargs.get("dtype")
         if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex):
@@ -2011,8 +2115,89 @@ def _layer_cost(module: nn.Module, in_shape: tuple) -> float:
             padding = module.padding if isinstance(module.padding, tuple) else (0,) * len(module.kernel_size)
             pointwise = all(k == 1 for k in module.kernel_size)  # bounded as a matrix
             grid = 1 if pointwise else math.prod(s + 2 * pad for s, pad in zip(in_shape[1:], padding))
-        return float(weight.numel() * pixels + 0.08 * grid * p * q * min(p, q) + 3e6)
+        return _bracket_cost(weight.numel(), p, q, pixels, grid)
     return float(math.prod(in_shape))
+
+
+def _bracket_cost(entries: int, p: int, q: int, pixels: int, grid: int) -> float:
+    """_layer_cost of a conv with `entries` weight entries, p x q channel matrices, on `pixels` input
+    positions and a circulant grid of `grid` (1 and 1 for a matrix)."""
+    return float(entries * pixels + 0.08 * grid * p * q * min(p, q) + 3e6)
+
+
+def _bound_functional_layers(traced: torch.fx.GraphModule, calls: dict[torch.fx.Node, dict],
+                             folds: dict[torch.fx.Node, "_Fold"], rtol: float,
+                             computed: dict[torch.fx.Node, Tensor | None],
+                             group: object) -> dict[torch.fx.Node, "LayerBound | _Unsupported"]:
+    """The bracket of every functional layer (calls: _layer_arguments), its BatchNorm folded in where
+    folds has one, in graph order; for a layer with none, the _Unsupported saying why.  One process
+    stops at the first such layer (the network's bound is then inf).  With a process group of
+    several ranks the layers are shared out as _bound_layers shares the modules (F.conv2d in a
+    custom forward, and a conv module after a pad, rewritten as one), and the results
+    all-gathered: every rank returns the same."""
+    nodes = list(calls)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    if world > 1:
+        owner = _share_out([_functional_cost(traced, node, calls[node], computed, folds.get(node)) for node in nodes],
+                           world)
+    else:
+        owner = [0] * len(nodes)
+    results: dict[str, LayerBound | _Unsupported] = {}
+    failure = None
+    for node, r in zip(nodes, owner):
+        if r != rank:
+            continue
+        fold = folds.get(node)
+        try:
+            if fold is not None:
+                layer = _with_margin(_functional_layer(traced, node, calls[node], rtol, computed, fold.weight,
+                                                       fold.groups), fold)
+            else:
+                layer = _functional_layer(traced, node, calls[node], rtol, computed)
+            results[node.name] = layer
+        except _Unsupported as exc:
+            results[node.name] = exc
+            if world == 1:
+                break
+        except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
+            if world == 1:
+                raise
+            failure = f"{node.name}: {type(exc).__name__}: {exc}"
+            break
+    if world > 1:
+        _exchange(results, failure, world, group)
+    return {node: results[node.name] for node in nodes if node.name in results}
+
+
+def _exchange(results: dict, failure: str | None, world: int, group: object) -> None:
+    """Adds every rank's results to this rank's (all-gathered), or raises on every rank where
+    some rank failed (failure: what went wrong there; None on a rank where nothing did)."""
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (results, failure), group=group)
+    failures = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f is not None]
+    if failures:
+        raise RuntimeError("lipfast.lipschitz_bound: bounding layers failed on " + "; ".join(failures))
+    for part, _ in gathered:
+        results.update(part)
+
+
+def _functional_cost(traced: torch.fx.GraphModule, node: torch.fx.Node, arguments: dict,
+                     computed: dict[torch.fx.Node, Tensor | None], fold: "_Fold | None") -> float:
+    """_layer_cost of a functional layer: that of the nn.Linear or nn.ConvNd it computes as (its
+    weight's shape, the input size the shape propagation recorded); a small constant for the rest."""
+    in_shape = _example_shape(arguments["input"])
+    if node.target in (F.batch_norm, F.prelu):
+        return float(math.prod(in_shape))
+    try:
+        weight = fold.weight if fold is not None else _tensor_value(traced, node, arguments["weight"], computed, "weight")
+    except _Unsupported:
+        return 0.0
+    if node.target is F.linear or weight.dim() < 3 or not in_shape:
+        return _bracket_cost(weight.numel(), weight.shape[0], weight[0].numel(), 1, 1)
+    transposed = node.target.__name__.startswith("conv_transpose")
+    p, q = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+    pixels = math.prod(in_shape[1:])
+    return _bracket_cost(weight.numel(), p, q, pixels, 1 if all(k == 1 for k in weight.shape[2:]) else pixels)
 
 
 def _share_out(costs: list[float], world: int) -> list[int]:
@@ -2540,7 +2725,10 @@ def _is_size_of(value, x: torch.fx.Node, dim: int) -> bool:
 
 
 def _node_label(node: torch.fx.Node) -> str:
-    """How the report names a call: a module by its name, a function by its node's."""
+    """How the report names a call: a module by its name (also where its call was rewritten as the
+    function it calls), a function by its node's."""
+    if "lipfast_module" in node.meta:
+        return node.meta["lipfast_module"][0]
     return node.target if node.op == "call_module" else node.name
 
 
@@ -2597,13 +2785,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object,
             results[name, in_shape, out_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, lower, upper,
                                                  time.perf_counter() - t0, note)
     if group is not None and world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (results, failure), group=group)
-        failures = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f is not None]
-        if failures:
-            raise RuntimeError("lipfast.lipschitz_bound: bounding layers failed on " + "; ".join(failures))
-        for part, _ in gathered:
-            results.update(part)
+        _exchange(results, failure, world, group)
     for key, layer in results.items():
         if layer.name in folds:
             results[key] = _with_margin(layer, folds[layer.name])
@@ -2708,7 +2890,12 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
         traced, failure = None, exc  # (also where the second trace failed: its draws would be unknown)
     calls: dict[torch.fx.Node, dict] = {}  # the functional layers' arguments
     computed: dict[torch.fx.Node, Tensor | None] = {}
+    order: dict[str, int] = {}  # the leaf modules in call order (a module rewritten as its function keeps its place)
+    for name, *_ in leaves:
+        order.setdefault(name, len(order))
     if traced is not None:
+        as_functions = _padded_convs_as_functions(traced)
+        leaves = [leaf for leaf in leaves if leaf[0] not in as_functions]
         depends = _input_dependent(traced)
         calls = {node: _with_copying_pad(node, arguments) for node in traced.graph.nodes
                  if (arguments := _layer_arguments(node, depends)) is not None}
@@ -2755,13 +2942,11 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     else:
         try:
             functional = {}
+            bounded = _bound_functional_layers(traced, calls, folds, rtol, computed, group)
             for node, arguments in calls.items():
-                if node in folds:
-                    fold = folds[node]
-                    layer = _with_margin(_functional_layer(traced, node, arguments, rtol, computed, fold.weight,
-                                                           fold.groups), fold)
-                else:
-                    layer = _functional_layer(traced, node, arguments, rtol, computed)
+                layer = bounded.get(node)
+                if not isinstance(layer, LayerBound):  # (the first with no bracket: the single process stops there)
+                    raise layer if layer is not None else _Unsupported(f"{node.name}: not bounded")
                 if node in folded_norms:
                     layer = replace(layer, note=f"folded into {_node_label(folded_norms[node])}'s bracket")
                     uncounted.add(id(layer))
@@ -2772,6 +2957,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
             upper = math.inf
             notes.append(f"no finite bound: {exc}")
     naive = _product(*(layer.upper for layer in layers if id(layer) not in uncounted))
+    layers.sort(key=lambda layer: order.get(layer.name, len(order)))  # (stable: the functions after, in graph order)
     return LipschitzReport(float(upper), float(naive), layers, method, notes, time.perf_counter() - start)
 
 

@@ -155,6 +155,48 @@ def test_lipschitz_bound_shares_layers(tmp_path, world):
     assert all(r == results[0] for r in results)
 
 
+class _Generator(nn.Module):
+    """Padding modules before conv modules (bracketed as one functional layer each) and a conv in a
+    custom forward; with ``drawn``, a conv whose weight is drawn in the forward, which has no bound."""
+
+    def __init__(self, drawn: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.drawn = drawn
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)),
+                                  nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.weight = nn.Parameter(torch.randn(4, 8, 3, 3) * 0.2)
+        with torch.no_grad():
+            self.body[5].running_var.copy_(torch.linspace(0.2, 3.0, 8))
+
+    def forward(self, x):
+        weight = torch.randn_like(self.weight) if self.drawn else self.weight
+        return torch.nn.functional.conv2d(self.body(x), weight, padding=1)
+
+
+def _generator_bound(rank: int, world: int, drawn: bool):
+    report = lipfast.lipschitz_bound(_Generator(drawn).eval(), (3, 8, 8), progress=False)
+    return report.upper, report.notes, [(layer.name, layer.kind, layer.lower, layer.upper) for layer in report.layers]
+
+
+@pytest.mark.parametrize("drawn", [False, True], ids=["bounded", "drawn-weight"])
+def test_lipschitz_bound_shares_functional_layers(tmp_path, drawn):
+    # the functional layers (here the conv modules after pads, rewritten as F.conv2d, and a conv in
+    # the forward) are shared out too, and every rank returns the single process's report
+    single = lipfast.lipschitz_bound(_Generator(drawn).eval(), (3, 8, 8), progress=False)
+    names = [layer.name for layer in single.layers]
+    assert names[:2] == ["body.0", "body.1"] and "body.4" in names
+    assert math.isfinite(single.upper) != drawn
+    results = run_ranks(_generator_bound, 2, tmp_path, drawn)
+    for upper, notes, layers in results:
+        assert [(name, kind) for name, kind, *_ in layers] == [(layer.name, layer.kind) for layer in single.layers]
+        assert notes == single.notes
+        assert upper == pytest.approx(single.upper, rel=1e-3) if not drawn else upper == math.inf
+        for (*_, lo, up), layer in zip(layers, single.layers):
+            assert up == pytest.approx(layer.upper, rel=1e-3) and lo == pytest.approx(layer.lower, rel=1e-3)
+    assert all(r == results[0] for r in results)
+
+
 def test_layer_share_is_balanced():
     from lipfast.network import _share_out
 

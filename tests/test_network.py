@@ -1842,6 +1842,78 @@ def test_a_zero_pad_before_a_conv_is_folded_into_it_in_every_form(conv, pad, sha
     _same_in_every_form(model, shape, report.upper)
 
 
+@pytest.mark.parametrize("pad, conv, shape", [
+    (nn.ReflectionPad2d(1), nn.Conv2d(3, 4, 3), (3, 6, 6)),  # a ResNet generator's block (CycleGAN, pix2pix)
+    (nn.ReflectionPad2d((1, 2, 1, 2)), nn.Conv2d(3, 4, 4), (3, 5, 6)),  # "same" for an even kernel
+    (nn.ReplicationPad1d(2), nn.Conv1d(2, 3, 5, stride=2), (2, 9)),
+    (nn.CircularPad3d(1), nn.Conv3d(2, 2, 3), (2, 3, 4, 3)),
+    (nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2), (3, 6, 6)),
+    (nn.ZeroPad2d(1), nn.Conv2d(3, 4, 5, padding=1), (3, 5, 5)),  # the pad and the conv's own padding add up
+    (nn.ConstantPad1d((1, 2), 0.0), nn.Conv1d(2, 3, 4, dilation=2, groups=1), (2, 6)),
+], ids=["reflect", "reflect-same-even", "replicate-1d-strided", "circular-3d", "zeros-strided", "zeros-and-own",
+        "constant-0-1d"])
+def test_a_padding_module_before_a_conv_module_is_folded_into_it(pad, conv, shape):
+    # nn.Sequential(pad, conv) is one padded operator: bracketed as that (a copying pad alone has norm
+    # above 1, sqrt(2) for ReflectionPad2d(1) on one axis), the conv listed under its own name and
+    # class, in its place, its input the pad's
+    torch.manual_seed(0)
+    model = nn.Sequential(pad, conv, nn.ReLU()).eval()
+    exact = _explicit_norm(model[:2], shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    assert [(layer.name, layer.kind) for layer in report.layers] == \
+        [("0", type(pad).__name__), ("1", type(conv).__name__), ("2", "ReLU")]
+    assert report.layers[1].input_shape == shape and report.layers[1].lower <= exact
+    padded = lipfast.lipschitz_bound(nn.Sequential(conv), model[0](torch.zeros(1, *shape)).shape[1:], progress=False)
+    # at most the pad's constant times the conv's on the padded input (the two apart, as they were bounded)
+    assert report.upper <= report.layers[0].upper * padded.upper * (1 + 2e-3)
+    _same_in_every_form(model, shape, report.upper)
+
+
+def test_a_module_conv_after_f_pad_is_folded_and_a_batch_norm_after_it_too():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), _varied_norm(4)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))))
+
+    torch.manual_seed(0)
+    model, shape = Block().eval(), (3, 5, 5)
+    linear = nn.Sequential(nn.ReflectionPad2d(1), model.conv, model.norm).eval()
+    exact = _explicit_norm(linear, shape)
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert exact <= report.upper <= exact * (1 + 2e-3)
+    conv_layer, = [layer for layer in report.layers if layer.name == "conv"]
+    assert conv_layer.kind == "Conv2d" and conv_layer.note == "norm folded in: the bracket is of norm after conv"
+    assert [layer.note for layer in report.layers if layer.name == "norm"] == ["folded into conv's bracket"]
+
+
+def test_a_conv_module_called_twice_or_parametrized_after_a_pad_stays_a_module():
+    # the rewrite is for one call of a plain torch.nn conv: a shared conv is bounded once per input
+    # size, on its padded input; a parametrized one computes its weight in its forward
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect")), (1, 1, 1, 1)))
+
+    torch.manual_seed(0)
+    shape = (3, 5, 5)
+    model = Twice().eval()
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    (layer,) = report.layers
+    assert (layer.name, layer.kind, layer.input_shape) == ("conv", "Conv2d", (3, 7, 7))
+    assert report.upper >= _jacobian_norm(model, shape)
+    model = nn.Sequential(nn.ReflectionPad2d(1), torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))).eval()
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert report.layers[1].input_shape == (3, 7, 7)  # apart from the pad
+    assert report.upper >= _explicit_norm(model, shape)
+
+
 def test_a_pad_with_another_value_or_a_crop_stays_apart():
     torch.manual_seed(0)
     class Padded(_ZeroPadded):
@@ -2105,3 +2177,40 @@ def test_a_batch_norm_whose_padded_value_is_also_used_elsewhere_is_not_folded():
         report = lipfast.lipschitz_bound(made, (2, 4, 4), progress=False)
         assert not any("folded" in layer.note for layer in report.layers)
         assert _explicit_norm(model, (2, 4, 4)) <= report.upper
+
+
+class _Windows(nn.Module):
+    """x.unfold(dimension, size, step), then a linear layer over each window (a 1-D framing)."""
+
+    def __init__(self, dimension: int, size: int, step: int, features: int) -> None:
+        super().__init__()
+        self.dimension, self.size, self.step = dimension, size, step
+        self.linear = nn.Linear(size, features)
+
+    def forward(self, x):
+        return self.linear(x.unfold(self.dimension, self.size, self.step))
+
+
+@pytest.mark.parametrize("arguments, shape", [
+    ((-1, 3, 1), (2, 7)), ((-1, 3, 2), (2, 7)), ((-1, 2, 3), (2, 8)), ((1, 2, 1), (3, 5, 4)), ((3, 3, 2), (2, 3, 8)),
+], ids=["overlapping", "half-overlapping", "gaps", "channels", "3d"])
+def test_tensor_unfold_counts_the_windows_holding_an_entry(arguments, shape):
+    # each entry is copied into every window holding it: sqrt(the largest count), exactly, alone
+    unfold = _Windows(*arguments, features=1)
+    unfold.forward = lambda x: x.unfold(*arguments)
+    exact = _explicit_norm(unfold, shape)
+    report = lipfast.lipschitz_bound(unfold, shape, progress=False)
+    assert report.upper == pytest.approx(exact, rel=1e-12) and report.upper >= exact
+    torch.manual_seed(0)
+    model = _Windows(*arguments, features=4).eval()
+    report = lipfast.lipschitz_bound(model, shape, progress=False)
+    assert report.upper >= _explicit_norm(model, shape)
+    assert report.upper == pytest.approx(exact * report.layers[0].upper, rel=1e-12)
+    _same_in_every_form(model, shape, report.upper)  # (aten::unfold, the same method)
+
+
+def test_tensor_unfold_over_the_batch_dim_gets_no_bound():
+    model = _Windows(0, 1, 1, features=3)
+    model.forward = lambda x: x.unfold(0, 1, 1)
+    report = lipfast.lipschitz_bound(model, (2, 3), progress=False)
+    assert report.upper == math.inf and "unfold over dim 0" in report.notes[-1]
