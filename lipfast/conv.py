@@ -27,7 +27,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -989,11 +989,29 @@ def _abs_norm(op: ConvOperator, weight: Tensor) -> float:
 _EXPLICIT_FIRST_SIZE = 4
 
 
-def _explicit_fits(op: ConvOperator) -> bool:
+#: Zero-padded operators whose Gram matrix is summed from tap pairs (_zero_padded_grams: the matrix
+#: itself is never formed) qualify up to this size on the smaller side of a group's matrix, whatever
+#: the larger.  The Cholesky test grows as its cube: 4096 would take Inception v3's 1x7 and 7x1
+#: layers on 17x17 (sides 2720 and 3264) from 1.7% brackets in 0.04 s to 2.5e-4 in 0.5 s each (its
+#: bound 7.54e34 -> 5.92e34, but 6 -> 20 s for the network).
+EXPLICIT_GRAM_MIN_DIM = 2048
+
+
+def _dense_fits(op: ConvOperator) -> bool:
     """Whether op's explicit matrix is within EXPLICIT_MATRIX_LIMIT and EXPLICIT_MIN_DIM."""
     n_in = op.weight.shape[1] * op.groups * math.prod(op.input_size)
     n_out = op.weight.shape[0] * math.prod(op.output_size)
     return n_in * n_out <= EXPLICIT_MATRIX_LIMIT and min(n_in, n_out) <= EXPLICIT_MIN_DIM
+
+
+def _explicit_fits(op: ConvOperator) -> bool:
+    """Whether op goes to its explicit matrix: it fits (_dense_fits), or it pads with zeros, its
+    Gram matrix summed from tap pairs costs less than M's product, and a group's matrix is at most
+    EXPLICIT_GRAM_MIN_DIM on its smaller side."""
+    if _dense_fits(op):
+        return True
+    side = min(op.weight.shape[1] * math.prod(op.input_size), op.weight.shape[0] // op.groups * math.prod(op.output_size))
+    return op.padding_mode == "zeros" and side <= EXPLICIT_GRAM_MIN_DIM and _gram_plan(op).cheaper
 
 
 def _incidences(op: ConvOperator) -> tuple[Tensor, Tensor, Tensor]:
@@ -1034,6 +1052,45 @@ def _zero_padded_matrices(op: ConvOperator, w: Tensor) -> list[Tensor]:
 _GRAM_CHUNK_BYTES = 64 << 20
 
 
+@dataclass
+class _GramPlan:
+    """How _zero_padded_grams sums a zero-padded operator's Gram matrix: on the output side (M Mᵀ)
+    or the input side; `free` and `t` the incidences' positions on that side and taps; (a, b) the
+    pairs of incidences that share their other position (each pair adds one tap-pair product to
+    the block (free[a], free[b])); `cheaper` whether that costs fewer multiply-adds than M's own
+    Gram product."""
+
+    output_side: bool
+    free: Tensor
+    t: Tensor
+    size: int  # positions on that side
+    c: int  # channels per group on that side
+    inner: int  # channels per group summed over
+    a: Tensor
+    b: Tensor
+    cheaper: bool
+
+
+def _gram_plan(op: ConvOperator) -> _GramPlan:
+    o, i, t = _incidences(op)
+    groups, out_c, in_c, taps = op.groups, op.weight.shape[0] // op.groups, op.weight.shape[1], math.prod(op.kernel)
+    n_out, n_in = math.prod(op.output_size), math.prod(op.input_size)
+    output_side = out_c * n_out <= in_c * n_in
+    free, shared, size, c, inner = (o, i, n_out, out_c, in_c) if output_side else (i, o, n_in, in_c, out_c)
+    # the pairs of incidences that share their summed position: a table of each one's incidences
+    order = torch.argsort(shared, stable=True)
+    counts = torch.bincount(shared, minlength=int(shared.max()) + 1 if shared.numel() else 1)
+    starts = torch.cumsum(counts, 0) - counts
+    table = torch.full((counts.numel(), int(counts.max()) if counts.numel() else 0), -1, dtype=torch.int64)
+    table[shared[order], torch.arange(order.numel()) - starts[shared[order]]] = order
+    a, b = table[:, :, None].expand(-1, -1, table.shape[1]), table[:, None, :].expand(-1, table.shape[1], -1)
+    valid = (a >= 0) & (b >= 0)
+    a, b = a[valid], b[valid]
+    dense_cost = groups * (out_c * n_out) * (in_c * n_in) * min(out_c * n_out, in_c * n_in) / 2
+    cheaper = groups * (taps * taps * c * c * inner + a.numel() * c * c) < dense_cost
+    return _GramPlan(output_side, free, t, size, c, inner, a, b, cheaper)
+
+
 def _zero_padded_grams(op: ConvOperator, w: Tensor, force: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
     """(G, fro2, rounding) for the matrices M_g of a zero-padded conv (_zero_padded_matrices, w a
     float64 weight), per group, without forming them: G_g the Gram matrix on M's smaller side,
@@ -1050,27 +1107,13 @@ def _zero_padded_grams(op: ConvOperator, w: Tensor, force: bool = False) -> tupl
     On DenseNet-121's 128 -> 32 channel 3x3 layers at 8x8 (M 2048 x 8192): T^2 products of
     32 x 128 x 32 (1.1e7 multiply-adds) and 5184 block sums, against 1.7e10 multiply-adds for
     M Mᵀ."""
-    o, i, t = _incidences(op)
-    groups, out_c, in_c, taps = op.groups, w.shape[0] // op.groups, w.shape[1], math.prod(op.kernel)
-    n_out, n_in = math.prod(op.output_size), math.prod(op.input_size)
-    if out_c * n_out <= in_c * n_in:  # M Mᵀ: the output side
-        free, shared, size, c, inner = o, i, n_out, out_c, in_c
-    else:  # MᵀM: the input side
-        free, shared, size, c, inner = i, o, n_in, in_c, out_c
-    # the pairs of incidences that share their summed position: a table of each one's incidences
-    order = torch.argsort(shared, stable=True)
-    counts = torch.bincount(shared, minlength=int(shared.max()) + 1 if shared.numel() else 1)
-    starts = torch.cumsum(counts, 0) - counts
-    table = torch.full((counts.numel(), int(counts.max()) if counts.numel() else 0), -1, dtype=torch.int64)
-    table[shared[order], torch.arange(order.numel()) - starts[shared[order]]] = order
-    a, b = table[:, :, None].expand(-1, -1, table.shape[1]), table[:, None, :].expand(-1, table.shape[1], -1)
-    valid = (a >= 0) & (b >= 0)
-    a, b = a[valid], b[valid]
-    dense_cost = groups * (out_c * n_out) * (in_c * n_in) * min(out_c * n_out, in_c * n_in) / 2
-    if groups * (taps * taps * c * c * inner + a.numel() * c * c) >= dense_cost and not force:
+    plan = _gram_plan(op)
+    if not (plan.cheaper or force):
         return None
+    free, t, size, c, inner, a, b = plan.free, plan.t, plan.size, plan.c, plan.inner, plan.a, plan.b
+    groups, out_c, in_c, taps = op.groups, w.shape[0] // op.groups, w.shape[1], math.prod(op.kernel)
     K = w.reshape(groups, out_c, in_c, taps).permute(0, 3, 1, 2)  # (groups, T, out_c, in_c)
-    if free is o:
+    if plan.output_side:
         Q = torch.einsum("gtab,gscb->gtsac", K, K)  # K_t K_sᵀ
     else:
         Q = torch.einsum("gtba,gsbc->gtsac", K, K)  # K_tᵀ K_s
@@ -1123,28 +1166,32 @@ def _gram_brackets(G: Tensor, fro2: Tensor, rounding: Tensor, rtol: float,
 
 
 def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int, w: Tensor,
-                      estimate: float | None = None) -> tuple[float, float]:
+                      estimates: Iterable[float] = ()) -> tuple[float, float]:
     """The bracket of the operator's explicit matrix, for the operator with weight w (float64, the
     caller's scaled copy).  With zero padding, its Gram matrices summed from the kernel's tap-pair
     products where that is cheaper (_zero_padded_grams), or else the matrix assembled entry by
     entry, exactly (one matrix per group); otherwise M's columns are A applied to the unit vectors,
     and the bracket is widened by ‖M - A‖_2 <= gamma(C_in/groups * taps + 2) ‖|A|‖_2 (copying
-    padding sums taps).  ``estimate``: a lower end the caller has already (the operator's Lanczos,
-    in w's units); with zero padding one Cholesky test per group at mu = estimate (1 + rtol / 4)
-    comes first, and where every group passes it the upper end is mu, with no Lanczos on the Gram
+    padding sums taps).  ``estimates``: lower ends of the norm from the caller (the operator's
+    Lanczos, in w's units; taken one at a time, so a better one may be computed only where needed):
+    with zero padding, one Cholesky test per group at mu = estimate (1 + rtol / 4) for each in turn
+    comes first, and where every group passes one the upper end is mu, with no Lanczos on the Gram
     matrices (the lower end returned is then 0: the caller's stands)."""
     if op.padding_mode == "zeros":
-        grams = _zero_padded_grams(op, w)
+        dense = _dense_fits(op)
+        grams = _zero_padded_grams(op, w, force=not dense)
         if grams is not None:
             G, fro2, rounding = grams
-            if estimate is not None and estimate > 0:  # one test per group at mu = estimate (1 + rtol / 4)
+            for estimate in estimates:  # one test per group at mu = estimate (1 + rtol / 4)
                 upper = certify_gram(G, fro2, rounding, torch.full_like(fro2, estimate), rtol, rtol / 4, attempts=1)
-                if bool(torch.isfinite(upper).all()):
+                if estimate > 0 and bool(torch.isfinite(upper).all()):
                     return 0.0, float(upper.max())
             brackets = _gram_brackets(G, fro2, rounding, rtol / 2, max_iters)
             del G, grams
             if brackets is not None:
                 return max(b[0] for b in brackets), max(b[1] for b in brackets)
+            if not dense:  # (too large to form: no bracket from here)
+                return 0.0, math.inf
         matrices, error = _zero_padded_matrices(op, w), 0.0
     else:
         n = w.shape[1] * op.groups * math.prod(op.input_size)
@@ -1213,9 +1260,34 @@ def _reaching_taps(op: ConvOperator) -> ConvOperator:
     return replace(op, weight=weight, pad_lo=tuple(lows), pad_hi=tuple(highs))
 
 
+def _collapsed_axes(op: ConvOperator) -> ConvOperator:
+    """op with every spatial axis along which its kernel has one tap collapsed to one position (no
+    padding, stride 1): the same norm.  Along such an axis output o reads input o s - lo alone, and
+    distinct outputs read distinct inputs, so the operator is block diagonal over that axis's
+    positions, every block the same map of the other axes (the outputs that read only zero
+    padding are zero rows): its norm is one block's.  Not with copying padding on that axis (the
+    padded outputs copy inputs), nor where every output there reads padding (the zero map, left as
+    it is).  Inception's 1x7 and 7x1 convs on 17x17 become 1-D problems of 17 positions, 289
+    before; a (1, 3, 3) video conv loses its time axis."""
+    axes = [d for d, (k, lo, hi) in enumerate(zip(op.kernel, op.pad_lo, op.pad_hi))
+            if k == 1 and (op.padding_mode == "zeros" or lo == hi == 0) and
+            (op.input_size[d], op.output_size[d]) != (1, 1)]
+    if not axes:
+        return op
+    fields = {name: list(getattr(op, name)) for name in
+              ("input_size", "output_size", "stride", "pad_lo", "pad_hi", "dilation")}
+    for d in axes:
+        n, out, s, lo = op.input_size[d], op.output_size[d], op.stride[d], op.pad_lo[d]
+        if not any(0 <= o * s - lo < n for o in range(out)):
+            return op
+        for name, value in zip(fields, (1, 1, 1, 0, 0, 1)):
+            fields[name][d] = value
+    return replace(op, **{name: tuple(value) for name, value in fields.items()})
+
+
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
-    op = _reaching_taps(op)
+    op = _collapsed_axes(_reaching_taps(op))
     weight = op.weight.detach()
     if _pointwise(op):  # the channel matrices' norm: certified as a dense layer's, Gram iteration if that fails
         matrices = weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])
@@ -1298,10 +1370,13 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
     del candidates, circulant  # the Gram matrices are not needed any more
     if not exact:
         if upper > lower * (1 + rtol) and _explicit_fits(op):
+            def estimates():  # the lower end; then, if its test fails, one converged to rtol / 4
+                yield math.ldexp(lower, -e)  # (it stopped at an eighth of the circulant bracket's width)
+                yield math.ldexp(_operator_lower_bound(op, start, math.inf, rtol / 4, max_iters, scaled, e), -e)
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters, scaled,
-                                                                   estimate=math.ldexp(lower, -e))
+                explicit_lower, explicit_upper = _explicit_bracket(op, rtol, max_iters, scaled, estimates())
             explicit_lower, explicit_upper = _in_units(explicit_lower, e, up=False), _in_units(explicit_upper, e, up=True)
             lower, upper = max(lower, explicit_lower), min(upper, explicit_upper)
     return lower, max(upper, lower)

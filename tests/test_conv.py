@@ -689,9 +689,18 @@ def test_gram_brackets_and_the_estimate_test_hold_the_norm():
     exact = exact_norm(module, (8, 8))
     lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w)
     assert lower <= exact <= upper <= lower * (1 + 1e-3)
-    lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w, estimate=exact * (1 - 1e-5))
+    lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w, [exact * (1 - 1e-5)])
     assert lower == 0.0 and upper == pytest.approx(exact * (1 - 1e-5) * (1 + 1e-3 / 4), rel=1e-12)
-    lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w, estimate=exact * 0.9)  # the test at 0.9 fails
+    asked = []
+
+    def estimates():  # a low one, then a good one, asked for only once the first has failed
+        yield exact * 0.9
+        asked.append(True)
+        yield exact * (1 - 2e-4)
+
+    lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w, estimates())
+    assert asked and lower == 0.0 and upper == pytest.approx(exact * (1 - 2e-4) * (1 + 1e-3 / 4), rel=1e-12)
+    lower, upper = conv._explicit_bracket(op, 1e-3, 1000, w, [exact * 0.9])  # the test fails: Lanczos on G
     assert lower <= exact <= upper <= lower * (1 + 1e-3)
     lower, upper = lipfast.operator_norm_bounds(module, (8, 8))
     assert float(lower) <= exact <= float(upper) <= float(lower) * (1 + 1e-3)
@@ -710,3 +719,31 @@ def test_gram_rayleigh_lower_is_below_the_norm(groups, dims, stride):
     exact = [float(torch.linalg.matrix_norm(M, 2)) for M in conv._zero_padded_matrices(op, op.weight.detach())]
     for lo, e in zip(lower.tolist(), exact):
         assert e * (1 - 1e-6) <= lo <= e
+
+
+@pytest.mark.parametrize("module, size", [
+    (nn.Conv2d(6, 5, (1, 7), padding=(0, 3)), (5, 9)),  # Inception's 1x7
+    (nn.Conv2d(6, 5, (7, 1), padding=(3, 0)), (9, 5)),
+    (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1)), (3, 4, 4)),  # a (2+1)-D video conv
+    (nn.Conv2d(4, 6, (1, 3), stride=2, padding=(2, 1), dilation=(3, 1), groups=2), (7, 8)),  # outputs reading padding
+    (nn.Conv2d(4, 3, (1, 3), padding=(0, 1), padding_mode="circular"), (4, 6)),
+    (nn.Conv2d(4, 3, (1, 3), padding=(1, 1), padding_mode="reflect"), (4, 6)),  # copying on the 1-tap axis: kept
+    (nn.ConvTranspose2d(4, 3, (1, 3), stride=(2, 1), padding=(0, 1), output_padding=(1, 0)), (3, 5)),
+    (nn.Conv1d(3, 2, 1, padding=2), (4,)),
+], ids=["1x7", "7x1", "video", "strided-dilated-groups", "circular", "reflect", "transposed", "1d-pointwise"])
+def test_one_tap_axes_collapse_to_one_position(module, size):
+    """Along an axis where the kernel has one tap the operator is block diagonal with equal blocks:
+    collapsed to one position it has the same norm, and brackets hold the exact one."""
+    torch.manual_seed(0)
+    module = module.double()
+    op = conv._module_operator("test", module, size)
+    collapsed = conv._collapsed_axes(op)
+    n = op.weight.shape[1] * op.groups * math.prod(collapsed.input_size)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, -1, *collapsed.input_size)
+    exact = exact_norm(module, size)
+    assert float(torch.linalg.matrix_norm(collapsed.apply(eye).reshape(n, -1), 2)) == pytest.approx(exact, rel=1e-12)
+    kept = [d for d, k in enumerate(op.kernel) if k != 1 or (op.padding_mode != "zeros" and op.pad_lo[d] + op.pad_hi[d])]
+    assert [d for d, n in enumerate(collapsed.input_size) if n > 1] == [d for d in kept if op.input_size[d] > 1]
+    lower, upper = lipfast.operator_norm_bounds(module, size)
+    assert float(lower) <= exact <= float(upper)
+
