@@ -259,7 +259,7 @@ def conv_spectral_norm(
     rtol = linalg._check_rtol(fn, rtol)
     max_iters = linalg._check_count(fn, "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     _check_finite_weight(fn, weight)
-    sigma, _, _, rel_err = _top_singular(op, rtol, max_iters)
+    sigma, _, _, rel_err = _top_singular(_collapsed_axes(_reaching_taps(op)), rtol, max_iters)  # (the same norm)
     if not torch.compiler.is_compiling() and not float(rel_err) <= rtol:
         warnings.warn(
             f"lipfast.{fn}: stopped before reaching rtol={rtol:g} (max_iters={max_iters} passes); "
@@ -1547,7 +1547,7 @@ def operator_norm(module: nn.Module, input_size: IntOrTuple | None = None, *, rt
         return linalg.spectral_norm(module.weight, rtol=rtol)
     rtol = linalg._check_rtol(fn, rtol)
     _check_finite_weight(fn, op.weight)
-    return _top_singular(op, rtol, linalg.DEFAULT_MAX_ITERS)[0]
+    return _top_singular(_collapsed_axes(_reaching_taps(op)), rtol, linalg.DEFAULT_MAX_ITERS)[0]  # (the same norm)
 
 
 def operator_norm_bounds(

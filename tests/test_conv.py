@@ -746,4 +746,11 @@ def test_one_tap_axes_collapse_to_one_position(module, size):
     assert [d for d, n in enumerate(collapsed.input_size) if n > 1] == [d for d in kept if op.input_size[d] > 1]
     lower, upper = lipfast.operator_norm_bounds(module, size)
     assert float(lower) <= exact <= float(upper)
+    # the estimate runs on the collapsed operator too, and its gradient is the exact norm's
+    sigma = lipfast.operator_norm(module, size)
+    assert float(sigma) == pytest.approx(exact, rel=1e-4)
+    sigma.backward()
+    weight = module.weight.detach().clone().requires_grad_(True)
+    torch.linalg.matrix_norm(explicit_matrix(module, size, weight), 2).backward()
+    torch.testing.assert_close(module.weight.grad, weight.grad, rtol=0, atol=1e-3 * float(weight.grad.abs().max()))
 
