@@ -259,7 +259,7 @@ def conv_spectral_norm(
     rtol = linalg._check_rtol(fn, rtol)
     max_iters = linalg._check_count(fn, "max_iters", max_iters, linalg.DEFAULT_MAX_ITERS)
     _check_finite_weight(fn, weight)
-    sigma, _, _, rel_err = _top_singular(_collapsed_axes(_reaching_taps(op)), rtol, max_iters)  # (the same norm)
+    sigma, _, _, rel_err = _top_singular(_reduced(op), rtol, max_iters)
     if not torch.compiler.is_compiling() and not float(rel_err) <= rtol:
         warnings.warn(
             f"lipfast.{fn}: stopped before reaching rtol={rtol:g} (max_iters={max_iters} passes); "
@@ -1183,9 +1183,10 @@ def _explicit_bracket(op: ConvOperator, rtol: float, max_iters: int, w: Tensor,
         if grams is not None:
             G, fro2, rounding = grams
             for estimate in estimates:  # one test per group at mu = estimate (1 + rtol / 4)
-                upper = certify_gram(G, fro2, rounding, torch.full_like(fro2, estimate), rtol, rtol / 4, attempts=1)
-                if estimate > 0 and bool(torch.isfinite(upper).all()):
-                    return 0.0, float(upper.max())
+                if estimate > 0:
+                    upper = certify_gram(G, fro2, rounding, torch.full_like(fro2, estimate), rtol, rtol / 4, attempts=1)
+                    if bool(torch.isfinite(upper).all()):
+                        return 0.0, float(upper.max())
             brackets = _gram_brackets(G, fro2, rounding, rtol / 2, max_iters)
             del G, grams
             if brackets is not None:
@@ -1285,9 +1286,14 @@ def _collapsed_axes(op: ConvOperator) -> ConvOperator:
     return replace(op, **{name: tuple(value) for name, value in fields.items()})
 
 
+def _reduced(op: ConvOperator) -> ConvOperator:
+    """op with the same norm on fewer taps and positions: _reaching_taps, then _collapsed_axes."""
+    return _collapsed_axes(_reaching_taps(op))
+
+
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
-    op = _collapsed_axes(_reaching_taps(op))
+    op = _reduced(op)
     weight = op.weight.detach()
     if _pointwise(op):  # the channel matrices' norm: certified as a dense layer's, Gram iteration if that fails
         matrices = weight.reshape(op.groups, weight.shape[0] // op.groups, weight.shape[1])
@@ -1547,7 +1553,7 @@ def operator_norm(module: nn.Module, input_size: IntOrTuple | None = None, *, rt
         return linalg.spectral_norm(module.weight, rtol=rtol)
     rtol = linalg._check_rtol(fn, rtol)
     _check_finite_weight(fn, op.weight)
-    return _top_singular(_collapsed_axes(_reaching_taps(op)), rtol, linalg.DEFAULT_MAX_ITERS)[0]  # (the same norm)
+    return _top_singular(_reduced(op), rtol, linalg.DEFAULT_MAX_ITERS)[0]
 
 
 def operator_norm_bounds(

@@ -15,6 +15,7 @@ translated into an fx graph (lipfast/_torchscript.py).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -872,6 +873,11 @@ def _stored_module(node: torch.fx.Node) -> nn.Module | None:
 _FUNCTIONAL_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
+def _module_calls(traced: torch.fx.GraphModule) -> collections.Counter:
+    """How many times the graph calls each module (by name)."""
+    return collections.Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
+
+
 def _padded_convs_as_functions(traced: torch.fx.GraphModule) -> set[str]:
     """Rewrites in traced's graph each torch.nn Conv1d/2d/3d module called once, on the output of a
     pad (F.pad or a padding module), as the F.conv1d/2d/3d call it makes (its weight and bias read
@@ -881,10 +887,7 @@ def _padded_convs_as_functions(traced: torch.fx.GraphModule) -> set[str]:
     modules rewritten, whose leaf entries are no longer bounded as modules.  Modules with a
     registered constant, hooks, parametrizations or a forward of their own stay as they are."""
     graph = traced.graph
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
+    counts = _module_calls(traced)
     rewritten = set()
     for node in list(graph.nodes):
         if node.op != "call_module" or counts[node.target] != 1 or len(node.args) != 1 or node.kwargs or \
@@ -2427,10 +2430,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
     and through eval-mode Dropouts and Identities, the identity in the eval-mode network bounded).
     A module must be called once and keep no hooks; each BatchNorm is folded once (twice would
     count its scale twice); calls: the functional layers' arguments (_layer_arguments)."""
-    counts: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
+    counts = _module_calls(traced)
     shapes = {name: (in_shape, out_shape) for name, _, in_shape, out_shape in leaves}
 
     def plain(node: torch.fx.Node) -> nn.Module | None:  # a torch.nn layer called once, as it computes
