@@ -754,3 +754,17 @@ def test_one_tap_axes_collapse_to_one_position(module, size):
     torch.linalg.matrix_norm(explicit_matrix(module, size, weight), 2).backward()
     torch.testing.assert_close(module.weight.grad, weight.grad, rtol=0, atol=1e-3 * float(weight.grad.abs().max()))
 
+
+
+def test_a_depthwise_layer_is_sized_for_its_explicit_matrices_by_group():
+    # 64 groups of 81 x 81 (a 7x7 kernel on 9x9): 0.4M entries apart, where the whole matrix would
+    # be 5184 square; bracketed from them to rtol (the circulant bracket is 20-40% wide here)
+    torch.manual_seed(0)
+    module = nn.Conv2d(64, 64, 7, groups=64, padding="same", bias=False).double()
+    op = conv._module_operator("test", module, (9, 9))
+    assert conv._dense_fits(op) and not conv._gram_plan(op).cheaper
+    exact = max(float(torch.linalg.matrix_norm(
+        nn.functional.conv2d(torch.eye(81, dtype=torch.float64).reshape(81, 1, 9, 9), module.weight[g : g + 1].detach(),
+                             padding=3).reshape(81, -1), 2)) for g in range(64))
+    lower, upper = lipfast.operator_norm_bounds(module, (9, 9))
+    assert float(lower) <= exact <= float(upper) <= float(lower) * (1 + 1e-3)
