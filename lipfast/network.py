@@ -852,13 +852,18 @@ def _pad_arguments(node) -> dict | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     module = _stored_module(node)
-    if module is None or isinstance(module, tuple(_REGISTRY)) or _hooks_note(module) or \
-            not _computes_as_torch_layer(module):
+    if module is None or not _plain_torch_layer(module):
         return None
     mode = next((mode for kind, mode in _PAD_MODULE_MODES if isinstance(module, kind)), None)
     if mode is None:
         return None
     return {"input": node.args[0], "pad": tuple(module.padding), "mode": mode, "value": getattr(module, "value", None)}
+
+
+def _plain_torch_layer(module: nn.Module) -> bool:
+    """Whether module computes what its torch.nn class does, as lipfast reads it: no registered
+    constant, no hooks that could change its input or output, no forward of its own."""
+    return not isinstance(module, tuple(_REGISTRY)) and not _hooks_note(module) and _computes_as_torch_layer(module)
 
 
 def _stored_module(node: torch.fx.Node) -> nn.Module | None:
@@ -895,8 +900,7 @@ def _padded_convs_as_functions(traced: torch.fx.GraphModule) -> set[str]:
             continue
         module = _stored_module(node)
         function = next((f for kind, f in _FUNCTIONAL_CONVS.items() if isinstance(module, kind)), None)
-        if function is None or isinstance(module, tuple(_REGISTRY)) or _hooks_note(module) or \
-                torch.nn.utils.parametrize.is_parametrized(module) or not _computes_as_torch_layer(module):
+        if function is None or not _plain_torch_layer(module) or torch.nn.utils.parametrize.is_parametrized(module):
             continue
         # with padding_mode other than zeros the module pads by copying first (nothing, where its
         # padding is 0); that pad and the one before are not one pad: left as it is
@@ -2435,8 +2439,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
 
     def plain(node: torch.fx.Node) -> nn.Module | None:  # a torch.nn layer called once, as it computes
         module = traced.get_submodule(node.target)
-        if counts[node.target] != 1 or isinstance(module, tuple(_REGISTRY)) or _hooks_note(module) or \
-                not _computes_as_torch_layer(module):
+        if counts[node.target] != 1 or not _plain_torch_layer(module):
             return None
         return module
 
