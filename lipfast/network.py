@@ -2135,13 +2135,13 @@ def _bracket_cost(entries: int, p: int, q: int, pixels: int, grid: int) -> float
 def _bound_functional_layers(traced: torch.fx.GraphModule, calls: dict[torch.fx.Node, dict],
                              folds: dict[torch.fx.Node, "_Fold"], rtol: float,
                              computed: dict[torch.fx.Node, Tensor | None],
-                             group: object) -> dict[torch.fx.Node, "LayerBound | _Unsupported"]:
+                             group: object, progress: bool = False) -> dict[torch.fx.Node, "LayerBound | _Unsupported"]:
     """The bracket of every functional layer (calls: _layer_arguments), its BatchNorm folded in where
     folds has one, in graph order; for a layer with none, the _Unsupported saying why.  One process
     stops at the first such layer (the network's bound is then inf).  With a process group of
     several ranks the layers are shared out as _bound_layers shares the modules (F.conv2d in a
     custom forward, and a conv module after a pad, rewritten as one), and the results
-    all-gathered: every rank returns the same."""
+    all-gathered: every rank returns the same.  ``progress``: a progress bar over this rank's layers."""
     nodes = list(calls)
     world, rank = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
     if world > 1:
@@ -2151,26 +2151,27 @@ def _bound_functional_layers(traced: torch.fx.GraphModule, calls: dict[torch.fx.
         owner = [0] * len(nodes)
     results: dict[str, LayerBound | _Unsupported] = {}
     failure = None
-    for node, r in zip(nodes, owner):
-        if r != rank:
-            continue
-        fold = folds.get(node)
-        try:
-            if fold is not None:
-                layer = _with_margin(_functional_layer(traced, node, calls[node], rtol, computed, fold.weight,
-                                                       fold.groups), fold)
-            else:
-                layer = _functional_layer(traced, node, calls[node], rtol, computed)
-            results[node.name] = layer
-        except _Unsupported as exc:
-            results[node.name] = exc
-            if world == 1:
+    mine = [node for node, r in zip(nodes, owner) if r == rank]
+    iterator = _util.progress(mine, "lipfast: functional layer bounds", "layer") if progress and mine else mine
+    with conv.reused_buffers():  # as _bound_layers: the conv layers' Gram matrices reuse one set of buffers
+        for node in iterator:
+            fold = folds.get(node)
+            try:
+                if fold is not None:
+                    layer = _with_margin(_functional_layer(traced, node, calls[node], rtol, computed, fold.weight,
+                                                           fold.groups), fold)
+                else:
+                    layer = _functional_layer(traced, node, calls[node], rtol, computed)
+                results[node.name] = layer
+            except _Unsupported as exc:
+                results[node.name] = exc
+                if world == 1:
+                    break
+            except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
+                if world == 1:
+                    raise
+                failure = f"{node.name}: {type(exc).__name__}: {exc}"
                 break
-        except Exception as exc:  # re-raised on every rank after the exchange (no rank left waiting)
-            if world == 1:
-                raise
-            failure = f"{node.name}: {type(exc).__name__}: {exc}"
-            break
     if world > 1:
         _exchange(results, failure, world, group)
     return {node: results[node.name] for node in nodes if node.name in results}
@@ -2773,7 +2774,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object,
                                                             math.inf, 0.0, note)
     mine = [item for item in mine if (item[0], item[2], item[3]) not in results]
     mine = _bound_dense_layers(mine, rtol, results)
-    iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress else mine
+    iterator = _util.progress(mine, "lipfast: layer bounds", "layer") if progress and mine else mine
     failure = None
     with conv.reused_buffers():  # the conv layers' Gram matrices reuse one set of buffers
         for name, module, in_shape, out_shape in iterator:
@@ -2945,7 +2946,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
     else:
         try:
             functional = {}
-            bounded = _bound_functional_layers(traced, calls, folds, rtol, computed, group)
+            bounded = _bound_functional_layers(traced, calls, folds, rtol, computed, group, progress)
             for node, arguments in calls.items():
                 layer = bounded.get(node)
                 if not isinstance(layer, LayerBound):  # (the first with no bracket: the single process stops there)

@@ -1434,6 +1434,27 @@ def test_functional_layers_with_stored_weights():
     assert abs(report.upper - expected) <= 1e-12 * expected
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_functional_layers_progress_bar(monkeypatch, progress):
+    # the functional layers get a progress bar of their own, as the modules do (the Linear is in
+    # the dense layers' one batched call, before the bar), and only when asked
+    shown = []
+
+    def recording(items, desc, unit):
+        items = list(items)
+        shown.append((desc, len(items)))
+        return items
+
+    monkeypatch.setattr(network._util, "progress", recording)
+    model = nn.Sequential(nn.Linear(4, 2 * 5 * 5).double(), nn.Unflatten(1, (2, 5, 5)), _Functional())
+    report = lipfast.lipschitz_bound(model, (4,), progress=progress)
+    assert [layer.kind for layer in report.layers] == ["Linear", "Unflatten", "F.conv2d", "F.conv_transpose2d", "F.linear"]
+    assert shown == ([("lipfast: layer bounds", 1), ("lipfast: functional layer bounds", 3)] if progress else [])
+    shown.clear()  # no module to bound: no empty bar for them
+    lipfast.lipschitz_bound(_Functional(), (2, 5, 5), progress=progress)
+    assert shown == ([("lipfast: functional layer bounds", 3)] if progress else [])
+
+
 def test_functional_layers_with_computed_weights():
     class Scaled(_Functional):  # a weight computed from parameters: bounded from its value
         def forward(self, x):
