@@ -639,6 +639,10 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
             meta = getattr(self, "_tensor_meta", None)
             return meta.ndim if isinstance(meta, Tensor) else MetaAttribute(self, "ndim")
 
+        def __len__(self) -> int:  # a number too: the example's (len(x.chunk(4, 1)), len(x))
+            meta = getattr(self, "_tensor_meta", None)
+            return len(meta) if isinstance(meta, (Tensor, tuple, list)) else super().__len__()
+
     class ShapeTracer(_Tracer, MetaTracer):
         """MetaTracer, with each call computed on the example's values where MetaTracer computes it
         on meta tensors: it makes the model's own tensors (a BatchNorm's running statistics read in
@@ -647,6 +651,16 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
 
         def proxy(self, node: torch.fx.Node) -> MetaProxy:
             return ShapeProxy(node, self)
+
+        def iter(self, obj: torch.fx.Proxy):
+            """A loop over a value whose length the example gives (the pieces of chunk, split or
+            unbind, a tensor's rows: `for part in x.chunk(4, 1)`, `sum(x.unbind(2))`): its items,
+            taken by index, as many as there are for this input shape.  (Plain tracing unpacks
+            only `a, b = x.chunk(2, 1)`, whose count the code spells out.)"""
+            meta = getattr(obj, "_tensor_meta", None)
+            if isinstance(meta, (tuple, list)) or (isinstance(meta, Tensor) and meta.dim() > 0):
+                return iter([obj[i] for i in range(len(meta))])
+            return super().iter(obj)
 
         def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
             proxy = torch.fx.Tracer.create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

@@ -419,3 +419,31 @@ def test_parametrized_layers_and_copies_with_a_memory_format(make):
     model = Copies().eval()
     expected = lipfast.lipschitz_bound(model, (6,), progress=False).upper
     assert lipfast.lipschitz_bound(make(model), (6,), progress=False).upper == pytest.approx(expected, rel=1e-6)
+
+
+class _LoopsOverPieces(nn.Module):
+    """Loops over the pieces of chunk and unbind, and over range(len(x)): plain tracing cannot
+    iterate a traced value (it unpacks only `a, b = x.chunk(2, 1)`); traced for a shape, the
+    example gives the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 3, 3, padding=1) for _ in range(2))
+
+    def forward(self, x):
+        y = torch.cat([conv(part) for conv, part in zip(self.convs, x.chunk(2, 1))], 1)  # (1, 6, h, w)
+        rows = sum(y.unbind(2))  # (1, 6, w): the sum of h slices
+        return torch.stack([rows[:, i] * (i + 1) for i in range(len(rows[0]))], 1)
+
+
+def test_loops_over_a_values_pieces_are_traced_for_the_input_shape():
+    torch.manual_seed(0)
+    model = _LoopsOverPieces().double().eval()
+    report = lipfast.lipschitz_bound(model, (4, 3, 5), progress=False)
+    assert report.method == "fx" and any("traced it for inputs of shape" in note for note in report.notes), report.notes
+    # the rules' bound, spelled out: two convs on pieces of x, concatenated (in quadrature); a sum
+    # of 3 slices; 6 channels scaled by 1..6 and stacked (in quadrature)
+    convs = [float(lipfast.operator_norm_bounds(conv, (3, 5))[1]) for conv in model.convs]
+    expected = math.hypot(*convs) * 3 * math.sqrt(sum((i + 1) ** 2 for i in range(6)))
+    assert report.upper == pytest.approx(expected, rel=1e-12)
+    assert _jacobian_norm(model, (4, 3, 5)) <= report.upper
