@@ -617,6 +617,18 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_method(name[len("sym_"):], tuple(args))
     if name in ("expand", "repeat") and len(args) >= 2:  # (self, size[, implicit]) as the method
         return graph.call_method(name, tuple(args[:2]))
+    if name == "cumsum" and len(args) == 3:  # (self, dim, dtype): dtype is a keyword of torch's
+        return graph.call_function(torch.cumsum, tuple(args[:2]), {"dtype": args[2]})
+    if name == "repeat_interleave" and len(args) == 4 and not isinstance(args[1], torch.fx.Node):
+        # aten::repeat_interleave.self_int(self, repeats, dim, output_size): a number of copies
+        return graph.call_function(torch.repeat_interleave, tuple(args[:3]))
+    if name in ("linalg_vector_norm", "linalg_norm") and 1 <= len(args) <= 5:
+        # (self, ord, dim, keepdim, dtype), defaults left out; dtype is a keyword of torch's
+        fn = torch.linalg.vector_norm if name == "linalg_vector_norm" else torch.linalg.norm
+        return graph.call_function(fn, tuple(args[:4]), {"dtype": (args + [None] * 4)[4]})
+    if name == "norm" and 2 <= len(args) <= 4 and not isinstance(args[1], torch.dtype):
+        # aten::norm.Scalar(self, p) and .ScalarOpt_dim(self, p, dim, keepdim): torch.norm's order
+        return graph.call_function(torch.norm, tuple(args))
     if name == "sort" and len(args) == 4:  # aten::sort.stable(self, stable, dim, descending)
         return graph.call_function(torch.sort, (args[0],), {"stable": args[1], "dim": args[2], "descending": args[3]})
     if name in ("to", "_to_copy"):

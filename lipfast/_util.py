@@ -107,4 +107,4 @@ VIEW_OPERATIONS = {"view", "view_as", "reshape", "flatten", "unflatten", "select
                    "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "as_strided", "split", "chunk", "unbind",
                    "tensor_split", "hsplit", "vsplit", "dsplit", "split_with_sizes", "unsafe_split", "unsafe_chunk",
                    "movedim", "moveaxis", "swapaxes", "swapdims", "reshape_as", "ravel", "alias", "dropout",
-                   "feature_dropout", "unfold"}
+                   "feature_dropout", "unfold", "diagonal"}

@@ -446,9 +446,9 @@ _SHAPE_ONLY_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "u
 # of a split, which together are a permutation): norm <= 1
 _SELECTING_FUNCTIONS = {torch.narrow, torch.select, torch.chunk, torch.split, torch.tensor_split, torch.unbind,
                         torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes, torch.unsafe_split,
-                        torch.unsafe_chunk}
+                        torch.unsafe_chunk, torch.diagonal}
 _SELECTING_METHODS = {"narrow", "select", "chunk", "split", "tensor_split", "unbind", "hsplit", "vsplit", "dsplit",
-                      "split_with_sizes"}
+                      "split_with_sizes", "diagonal"}
 # copies of every entry, each entry the same number of times (numel(out) / numel(in))
 _REPLICATING_FUNCTIONS = {torch.tile, torch.broadcast_to}
 _REPLICATING_METHODS = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
@@ -473,6 +473,18 @@ _EXTREMA_REDUCTIONS = {torch.amax, torch.amin}
 _EXTREMA_REDUCTION_METHODS = {"amax", "amin"}
 _EXTREMA = {torch.max, torch.min}
 _EXTREMA_METHODS = {"max", "min"}
+# order statistics of each slice along a dim (or of everything): per slice |q(u) − q(v)| <= ‖u − v‖_inf
+# (moving every entry by at most d moves every order statistic by at most d), so norm <= 1 as for
+# max; along a dim they return (values, indices), as max does (_returns_pair)
+_ORDER_STATISTICS = {torch.median, torch.nanmedian, torch.kthvalue}
+_ORDER_STATISTIC_METHODS = {"median", "nanmedian", "kthvalue"}
+# every output entry one input entry or zero, no input entry in two outputs (a 0/1 diagonal matrix,
+# then entries placed): norm <= 1.  Not views (diagonal, a view, is a selection above)
+_MASKING_FUNCTIONS = {torch.tril, torch.triu, torch.diag, torch.diag_embed}
+_MASKING_METHODS = {"tril", "triu", "diag", "diag_embed"}
+# the p-norm of each slice along some dims (torch.norm, Tensor.norm, torch.linalg.vector_norm, and
+# torch.linalg.norm with ord=None, a vector 2-norm): _vector_norm_slope
+_VECTOR_NORMS = {torch.norm: "p", torch.linalg.vector_norm: "ord", torch.linalg.norm: "ord"}
 # linear maps with weights of one sign, bounded on their input's size as the module forms are
 _FUNCTIONAL_POOLS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.interpolate, F.pad, F.fold, F.unfold}
@@ -1367,6 +1379,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True
     if name in ("where", "masked_fill"):
         return True  # an operand may be broadcast to the result's shape
+    if name in ("cumsum", "diff", "norm") or node.target in _VECTOR_NORMS:
+        return True  # the length along a dim, or the size of the slices
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
         return True  # the type of another tensor
@@ -1522,6 +1536,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if target in _SELECTING_FUNCTIONS or (node.op == "call_method" and name in _SELECTING_METHODS):
         return first  # distinct entries, each once: norm <= 1 (fx's getitem then picks a piece)
     if (target in _SORTS or (node.op == "call_method" and name in _SORT_METHODS) or _extremum_form(node)
+            or _order_statistic_form(node)
             or target in _EXTREMA_REDUCTIONS or (node.op == "call_method" and name in _EXTREMA_REDUCTION_METHODS)):
         if _returns_pair(node) and any(user.target not in (operator.getitem, getattr) for user in node.users):
             raise _Unsupported(f"{node.name}: the (values, indices) of a {name} used whole: its indices jump")
@@ -1644,7 +1659,102 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if target in _FUNCTIONAL_LAYERS:
         raise _Unsupported(f"{node.name}: {name} with a weight that depends on the input, or with arguments "
                            "computed from it")
+    if target in _MASKING_FUNCTIONS or (node.op == "call_method" and name in _MASKING_METHODS):
+        return first
+    if target is torch.repeat_interleave or (node.op == "call_method" and name == "repeat_interleave"):
+        # every entry copied `repeats` times: ‖Δy‖^2 = repeats ‖Δx‖^2
+        repeats = node.kwargs.get("repeats", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 0:
+            raise _Unsupported(f"{node.name}: repeat_interleave with repeats={repeats!r} (a number of copies "
+                               "per entry is followed, not a tensor of them)")
+        return _product(first, _sqrt_up(repeats))
+    if target is torch.cumsum or (node.op == "call_method" and name == "cumsum"):
+        return _product(first, _cumsum_norm(node))
+    if target is torch.diff or (node.op == "call_method" and name == "diff"):
+        return _product(first, _diff_norm(node, bounds))
+    if target in _VECTOR_NORMS or (node.op == "call_method" and name == "norm"):
+        return _product(first, _vector_norm_slope(node))
+    if target in (torch.logsumexp, torch.special.logsumexp) or (node.op == "call_method" and name == "logsumexp"):
+        # per slice the gradient of log sum exp is softmax, of 2-norm <= its 1-norm = 1; the slices
+        # are disjoint: norm <= 1
+        return first
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _dim_length(node: torch.fx.Node, dim: object, what: str) -> int:
+    """The length of node's input along dim (an int, negative counting from the end)."""
+    shape = _shape(node, node.args[0])
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+        raise _Unsupported(f"{node.name}: {what} along dim={dim!r}")
+    return shape[dim]
+
+
+def _floating_result(node: torch.fx.Node, what: str) -> None:
+    """Refuses a call asked for an integer result (dtype=...): it rounds, and jumps."""
+    dtype = node.kwargs.get("dtype")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+        raise _Unsupported(f"{node.name}: a {what} in {dtype} rounds its entries to whole numbers: it jumps, no "
+                           "Lipschitz constant")
+
+
+def _cumsum_norm(node: torch.fx.Node) -> float:
+    """‖L_n‖ for x.cumsum(dim) of length n along dim (L_n: lower triangular, all ones; each slice
+    along dim is multiplied by it).  L_n^-1 = I - S (S the shift down), so (L_n L_nᵀ)^-1 = (I - S)ᵀ(I - S)
+    is tridiagonal (2 on the diagonal but 1 in its last entry, -1 beside it), with eigenvalues
+    4 sin^2((2k - 1) pi / (4n + 2)), k = 1..n; so ‖L_n‖ = 1 / (2 sin(pi / (4n + 2))).  The few
+    roundings in evaluating it are covered by a relative 1e-12."""
+    _floating_result(node, "cumsum")
+    n = _dim_length(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), "cumsum")
+    return 1 / (2 * math.sin(math.pi / (4 * n + 2))) * (1 + 1e-12)
+
+
+def _diff_norm(node: torch.fx.Node, bounds: dict) -> float:
+    """The norm of x.diff(n, dim, prepend, append) in x: n first differences along dim of x with
+    prepend and append (constants) around it.  The first difference of a length-m signal, D_m
+    ((m - 1) x m), has singular values 2 sin(k pi / (2m)), k = 1..m-1, so ‖D_m‖ = 2 cos(pi / (2m));
+    x is m' = (the output's length) + n long with what is prepended and appended, and the map from
+    x to the output is a part of D_(m'-n+1) ... D_m', of norm at most the product of theirs."""
+    arguments = {**dict(zip(("input", "n", "dim", "prepend", "append"), node.args)), **node.kwargs}
+    n, dim = arguments.get("n", 1), arguments.get("dim", -1)
+    for extra in ("prepend", "append"):
+        value = arguments.get(extra)
+        if isinstance(value, torch.fx.Node) and bounds.get(value, 0) > 0:
+            raise _Unsupported(f"{node.name}: diff with {extra} that depends on the input")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise _Unsupported(f"{node.name}: diff with n={n!r}")
+    _dim_length(node, dim, "diff")
+    total = _shape(node, node)[dim] + n
+    norm = 1.0
+    for m in range(total - n + 1, total + 1):
+        norm *= 2 * math.cos(math.pi / (2 * m))
+    return norm * (1 + 1e-12 * (n + 1))
+
+
+def _vector_norm_slope(node: torch.fx.Node) -> float:
+    """The constant of the p-norms of the slices (groups of m entries) that torch.norm,
+    Tensor.norm, torch.linalg.vector_norm or torch.linalg.norm (ord=None only) take.  Per group,
+    |‖u‖_p − ‖v‖_p| <= ‖u − v‖_p <= c ‖u − v‖_2, with c = 1 for p >= 2 (inf included) and c =
+    m^(1/p − 1/2) for 1 <= p < 2; summed in squares over the disjoint groups, ‖Δy‖ <= c ‖Δx‖.  For
+    p = -inf (the smallest |entry|), |min |u| − min |v|| <= ‖u − v‖_inf: c = 1.  Below 1, p gives no
+    norm (|t|^p has no slope at 0), and matrix norms are not followed."""
+    target = node.target
+    key = _VECTOR_NORMS.get(target, "p")
+    names = ("input", key, "dim", "keepdim") if target is not torch.norm else ("input", "p", "dim", "keepdim")
+    arguments = {**dict(zip(names, node.args)), **node.kwargs}
+    _floating_result(node, _call_name(node))
+    default = None if target is torch.linalg.norm else (2 if target is torch.linalg.vector_norm else "fro")
+    p = arguments.get(key, default)
+    if target is torch.linalg.norm and p is not None:
+        raise _Unsupported(f"{node.name}: linalg.norm with ord={p!r} (a matrix norm where dim names two dims)")
+    if p in (None, "fro"):
+        p = 2
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not (p >= 1 or p == -math.inf):
+        raise _Unsupported(f"{node.name}: {_call_name(node)} with p={p!r} (no Lipschitz constant below p = 1)")
+    if p >= 2 or p == -math.inf:
+        return 1.0
+    groups = math.prod(_shape(node, node))
+    m = math.prod(_shape(node, node.args[0])) // groups if groups else 1
+    return float(m) ** (1 / p - 0.5) * (1 + 1e-12)  # (one pow, off by an ulp or two)
 
 
 def _scaled_source(node) -> tuple[torch.fx.Node, Fraction] | None:
@@ -1969,10 +2079,22 @@ def _extremum_form(node: torch.fx.Node) -> str | None:
     return "reduction" if second is None else "pair"
 
 
+def _order_statistic_form(node: torch.fx.Node) -> str | None:
+    """For median, nanmedian and kthvalue (function or method): "pair" (along a dim: values and
+    indices; kthvalue always) or "reduction" (median of every entry); None for every other node."""
+    if not ((node.op == "call_function" and node.target in _ORDER_STATISTICS)
+            or (node.op == "call_method" and node.target in _ORDER_STATISTIC_METHODS)):
+        return None
+    if _call_name(node) == "kthvalue":
+        return "pair"
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return "reduction" if dim is None else "pair"
+
+
 def _returns_pair(node: torch.fx.Node) -> bool:
     """Whether node is a sort, topk, max or min along a dim, or a max pool asked for its indices, which
     return (values, indices)."""
-    if _extremum_form(node) == "pair":
+    if _extremum_form(node) == "pair" or _order_statistic_form(node) == "pair":
         return True
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target) if node.graph.owning_module else None

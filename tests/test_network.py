@@ -1271,6 +1271,68 @@ def test_permutations_clamps_and_smooth_functions(fn, exact, form):
     assert (form != "python" or report.notes == []) and exact <= report.upper <= exact * (1 + 1e-14), report.notes
 
 
+def _jacobian_norm_of(fn, shape: tuple[int, ...], seed: int) -> float:
+    x = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    J = torch.autograd.functional.jacobian(lambda t: fn(t).reshape(-1), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(J, 2))
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, linear", [
+    (lambda x: x.cumsum(2), True), (lambda x: torch.cumsum(x, 1) * 2, True),
+    (lambda x: torch.diff(x, dim=2), True), (lambda x: x.diff(dim=1, prepend=torch.zeros(1, 2, 4)), False),
+    (lambda x: torch.diff(x, n=2, dim=-1), False),
+    (lambda x: torch.tril(x, 1) + x.triu(), True), (lambda x: torch.diag_embed(x).sum(1), True),
+    (lambda x: x.diagonal(0, 1, 2) * 3, True), (lambda x: torch.diag(x[0, :, 1]), True),
+    (lambda x: torch.repeat_interleave(x, 3, dim=2), True), (lambda x: x.repeat_interleave(2), True),
+    (lambda x: x.norm(dim=1), False), (lambda x: torch.linalg.vector_norm(x, ord=1, dim=2), False),
+    (lambda x: torch.norm(x, p=float("inf"), dim=(1, 2)), False), (lambda x: torch.linalg.norm(x, dim=1), False),
+    (lambda x: x.median(1).values + torch.median(x), False), (lambda x: x.kthvalue(2, 2)[0], False),
+    (lambda x: torch.logsumexp(x, dim=(1, 2)), False),
+], ids=["cumsum", "cumsum-scaled", "diff", "diff-prepend", "diff-twice", "tril-triu", "diag-embed", "diagonal",
+        "diag", "repeat-interleave", "repeat-interleave-flat", "norm", "norm-1", "norm-inf", "linalg-norm",
+        "median", "kthvalue", "logsumexp"])
+def test_cumulative_sums_differences_masks_norms_and_order_statistics(fn, linear, form):
+    # each rule against the Jacobian's norm (its SVD's rounding allowed for): for the linear maps that
+    # is their exact norm, which the rules give (up to their rounding margin); for the rest (and a
+    # difference of part of a longer signal) the bound is never below it
+    model = _Applies(fn)
+    example = torch.randn(1, 3, 4)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,))}[form]()
+    report = lipfast.lipschitz_bound(bounded, (3, 4), progress=False)
+    assert math.isfinite(report.upper), report.notes
+    attained = max(_jacobian_norm_of(fn, (3, 4), seed) for seed in range(4))
+    assert attained <= report.upper * (1 + 1e-14)
+    if linear:
+        assert report.upper <= attained * (1 + 1e-10)
+
+
+def test_the_constants_of_norms_and_order_statistics():
+    # ‖·‖_2 and ‖·‖_inf of slices: 1; ‖·‖_1 of slices of m entries: sqrt(m), attained wherever no
+    # entry is 0 (its gradient is the signs); median and kthvalue: 1 (a selection, where no two tie)
+    cases = [(lambda x: x.norm(dim=2), 1.0), (lambda x: torch.norm(x, p=1, dim=2), 2.0),
+             (lambda x: torch.linalg.vector_norm(x, ord=1.5, dim=(1, 2)), 12 ** (1 / 1.5 - 0.5)),
+             (lambda x: x.median(2).values, 1.0), (lambda x: torch.linalg.vector_norm(x, ord=-math.inf, dim=1), 1.0)]
+    for fn, constant in cases:
+        report = lipfast.lipschitz_bound(_Applies(fn), (3, 4), progress=False)
+        assert constant <= report.upper <= constant * (1 + 1e-11), report.notes
+    assert _jacobian_norm_of(cases[1][0], (3, 4), 0) == pytest.approx(2.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda x: x.repeat_interleave(torch.tensor([1, 3, 1, 2]), dim=2), "a tensor of them"),
+    (lambda x: torch.linalg.norm(x, ord=2, dim=(1, 2)), "a matrix norm"),
+    (lambda x: torch.norm(x, p=0.5, dim=1), "below p = 1"),
+    (lambda x: x.cumsum(1, dtype=torch.int64).double(), "whole numbers"),
+    (lambda x: torch.median(x, 1).indices.double(), "indices"),
+    (lambda x: torch.diff(x, dim=1, append=x[:, :1]), "append that depends on the input"),
+], ids=["repeat-interleave-tensor", "spectral-norm", "p-below-1", "integer-cumsum", "median-indices", "diff-append"])
+def test_cumulative_sums_norms_and_order_statistics_that_have_no_constant(fn, reason):
+    report = lipfast.lipschitz_bound(_Applies(fn), (3, 4), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
 def test_clamp_to_bounds_that_depend_on_the_input_has_no_finite_bound():
     report = lipfast.lipschitz_bound(_Applies(lambda x: x.clamp(max=x.mean())), (3,), progress=False)
     assert report.upper == math.inf and any("bounds that depend on the input" in note for note in report.notes)
