@@ -640,20 +640,47 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
         if isinstance(v, MetaDeviceAttribute):  # x.device: the example's, where MetaTracer says "meta"
             return value(v.root).device
         if isinstance(v, torch.fx.Proxy):
-            if not isinstance(v, MetaProxy) or getattr(v, "_tensor_meta", None) is None:
+            known = v.known() if isinstance(v, Known) else None
+            if known is None:
                 raise LookupError("a value that was not computed")
-            return v._tensor_meta
+            return known
         return v
 
-    class ShapeProxy(MetaProxy):
+    class Known:
+        """What a proxy of the shape tracer knows: its value computed on the example, sizes read as
+        numbers from it; an attribute (`x.sort(1).values`, `x.T`) is the attribute of its owner's."""
+
+        def known(self):
+            meta = self.__dict__.get("_tensor_meta")
+            if meta is None and isinstance(self, MetaAttribute) and isinstance(self.root, Known):
+                owner = self.root.known()
+                meta = getattr(owner, self.attr, None) if owner is not None else None
+                meta = None if callable(meta) else meta  # (a method: called, it is a call_method proxy)
+            return meta
+
+        def __getattr__(self, k: str):
+            if k == "_tensor_meta":
+                return self.__getattribute__(k)
+            attribute = ShapeAttribute(self, k)
+            meta = attribute.known()
+            if meta is not None:  # (so that its size(), dim(), shape and dtype are numbers too)
+                attribute.install_tensor_meta(meta)
+            return attribute
+
         @property
         def ndim(self):  # a number, as size(), dim() and shape are (timm checks x.ndim)
-            meta = getattr(self, "_tensor_meta", None)
-            return meta.ndim if isinstance(meta, Tensor) else MetaAttribute(self, "ndim")
+            meta = self.known()
+            return meta.ndim if isinstance(meta, Tensor) else ShapeAttribute(self, "ndim")
 
         def __len__(self) -> int:  # a number too: the example's (len(x.chunk(4, 1)), len(x))
-            meta = getattr(self, "_tensor_meta", None)
+            meta = self.known()
             return len(meta) if isinstance(meta, (Tensor, tuple, list)) else super().__len__()
+
+    class ShapeProxy(Known, MetaProxy):
+        pass
+
+    class ShapeAttribute(Known, MetaAttribute):
+        pass
 
     class ShapeTracer(_Tracer, MetaTracer):
         """MetaTracer, with each call computed on the example's values where MetaTracer computes it
@@ -669,7 +696,7 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
             unbind, a tensor's rows: `for part in x.chunk(4, 1)`, `sum(x.unbind(2))`): its items,
             taken by index, as many as there are for this input shape.  (Plain tracing unpacks
             only `a, b = x.chunk(2, 1)`, whose count the code spells out.)"""
-            meta = getattr(obj, "_tensor_meta", None)
+            meta = obj.known() if isinstance(obj, Known) else None
             if isinstance(meta, (tuple, list)) or (isinstance(meta, Tensor) and meta.dim() > 0):
                 return iter([obj[i] for i in range(len(meta))])
             return super().iter(obj)

@@ -447,3 +447,17 @@ def test_loops_over_a_values_pieces_are_traced_for_the_input_shape():
     expected = math.hypot(*convs) * 3 * math.sqrt(sum((i + 1) ** 2 for i in range(6)))
     assert report.upper == pytest.approx(expected, rel=1e-12)
     assert _jacobian_norm(model, (4, 3, 5)) <= report.upper
+
+
+def test_attributes_of_values_are_known_when_tracing_for_a_shape():
+    # x.sort(1).values: an attribute of a computed value, whose length and sizes the example gives
+    class Attributes(nn.Module):
+        def forward(self, x):
+            v = x.sort(1).values
+            return torch.stack(list(reversed(v.unbind(2))), 2) * v.shape[-1]
+
+    report = lipfast.lipschitz_bound(Attributes(), (3, 5), progress=False)
+    assert report.method == "fx" and any("traced it for inputs of shape" in note for note in report.notes), report.notes
+    # sorted values (1), their 5 columns stacked (in quadrature: sqrt(5)), times 5
+    assert report.upper == pytest.approx(5 * math.sqrt(5), rel=1e-12)
+    assert _jacobian_norm(Attributes().double(), (3, 5)) <= report.upper
