@@ -1786,9 +1786,11 @@ def _vector_norm_slope(node: torch.fx.Node) -> float:
 
 def _scaled_source(node) -> tuple[torch.fx.Node, Fraction] | None:
     """(x, c) for a node computing c x with a number c (products and quotients by numbers, and
-    negations, followed back); (node, 1) for any other node; None for what is no graph value."""
+    negations, followed back); (node, 1) for any other node; None for what is no graph value.  A
+    value that some call changes in place is where the walk stops: c times it is what is read."""
     factor = Fraction(1)
-    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method"):
+    while isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") and \
+            not _changed_in_place(node):
         name = _call_name(node)
         numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
         nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -1842,9 +1844,12 @@ def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
     return None
 
 
-def _shifted(node: torch.fx.Node) -> tuple[torch.fx.Node, Fraction] | None:
-    """(v, b) for a node computing v + b, b + v or v - b with a number b (alpha 1); None otherwise."""
-    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs not in ({}, {"alpha": 1}):
+def _shifted(node: torch.fx.Node, reader: torch.fx.Node | None = None) -> tuple[torch.fx.Node, Fraction] | None:
+    """(v, b) for a node computing v + b, b + v or v - b with a number b (alpha 1), and changed by no
+    in-place call (but its reader's: relu6(x + 3, inplace=True) reads x + 3 as it writes it); None
+    otherwise."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs not in ({}, {"alpha": 1}) \
+            or _changed_in_place(node, reader):
         return None
     name = _call_name(node)
     numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)]
@@ -1884,17 +1889,22 @@ def _self_gated(node: torch.fx.Node, bounds: dict) -> float | None:
         if found is None:
             continue
         kind, argument = found
+        form = [gate]  # the nodes the form reads through: none may be changed in place
+        if kind == "1+erf":
+            form.append(shifted[0])
         if kind == "tanh":  # Mish: tanh(softplus(x))
             inner_kind = _elementwise_kind(argument) if isinstance(argument, torch.fx.Node) else None
             if inner_kind is None or inner_kind[0] != "softplus":
                 continue
+            form.append(argument)
             kind, argument = "mish", inner_kind[1]
-        if kind == "relu6" and (shifted := _shifted(argument)) is not None:  # relu6(c x + b), b a number
+        if kind == "relu6" and (shifted := _shifted(argument, gate)) is not None:  # relu6(c x + b), b a number
             argument, offset = shifted
         if kind not in ("sigmoid", "hardsigmoid", "mish", "1+erf", "relu6"):
             continue
         scaled = _scaled_source(argument)
-        if scaled is None or scaled[0] is not x or scaled[1] == 0 or _changed_in_place(x):
+        if scaled is None or scaled[0] is not x or scaled[1] == 0 or \
+                any(_changed_in_place(n) for n in [x, *form]):
             continue
         slope = {"sigmoid": lambda: _silu_slope(), "hardsigmoid": lambda: _SLOPES[nn.Hardswish](None),
                  "mish": lambda: _mish_slope(), "1+erf": lambda: _mul_up(2.0, _gelu_slope("none")),
@@ -1985,16 +1995,18 @@ def _softsign_bound(node: torch.fx.Node, bounds: dict) -> float | None:
 
 
 def _abs_source(node: torch.fx.Node) -> torch.fx.Node | None:
-    """v for a node computing |v| (torch.abs, the method, or abs()); None otherwise."""
-    if node.op not in ("call_function", "call_method") or len(node.args) != 1 or node.kwargs:
+    """v for a node computing |v| (torch.abs, the method, or abs()), and changed by no in-place call;
+    None otherwise."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 1 or node.kwargs or _changed_in_place(node):
         return None
     if node.target in (torch.abs, operator.abs) or (node.op == "call_method" and node.target in ("abs", "__abs__")):
         return node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
     return None
 
 
-def _changed_in_place(x: torch.fx.Node) -> bool:
-    """Whether some call writes into x's memory: an in-place call on x, or on a value that may view it."""
+def _changed_in_place(x: torch.fx.Node, other_than: torch.fx.Node | None = None) -> bool:
+    """Whether some call writes into x's memory: an in-place call on x, or on a value that may view it
+    (other than the call other_than)."""
     seen, pending = set(), [x]
     while pending:
         value = pending.pop()
@@ -2003,7 +2015,7 @@ def _changed_in_place(x: torch.fx.Node) -> bool:
                 continue
             seen.add(user)
             first = user.args[0] if user.args else None
-            if first is value and (_in_place(user) or (user.op == "call_module" and getattr(
+            if first is value and user is not other_than and (_in_place(user) or (user.op == "call_module" and getattr(
                     user.graph.owning_module.get_submodule(user.target), "inplace", False) is True)):
                 return True
             if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
@@ -2141,9 +2153,12 @@ _MOVING_METHODS = (_SHAPE_ONLY_METHODS - {"float", "double", "half", "bfloat16",
 def _entries(node: torch.fx.Node, depth: int = 0) -> tuple[torch.fx.Node, object] | None:
     """(g, E): node's value is made of entries of g's value moved by shape and selection operations
     alone, and E is that value computed on g's entry numbers (an int64 tensor, or a tuple of them
-    after a split); None where some step is not such an operation or a size is not known."""
+    after a split); None where some step is not such an operation or a size is not known.  A value
+    that some call changes in place is not followed to its source: a copy (clone, contiguous, a
+    conversion) no longer holds the source's entries then (y = x.clone(); y.mul_(3)), so g is that
+    value itself, whose bound the in-place call raised."""
     moving = ((node.op == "call_function" and node.target in _MOVING_FUNCTIONS)
-              or (node.op == "call_method" and node.target in _MOVING_METHODS))
+              or (node.op == "call_method" and node.target in _MOVING_METHODS)) and not _changed_in_place(node)
     source = node.args[0] if node.args else None
     if depth < 32 and moving and isinstance(source, torch.fx.Node) and not _nodes_in((node.args[1:], node.kwargs)):
         found = _entries(source, depth + 1)

@@ -622,6 +622,20 @@ def test_max_min_of_disjoint_pieces_has_the_constant_of_their_source(name):
     assert upper >= _max_jacobian_norm(model, (5,), points=12) * (1 - 1e-12)
 
 
+def test_max_min_of_a_copy_changed_in_place_has_the_copys_constant():
+    # the pieces are of y, a copy of x that an in-place call scaled by 3: MaxMin of them has y's
+    # constant 3, not x's 1 (the pieces were followed through the copy to x)
+    def scaled_pieces(x):
+        y = x.clone()
+        y.mul_(3)
+        a, b = y.chunk(2, 1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
+
+    report = lipfast.lipschitz_bound(_Applies(scaled_pieces), (4, 2), progress=False)
+    assert report.upper == 3.0, report.notes
+    assert _max_jacobian_norm(_Applies(scaled_pieces), (4, 2)) == pytest.approx(3.0, rel=1e-12)
+
+
 def test_maxima_and_minima_along_dims():
     # max/min of each slice (amax, amin, max and min along a dim or of everything): 1; their indices: none
     for fn in (lambda y: y.amax(dim=(2, 3)), lambda y: torch.amin(y, 1), lambda y: torch.max(y, 1)[0],
@@ -1253,6 +1267,70 @@ def test_self_gated_activations_written_out_get_their_constant(fn, module, scale
 def test_products_outside_the_self_gated_forms_get_no_finite_bound(fn):
     report = lipfast.lipschitz_bound(_Applies(fn), (5,), progress=False)
     assert report.upper == math.inf and any("product of two" in note for note in report.notes), report.notes
+
+
+def _gate_changed(x):  # x * sigmoid(x), its gate scaled in place: 5 x sigmoid(x), slope 5.5
+    s = torch.sigmoid(x)
+    s.mul_(5)
+    return x * s
+
+
+def _copy_shifted(x):  # y = x, sigmoid(y), then y shifted in place: (x + 10) sigmoid(x), slope 3 at 0
+    y = x * 1.0
+    s = torch.sigmoid(y)
+    y.add_(10)
+    return y * s
+
+
+def _erf_changed(x):  # GELU written out, its erf scaled in place: slope 3 at 0
+    t = torch.erf(x / 2**0.5)
+    t.mul_(4)
+    return x * 0.5 * (1 + t)
+
+
+def _softplus_changed(x):  # Mish written out, its softplus scaled in place
+    sp = F.softplus(x)
+    sp.mul_(5)
+    return x * torch.tanh(sp)
+
+
+def _denominator_changed(x):  # softsign written out, its denominator scaled in place: x / (0.01 |x| + 0.01), slope 100
+    d = x.abs() + 1
+    d.mul_(0.01)
+    return x / d
+
+
+def _magnitude_changed(x):  # softsign written out, |x| scaled in place: x / (0.1 |x| + 1)
+    a = x.abs()
+    a.mul_(0.1)
+    return x / (a + 1)
+
+
+@pytest.mark.parametrize("fn", [_gate_changed, _copy_shifted, _erf_changed, _softplus_changed, _denominator_changed,
+                                _magnitude_changed])
+def test_gated_and_softsign_forms_changed_in_place_on_the_way_get_no_finite_bound(fn):
+    # each reads a value that an in-place call changed after the form's other side read it: not the
+    # activation it looks like (these got SiLU's, GELU's, Mish's or softsign's constant, some far
+    # below their slopes)
+    report = lipfast.lipschitz_bound(_Applies(fn), (5,), progress=False)
+    assert report.upper == math.inf, report.notes
+    assert lipfast.lipschitz_bound(_Applies(lambda x: x * torch.sigmoid(x)), (5,), progress=False).upper < 1.1
+
+
+def test_a_gate_module_changed_in_place_gets_no_finite_bound():
+    class Gated(nn.Module):
+        def __init__(self, scale: float | None):
+            super().__init__()
+            self.gate, self.scale = nn.Sigmoid(), scale
+
+        def forward(self, x):
+            g = self.gate(x)
+            if self.scale is not None:
+                g.mul_(self.scale)
+            return x * g
+
+    assert lipfast.lipschitz_bound(Gated(5.0), (5,), progress=False).upper == math.inf
+    assert lipfast.lipschitz_bound(Gated(None), (5,), progress=False).upper < 1.1
 
 
 @pytest.mark.parametrize("form", ["python", "trace", "export"])
