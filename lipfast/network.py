@@ -878,6 +878,9 @@ def _functional_layer(graph_module: torch.fx.GraphModule, node: torch.fx.Node, a
         else:
             if not in_shape:
                 raise _Unsupported(f"{node.name}: the input size of {node.target.__name__} is not known")
+            if len(in_shape) != weight.dim() - 1:
+                raise _Unsupported(f"{node.name}: {node.target.__name__} called on an input of shape {(1, *in_shape)} "
+                                   "with no batch dim (it takes the example's batch dim for its channels)")
             options = {k: arguments[k] for k in ("stride", "padding", "dilation", "groups", "output_padding",
                                                  "padding_mode") if k in arguments}
             if groups is not None:  # (a layer merged into it: _merged_weight)
@@ -1408,6 +1411,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True  # an operand may be broadcast to the result's shape
     if name in ("cumsum", "diff", "norm") or node.target in _VECTOR_NORMS:
         return True  # the length along a dim, or the size of the slices
+    if node.target in (torch.cat, torch.stack) and len(_nodes_in((node.args, node.kwargs))) > 1:
+        return True  # branches of disjoint entries of one value (_disjoint_functions): the entries
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
         return True  # the type of another tensor
@@ -1500,9 +1505,12 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             raise _Unsupported(f"{node.name}: {name} with alpha={alpha!r}")
         operands = list(node.args[:2]) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
         alone = len(_nodes_in(operands)) < 2  # a tensor and a number: nothing is broadcast
-        return _sum_up([_product(bounds[a], abs(alpha) if i == 1 else 1.0,
-                                 1.0 if alone else _sqrt_up(_broadcast_copies(node, a)))
-                        for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds and bounds[a] > 0])
+        terms = [_product(bounds[a], abs(alpha) if i == 1 else 1.0, 1.0 if alone else _sqrt_up(_broadcast_copies(node, a)))
+                 for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds and bounds[a] > 0]
+        if _disjoint_functions([a for a in operands if isinstance(a, torch.fx.Node)], bounds):
+            # functions of disjoint entries of one value (_disjoint_functions): in quadrature
+            return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+        return _sum_up(terms)
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in _PRODUCT_NAMES:
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
@@ -1541,6 +1549,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
             return bounds[source] if source in bounds else math.inf
+        operands = _passed((node.args, node.kwargs), bounds)
+        if _disjoint_functions(operands, bounds):  # functions of disjoint entries of one value: the largest
+            return max(bounds[a] for a in operands)
         return _concatenated((node.args, node.kwargs), bounds)  # concatenated branches
     if (target in _PAIRWISE_EXTREMA or (node.op == "call_method" and name in _PAIRWISE_EXTREMA_METHODS)
             or _extremum_form(node) == "pairwise"):
@@ -1600,6 +1611,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if target is F.interpolate and node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "bicubic":
             raise _Unsupported(f"{node.name}: bicubic interpolation (weights of both signs)")
         shape = _shape(node, node.args[0])
+        if _spatial_dims(target) is not None and len(shape) - 1 == _spatial_dims(target):
+            raise _Unsupported(f"{node.name}: {name} called on an input of shape {tuple(shape)} with no batch dim (it "
+                               "takes the example's batch dim for its channels)")
         # arguments computed from sizes (interpolate(y, size=x.shape[-2:]), as feature pyramids do):
         # the numbers they are for this input shape
         resolved = _size_values((node.args[1:], node.kwargs))
@@ -2007,7 +2021,13 @@ def _abs_source(node: torch.fx.Node) -> torch.fx.Node | None:
 def _changed_in_place(x: torch.fx.Node, other_than: torch.fx.Node | None = None) -> bool:
     """Whether some call writes into x's memory: an in-place call on x, or on a value that may view it
     (other than the call other_than)."""
-    seen, pending = set(), [x]
+    return bool(_in_place_writers(x, other_than))
+
+
+def _in_place_writers(x: torch.fx.Node, other_than: torch.fx.Node | None = None) -> list[torch.fx.Node]:
+    """The calls that write into x's memory: in-place calls on x, or on values that may view it
+    (other than the call other_than)."""
+    seen, pending, writers = set(), [x], []
     while pending:
         value = pending.pop()
         for user in value.users:
@@ -2017,10 +2037,10 @@ def _changed_in_place(x: torch.fx.Node, other_than: torch.fx.Node | None = None)
             first = user.args[0] if user.args else None
             if first is value and user is not other_than and (_in_place(user) or (user.op == "call_module" and getattr(
                     user.graph.owning_module.get_submodule(user.target), "inplace", False) is True)):
-                return True
+                writers.append(user)
             if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
                 pending.append(user)
-    return False
+    return writers
 
 
 def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
@@ -2174,6 +2194,114 @@ def _entries(node: torch.fx.Node, depth: int = 0) -> tuple[torch.fx.Node, object
     if shape is None or math.prod(shape) > 1 << 26:
         return None
     return node, torch.arange(math.prod(shape)).reshape(shape)
+
+
+def _dominator(node: torch.fx.Node, bounds: dict, memo: dict) -> torch.fx.Node | None:
+    """The nearest value every path from the model's input to node passes through (its immediate
+    dominator among the input-dependent values: those with a positive bound); None for the input
+    itself, or where node depends on the input by no path (or by several inputs)."""
+    if node not in memo:
+        memo[node] = None
+        preds = [a for a in node.all_input_nodes if bounds.get(a, 0) > 0]
+        if node.op != "placeholder" and preds:
+            meet = preds[0]
+            for other in preds[1:]:
+                meet = _meet(meet, other, bounds, memo)
+                if meet is None:
+                    break
+            memo[node] = meet
+    return memo[node]
+
+
+def _meet(a: torch.fx.Node, b: torch.fx.Node, bounds: dict, memo: dict) -> torch.fx.Node | None:
+    """The nearest value that is a or dominates it and is b or dominates it (None: no such value)."""
+    chain = set()
+    while a is not None:
+        chain.add(a)
+        a = _dominator(a, bounds, memo)
+    while b is not None and b not in chain:
+        b = _dominator(b, bounds, memo)
+    return b
+
+
+def _disjoint_functions(operands: list[torch.fx.Node], bounds: dict) -> bool:
+    """Whether the input-dependent operands are functions of disjoint sets of entries of one value h:
+    h is their nearest common dominator d (every path from the input to any of them passes through
+    it), or the value d's entries are moved from (a split: x.chunk(2, 1) before its pieces' branches);
+    each operand's entries of h are those of the moves from h that it reaches h through (a move's
+    entries exactly: _entries, which stops at a value changed in place; any other call depends on
+    the union of its inputs' entries, and so does a value an in-place activation changed).  Then
+    each operand is g_i(h restricted to S_i) with the S_i disjoint, and its bound b_i = c_i L(h) with
+    c_i >= Lip(g_i) (every rule is homogeneous in its inputs' bounds), so for a concatenation
+    ‖Δy‖^2 = Σ ‖Δo_i‖^2 <= Σ c_i^2 ‖Δh_(S_i)‖^2 <= max c_i^2 ‖Δh‖^2: Lip <= max_i b_i; for a sum,
+    ‖Δy‖ <= Σ c_i ‖Δh_(S_i)‖ <= sqrt(Σ c_i^2) ‖Δh‖: Lip <= sqrt(Σ b_i^2).  False where an in-place
+    call on the way writes another input-dependent value in, or an operand is passed twice, or the
+    entries are not known."""
+    operands = [a for a in operands if bounds.get(a, 0) > 0]
+    if len(operands) < 2 or len(set(operands)) < len(operands) or not all(math.isfinite(bounds[a]) for a in operands):
+        return False
+    graph = operands[0].graph
+    memo = graph.__dict__.setdefault("_lipfast_dominators", {})
+    d = operands[0]
+    for other in operands[1:]:
+        d = _meet(d, other, bounds, memo)
+        if d is None:
+            return False
+    found = _entries(d)
+    if found is None:
+        return False
+    h = found[0]
+    shape = _propagated_shape(h)
+    size = math.prod(shape) if shape is not None else 0
+    masks: dict[torch.fx.Node, Tensor | None] = {}
+
+    def mixed_in(node: torch.fx.Node) -> bool:
+        """Whether an in-place call writes into node's memory values of another input-dependent
+        tensor (node.add_(y)); an in-place activation (x.relu_(), ReLU(inplace=True)) writes a
+        function of node's own entries, and changes no dependence."""
+        return any(bounds.get(a, 1) > 0 for writer in _in_place_writers(node)
+                   for a in _nodes_in((writer.args[1:], writer.kwargs)))
+
+    if shape is None or mixed_in(h):
+        return False
+
+    def reached(node: torch.fx.Node, depth: int = 0) -> Tensor | None:
+        """The entries of h that node's value depends on (a boolean mask), or None where it depends
+        on the input some other way, or where that is not known."""
+        if node in masks:
+            return masks[node]
+        masks[node] = None  # (a cycle cannot occur; this only guards the recursion)
+        if node is h:
+            mask = torch.ones(size, dtype=torch.bool)
+        elif node in bounds and bounds[node] == 0:  # a constant (a node left unbounded is followed)
+            mask = torch.zeros(size, dtype=torch.bool)
+        elif depth > 512 or node.op == "placeholder" or mixed_in(node):
+            return None
+        else:
+            moved = _entries(node)
+            if moved is not None and moved[0] is h:
+                mask = torch.zeros(size, dtype=torch.bool)
+                for numbers in (moved[1] if isinstance(moved[1], (tuple, list)) else (moved[1],)):
+                    if not isinstance(numbers, Tensor):
+                        return None
+                    mask[numbers.reshape(-1)] = True
+            else:
+                mask = torch.zeros(size, dtype=torch.bool)
+                for a in node.all_input_nodes:
+                    part = reached(a, depth + 1)
+                    if part is None:
+                        return None
+                    mask |= part
+        masks[node] = mask
+        return mask
+
+    total = torch.zeros(size, dtype=torch.int64)
+    for a in operands:
+        mask = reached(a)
+        if mask is None:
+            return False
+        total += mask
+    return bool((total <= 1).all())
 
 
 def _max_min_source(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -2449,6 +2577,31 @@ def _weight_hooks() -> tuple:
     from torch.nn.utils.weight_norm import WeightNorm
 
     return SpectralNorm, WeightNorm, BasePruningMethod
+
+
+def _spatial_dims(kind: object) -> int | None:
+    """The number of spatial dims of a torch.nn layer class (or torch.nn.functional function) made
+    for a fixed number of them (Conv2d, MaxPool3d, F.max_pool2d, ReflectionPad1d, ...); None for
+    the rest."""
+    for cls in (kind.__mro__ if isinstance(kind, type) else (kind,)):
+        if getattr(cls, "__module__", "").startswith(("torch.nn.modules", "torch.nn.functional", "torch._C._nn")):
+            found = re.search(r"([123])d(_with_indices)?$", cls.__name__)
+            return int(found.group(1)) if found else None
+    return None
+
+
+def _unbatched_note(module: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """Why a layer made for a fixed number of spatial dims has no constant here ("" where it has):
+    called on an input with no batch dim (x[:, 0] into a Conv2d: (1, H, W), which it takes as one
+    example of 1 channel), it does not compute what its constant on (channels, *spatial) bounds."""
+    dims = _spatial_dims(type(module))
+    # (a BatchNorm1d takes (N, C) batched: the layers whose constants read the spatial sizes only)
+    laid_out = isinstance(module, _CONVS) or any(cls.__module__ in ("torch.nn.modules.pooling", "torch.nn.modules.padding")
+                                                 for cls in type(module).__mro__)
+    if dims is None or not laid_out or isinstance(module, _ONE) or len(input_shape) != dims:
+        return ""
+    return (f"called on an input of shape {(1, *input_shape)} with no batch dim (it takes the example's batch dim "
+            "for its channels): no constant")
 
 
 def _hooks_note(module: nn.Module) -> str:
@@ -2946,7 +3099,7 @@ def _bound_layers(leaves: list, rtol: float, progress: bool, group: object,
     mine = [item for item, r in zip(unique, owner) if r == rank]
     results: dict[tuple[str, tuple, tuple], LayerBound] = {}
     for name, module, in_shape, out_shape in mine:
-        note = _hooks_note(module)
+        note = _hooks_note(module) or _unbatched_note(module, in_shape)
         if note:
             results[name, in_shape, out_shape] = LayerBound(name, type(module).__name__, in_shape, out_shape, 0.0,
                                                             math.inf, 0.0, note)

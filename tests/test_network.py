@@ -354,8 +354,9 @@ class _Uses(nn.Module):
     (lambda m, y: torch.split(y, [1, 3], 1)[1] * 2, 2.0),
     (lambda m, y: torch.stack(y.unbind(1)[:2], 1), 1.0),
     (lambda m, y: torch.tensor_split(y, 3, dim=1)[2], 1.0),
-    # the selected column is broadcast over the 2 of the slice: counted twice, sqrt(2)
-    (lambda m, y: y.narrow(1, 1, 2) + torch.select(y, 1, 0)[:, None], 1 + math.sqrt(2)),
+    # the selected column is broadcast over the 2 of the slice: counted twice, sqrt(2); the two are
+    # disjoint pieces of y, so they add in quadrature: sqrt(1 + 2), the exact norm
+    (lambda m, y: y.narrow(1, 1, 2) + torch.select(y, 1, 0)[:, None], math.sqrt(3)),
     (lambda m, y: y.unflatten(1, (2, 2)).movedim(1, 2).swapaxes(1, 2).flatten(1).t(), 1.0),
 ], ids=["sum", "cat", "alpha", "expand", "stored-index", "expand_as", "repeat", "list-index", "signed-index", "slice",
         "computed-slice", "two-outputs", "neg", "chunk", "split", "unbind", "tensor_split", "narrow-select",
@@ -634,6 +635,64 @@ def test_max_min_of_a_copy_changed_in_place_has_the_copys_constant():
     report = lipfast.lipschitz_bound(_Applies(scaled_pieces), (4, 2), progress=False)
     assert report.upper == 3.0, report.notes
     assert _max_jacobian_norm(_Applies(scaled_pieces), (4, 2)) == pytest.approx(3.0, rel=1e-12)
+
+
+class _SplitBranches(nn.Module):
+    """y = join(f(x_a), g(x_b)) with (x_a, x_b) two pieces of x, the branches as ShuffleNetV2's
+    (convolutions, a BatchNorm, an in-place ReLU) or the identity."""
+
+    def __init__(self, split, join, identity_first: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.split, self.join, self.identity_first = split, join, identity_first
+        self.f = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(inplace=True)).double().eval()
+        self.g = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 3, padding=1, groups=2)).double().eval()
+        with torch.no_grad():
+            self.f[1].running_var.uniform_(0.2, 0.5)
+            self.g[1].weight.mul_(4)
+
+    def forward(self, x):
+        a, b = self.split(x)
+        return self.join(a if self.identity_first else self.f(a), self.g(b))
+
+
+@pytest.mark.parametrize("split, disjoint", [
+    (lambda x: x.chunk(2, 1), True), (lambda x: (x[:, ::2], x[:, 1::2]), True),
+    (lambda x: torch.split(x.flip(1), [2, 2], 1), True), (lambda x: tuple(x.reshape(1, 2, 2, 5, 5).unbind(1)), True),
+    (lambda x: (x[:, :2], x[:, 1:3]), False), (lambda x: (x[:, :2], x[:, :2].flip(1)), False),
+    # the second piece has the first added in place (its own constant is then 2)
+    (lambda x: (x[:, :2], (x[:, 2:] * 0.5).add_(x[:, :2], alpha=0.5)), False),
+], ids=["chunk", "strided", "split-flipped", "unbind", "overlapping", "same-piece", "mixed-in-place"])
+@pytest.mark.parametrize("join", ["cat", "add"])
+@pytest.mark.parametrize("identity_first", [True, False])
+def test_branches_on_disjoint_pieces_of_one_value(split, disjoint, join, identity_first):
+    # y = cat(f(x_a), g(x_b)) with disjoint pieces: ‖Δy‖^2 <= L_f^2 ‖Δx_a‖^2 + L_g^2 ‖Δx_b‖^2, so
+    # Lip <= max(L_f, L_g) (ShuffleNetV2's blocks, identity_first); f(x_a) + g(x_b): sqrt(L_f^2 + L_g^2)
+    joins = {"cat": lambda u, v: torch.cat([u, v], 1), "add": lambda u, v: u + v}
+    model = _SplitBranches(split, joins[join], identity_first)
+    report = lipfast.lipschitz_bound(model, (4, 5, 5), progress=False)
+    layers = {layer.name: layer.upper for layer in report.layers}
+    L_f = 1.0 if identity_first else layers["f.0"]
+    L_g = layers["g.0"] * layers["g.1"]
+    apart = max(L_f, L_g) if join == "cat" else math.hypot(L_f, L_g)
+    together = math.hypot(L_f, L_g) if join == "cat" else L_f + L_g
+    assert report.upper == pytest.approx(apart if disjoint else together, rel=1e-12), report.notes
+    assert _max_jacobian_norm(model, (4, 5, 5)) <= report.upper
+
+
+def test_layers_called_on_an_input_with_no_batch_dim_get_no_finite_bound():
+    # x[:, 0] is (1, H, W): a Conv2d or a pool takes it as one example of 1 channel, which its
+    # constant on (channels, H, W) does not cover (a max pool's was 1.73 where 2.45 is attained)
+    for layer in (nn.Conv2d(1, 2, 3, padding=1).double(), nn.MaxPool2d(3, 1, 1), nn.LPPool2d(2, 2, 1),
+                  lambda t: F.max_pool2d(t, 3, 1, 1), lambda t: F.conv2d(t, torch.ones(2, 1, 3, 3, dtype=t.dtype))):
+        model = _Applies(lambda x, layer=layer: layer(x[:, 0]))
+        if isinstance(layer, nn.Module):
+            model.layer = layer
+        report = lipfast.lipschitz_bound(model, (2, 5, 5), progress=False)
+        assert report.upper == math.inf and any("no batch dim" in note for note in report.notes), (layer, report.notes)
+    # a BatchNorm1d on (N, C) is batched
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)).double().eval()
+    assert math.isfinite(lipfast.lipschitz_bound(mlp, (4,), progress=False).upper)
 
 
 def test_maxima_and_minima_along_dims():

@@ -441,10 +441,10 @@ def test_loops_over_a_values_pieces_are_traced_for_the_input_shape():
     model = _LoopsOverPieces().double().eval()
     report = lipfast.lipschitz_bound(model, (4, 3, 5), progress=False)
     assert report.method == "fx" and any("traced it for inputs of shape" in note for note in report.notes), report.notes
-    # the rules' bound, spelled out: two convs on pieces of x, concatenated (in quadrature); a sum
-    # of 3 slices; 6 channels scaled by 1..6 and stacked (in quadrature)
+    # the rules' bound, spelled out: two convs on disjoint pieces of x, concatenated (the larger);
+    # a sum of 3 disjoint slices (in quadrature); 6 channels scaled by 1..6 and stacked (the largest)
     convs = [float(lipfast.operator_norm_bounds(conv, (3, 5))[1]) for conv in model.convs]
-    expected = math.hypot(*convs) * 3 * math.sqrt(sum((i + 1) ** 2 for i in range(6)))
+    expected = max(convs) * math.sqrt(3) * 6
     assert report.upper == pytest.approx(expected, rel=1e-12)
     assert _jacobian_norm(model, (4, 3, 5)) <= report.upper
 
@@ -458,6 +458,6 @@ def test_attributes_of_values_are_known_when_tracing_for_a_shape():
 
     report = lipfast.lipschitz_bound(Attributes(), (3, 5), progress=False)
     assert report.method == "fx" and any("traced it for inputs of shape" in note for note in report.notes), report.notes
-    # sorted values (1), their 5 columns stacked (in quadrature: sqrt(5)), times 5
-    assert report.upper == pytest.approx(5 * math.sqrt(5), rel=1e-12)
+    # sorted values (1), their 5 columns stacked (disjoint pieces of one value: 1), times 5
+    assert report.upper == pytest.approx(5.0, rel=1e-12)
     assert _jacobian_norm(Attributes().double(), (3, 5)) <= report.upper
