@@ -567,11 +567,24 @@ def _computes_as_torch_layer(m: nn.Module) -> bool:
     return False
 
 
+class _AssigningProxy(torch.fx.Proxy):
+    """A traced value that records an item assignment, y[index] = value (and y[index] *= 3, which
+    Python runs as one), as operator.setitem(y, index, value): torch.fx refuses it, and the
+    composition follows it as an in-place call on y."""
+
+    def __setitem__(self, index, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 class _Tracer(torch.fx.Tracer):
     """torch.fx's tracer, keeping whole (as leaves) the module types given a constant with
     register_lipschitz, so that the registered constant is the one used, and the modules that
     compute what a torch.nn layer does (_computes_as_torch_layer: torch.fx's own rule, which keeps
-    every torch.nn class whole, made exact for subclasses and parametrized modules)."""
+    every torch.nn class whole, made exact for subclasses and parametrized modules); its values
+    record item assignments (_AssigningProxy)."""
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _AssigningProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) is nn.Module:  # a bare namespace for submodules (it has no forward): look inside
@@ -675,6 +688,8 @@ def _trace_for_shape(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
         def __len__(self) -> int:  # a number too: the example's (len(x.chunk(4, 1)), len(x))
             meta = self.known()
             return len(meta) if isinstance(meta, (Tensor, tuple, list)) else super().__len__()
+
+        __setitem__ = _AssigningProxy.__setitem__  # (computed on the example too, in place, as the model does)
 
     class ShapeProxy(Known, MetaProxy):
         pass
@@ -803,7 +818,10 @@ def _reads_shape_only(node: torch.fx.Node) -> bool:
 def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """The nodes whose values depend on the model's input values (the others are constants:
     parameters, buffers, what the graph computes from them alone, such as a parametrized weight,
-    and what it computes from the input's sizes alone, which the input shape fixes)."""
+    and what it computes from the input's sizes alone, which the input shape fixes).  An in-place
+    call whose result depends on the input (w.add_(x.mean()), w[0] = x.mean()) makes the value it
+    writes into depend on it, and every value that may share that memory (for the calls after it:
+    a weight so computed is no constant)."""
     depends: set[torch.fx.Node] = set()
     for node in graph_module.graph.nodes:
         read = node.all_input_nodes
@@ -811,7 +829,25 @@ def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
             read = _nodes_in((node.args[1:], node.kwargs))
         if node.op == "placeholder" or any(a in depends for a in read):
             depends.add(node)
+            written = node.args[0] if node.args else None
+            if isinstance(written, torch.fx.Node) and written not in depends and (_in_place(node) or (
+                    node.op == "call_module" and getattr(graph_module.get_submodule(node.target), "inplace", False))):
+                depends |= _memory_family(written, graph_module)
     return depends
+
+
+def _memory_family(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The values that may share node's memory: the value it views (and so on up), and every view
+    of that (and so on down)."""
+    while node.args and isinstance(node.args[0], torch.fx.Node) and _may_alias(node, graph_module):
+        node = node.args[0]
+    family, pending = {node}, [node]
+    while pending:
+        for user in pending.pop().users:
+            if user not in family and user.args and user.args[0] in family and _may_alias(user, graph_module):
+                family.add(user)
+                pending.append(user)
+    return family
 
 
 def _layer_arguments(node: torch.fx.Node, depends: set[torch.fx.Node]) -> dict | None:
@@ -1175,6 +1211,8 @@ def _in_place(node: torch.fx.Node) -> bool:
         return True
     if node.op != "call_function":
         return False
+    if node.target is operator.setitem:  # y[index] = value writes into y
+        return True
     try:
         arguments = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
     except (TypeError, ValueError):  # a builtin without a Python signature, or arguments it would refuse
@@ -1201,8 +1239,8 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
     while True:
         if bounds[target] < raised:
             # its users already bounded came before the call: a view among them changes too
-            views = [user.name for user in target.users
-                     if user is not child and user in bounds and _may_alias(user, graph_module)]
+            views = [user.name for user in target.users if user is not child and user in bounds
+                     and _may_alias(user, graph_module) and _read_from(user, node, graph_module)]
             if views:
                 raise _Unsupported(f"{node.name}: an in-place call that can raise {target.name}'s constant after "
                                    f"{', '.join(views)} took a value from it that may share its memory")
@@ -1216,6 +1254,28 @@ def _overwrites(node: torch.fx.Node, bounds: dict, graph_module: torch.fx.GraphM
         if source not in bounds:
             return
         child, target = target, source
+
+
+def _read_from(view: torch.fx.Node, call: torch.fx.Node, graph_module: torch.fx.GraphModule) -> bool:
+    """Whether the view's memory is read at the in-place call or after it: by the call, or by a user
+    of the view (or of a view of it, and so on) that comes no earlier in the graph.  A view read only
+    before the call (y[:, :2] *= 3 takes y[:, :2], multiplies it, and writes it back) sees nothing
+    the call changes."""
+    order = graph_module.graph.__dict__.get("_lipfast_order")
+    if order is None or call not in order:
+        order = graph_module.graph.__dict__["_lipfast_order"] = {n: i for i, n in enumerate(graph_module.graph.nodes)}
+    seen, pending = set(), [view]
+    while pending:
+        value = pending.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user not in order or order[user] >= order[call]:
+                return True
+            if _may_alias(user, graph_module):
+                pending.append(user)
+    return False
 
 
 def _whole_view_source(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> torch.fx.Node | None:
@@ -1411,6 +1471,8 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True  # an operand may be broadcast to the result's shape
     if name in ("cumsum", "diff", "norm") or node.target in _VECTOR_NORMS:
         return True  # the length along a dim, or the size of the slices
+    if node.target is operator.setitem:
+        return True  # what the index selects, and the value's shape
     if node.target in (torch.cat, torch.stack) and len(_nodes_in((node.args, node.kwargs))) > 1:
         return True  # branches of disjoint entries of one value (_disjoint_functions): the entries
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
@@ -1497,6 +1559,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if all(bounds[a] == 0 for a in tensor_args):
         return 0.0  # a function of constants only (sizes, buffers, arithmetic on them)
     first = bounds[tensor_args[0]]
+    if target is operator.setitem:
+        return _assigned_bound(node, bounds)
     if target in (operator.add, torch.add, operator.sub, torch.sub) or name in _SUM_NAMES:
         # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds
         # nothing; an operand broadcast to the result's shape counts once per copy of each entry
@@ -1720,6 +1784,45 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         # are disjoint: norm <= 1
         return first
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+def _assigned_bound(node: torch.fx.Node, bounds: dict) -> float:
+    """The constant of y after y[index] = value (operator.setitem; y's node takes it, _overwrites):
+    each entry of the new y is an entry of the old y or one of value's, and broadcasting puts each
+    entry of value into c = numel(y[index]) / numel(value) of them, so ‖Δy'‖^2 <= ‖Δy‖^2 + c ‖Δvalue‖^2
+    and Lip <= sqrt(L_y^2 + c L_value^2).  The index must be basic (ints, slices, None, ...), and
+    what it selects known for this input's shape."""
+    y, index, value = node.args
+    parts = index if isinstance(index, tuple) else (index,)
+    resolved = _size_values(parts)
+    if resolved is None or not all(p is None or p is Ellipsis or (isinstance(p, int) and not isinstance(p, bool))
+                                   or (isinstance(p, slice) and all(v is None or isinstance(v, int)
+                                                                    for v in (p.start, p.stop, p.step)))
+                                   for p in resolved):
+        raise _Unsupported(f"{node.name}: an item assignment at {index!r} (ints, slices, None and ... are followed)")
+    graph_module = node.graph.owning_module
+
+    def base(v: torch.fx.Node) -> torch.fx.Node:  # the value whose memory v may view
+        while v.args and isinstance(v.args[0], torch.fx.Node) and _may_alias(v, graph_module):
+            v = v.args[0]
+        return v
+
+    if isinstance(value, torch.fx.Node) and value.op in ("call_function", "call_method"):
+        # y[index] += w runs w's addition in place on the view y[index] (traced: out of place, then
+        # written back); where w views y's memory too, that reads entries it has already written
+        # (y[:, 1:] += y.transpose(1, 2)[:, :3]), which the graph does not compute
+        taken = [a for a in value.all_input_nodes if a.target is operator.getitem and a.args[0] is y]
+        if taken and any(base(a) is base(y) for a in value.all_input_nodes if a not in taken):
+            raise _Unsupported(f"{node.name}: an item assignment y[index] op= w with w a view of y's memory (in place, "
+                               "it reads entries it has written)")
+    written = bounds.get(value, 0.0) if isinstance(value, torch.fx.Node) else 0.0
+    if written == 0:
+        return bounds[y]  # a constant written in: y's own entries, fewer of them
+    if math.isinf(written) or math.isinf(bounds[y]):
+        return math.inf
+    region = torch.empty(_shape(node, y), device="meta")[tuple(resolved)]
+    copies = Fraction(region.numel(), math.prod(_shape(node, value)) or 1)
+    return _sqrt_up(Fraction(bounds[y]) ** 2 + copies * Fraction(written) ** 2)
 
 
 def _dim_length(node: torch.fx.Node, dim: object, what: str) -> int:
@@ -2224,6 +2327,11 @@ def _meet(a: torch.fx.Node, b: torch.fx.Node, bounds: dict, memo: dict) -> torch
     return b
 
 
+#: _disjoint_functions follows at most this many values back, with masks of at most this many entries
+_DISJOINT_MAX_NODES = 2000
+_DISJOINT_MAX_ENTRIES = 1 << 22
+
+
 def _disjoint_functions(operands: list[torch.fx.Node], bounds: dict) -> bool:
     """Whether the input-dependent operands are functions of disjoint sets of entries of one value h:
     h is their nearest common dominator d (every path from the input to any of them passes through
@@ -2262,7 +2370,7 @@ def _disjoint_functions(operands: list[torch.fx.Node], bounds: dict) -> bool:
         return any(bounds.get(a, 1) > 0 for writer in _in_place_writers(node)
                    for a in _nodes_in((writer.args[1:], writer.kwargs)))
 
-    if shape is None or mixed_in(h):
+    if shape is None or size > _DISJOINT_MAX_ENTRIES or mixed_in(h):
         return False
 
     def reached(node: torch.fx.Node, depth: int = 0) -> Tensor | None:
@@ -2275,7 +2383,7 @@ def _disjoint_functions(operands: list[torch.fx.Node], bounds: dict) -> bool:
             mask = torch.ones(size, dtype=torch.bool)
         elif node in bounds and bounds[node] == 0:  # a constant (a node left unbounded is followed)
             mask = torch.zeros(size, dtype=torch.bool)
-        elif depth > 512 or node.op == "placeholder" or mixed_in(node):
+        elif depth > 512 or len(masks) > _DISJOINT_MAX_NODES or node.op == "placeholder" or mixed_in(node):
             return None
         else:
             moved = _entries(node)

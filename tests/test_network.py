@@ -695,6 +695,96 @@ def test_layers_called_on_an_input_with_no_batch_dim_get_no_finite_bound():
     assert math.isfinite(lipfast.lipschitz_bound(mlp, (4,), progress=False).upper)
 
 
+def _assign_slice(x):  # y' = (3 x_2, 3 x_3, x_2, x_3): exactly sqrt(10)
+    y = x * 1.0
+    y[:, :2] = 3 * x[:, 2:]
+    return y
+
+
+def _scale_slice(x):  # y[:, :2] *= 3: the view is read (multiplied) before it is written back
+    y = x * 1.0
+    y[:, :2] *= 3
+    return y
+
+
+def _zero_column(x):  # a constant written in: y's own constant
+    y = x * 2.0
+    y[:, 0] = 0
+    return y
+
+
+def _assign_in_loop(x):  # traced for the input's shape (a loop over pieces), assignments in the loop
+    y = torch.zeros_like(x)
+    for i, piece in enumerate(x.chunk(2, 1)):
+        y[:, 2 * i : 2 * i + 2] = piece.flip(1) * (i + 1)
+    return y
+
+
+@pytest.mark.parametrize("fn, expected", [(_assign_slice, math.sqrt(10)), (_scale_slice, math.sqrt(10)),
+                                          (_zero_column, 2.0), (_assign_in_loop, math.sqrt(5))])
+def test_item_assignments(fn, expected):
+    # y[index] = value: each entry of y an entry of y or of value (broadcast: c copies), so
+    # Lip <= sqrt(L_y^2 + c L_value^2); torch.fx refuses to trace them, lipfast records them
+    report = lipfast.lipschitz_bound(_Applies(fn), (4, 3), progress=False)
+    assert report.method == "fx" and report.upper == pytest.approx(expected, rel=1e-12), report.notes
+    assert _max_jacobian_norm(_Applies(fn), (4, 3)) <= report.upper * (1 + 1e-12)
+
+
+def _read_after_write(x):
+    y = x * 1.0
+    v = y[:, :2]
+    y[:, :2] = 5 * x[:, 2:]
+    return torch.cat([v, y], 1)  # v holds the written values now
+
+
+def _overlapping_update(x):  # in place, the addition reads entries it has already written
+    y = x * 1.0
+    y[:, 1:] += y.transpose(1, 2)[:, :2]
+    return y
+
+
+def _listed_index(x):
+    y = x * 1.0
+    y[:, [0, 0]] = x[:, 1:3]
+    return y
+
+
+@pytest.mark.parametrize("fn, reason", [(_read_after_write, "may share its memory"),
+                                        (_overlapping_update, "reads entries it has written"),
+                                        (_listed_index, "item assignment at")])
+def test_item_assignments_that_get_no_finite_bound(fn, reason):
+    report = lipfast.lipschitz_bound(_Applies(fn), (3, 3), progress=False)
+    assert report.method == "fx" and report.upper == math.inf, report.notes
+    assert any(reason in note for note in report.notes), report.notes
+
+
+def _weight_added_to(x):
+    w = torch.zeros(2, 2, 1, 1, dtype=x.dtype)
+    w.add_(x.mean())
+    return F.conv2d(x, w)
+
+
+def _weight_assigned(x):
+    w = torch.zeros(2, 2, 1, 1, dtype=x.dtype)
+    w[0, 0, 0, 0] = x.mean()
+    return F.conv2d(x, w)
+
+
+def _weight_viewed_then_scaled(x):
+    w = torch.ones(2, 2, 1, 1, dtype=x.dtype)
+    v = w.view(2, 2, 1, 1)
+    w.mul_(x.mean())
+    return F.conv2d(x, v)
+
+
+@pytest.mark.parametrize("fn", [_weight_added_to, _weight_assigned, _weight_viewed_then_scaled])
+def test_a_weight_written_in_place_from_the_input_is_no_constant(fn):
+    # each conv's weight is a function of x (x times its mean: no global constant); it was taken
+    # for a constant, its value on the zero input (a bound of 0)
+    report = lipfast.lipschitz_bound(_Applies(fn), (2, 3, 3), progress=False)
+    assert report.upper == math.inf, report.notes
+
+
 def test_maxima_and_minima_along_dims():
     # max/min of each slice (amax, amin, max and min along a dim or of everything): 1; their indices: none
     for fn in (lambda y: y.amax(dim=(2, 3)), lambda y: torch.amin(y, 1), lambda y: torch.max(y, 1)[0],
