@@ -841,13 +841,10 @@ def _memory_family(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> s
     of that (and so on down)."""
     while node.args and isinstance(node.args[0], torch.fx.Node) and _may_alias(node, graph_module):
         node = node.args[0]
-    family, pending = {node}, [node]
-    while pending:
-        for user in pending.pop().users:
-            if user not in family and user.args and user.args[0] in family and _may_alias(user, graph_module):
-                family.add(user)
-                pending.append(user)
-    return family
+    def views(value: torch.fx.Node, user: torch.fx.Node) -> bool:
+        return bool(user.args) and user.args[0] is value and _may_alias(user, graph_module)
+
+    return {node} | {user for value, user in _users_through_views(node, views) if views(value, user)}
 
 
 def _layer_arguments(node: torch.fx.Node, depends: set[torch.fx.Node]) -> dict | None:
@@ -1264,18 +1261,21 @@ def _read_from(view: torch.fx.Node, call: torch.fx.Node, graph_module: torch.fx.
     order = graph_module.graph.__dict__.get("_lipfast_order")
     if order is None or call not in order:
         order = graph_module.graph.__dict__["_lipfast_order"] = {n: i for i, n in enumerate(graph_module.graph.nodes)}
-    seen, pending = set(), [view]
+    return any(user not in order or order[user] >= order[call]
+               for _, user in _users_through_views(view, lambda value, user: _may_alias(user, graph_module)))
+
+
+def _users_through_views(x: torch.fx.Node, views: Callable[[torch.fx.Node, torch.fx.Node], bool]):
+    """(value, user) for every user of x, and of every user that views(value, user) says is a view
+    of its value, and so on down (a user of several of them once with each)."""
+    done, pending = {x}, [x]
     while pending:
         value = pending.pop()
         for user in value.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user not in order or order[user] >= order[call]:
-                return True
-            if _may_alias(user, graph_module):
+            yield value, user
+            if user not in done and views(value, user):
+                done.add(user)
                 pending.append(user)
-    return False
 
 
 def _whole_view_source(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> torch.fx.Node | None:
@@ -2130,20 +2130,13 @@ def _changed_in_place(x: torch.fx.Node, other_than: torch.fx.Node | None = None)
 def _in_place_writers(x: torch.fx.Node, other_than: torch.fx.Node | None = None) -> list[torch.fx.Node]:
     """The calls that write into x's memory: in-place calls on x, or on values that may view it
     (other than the call other_than)."""
-    seen, pending, writers = set(), [x], []
-    while pending:
-        value = pending.pop()
-        for user in value.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            first = user.args[0] if user.args else None
-            if first is value and user is not other_than and (_in_place(user) or (user.op == "call_module" and getattr(
-                    user.graph.owning_module.get_submodule(user.target), "inplace", False) is True)):
-                writers.append(user)
-            if user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS):
-                pending.append(user)
-    return writers
+    def views(value: torch.fx.Node, user: torch.fx.Node) -> bool:
+        return user.op != "call_module" and (user.target in _ALIASING_FUNCTIONS or user.target in _util.VIEW_OPERATIONS)
+
+    return [user for value, user in _users_through_views(x, views)
+            if user.args and user.args[0] is value and user is not other_than and (_in_place(user) or (
+                user.op == "call_module" and getattr(user.graph.owning_module.get_submodule(user.target), "inplace",
+                                                     False) is True))]
 
 
 def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
