@@ -836,15 +836,21 @@ def _input_dependent(graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return depends
 
 
-def _memory_family(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """The values that may share node's memory: the value it views (and so on up), and every view
-    of that (and so on down)."""
+def _memory_base(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> torch.fx.Node:
+    """The value whose memory node may view: its first argument where it may be a view of it (or the
+    argument itself), and so on up."""
     while node.args and isinstance(node.args[0], torch.fx.Node) and _may_alias(node, graph_module):
         node = node.args[0]
+    return node
+
+
+def _memory_family(node: torch.fx.Node, graph_module: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The values that may share node's memory: _memory_base's, and every view of it (and so on down)."""
     def views(value: torch.fx.Node, user: torch.fx.Node) -> bool:
         return bool(user.args) and user.args[0] is value and _may_alias(user, graph_module)
 
-    return {node} | {user for value, user in _users_through_views(node, views) if views(value, user)}
+    base = _memory_base(node, graph_module)
+    return {base} | {user for value, user in _users_through_views(base, views) if views(value, user)}
 
 
 def _layer_arguments(node: torch.fx.Node, depends: set[torch.fx.Node]) -> dict | None:
@@ -1801,18 +1807,13 @@ def _assigned_bound(node: torch.fx.Node, bounds: dict) -> float:
                                    for p in resolved):
         raise _Unsupported(f"{node.name}: an item assignment at {index!r} (ints, slices, None and ... are followed)")
     graph_module = node.graph.owning_module
-
-    def base(v: torch.fx.Node) -> torch.fx.Node:  # the value whose memory v may view
-        while v.args and isinstance(v.args[0], torch.fx.Node) and _may_alias(v, graph_module):
-            v = v.args[0]
-        return v
-
     if isinstance(value, torch.fx.Node) and value.op in ("call_function", "call_method"):
         # y[index] += w runs w's addition in place on the view y[index] (traced: out of place, then
         # written back); where w views y's memory too, that reads entries it has already written
         # (y[:, 1:] += y.transpose(1, 2)[:, :3]), which the graph does not compute
         taken = [a for a in value.all_input_nodes if a.target is operator.getitem and a.args[0] is y]
-        if taken and any(base(a) is base(y) for a in value.all_input_nodes if a not in taken):
+        base = _memory_base(y, graph_module)
+        if taken and any(_memory_base(a, graph_module) is base for a in value.all_input_nodes if a not in taken):
             raise _Unsupported(f"{node.name}: an item assignment y[index] op= w with w a view of y's memory (in place, "
                                "it reads entries it has written)")
     written = bounds.get(value, 0.0) if isinstance(value, torch.fx.Node) else 0.0
