@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lipfast import linalg
+from lipfast import _util, linalg
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 
@@ -135,17 +135,18 @@ def _jacobian_lower(module: nn.RNNBase, steps: int) -> float:
         return torch.cat([p.reshape(-1) for p in parts])
 
     lower, h = 0.0, 1e-5
-    for x, power_steps in ((torch.zeros(shape, dtype=torch.float64), 8),
-                           (torch.randn(shape, generator=generator, dtype=torch.float64), 3)):
-        v = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-        x = x.to(device).requires_grad_()
-        y = flat(x)
-        for _ in range(power_steps):
-            v = v / torch.linalg.vector_norm(v)
-            with torch.no_grad():
-                difference = flat(x + h * v) - y
-            # the two outputs' rounding (float64: far under 1e-9 of (‖y‖ + sqrt(size)) in norm), over h
-            error = 1e-9 * (float(torch.linalg.vector_norm(y.detach())) + y.numel() ** 0.5) / h
-            lower = max(lower, (float(torch.linalg.vector_norm(difference)) / h - error) * (1 - 1e-9))
-            (v,) = torch.autograd.grad(y, x, difference / h, retain_graph=True)
+    with _util.differentiable_in_eval(model):  # (cuDNN's RNN kernels have no backward in eval mode)
+        for x, power_steps in ((torch.zeros(shape, dtype=torch.float64), 8),
+                               (torch.randn(shape, generator=generator, dtype=torch.float64), 3)):
+            v = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+            x = x.to(device).requires_grad_()
+            y = flat(x)
+            for _ in range(power_steps):
+                v = v / torch.linalg.vector_norm(v)
+                with torch.no_grad():
+                    difference = flat(x + h * v) - y
+                # the two outputs' rounding (float64: far under 1e-9 of (‖y‖ + sqrt(size)) in norm), over h
+                error = 1e-9 * (float(torch.linalg.vector_norm(y.detach())) + y.numel() ** 0.5) / h
+                lower = max(lower, (float(torch.linalg.vector_norm(difference)) / h - error) * (1 - 1e-9))
+                (v,) = torch.autograd.grad(y, x, difference / h, retain_graph=True)
     return max(lower, 0.0)

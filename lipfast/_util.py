@@ -26,6 +26,19 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def differentiable_in_eval(model: nn.Module) -> Iterator[None]:
+    """Inside the block autograd can differentiate ``model`` in eval mode on any device: cuDNN's
+    recurrent kernels have no backward outside training mode ("cudnn RNN backward can only be called
+    in training mode"), so for a model holding an RNN, LSTM or GRU cuDNN is switched off for the
+    block, and PyTorch's own kernels (the same function) run instead.  Other models keep cuDNN."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+    else:
+        yield
+
+
 def input_type(model: nn.Module) -> tuple[torch.dtype, torch.device | None]:
     """The dtype and device to give a model's example input: its first parameter's, else its first
     floating buffer's, else (an exported program's module, which checks its inputs) the first input

@@ -53,8 +53,15 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     v = v / v.reshape(x.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
     sigma = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    forward_mode = True
     for _ in range(iters):
-        _, Jv = torch.func.jvp(model, (x.detach().clone(),), (v,))  # a copy, as above
+        if forward_mode:
+            try:
+                _, Jv = torch.func.jvp(model, (x.detach().clone(),), (v,))  # a copy, as above
+            except NotImplementedError:  # an operation with no forward derivative (CUDA's fused LSTM cell)
+                forward_mode = False
+        if not forward_mode:
+            Jv = _jacobian_vector_by_vjp(out, x, v)
         new = Jv.reshape(x.shape[0], -1).double().norm(dim=1)
         (w,) = torch.autograd.grad(out, x, Jv, retain_graph=True)
         norms = w.reshape(x.shape[0], -1).norm(dim=1)
@@ -68,14 +75,25 @@ def _jacobian_norms(model: nn.Module, x: Tensor, rtol: float, iters: int) -> tup
     return sigma, False
 
 
+def _jacobian_vector_by_vjp(out: Tensor, x: Tensor, v: Tensor) -> Tensor:
+    """J v at x from the graph of ``out = f(x)``, by reverse mode alone: u ↦ Jᵀ u is linear in u, so
+    J v is the gradient in u of <Jᵀ u, v> (the double-vjp form; for models with an operation that has
+    no forward derivative, at the cost of differentiating the backward pass)."""
+    u = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, x, u, create_graph=True, retain_graph=True)
+    (jv,) = torch.autograd.grad(vjp, u, v)
+    return jv
+
+
 def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, iters: int = 500,
                     chunk_size: int | None = None, progress: bool = False) -> Tensor:
     """‖J_f(x)‖₂ for each example x of ``inputs (N, ...)``: (N,) float64 on inputs' device.
 
     Models with at most 64 outputs per example (classifiers) get the exact norm: the Jacobian is formed
     with one batched vector-Jacobian product per output and its largest singular value computed
-    directly.  Wider outputs use power iteration on JᵀJ (jvp then vjp through torch.func), batched over
-    the examples, stopped when every estimate moved by at most ``rtol`` (relative) in one step, or after
+    directly.  Wider outputs use power iteration on JᵀJ (J v by torch.func.jvp, or by two vector-Jacobian
+    products where an operation has no forward derivative; then Jᵀ by autograd), batched over the
+    examples, stopped when every estimate moved by at most ``rtol`` (relative) in one step, or after
     ``iters`` steps (a RuntimeWarning then).  Examples are processed ``chunk_size`` at a time, which
     bounds memory (default: 32 on a CPU, where larger batches no longer fit the caches and gain
     nothing, and 256 on other devices, where small batches leave a GPU idle).  Each value is a lower
@@ -101,7 +119,8 @@ def local_lipschitz(model: nn.Module, inputs: Tensor, *, rtol: float = 1e-4, ite
     if progress:
         chunks = _util.progress(chunks, "lipfast: local Lipschitz", "chunk")
     results, converged = [], True
-    with _util.eval_mode(model), _util.full_float32():  # no TF32: the norms are accurate to rtol
+    # no TF32: the norms are accurate to rtol
+    with _util.eval_mode(model), _util.full_float32(), _util.differentiable_in_eval(model):
         for chunk in chunks:
             norms, ok = _jacobian_norms(model, chunk, rtol, iters)
             results.append(norms.detach())
@@ -182,7 +201,7 @@ def lipschitz_gap(model: nn.Module, inputs: Tensor, *, report=None, rtol: float 
     lower = float(local[index])
     notes = []
     if refine_steps:
-        with _util.eval_mode(model):
+        with _util.eval_mode(model), _util.differentiable_in_eval(model):
             refined, step = _refine(model, inputs[index], refine_steps, step_size)
         # step 0 is the start itself, its norm computed another way (an SVD of J, not the eigenvalues
         # of J Jᵀ): a last-bit difference there is no climb

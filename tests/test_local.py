@@ -62,6 +62,40 @@ def test_against_autograd_jacobian(device, outputs):
     torch.testing.assert_close(local32.cpu(), expected, rtol=1e-4, atol=0)
 
 
+class _CubeWithoutForwardDerivative(torch.autograd.Function):
+    """x ↦ x³ with a backward and no jvp: forward-mode AD raises NotImplementedError on it, as on
+    PyTorch's fused LSTM cell on CUDA."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * grad
+
+
+class _Cube(nn.Module):
+    def forward(self, x):
+        return _CubeWithoutForwardDerivative.apply(x)
+
+
+def test_power_iteration_without_forward_derivatives(device):
+    # 90 outputs take power iteration; its J v falls back to the double-vjp form, same norms
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 40), _Cube(), nn.Linear(40, 90)).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        torch.func.jvp(model, (x,), (x,))
+    local = lipfast.local_lipschitz(model.to(device), x.to(device), rtol=1e-8)
+    torch.testing.assert_close(local.cpu(), jacobian_norms(model.cpu(), x), rtol=1e-6, atol=0)
+
+
 def test_gap_is_sound():
     torch.manual_seed(3)
     model = nn.Sequential(
