@@ -34,10 +34,72 @@ def is_aten_graph(model: nn.Module) -> bool:
 
 def runnable(model):
     """model, or for an exported program (or its module, whose guards fix the batch size) its
-    translation into torch functions, which runs on any batch."""
+    translation into torch functions, which runs on any batch (in pieces of the batch the program was
+    made for, padded with zero examples, where its views fix that batch)."""
     if is_exported_program(model):
         model = model.module()
-    return to_graph_module(model) if isinstance(model, nn.Module) and is_aten_graph(model) else model
+    if not (isinstance(model, nn.Module) and is_aten_graph(model)):
+        return model
+    batch = fixed_batch(model)
+    translated = to_graph_module(model)
+    return translated if batch == 1 else _InPieces(translated, batch)
+
+
+class _InPieces(nn.Module):
+    """A program whose views fix its batch, run on any batch: pieces of that many examples, the last
+    padded with zero examples, each output's rows of the real examples concatenated."""
+
+    def __init__(self, program: nn.Module, batch: int):
+        super().__init__()
+        self.program, self.batch = program, batch
+
+    def forward(self, x: torch.Tensor):
+        pieces = []
+        for piece in x.split(self.batch):
+            rows = piece.shape[0]
+            if rows < self.batch:
+                piece = torch.cat([piece, piece.new_zeros((self.batch - rows, *piece.shape[1:]))])
+            pieces.append(torch.utils._pytree.tree_map(
+                lambda out, rows=rows: out[:rows] if isinstance(out, torch.Tensor) else out, self.program(piece)))
+        flat = [torch.utils._pytree.tree_flatten(p) for p in pieces]
+        spec = flat[0][1]
+        joined = [torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+                  for parts in zip(*(leaves for leaves, _ in flat))]
+        return torch.utils._pytree.tree_unflatten(joined, spec)
+
+
+def fixed_batch(module: nn.Module) -> int:
+    """The batch size an exported program's module was made for where its guards fix it above 1
+    (torch.export specializes a static batch dim), else 1: its input placeholder's recorded shape."""
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            shape = getattr(value, "shape", None)
+            if shape and isinstance(shape[0], int) and shape[0] > 1:
+                return int(shape[0])
+            return 1
+    return 1
+
+
+def one_example(translated: torch.fx.GraphModule, batch: int, example: torch.Tensor) -> torch.fx.GraphModule:
+    """A graph computing, for a batch of one x (example's dtype, device and shape), translated's
+    outputs on the batch of ``batch`` made of x followed by batch - 1 zero examples, each output's
+    first example: for a program whose views and guards fix its batch (torch.export specializes a
+    batch dim above 1), the same function of x.  The rules see a concatenation with a constant (1,
+    for x) and a selection (1), so the bound is the program's own."""
+    root = nn.Module()
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    root.register_buffer("_lipfast_padding", example.new_zeros((batch - 1, *example.shape[1:])))
+    padded = graph.call_function(torch.cat, ([x, graph.get_attr("_lipfast_padding")],))
+    (placeholder,) = [node for node in translated.graph.nodes if node.op == "placeholder"]
+    outputs = graph.graph_copy(translated.graph, {placeholder: padded}, return_output_node=False)
+    first = torch.fx.node.map_arg(outputs, lambda node: graph.call_function(operator.getitem, (node, slice(0, 1))))
+    graph.output(first)
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target != "_lipfast_padding":
+            _torchscript._install(root, node.target, tensor=functools.reduce(getattr, node.target.split("."), translated))
+    return torch.fx.GraphModule(root, graph)
 
 
 def _positional(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list:

@@ -40,7 +40,8 @@ _FUNCTIONS = {
     "max_pool1d": F.max_pool1d, "max_pool2d": F.max_pool2d, "max_pool3d": F.max_pool3d,
     "avg_pool1d": F.avg_pool1d, "avg_pool2d": F.avg_pool2d, "avg_pool3d": F.avg_pool3d,
     "adaptive_avg_pool1d": F.adaptive_avg_pool1d, "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
-    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "floor_divide": operator.floordiv, "floordiv": operator.floordiv,
+    "adaptive_avg_pool3d": F.adaptive_avg_pool3d, "_adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "_adaptive_avg_pool3d": F.adaptive_avg_pool3d, "floor_divide": operator.floordiv, "floordiv": operator.floordiv,
     # (values, indices), in aten's argument order, as these functions return them
     "max_pool1d_with_indices": F.max_pool1d_with_indices, "max_pool2d_with_indices": F.max_pool2d_with_indices,
     "max_pool3d_with_indices": F.max_pool3d_with_indices, "adaptive_max_pool1d": F.adaptive_max_pool1d_with_indices,
@@ -347,7 +348,9 @@ class _Block:
             rebuilt = recurrent(graph, root, name, args, self.tensor_of)
             result = rebuilt if rebuilt is not None else _aten(graph, name, args)
             for i, out in enumerate(outputs):
-                env[out.debugName()] = result[i] if rebuilt is not None else \
+                if isinstance(result, Outputs) and not out.uses():
+                    continue  # (a result nothing reads gets no node)
+                env[out.debugName()] = result[i] if rebuilt is not None or isinstance(result, Outputs) else \
                     graph.call_function(operator.getitem, (result, i))
         else:
             raise ValueError(f"TorchScript operation {kind} has no translation (pass the Python module instead)")
@@ -563,6 +566,30 @@ def _is_number(value, depth: int = 0) -> bool:
     return value.target in _NUMBER_ARITHMETIC.values() and all(_is_number(a, depth + 1) for a in value.args)
 
 
+class Outputs(tuple):
+    """An aten operation's several results, the first translated into the torch function that the
+    composition rules know; another (a batch norm's saved statistics, say) is computed by the
+    operator itself, in a node made only when something reads it."""
+
+    def __new__(cls, first, graph: torch.fx.Graph, name: str, args: list, count: int):
+        outputs = super().__new__(cls, (first,) + (None,) * (count - 1))
+        outputs._graph, outputs._name, outputs._args, outputs._whole = graph, name, tuple(args), None
+        return outputs
+
+    def __getitem__(self, i):
+        if isinstance(i, slice) or i in (0, -len(self)):
+            return super().__getitem__(i)
+        if self._whole is None:
+            self._whole = self._graph.call_function(getattr(torch.ops.aten, self._name), self._args)
+        return self._graph.call_function(operator.getitem, (self._whole, i))
+
+
+#: aten's batch norms that also return their statistics: (input, weight, bias, running_mean,
+#: running_var[, training], momentum, eps) -> (output, saved mean, saved inverse std[, reserve])
+_BATCH_NORMS_WITH_STATISTICS = {"_native_batch_norm_legit_no_training": 3, "native_batch_norm": 3,
+                                "_batch_norm_impl_index": 5, "cudnn_batch_norm": 4}
+
+
 def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
@@ -577,8 +604,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_function(operator.getitem, (args[0], index))
     if name in ("add", "sub") and len(args) == 3:  # aten::add(self, other, alpha)
         return graph.call_function(getattr(torch, name), tuple(args[:2]), {"alpha": args[2]})
-    if name == "_convolution":  # a traced conv layer: (input, weight, bias, stride, padding, dilation,
-        # transposed, output_padding, groups, and flags of the backend)
+    if name in ("_convolution", "convolution"):  # a traced conv layer (or core ATen's): (input, weight, bias,
+        # stride, padding, dilation, transposed, output_padding, groups[, and flags of the backend])
         x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
         fn = _CONVOLUTIONS[bool(transposed)][len(stride) - 1]
         if transposed:
@@ -587,6 +614,30 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     if name == "batch_norm":  # (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
         x, weight, bias, mean, var, training, momentum, eps = args[:8]
         return graph.call_function(F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps))
+    if name in _BATCH_NORMS_WITH_STATISTICS and len(args) >= 7:
+        x, weight, bias, mean, var = args[:5]
+        training, (momentum, eps) = (False, args[5:7]) if name == "_native_batch_norm_legit_no_training" else \
+            (args[5], args[6:8])
+        out = graph.call_function(F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps))
+        return Outputs(out, graph, name, args, _BATCH_NORMS_WITH_STATISTICS[name])
+    if name == "native_layer_norm" and len(args) == 5:  # (input, normalized_shape, weight, bias, eps) -> (out, mean, rstd)
+        return Outputs(graph.call_function(F.layer_norm, tuple(args)), graph, name, args, 3)
+    if name in ("_log_softmax", "_softmax") and len(args) == 3:  # (self, dim, half_to_float)
+        return graph.call_function(F.log_softmax if name == "_log_softmax" else F.softmax, tuple(args[:2]))
+    if name == "arange" and args:  # ([start, ]end[, step], dtype, layout, device, pin_memory): keywords of torch's
+        if len(args) >= 5 and (args[-1] is None or isinstance(args[-1], bool)):  # every option given (TorchScript's)
+            count = len(args) - 4
+        else:  # an exported program's, the options after the last one given left out
+            count = next((i for i, a in enumerate(args[:3]) if isinstance(a, bool) or
+                          not isinstance(a, (int, float, torch.fx.Node))), min(len(args), 3))
+        dtype, _, device = (list(args[count:]) + [None] * 3)[:3]
+        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
+        return graph.call_function(torch.arange, tuple(args[:count]), {"dtype": dtype, "device": device})
+    if name == "mT" and len(args) == 1:  # the last two dims swapped
+        return graph.call_function(torch.transpose, (args[0], -2, -1))
+    if name in ("addmm", "addmv", "baddbmm") and 3 < len(args) <= 5:
+        # (self, a, b, beta[, alpha]): beta and alpha are keywords of torch's
+        return graph.call_function(getattr(torch, name), tuple(args[:3]), dict(zip(("beta", "alpha"), args[3:])))
     if name == "_convolution_mode":  # (input, weight, bias, stride, padding as "same" or "valid", dilation, groups)
         return graph.call_function(_CONVOLUTIONS[False][len(args[3]) - 1], tuple(args[:7]))
     if name == "gelu" and len(args) == 2:  # (self, approximate): a keyword of F.gelu
@@ -639,7 +690,11 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         dtype, _, device = (list(args[values:]) + [None] * 3)[:3]
         dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
         return graph.call_function(getattr(torch, name), tuple(args[:values]), {"dtype": dtype, "device": device})
-    if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values
+    if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values, but
+        # a later view reads it (a channel shuffle's permute, clone to contiguous, then view)
+        layout = args[1] if len(args) > 1 and isinstance(args[1], torch.memory_format) else None
+        if layout is not None and layout != torch.preserve_format:
+            return graph.call_method("contiguous" if name == "clone" else name, (args[0],), {"memory_format": layout})
         return graph.call_method(name, (args[0],))
     if name == "gather" and len(args) == 4:  # (self, dim, index, sparse_grad): a keyword of torch.gather
         return graph.call_function(torch.gather, tuple(args[:3]), {"sparse_grad": args[3]})
@@ -699,13 +754,14 @@ def _flat(out) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+def check_translation(script: nn.Module, graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...],
+                      batch: int = 1) -> None:
     """Raises ValueError unless the translation gives the script's outputs on a random input (a batch
-    of one, as lipschitz_bound runs them; both in eval mode): a net under every rule that reads the
-    graph.  Raises InputRejected where the script refuses that input; skipped where the script is
-    random itself (dropout left on)."""
+    of one, as lipschitz_bound runs them, or of the batch a program was exported for; both in eval
+    mode): a net under every rule that reads the graph.  Raises InputRejected where the script refuses
+    that input; skipped where the script is random itself (dropout left on)."""
     dtype, device = _util.input_type(script)
-    x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = x.to(dtype=dtype, device=device)
     with _util.eval_mode(script), _util.eval_mode(graph_module):
         try:

@@ -1190,7 +1190,7 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
 #: the names of sums, of products and quotients, and of matrix products (functions, methods, operators)
 _SUM_NAMES = frozenset({"add", "sub", "__add__", "__sub__"})
 _PRODUCT_NAMES = frozenset({"mul", "div", "truediv", "__mul__", "__truediv__"})
-_MATMUL_NAMES = frozenset({"matmul", "mm", "mv", "__matmul__", "__rmatmul__"})
+_MATMUL_NAMES = frozenset({"matmul", "mm", "mv", "bmm", "__matmul__", "__rmatmul__"})
 
 
 def _call_name(node: torch.fx.Node) -> str:
@@ -1354,6 +1354,11 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2 and sum(a in depends for a in tensors) == 1:
                 found.update(a for a in tensors if a not in depends)
+        elif node.op in ("call_function", "call_method") and name in _AFFINE_PRODUCTS:
+            factors = [a for a in [*node.args[1:3], *(node.kwargs.get(k) for k in _AFFINE_PRODUCTS[name][1:])]
+                       if isinstance(a, torch.fx.Node)]  # (input, a, b): the product's factors
+            if len(factors) == 2 and sum(a in depends for a in factors) == 1:
+                found.update(a for a in factors if a not in depends)
     return found
 
 
@@ -1612,9 +1617,11 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if node.kwargs.get("rounding_mode") is not None:  # floor or trunc: steps, no constant
             raise _Unsupported(f"{node.name}: division with rounding_mode={node.kwargs['rounding_mode']!r}")
         return _float_up(Fraction(first) / abs(Fraction(other[0]))) if math.isfinite(first) else first  # x / c
-    if target in (operator.matmul, torch.matmul, torch.mm, torch.mv) or \
+    if target in (operator.matmul, torch.matmul, torch.mm, torch.mv, torch.bmm) or \
             (node.op == "call_method" and name in _MATMUL_NAMES):
         return _matmul_bound(node, bounds, values or {})
+    if target in (torch.addmm, torch.addmv, torch.baddbmm) or (node.op == "call_method" and name in _AFFINE_PRODUCTS):
+        return _affine_product_bound(node, bounds, values or {})
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
@@ -2141,29 +2148,69 @@ def _in_place_writers(x: torch.fx.Node, other_than: torch.fx.Node | None = None)
 
 
 def _matmul_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
-    """x @ W or W @ x for a constant matrix (or vector) W: every row (column) of x times W, so
-    ‖W‖_2 times x's constant (a certified upper end: a Cholesky test, as for nn.Linear); a product
-    of two input-dependent tensors has none."""
+    """x @ W or W @ x (matmul, mm, mv, bmm) for a constant W: see _product_bound."""
     operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
-    name = _call_name(node)
     if len(operands) != 2 or len(node.args) != 2 or node.kwargs:
+        raise _Unsupported(f"{node.name}: {_call_name(node)} with arguments {node.args!r}, {node.kwargs!r}")
+    return _product_bound(node, operands[0], operands[1], bounds, values)
+
+
+#: addmm(input, mat1, mat2), addmv(input, mat, vec), baddbmm(input, batch1, batch2): beta input + alpha product
+_AFFINE_PRODUCTS = {"addmm": ("input", "mat1", "mat2"), "addmv": ("input", "mat", "vec"),
+                    "baddbmm": ("input", "batch1", "batch2")}
+
+
+def _affine_product_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """beta input + alpha (a @ b), by the functions or the methods (input.addmm(a, b)), the product
+    with a constant factor (a linear layer written out: x @ W.T + b, as torch.export decomposes
+    nn.Linear): Lip <= |beta| sqrt(copies) Lip(input) + |alpha| Lip(a @ b), the sum rule with
+    input's broadcast copies counted, and _product_bound for the product.  beta = 0 ignores input."""
+    name = _call_name(node)
+    arguments = {**dict(zip(_AFFINE_PRODUCTS[name], node.args)), **node.kwargs}
+    beta, alpha = arguments.pop("beta", 1), arguments.pop("alpha", 1)
+    if len(node.args) > 3 or set(arguments) != set(_AFFINE_PRODUCTS[name]) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (beta, alpha)):
         raise _Unsupported(f"{node.name}: {name} with arguments {node.args!r}, {node.kwargs!r}")
-    if all(bounds[a] > 0 for a in operands):
+    source, a, b = (arguments[k] for k in _AFFINE_PRODUCTS[name])
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+        raise _Unsupported(f"{node.name}: {name} of a product with an operand that is not a tensor")
+    terms = [_product(abs(alpha), _product_bound(node, a, b, bounds, values))]
+    if isinstance(source, torch.fx.Node) and beta != 0 and bounds.get(source, 0.0) > 0:
+        terms.append(_product(bounds[source], abs(beta), _sqrt_up(_broadcast_copies(node, source))))
+    return _sum_up(terms)
+
+
+def _product_bound(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """The constant of a @ b (torch.matmul's broadcasting) when one factor W is a constant: every row
+    of x (every column, for W @ x) is mapped by W, so ‖W‖_2 times x's constant (a certified upper end:
+    a Cholesky test, as for nn.Linear).  A batch of matrices W_k (dims >= 3) maps each matrix of x by
+    the W_k of its batch index: x's matrix i goes to the batches o that broadcasting copies it to, and
+    ‖Δy‖^2 = sum_i sum_o ‖Δx_i W_o‖^2 <= max_i (sum_o ‖W_o‖^2) ‖Δx‖^2 (the largest ‖W_k‖ where x is
+    not copied).  A product of two input-dependent tensors has none."""
+    name = _call_name(node)
+    if bounds[a] > 0 and bounds[b] > 0:
         raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
-    x, c = operands if bounds[operands[0]] > 0 else operands[::-1]
+    x, c = (a, b) if bounds[a] > 0 else (b, a)
     value = None if _drawn(c) else values.get(c)
-    if not isinstance(value, Tensor) or value.is_complex() or value.dim() not in (1, 2):
-        raise _Unsupported(f"{node.name}: {name} by a tensor that is not a known constant matrix or vector "
-                           "(or differs between runs)")
+    if not isinstance(value, Tensor) or value.is_complex() or value.dim() == 0:
+        raise _Unsupported(f"{node.name}: {name} by a tensor that is not a known constant (or differs between runs)")
     weight = value.detach().double().cpu()
     if not torch.isfinite(weight).all():
         raise _Unsupported(f"{node.name}: {name} by a matrix with entries that are not finite")
-    if weight.dim() == 1 or min(weight.shape) == 1:  # a vector's norm: sqrt of a sum of squares, rounded up
+    if weight.dim() == 1 or (weight.dim() == 2 and min(weight.shape) == 1):
+        # a vector's norm: sqrt of a sum of squares, rounded up
         squares = float((weight**2).sum())
         return _product(bounds[x], _sqrt_up(squares * (1 + (weight.numel() + 2) * 2.0**-52)))
-    bracket = conv.dense_brackets([weight], 1e-3, linalg.DEFAULT_MAX_ITERS)
-    upper = bracket[0][1] if bracket else float(linalg.spectral_norm_bounds(weight)[1])
-    return _product(bounds[x], upper)
+    matrices = weight.reshape(-1, *weight.shape[-2:])
+    bracket = conv.dense_brackets(list(matrices), 1e-3, linalg.DEFAULT_MAX_ITERS)
+    uppers = torch.tensor([u for _, u in bracket], dtype=torch.float64) if bracket else \
+        linalg.spectral_norm_bounds(matrices)[1].cpu()
+    if weight.dim() == 2:
+        return _product(bounds[x], float(uppers[0]))
+    x_shape = _shape(node, x)
+    x_batch = tuple(x_shape[:-2]) if len(x_shape) >= 2 else ()
+    out_batch = torch.broadcast_shapes(x_batch, weight.shape[:-2])
+    return _product(bounds[x], _repeated_norm(uppers.reshape(weight.shape[:-2]), out_batch, x_batch))
 
 
 def _selected_bound(node: torch.fx.Node, bounds: dict) -> float:
@@ -2213,13 +2260,22 @@ def _tensor_scale(node: torch.fx.Node, x: torch.fx.Node, value, divide: bool) ->
     if out == inp:  # each entry of x scaled once: exactly the largest scale
         return _float_up(1 / Fraction(float(weights.min()))) if divide else float(weights.max())
     if divide:
-        weights = 1 / weights  # each within 2^-53 of the exact quotient
+        weights = 1 / weights  # each within 2^-53 of the exact quotient (covered by _repeated_norm's margin)
+    return _repeated_norm(weights, out, inp)
+
+
+def _repeated_norm(weights: Tensor, out: tuple[int, ...], inp: tuple[int, ...]) -> float:
+    """sqrt(max over the entries of an operand of shape inp of the sum of weights^2 over the entries of
+    the broadcast shape out it is copied to): the norm of a map that scales each copy of an entry by
+    its weight (weights >= 0, float64, broadcastable to out), rounded up."""
     aligned = (1,) * (len(out) - len(inp)) + tuple(inp)
     repeated = [d for d, (a, o) in enumerate(zip(aligned, out)) if a == 1 and o != 1]
     squares = torch.broadcast_to(weights, out) ** 2
     sums = squares.sum(dim=repeated) if repeated else squares
     terms = math.prod(out[d] for d in repeated)
-    # float64: each quotient, square and the sum of `terms` of them within (terms + 3) 2^-53 relative
+    if sums.numel() == 0:
+        return 0.0
+    # float64: each weight (a quotient, say), square and the sum of `terms` of them within (terms + 3) 2^-53 relative
     return _sqrt_up(float(sums.max()) * (1 + (terms + 4) * 2.0**-52))
 
 
@@ -3244,10 +3300,11 @@ def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]
                 "through its TorchScript graphs")
     else:
         return model
+    batch = _export.fixed_batch(model) if kind == "exported program" else 1
     try:
         with _util.eval_mode(model):  # the eval-mode network: its branches on self.training too
             translated = translate(model)
-        _torchscript.check_translation(model, translated, input_shape)
+        _torchscript.check_translation(model, translated, input_shape, batch)
     except _torchscript.InputRejected as exc:
         raise ValueError(f"lipfast.lipschitz_bound: the model does not accept an input of shape {input_shape}: "
                          f"{exc}") from exc
@@ -3257,6 +3314,11 @@ def _translated(model: nn.Module, input_shape: tuple[int, ...], notes: list[str]
         raise ValueError(f"lipfast.lipschitz_bound: cannot follow this {kind}: its translation failed "
                          f"({type(exc).__name__}: {exc}; pass the Python module instead)") from exc
     notes.append(f"{kind}: {note} (checked against it on a random input)")
+    if batch > 1:  # its views and guards fix a batch of `batch`: one example padded with zero examples
+        dtype, device = _util.input_type(model)
+        translated = _export.one_example(translated, batch, torch.zeros(1, *input_shape, dtype=dtype, device=device))
+        notes.append(f"exported for a batch of {batch}: bounded on one example followed by {batch - 1} zero "
+                     f"example{'s' if batch > 2 else ''}")
     return translated
 
 

@@ -44,14 +44,19 @@ def _jacobian_norm(model, shape) -> float:
     return float(torch.linalg.matrix_norm(jacobian, 2))
 
 
-@pytest.mark.parametrize("form", ["program", "module"])
+@pytest.mark.parametrize("form", ["program", "module", "core-aten"])
 def test_exported_program_gets_the_python_models_bound(form):
+    # core-aten: run_decompositions() (aten.convolution, _native_batch_norm_legit_no_training and its
+    # getitem, addmm for the Linear layer, _adaptive_avg_pool2d), the form backends take
     model = _model()
     program = torch.export.export(model, (torch.randn(1, 3, 8, 8, dtype=torch.float64),))
+    if form == "core-aten":
+        program = program.run_decompositions()
     eager = lipfast.lipschitz_bound(model, (3, 8, 8), progress=False)
-    report = lipfast.lipschitz_bound(program if form == "program" else program.module(), (3, 8, 8), progress=False)
+    report = lipfast.lipschitz_bound(program.module() if form == "module" else program, (3, 8, 8), progress=False)
     assert any("exported program" in note for note in report.notes)
-    assert {"F.conv2d", "F.batch_norm", "F.linear"} <= {layer.kind for layer in report.layers}
+    assert {"F.conv2d", "F.batch_norm"} | ({"F.linear"} if form != "core-aten" else set()) <= \
+        {layer.kind for layer in report.layers}
     # the layers as functions, each bracketed on its own: the same constants to the brackets' rtol
     assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=2e-3)
     assert _jacobian_norm(model, (3, 8, 8)) <= report.upper
@@ -204,6 +209,40 @@ def test_local_constants_and_the_gap_of_a_program():
     assert gap.lower <= gap.upper and gap.upper == lipfast.lipschitz_bound(program, (3, 8, 8), progress=False).upper
 
 
+class _Flattened(nn.Module):
+    """A conv, BatchNorm, ReLU and a Linear head on the flattened features: exported with a static
+    batch above 1, flatten becomes a view to (batch, features), whose size is fixed in the program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["export", "core-aten"])
+def test_a_program_exported_for_a_batch_above_one(decomposed):
+    # its guards and views fix the batch (3): one example followed by two zero examples, each output's
+    # first row; the local constants in pieces of 3 (the last padded): the module's own results
+    torch.manual_seed(2)
+    model = _Flattened().double().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.3, 2.0)
+    program = torch.export.export(model, (torch.randn(3, 3, 6, 6, dtype=torch.float64),))
+    if decomposed:
+        program = program.run_decompositions()
+    with pytest.raises(Exception, match="Guard failed"):
+        program.module()(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    eager = lipfast.lipschitz_bound(model, (3, 6, 6), progress=False)
+    report = lipfast.lipschitz_bound(program, (3, 6, 6), progress=False)
+    assert any("exported for a batch of 3" in note for note in report.notes), report.notes
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=2e-3)
+    assert _jacobian_norm(model, (3, 6, 6)) <= report.upper
+    inputs = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(lipfast.local_lipschitz(program, inputs), lipfast.local_lipschitz(model, inputs))
+
+
 class _Constants(nn.Module):
     """Tensor constants in the forward: index lists (one with a repeat), a boolean mask, an offset."""
 
@@ -237,3 +276,49 @@ def test_tensor_constants_of_a_traced_or_exported_model(kind, factor, form):
     expected = lipfast.lipschitz_bound(model, (5,), progress=False).upper
     assert factor * L <= expected <= factor * L * (1 + 1e-12)
     assert lipfast.lipschitz_bound(made, (5,), progress=False).upper == expected
+
+
+def test_the_other_results_of_a_core_aten_batch_norm():
+    # output 0 becomes F.batch_norm (which the rules know); the saved statistics, read by a later node,
+    # come from the operator itself
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    weight, bias, mean, var = (graph.placeholder(name) for name in ("weight", "bias", "mean", "var"))
+    outputs = _torchscript._aten(graph, "_native_batch_norm_legit_no_training", [x, weight, bias, mean, var, 0.1, 1e-5])
+    assert len(outputs) == 3 and outputs[0].target is torch.nn.functional.batch_norm
+    graph.output((outputs[0], outputs[2]))
+    module = torch.fx.GraphModule(nn.Module(), graph)
+    args = [torch.randn(2, 3, 4), torch.rand(3), torch.randn(3), torch.randn(3), torch.rand(3) + 0.5]
+    expected = torch.ops.aten._native_batch_norm_legit_no_training(*args, 0.1, 1e-5)
+    got = module(*args)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[2])
+
+
+class _Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: a view, a transpose, contiguous, a view (core ATen: clone to the
+    contiguous layout, which the last view needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = self.conv(x).view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return y * torch.arange(1.0, 5.0, dtype=x.dtype).view(1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("form", ["trace", "export", "core-aten"])
+def test_a_core_aten_clone_keeps_its_layout_for_a_later_view(form):
+    # (and aten::arange's forms: its options are keywords of torch.arange's)
+    torch.manual_seed(3)
+    model = _Shuffle().double().eval()
+    example = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    program = torch.jit.trace(model, example) if form == "trace" else torch.export.export(model, (example,))
+    if form == "core-aten":
+        program = program.run_decompositions()
+    eager = lipfast.lipschitz_bound(model, (4, 3, 3), progress=False)
+    report = lipfast.lipschitz_bound(program, (4, 3, 3), progress=False)
+    assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=1e-12)
+    assert _jacobian_norm(model, (4, 3, 3)) <= report.upper

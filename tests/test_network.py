@@ -2524,3 +2524,56 @@ def test_tensor_unfold_over_the_batch_dim_gets_no_bound():
     model.forward = lambda x: x.unfold(0, 1, 1)
     report = lipfast.lipschitz_bound(model, (2, 3), progress=False)
     assert report.upper == math.inf and "unfold over dim 0" in report.notes[-1]
+
+
+class _Products(nn.Module):
+    """fn(self, x) with stored constants: matrices W (4, 4), M (5, 12), batches B (3, 4, 2), C (2, 4, 5)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        g = torch.Generator().manual_seed(5)
+        for name, shape in (("W", (4, 4)), ("M", (5, 12)), ("B", (3, 4, 2)), ("C", (2, 4, 5)), ("c", (5,))):
+            self.register_buffer(name, torch.randn(shape, generator=g))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+_PRODUCT_CASES = {  # fn, the exact constant (None: the bound only has to hold)
+    "addmm": (lambda m, x: torch.addmm(m.c[:4], x.reshape(-1, 4), m.W), lambda m: _norm2(m.W)),
+    "addmm-method-scaled": (lambda m, x: m.c[:4].addmm(x.reshape(-1, 4), m.W, beta=0.5, alpha=-2),
+                            lambda m: 2 * _norm2(m.W)),
+    "addmm-input-dependent": (lambda m, x: torch.addmm(x.reshape(-1, 4), x.reshape(-1, 4), m.W, beta=0.5), None),
+    "addmv": (lambda m, x: torch.addmv(m.c, m.M, x.reshape(-1), alpha=3), lambda m: 3 * _norm2(m.M)),
+    "bmm": (lambda m, x: torch.bmm(x.transpose(0, 1), m.B), lambda m: max(_norm2(b) for b in m.B)),
+    "baddbmm": (lambda m, x: torch.baddbmm(m.c[:2], x.transpose(0, 1), m.B, beta=0), lambda m: max(_norm2(b) for b in m.B)),
+    "matmul-batch": (lambda m, x: x.transpose(0, 1) @ m.B, lambda m: max(_norm2(b) for b in m.B)),
+    "matmul-copied": (lambda m, x: x @ m.C, None),  # x's one matrix copied to C's two
+    "matmul-left": (lambda m, x: m.B.transpose(1, 2) @ x.transpose(0, 1).mT, lambda m: max(_norm2(b) for b in m.B)),
+}
+
+
+def _norm2(matrix: Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix.double(), 2))
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export", "core-aten"])
+@pytest.mark.parametrize("case", list(_PRODUCT_CASES))
+def test_affine_and_batched_products_by_constants(case, form):
+    # addmm / addmv / baddbmm (torch.export's core ATen form of nn.Linear is addmm) and products by
+    # batches of matrices: exact for the linear maps, never below the attained norm
+    fn, exact = _PRODUCT_CASES[case]
+    model = _Products(fn).eval()
+    example = torch.randn(1, 3, 4)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,)),
+               "core-aten": lambda: torch.export.export(model, (example,)).run_decompositions()}[form]()
+    report = lipfast.lipschitz_bound(bounded, (3, 4), progress=False)
+    assert math.isfinite(report.upper), report.notes
+    double = copy.deepcopy(model).double()
+    attained = max(_jacobian_norm_of(lambda t: double(t), (3, 4), seed) for seed in range(3))
+    assert attained <= report.upper * (1 + 1e-12)
+    if exact is not None:
+        assert report.upper <= exact(double) * (1 + 2e-3)
+        assert attained == pytest.approx(exact(double), rel=1e-10)
