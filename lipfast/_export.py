@@ -119,6 +119,7 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
     root = nn.Module()
     env: dict[torch.fx.Node, object] = {}
     constants: dict[torch.fx.Node, torch.Tensor] = {}  # the program's tensors, and copies of them made in it
+    computed: dict[str, torch.Tensor] = {}  # values computed from constants alone, by the name they are stored at
     aliased: set[torch.fx.Node] = set()  # values that share memory with another (a view, or viewed)
 
     def get(value):
@@ -144,7 +145,15 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
             name = node.target._schema.name.split("::")[1]
             if name.startswith("_assert") and not node.users:  # a check of dtypes or sizes: computes nothing
                 continue
+            value = _folded(node, name, constants)
+            if value is not None:  # computed from the program's constants alone: a constant itself
+                target = f"_lipfast_computed_{len(computed)}"
+                computed[target], constants[node], env[node] = value, value, graph.get_attr(target)
+                continue
             args = _positional(node.target, get(node.args), get(node.kwargs))
+            if name == "copy" and len(args) >= 2:  # (self, src): src's values in self's shape and type
+                env[node] = _copied(graph, node, args[0], args[1])
+                continue
             if _torchscript.identity_in_place(name, args):
                 env[node] = args[0]
                 continue
@@ -184,5 +193,43 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                              "instead)")
     for node in graph.nodes:
         if node.op == "get_attr":
-            _torchscript._install(root, node.target, tensor=functools.reduce(getattr, node.target.split("."), source))
+            value = computed[node.target] if node.target in computed else \
+                functools.reduce(getattr, node.target.split("."), source)
+            _torchscript._install(root, node.target, tensor=value)
     return torch.fx.GraphModule(root, graph)
+
+
+def _copied(graph: torch.fx.Graph, node: torch.fx.Node, target, src):
+    """aten.copy(self, src) (the functional form of self.copy_(src)): src broadcast to self's shape
+    and converted to its dtype, as the program recorded them."""
+    shapes = [getattr(a.meta.get("val"), "shape", None) if isinstance(a, torch.fx.Node) else None for a in node.args[:2]]
+    dtypes = [getattr(a.meta.get("val"), "dtype", None) if isinstance(a, torch.fx.Node) else None for a in node.args[:2]]
+    result = src if shapes[0] is not None and shapes[0] == shapes[1] else graph.call_method("expand_as", (src, target))
+    if dtypes[0] is None or dtypes[0] != dtypes[1]:
+        result = graph.call_method("to", (result,), {"dtype": dtypes[0]}) if dtypes[0] is not None else \
+            graph.call_method("type_as", (result, target))
+    return result
+
+
+#: operators whose result is random or unset, never computed ahead (a name containing one of these)
+_UNFOLDED = ("rand", "normal", "bernoulli", "uniform", "multinomial", "dropout", "empty", "poisson", "exponential",
+             "geometric", "cauchy")
+
+
+def _folded(node: torch.fx.Node, name: str, constants: dict) -> torch.Tensor | None:
+    """The value of an aten node whose tensor inputs are all constants of the program (an index made
+    from aranges, as core ATen writes a reflection pad or a diag_embed), computed now: the rules then
+    read it as a stored tensor (a constant index list, a mask); an arange or a full, which take no
+    tensor, too.  None for an operator with random or unset results, one done in place, or a result
+    other than one tensor."""
+    if not all(n in constants for n in node.all_input_nodes) or any(word in name for word in _UNFOLDED) or \
+            (name.endswith("_") and not name.startswith("_")):
+        return None
+    args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), lambda v: constants[v] if isinstance(
+        v, torch.fx.Node) else v)
+    try:
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+    except Exception:
+        return None
+    return value if isinstance(value, torch.Tensor) else None

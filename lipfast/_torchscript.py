@@ -217,14 +217,23 @@ RECURRENT = {"lstm": (nn.LSTM, None), "gru": (nn.GRU, None), "rnn_tanh": (nn.RNN
 def recurrent(graph: torch.fx.Graph, root: nn.Module, name: str, args: list, value_of) -> tuple | None:
     """A traced or exported aten::lstm / gru / rnn_tanh / rnn_relu as the torch.nn layer it came from,
     rebuilt from its parameters (value_of: a graph value's tensor, or None) and called on the input,
-    when its initial states are zeros made in the forward (torch.zeros, as the module makes them) and
+    when its initial states are zeros made in the forward (torch.zeros, as the module makes them; an
+    exported program's, computed ahead by the translation, are tensors of zeros) and
     no dropout is on: the outputs (output, h_n[, c_n]) as graph values; None otherwise (the operator
     stays, with no rule)."""
     if name not in RECURRENT or len(args) != 9 or not isinstance(args[2], (list, tuple)):
         return None
     x, hx, params, biases, layers, dropout, train, bidirectional, batch_first = args
     states = hx if isinstance(hx, (list, tuple)) else [hx]
-    if not all(isinstance(h, torch.fx.Node) and h.op == "call_function" and h.target is torch.zeros for h in states):
+    def zero(h) -> bool:  # torch.zeros in the graph, or an exported program's zeros computed ahead (_export._folded)
+        if not isinstance(h, torch.fx.Node):
+            return False
+        if h.op == "call_function" and h.target is torch.zeros:
+            return True
+        value = value_of(h) if h.op == "get_attr" and h.target.startswith("_lipfast_computed_") else None
+        return isinstance(value, torch.Tensor) and not bool(value.any())
+
+    if not all(zero(h) for h in states):
         return None
     if train and dropout:
         return None
@@ -633,6 +642,10 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         dtype, _, device = (list(args[count:]) + [None] * 3)[:3]
         dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
         return graph.call_function(torch.arange, tuple(args[:count]), {"dtype": dtype, "device": device})
+    if name == "scalar_tensor" and args:  # (s, dtype, layout, device, pin_memory): keywords of torch's
+        dtype, _, device = (list(args[1:]) + [None] * 3)[:3]
+        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
+        return graph.call_function(torch.scalar_tensor, (args[0],), {"dtype": dtype, "device": device})
     if name == "mT" and len(args) == 1:  # the last two dims swapped
         return graph.call_function(torch.transpose, (args[0], -2, -1))
     if name in ("addmm", "addmv", "baddbmm") and 3 < len(args) <= 5:

@@ -634,6 +634,25 @@ def _with_own_forward(model: nn.Module) -> nn.Module:
     return copy
 
 
+def _drop_unused(traced: torch.fx.GraphModule) -> None:
+    """Removes the calls whose results nothing uses and that change nothing (a branch the forward
+    computes and drops): a layer's only user is then the one that matters, so a BatchNorm whose
+    input also fed a dead branch is still folded.  Calls that write in place (methods with a
+    trailing underscore, inplace=True, item assignments, in-place modules), asserts, modules with
+    hooks and modules of other libraries (whose forward might write into something) stay."""
+    graph = traced.graph
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method", "call_module", "get_attr") or \
+                _in_place(node) or node.target in (operator.setitem, torch._assert):
+            continue
+        if node.op == "call_module":  # torch.nn's and lipfast's own layers, with no hooks and not in place
+            module = traced.get_submodule(node.target)
+            if any(m._forward_hooks or m._forward_pre_hooks or getattr(m, "inplace", False) is True or
+                   not type(m).__module__.startswith(("torch.nn.", "lipfast.")) for m in module.modules()):
+                continue
+        graph.erase_node(node)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     model = _with_own_forward(model)
     with _leaving_no_constants(model):
@@ -1346,7 +1365,8 @@ def _drawn(node) -> bool:
 
 def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) -> set[torch.fx.Node]:
     """The constant tensors that scale (multiply, divide or matrix-multiply) an input-dependent one:
-    their values set the product's constant (_tensor_scale, _matmul_bound)."""
+    their values set the product's constant (_tensor_scale, _product_bound); and the conditions of
+    where and masked_fill that do not depend on the input (_selected_bound counts copies on them)."""
     found = set()
     for node in traced.graph.nodes:
         name = _call_name(node)
@@ -1354,6 +1374,12 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
             if len(tensors) == 2 and sum(a in depends for a in tensors) == 1:
                 found.update(a for a in tensors if a not in depends)
+        elif (node.target in (torch.where, torch.masked_fill) or (node.op == "call_method" and _rule_name(node) in (
+                "where", "masked_fill"))) and len(node.args) + len(node.kwargs) == 3:
+            arguments = _selection_arguments(node)
+            condition = arguments.get("mask", arguments.get("condition"))
+            if isinstance(condition, torch.fx.Node) and condition not in depends:  # its copies counted on the mask
+                found.add(condition)
         elif node.op in ("call_function", "call_method") and name in _AFFINE_PRODUCTS:
             factors = [a for a in [*node.args[1:3], *(node.kwargs.get(k) for k in _AFFINE_PRODUCTS[name][1:])]
                        if isinstance(a, torch.fx.Node)]  # (input, a, b): the product's factors
@@ -1572,6 +1598,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     first = bounds[tensor_args[0]]
     if target is operator.setitem:
         return _assigned_bound(node, bounds)
+    if target in _SCATTERS:
+        return _scattered_bound(node, bounds)
     if target in (operator.add, torch.add, operator.sub, torch.sub) or name in _SUM_NAMES:
         # f(x) ± alpha g(x): Lip <= Lip(f) + |alpha| Lip(g) (so f + f gives 2 Lip(f)); a constant term adds
         # nothing; an operand broadcast to the result's shape counts once per copy of each entry
@@ -1585,6 +1613,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if _disjoint_functions([a for a in operands if isinstance(a, torch.fx.Node)], bounds):
             # functions of disjoint entries of one value (_disjoint_functions): in quadrature
             return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+        difference = _shifted_difference(node, bounds)
+        if difference is not None:  # x[..., 1:] - x[..., :-1]: a finite difference, at most 2 where the sum gives 2
+            source, norm = difference
+            return min(_product(bounds[source], norm), _sum_up(terms))
         return _sum_up(terms)
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in _PRODUCT_NAMES:
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
@@ -1661,7 +1693,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
     if target in (torch.where, torch.masked_fill) or (node.op == "call_method" and name in ("where", "masked_fill")):
-        return _selected_bound(node, bounds)
+        return _selected_bound(node, bounds, values or {})
     if target in (torch.gather, torch.index_select) or (node.op == "call_method" and name in ("gather", "index_select")):
         return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
@@ -1797,6 +1829,23 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         # are disjoint: norm <= 1
         return first
     raise _Unsupported(f"{node.name}: no Lipschitz rule for {name}")
+
+
+#: base with a part replaced by src, as core ATen writes an item assignment: (base, src, dim, ...)
+_SCATTERS = {torch.slice_scatter, torch.select_scatter, torch.diagonal_scatter}
+
+
+def _scattered_bound(node: torch.fx.Node, bounds: dict) -> float:
+    """torch.slice_scatter / select_scatter / diagonal_scatter(base, src, ...): base with the part
+    that slice (select, diagonal) takes replaced by src, entry for entry (src has that part's shape:
+    no copies).  Each output entry is one entry of base or one of src, each read at most once, so
+    ‖Δy‖^2 <= ‖Δbase‖^2 + ‖Δsrc‖^2 and Lip <= sqrt(L_base^2 + L_src^2)."""
+    arguments = {**dict(zip(("input", "src"), node.args)), **node.kwargs}
+    base, src = arguments.get("input"), arguments.get("src")
+    terms = [bounds.get(v, 0.0) if isinstance(v, torch.fx.Node) else 0.0 for v in (base, src)]
+    if any(math.isinf(t) for t in terms):
+        return math.inf
+    return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
 
 
 def _assigned_bound(node: torch.fx.Node, bounds: dict) -> float:
@@ -1947,6 +1996,13 @@ def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
         return None
     target, args, kwargs = node.target, node.args, node.kwargs
     name = _call_name(node)
+    clamped = _clamp_interval(node)
+    if clamped is not None:  # clamp(t, 0, 6), or two clamps, one to [0, ...) and one to (..., 6] (core ATen's hardswish)
+        t, low, high = clamped
+        inner = _clamp_interval(t) if not _changed_in_place(t, node) and len(t.users) == 1 else None
+        if inner is not None and (low, high, inner[1], inner[2]) in ((None, 6, 0, None), (0, None, None, 6)):
+            return "relu6", inner[0]
+        return ("relu6", t) if (low, high) == (0, 6) else None
     if target in (torch.sigmoid, F.sigmoid, torch.special.expit) or (node.op == "call_method" and name == "sigmoid"):
         return ("sigmoid", args[0]) if len(args) == 1 and not kwargs else None
     if target in (torch.tanh, F.tanh) or (node.op == "call_method" and name == "tanh"):
@@ -1967,6 +2023,19 @@ def _elementwise_kind(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
     if target is F.relu6 or (target is F.hardtanh and (bound.get("min_val", -1.0), bound.get("max_val", 1.0)) == (0, 6)):
         return "relu6", args[0]
     return None
+
+
+def _clamp_interval(node) -> tuple[torch.fx.Node, object, object] | None:
+    """(t, min, max) for clamp or clip of t (function or method; min and max numbers or None); None
+    for anything else."""
+    if not (_call_of(node, ("clamp", "clip"), (torch.clamp, torch.clip)) and node.args and
+            isinstance(node.args[0], torch.fx.Node)) or len(node.args) > 3 or set(node.kwargs) - {"min", "max"}:
+        return None
+    low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+    high = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
+    if not all(v is None or _number(v) for v in (low, high)):
+        return None
+    return node.args[0], low, high
 
 
 def _shifted(node: torch.fx.Node, reader: torch.fx.Node | None = None) -> tuple[torch.fx.Node, Fraction] | None:
@@ -2213,27 +2282,44 @@ def _product_bound(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node, boun
     return _product(bounds[x], _repeated_norm(uppers.reshape(weight.shape[:-2]), out_batch, x_batch))
 
 
-def _selected_bound(node: torch.fx.Node, bounds: dict) -> float:
-    """torch.where(cond, a, b) (x.where(cond, b): a = x) and masked_fill(x, mask, value): each output
-    entry is one entry of one operand, as a condition that does not depend on the input says, so
-    ‖Δy‖^2 <= sum over the operands of copies ‖Δoperand‖^2 (copies: how often broadcasting repeats
-    each of its entries), and Lip <= sqrt(sum of copies L^2).  A condition computed from the input
-    makes the output jump between operands: no constant."""
+def _selection_arguments(node: torch.fx.Node) -> dict:
+    """torch.where's (condition, input, other), x.where's (input = x, condition, other) or
+    masked_fill's (input, mask, value), by name."""
     method = node.op == "call_method"
     names = ("input", "mask", "value") if _rule_name(node) == "masked_fill" else \
         (("input", "condition", "other") if method else ("condition", "input", "other"))
-    arguments = {**dict(zip(names, node.args)), **node.kwargs}
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _selected_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """torch.where(cond, a, b) (x.where(cond, b): a = x) and masked_fill(x, mask, value): each output
+    entry is one entry of one operand, as a condition that does not depend on the input says, so
+    ‖Δy‖^2 <= sum over the operands of copies ‖Δoperand‖^2, and Lip <= sqrt(sum of copies L^2).
+    copies: the most output entries that take one entry of the operand, counted on the condition
+    where its value is known (a mask made from aranges: diag_embed and tril in core ATen, whose
+    operand is broadcast but each copy but one masked out), else how often broadcasting repeats each
+    entry.  A condition computed from the input makes the output jump between operands: no constant."""
+    arguments = _selection_arguments(node)
     if len(node.args) + len(node.kwargs) != 3:
         raise _Unsupported(f"{node.name}: {_rule_name(node)} with {len(node.args) + len(node.kwargs)} arguments")
     condition = arguments.get("mask", arguments.get("condition"))
     if isinstance(condition, torch.fx.Node) and bounds.get(condition, 0.0) > 0:
         raise _Unsupported(f"{node.name}: {_rule_name(node)} on a condition that depends on the input: the output "
                            "jumps between its operands")
-    operands = [arguments[k] for k in ("input", "other", "value") if isinstance(arguments.get(k), torch.fx.Node)
+    operands = [(k, arguments[k]) for k in ("input", "other", "value") if isinstance(arguments.get(k), torch.fx.Node)
                 and bounds.get(arguments[k], 0.0) > 0]
-    if any(math.isinf(bounds[a]) for a in operands):
+    if any(math.isinf(bounds[a]) for _, a in operands):
         return math.inf
-    return _sqrt_up(sum((Fraction(bounds[a]) ** 2 * _broadcast_copies(node, a) for a in operands), Fraction(0)))
+    mask = values.get(condition) if isinstance(condition, torch.fx.Node) and not _drawn(condition) else None
+    out = _shape(node, node)
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and math.prod(out) > 0:
+        mask = mask.detach().cpu()
+        terms = []
+        for key, a in operands:  # where: input where the condition holds; masked_fill: input where the mask does not
+            chosen = mask if (key == "input") != (_rule_name(node) == "masked_fill") else ~mask
+            terms.append(_product(bounds[a], _repeated_norm(torch.broadcast_to(chosen, out).double(), out, _shape(node, a))))
+        return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+    return _sqrt_up(sum((Fraction(bounds[a]) ** 2 * _broadcast_copies(node, a) for _, a in operands), Fraction(0)))
 
 
 def _broadcast_copies(node: torch.fx.Node, operand: torch.fx.Node) -> Fraction:
@@ -2347,6 +2433,38 @@ def _entries(node: torch.fx.Node, depth: int = 0) -> tuple[torch.fx.Node, object
     if shape is None or math.prod(shape) > 1 << 26:
         return None
     return node, torch.arange(math.prod(shape)).reshape(shape)
+
+
+def _shifted_difference(node: torch.fx.Node, bounds: dict) -> tuple[torch.fx.Node, float] | None:
+    """(g, c) for a - b (sub, alpha 1) of two same-shape selections of one value g (_entries) whose
+    entries differ by one fixed step δ != 0 (a vector of index offsets), neither reading an entry
+    twice: x[..., 1:] - x[..., :-1] (a finite difference, and torch.diff in core ATen), or
+    x[:, 1:, 1:] - x[:, :-1, :-1] (diagonal).  Each output is g_u - g_(u + δ), so y = B g with BᵀB
+    the Laplacian of a graph on g's entries whose edges join u and u + δ: every entry has at most one
+    edge on each side, so the graph is disjoint paths along δ, none of more than k = min over the
+    dims d that δ moves of ceil(m_d / |δ_d|) entries (m_d: g's length along d), and a path of k
+    vertices has Laplacian eigenvalues 2 - 2 cos(π j / k): ‖B‖ <= 2 cos(π / (2k)), the constant c
+    (below 2, the two selections' sum).  None for every other node."""
+    if _call_name(node) not in ("sub", "__sub__") or len(node.args) != 2 or node.kwargs not in ({}, {"alpha": 1}):
+        return None
+    a, b = node.args
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) or a is b:
+        return None
+    found = [_entries(a), _entries(b)]
+    if any(f is None or not isinstance(f[1], Tensor) for f in found) or found[0][0] is not found[1][0]:
+        return None
+    (g, first), (_, second) = found
+    shape = _propagated_shape(g)
+    if g is a or g is b or shape is None or not shape or first.shape != second.shape or first.numel() == 0 or \
+            any(e.unique().numel() != e.numel() for e in (first, second)):
+        return None
+    steps = torch.stack(torch.unravel_index(first.reshape(-1), shape)) - \
+        torch.stack(torch.unravel_index(second.reshape(-1), shape))
+    moved = [d for d in range(len(shape)) if bool((steps[d] != 0).any())]
+    if not moved or not bool((steps == steps[:, :1]).all()):
+        return None
+    k = min(-(-shape[d] // abs(int(steps[d, 0]))) for d in moved)
+    return g, 2 * math.cos(math.pi / (2 * k)) * (1 + 1e-12)
 
 
 def _dominator(node: torch.fx.Node, bounds: dict, memo: dict) -> torch.fx.Node | None:
@@ -3385,6 +3503,7 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                 notes.append(f"torch.fx traced it for inputs of shape {tuple(input_shape)}, its branches and loops "
                              f"on sizes decided for that shape (plainly: {type(plain).__name__}: {plain})")
             _mark_drawn_constants(traced, again(model))
+            _drop_unused(traced)
     except Exception as exc:  # tracing failed (data-dependent control flow, ...): a chain of the leaves
         traced, failure = None, exc  # (also where the second trace failed: its draws would be unknown)
     calls: dict[torch.fx.Node, dict] = {}  # the functional layers' arguments

@@ -322,3 +322,33 @@ def test_a_core_aten_clone_keeps_its_layout_for_a_later_view(form):
     report = lipfast.lipschitz_bound(program, (4, 3, 3), progress=False)
     assert math.isfinite(report.upper) and report.upper == pytest.approx(eager.upper, rel=1e-12)
     assert _jacobian_norm(model, (4, 3, 3)) <= report.upper
+
+
+class _Assigned(nn.Module):
+    """Item assignments (core ATen: slice_scatter, copy, a where on an arange mask), a reflection pad
+    (core ATen: index by aranges, computed ahead as constants) and hardswish (core ATen: two clamps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad, self.conv, self.act = nn.ReflectionPad2d(1), nn.Conv2d(4, 4, 3), nn.Hardswish()
+
+    def forward(self, x):
+        y = self.act(self.conv(self.pad(x)))
+        y[:, :2] *= 3
+        y[:, 3] = x[:, 0] * 2
+        return y
+
+
+def test_core_aten_item_assignments_pads_and_clamps():
+    # every step has a rule in core ATen too: a finite bound at or above the attained norm (looser than
+    # the python module's: the pad is an index with copies, not bracketed with the conv, and each
+    # scatter adds its base's whole constant)
+    torch.manual_seed(4)
+    model = _Assigned().double().eval()
+    program = torch.export.export(model, (torch.randn(1, 4, 5, 5, dtype=torch.float64),)).run_decompositions()
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"aten.slice_scatter.default", "aten.copy.default", "aten.index.Tensor", "aten.clamp.default"} <= targets
+    report = lipfast.lipschitz_bound(program, (4, 5, 5), progress=False)
+    assert math.isfinite(report.upper), report.notes
+    eager = lipfast.lipschitz_bound(model, (4, 5, 5), progress=False)
+    assert _jacobian_norm(model, (4, 5, 5)) <= eager.upper <= report.upper <= 3 * eager.upper

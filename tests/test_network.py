@@ -1038,8 +1038,9 @@ class _Masked(nn.Module):
     (lambda m, x: torch.where(m.mask, x, 2 * x), math.sqrt(5)),  # sqrt(1 + 2^2): each entry from one operand
     (lambda m, x: x.where(m.mask, 3 * x), math.sqrt(10)),
     (lambda m, x: torch.masked_fill(3 * x, m.mask, 1.0), 3.0),
-    # a (4, 4) result: x[:, :1] repeated 16 times, x 4 times, each bounded alone: sqrt(16 + 4)
-    (lambda m, x: torch.where(m.mask.reshape(4, 1), x[:, :1], x), math.sqrt(20)),
+    # a (4, 4) result: x[:, :1] broadcast to 16 entries, x to 4 rows, but the mask's 2 set rows take
+    # x[:, :1] 8 times and its 2 clear rows each entry of x twice: sqrt(8 + 2), not sqrt(16 + 4)
+    (lambda m, x: torch.where(m.mask.reshape(4, 1), x[:, :1], x), math.sqrt(10)),
     (lambda m, x: torch.where(x > 0, x, 0.5 * x), math.inf),  # a condition on the input: jumps in general
 ], ids=["constant", "two-operands", "method", "masked-fill", "broadcast", "input-condition"])
 def test_selection_by_a_constant_mask(use, bound):
@@ -2577,3 +2578,113 @@ def test_affine_and_batched_products_by_constants(case, form):
     if exact is not None:
         assert report.upper <= exact(double) * (1 + 2e-3)
         assert attained == pytest.approx(exact(double), rel=1e-10)
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export", "core-aten"])
+@pytest.mark.parametrize("fn, expected, difference", [
+    (lambda x: x[:, :, 1:] - x[:, :, :-1], 2 * math.cos(math.pi / 10), True),  # along a dim of 5
+    (lambda x: x[..., :-2] - x[..., 2:], 2 * math.cos(math.pi / 6), True),  # 2 apart: paths of 3 and 2 entries
+    (lambda x: x[:, 1:] - x[:, :-1], 2 * math.cos(math.pi / 8), True),  # along a dim of 4
+    (lambda x: torch.diff(x, dim=2), 2 * math.cos(math.pi / 10), True),  # (core ATen: a cat, two slices, a sub)
+    (lambda x: x[:, 1:, 1:] - x[:, :-1, :-1], 2 * math.cos(math.pi / 8), True),  # diagonal: paths of at most 4
+    (lambda x: x[:, 1:] - x[:, :1], 2.0, False),  # broadcast disjoint pieces: sqrt(1 + 3 copies), in quadrature
+    (lambda x: x[:, 1:, :] - x[:, :-1, :].flip(2), 2.0, False),  # offsets that vary: the sum rule's 2
+], ids=["last-dim", "step-2", "middle-dim", "diff", "diagonal", "broadcast", "flipped"])
+def test_differences_of_shifted_selections(fn, expected, difference, form):
+    # x[..., 1:] - x[..., :-1] is a finite difference: 2 cos(pi / 2m) along a dim of m (its exact
+    # norm), not the 2 of two selections added
+    model = _Applies(fn)
+    example = torch.randn(1, 4, 5)
+    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
+               "export": lambda: torch.export.export(model, (example,)),
+               "core-aten": lambda: torch.export.export(model, (example,)).run_decompositions()}[form]()
+    report = lipfast.lipschitz_bound(bounded, (4, 5), progress=False)
+    attained = max(_jacobian_norm_of(fn, (4, 5), seed) for seed in range(2))
+    assert attained <= report.upper * (1 + 1e-14)
+    if difference:
+        assert attained == pytest.approx(expected, rel=1e-12)
+        assert report.upper <= expected * (1 + 1e-11), report.notes
+    else:
+        assert report.upper == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("fn, expected", [
+    (lambda x: torch.where(torch.eye(5, dtype=torch.bool), x.unsqueeze(-1), 0.0), 1.0),  # diag_embed written out
+    (lambda x: torch.where(torch.arange(5)[:, None] == torch.arange(5), 0.0, x.unsqueeze(-2)), 2.0),  # off-diagonal: 4 copies
+    (lambda x: torch.where(torch.ones(5, 5, dtype=torch.bool).tril(), x.unsqueeze(-2), x.unsqueeze(-1)), None),
+    (lambda x: x.masked_fill(torch.arange(5) % 2 == 0, 1.0), 1.0),
+], ids=["eye", "off-diagonal", "tril-both", "masked-fill"])
+def test_selections_counted_on_a_known_mask(fn, expected):
+    # a broadcast operand of where counts once per output entry the mask gives it, not once per copy
+    model = _Applies(fn)
+    report = lipfast.lipschitz_bound(model, (3, 5), progress=False)
+    attained = max(_jacobian_norm_of(fn, (3, 5), seed) for seed in range(2))
+    assert attained <= report.upper * (1 + 1e-14), report.notes
+    if expected is not None:
+        assert attained == pytest.approx(expected, rel=1e-12)
+        assert report.upper <= expected * (1 + 1e-12), report.notes
+    else:  # at most 5 copies of an entry from the first operand (rows i >= j) and 4 from the second
+        # (columns j > i): sqrt(5 + 4), where broadcasting alone counts sqrt(5 + 5)
+        assert report.upper == pytest.approx(3.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.diag_embed(x).sum(1), lambda x: torch.tril(x, 1) + x.triu(), lambda x: torch.cumsum(x, 2),
+    lambda x: x.diagonal(0, 1, 2) * 3, lambda x: torch.repeat_interleave(x, 3, dim=2),
+], ids=["diag-embed", "tril-triu", "cumsum", "diagonal", "repeat-interleave"])
+def test_core_aten_forms_of_the_linear_rules(fn):
+    # run_decompositions() writes these with aranges, masks and where: the same bound as the function's rule
+    model = _Applies(fn)
+    example = torch.randn(1, 3, 4)
+    program = torch.export.export(model, (example,)).run_decompositions()
+    eager = lipfast.lipschitz_bound(model, (3, 4), progress=False)
+    report = lipfast.lipschitz_bound(program, (3, 4), progress=False)
+    assert math.isfinite(eager.upper) and report.upper == pytest.approx(eager.upper, rel=1e-9), report.notes
+
+
+@pytest.mark.parametrize("fn, expected", [
+    (lambda x: x * torch.clamp(x + 3, 0, 6) / 6, 1.5),  # hardswish, relu6 as one clamp
+    (lambda x: x * (x + 3).clamp(min=0).clamp(max=6) / 6, 1.5),  # and as two (core ATen's)
+    (lambda x: x * torch.clamp(x + 3, 0, 5) / 6, None),  # not relu6: a product of two input-dependent values
+    (lambda x: torch.slice_scatter(x, x[:, :2] * 3, dim=1, start=0, end=2), math.sqrt(10)),
+    (lambda x: torch.select_scatter(x, x[:, 0] * 2, 1, 2), math.sqrt(5)),
+], ids=["clamp", "two-clamps", "clamp-0-5", "slice-scatter", "select-scatter"])
+def test_clamped_gates_and_scatters(fn, expected):
+    report = lipfast.lipschitz_bound(_Applies(fn), (3, 4), progress=False)
+    if expected is None:
+        assert report.upper == math.inf and any("two input-dependent" in n for n in report.notes), report.notes
+        return
+    assert report.upper == pytest.approx(expected, rel=1e-12), report.notes
+    assert max(_jacobian_norm_of(fn, (3, 4), seed) for seed in range(3)) <= report.upper
+
+
+class _DeadBranch(nn.Module):
+    """A conv and its BatchNorm, whose input also feeds a branch the forward computes and drops."""
+
+    def __init__(self, dead: bool):
+        super().__init__()
+        self.dead = dead
+        self.conv, self.bn, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.dead:
+            unused = self.head(y) + y  # noqa: F841 (computed, never used)
+            z = x * 1.0
+            z.mul_(3)  # in place, and no later call reads its result: it still counts (z is returned)
+            return self.bn(y), z
+        return self.bn(y), x * 3.0
+
+
+def test_calls_whose_results_nothing_uses_are_dropped():
+    # the dead branch would make the conv's output two-use and stop the BatchNorm's fold
+    torch.manual_seed(5)
+    live, dead = _DeadBranch(False), _DeadBranch(True)
+    with torch.no_grad():
+        live.bn.running_var.uniform_(0.2, 2.0)
+        live.bn.weight.uniform_(-2, 2)
+    dead.load_state_dict(live.state_dict())
+    expected = lipfast.lipschitz_bound(live.eval(), (2, 5, 5), progress=False)
+    report = lipfast.lipschitz_bound(dead.eval(), (2, 5, 5), progress=False)
+    assert report.upper == expected.upper and math.isfinite(report.upper)
+    assert any("folded" in (layer.note or "") for layer in report.layers), [layer.note for layer in report.layers]
