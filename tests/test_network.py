@@ -401,6 +401,16 @@ class _Gathers(nn.Module):
         return getattr(x, self.kind)(self.dim, self.index)
 
 
+def _in_form(model: nn.Module, example: torch.Tensor, form: str):
+    """model as it is ("python"), traced, exported, or exported and decomposed to core ATen."""
+    if form == "python":
+        return model
+    if form == "trace":
+        return torch.jit.trace(model, example)
+    program = torch.export.export(model, (example,))
+    return program.run_decompositions() if form == "core-aten" else program
+
+
 @pytest.mark.parametrize("form", ["python", "trace", "export"])
 @pytest.mark.parametrize("kind, dim, index, copies", [
     ("gather", 2, [[[0, 0, 4], [1, 3, 3]]], 2),  # within each row: 0 twice, 3 twice
@@ -414,8 +424,7 @@ def test_gather_and_index_select_with_stored_indices_count_their_copies(form, ki
     # each output entry is one input entry: the map's norm is sqrt(the most copies of one entry)
     model = _Gathers(kind, dim, index).double().eval()
     example = torch.randn(1, 2, 5, dtype=torch.float64)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,))}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, (2, 5), progress=False)
     J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, 10)
     exact = float(torch.linalg.matrix_norm(J, 2))
@@ -461,8 +470,7 @@ class _Normalized(nn.Module):
 def test_scaling_by_stored_tensors_and_broadcasting(fn, c_shape, x_shape, form):
     model = _Normalized(fn, c_shape).eval()
     example = torch.randn(1, *x_shape, dtype=torch.float64)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,))}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, x_shape, progress=False)
     J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
     exact = float(torch.linalg.matrix_norm(J, 2))  # the map is linear (affine): this is its constant
@@ -493,8 +501,7 @@ class _Multiplies(nn.Module):
 def test_matrix_products_with_a_stored_matrix(fn, shape, form):
     model = _Multiplies(fn)
     example = torch.randn(1, *shape, dtype=torch.float64)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,))}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, shape, progress=False)
     J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
     exact = float(torch.linalg.matrix_norm(J, 2))  # linear: its norm is ‖W‖ (‖v‖)
@@ -1493,8 +1500,7 @@ def test_a_gate_module_changed_in_place_gets_no_finite_bound():
 def test_permutations_clamps_and_smooth_functions(fn, exact, form):
     model = _Applies(fn)
     example = torch.randn(1, 3, 3)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,))}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, (3, 3), progress=False)
     assert (form != "python" or report.notes == []) and exact <= report.upper <= exact * (1 + 1e-14), report.notes
 
@@ -1526,8 +1532,7 @@ def test_cumulative_sums_differences_masks_norms_and_order_statistics(fn, linear
     # difference of part of a longer signal) the bound is never below it
     model = _Applies(fn)
     example = torch.randn(1, 3, 4)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,))}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, (3, 4), progress=False)
     assert math.isfinite(report.upper), report.notes
     attained = max(_jacobian_norm_of(fn, (3, 4), seed) for seed in range(4))
@@ -2555,7 +2560,7 @@ _PRODUCT_CASES = {  # fn, the exact constant (None: the bound only has to hold)
 }
 
 
-def _norm2(matrix: Tensor) -> float:
+def _norm2(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix.double(), 2))
 
 
@@ -2567,9 +2572,7 @@ def test_affine_and_batched_products_by_constants(case, form):
     fn, exact = _PRODUCT_CASES[case]
     model = _Products(fn).eval()
     example = torch.randn(1, 3, 4)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,)),
-               "core-aten": lambda: torch.export.export(model, (example,)).run_decompositions()}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, (3, 4), progress=False)
     assert math.isfinite(report.upper), report.notes
     double = copy.deepcopy(model).double()
@@ -2595,9 +2598,7 @@ def test_differences_of_shifted_selections(fn, expected, difference, form):
     # norm), not the 2 of two selections added
     model = _Applies(fn)
     example = torch.randn(1, 4, 5)
-    bounded = {"python": lambda: model, "trace": lambda: torch.jit.trace(model, example),
-               "export": lambda: torch.export.export(model, (example,)),
-               "core-aten": lambda: torch.export.export(model, (example,)).run_decompositions()}[form]()
+    bounded = _in_form(model, example, form)
     report = lipfast.lipschitz_bound(bounded, (4, 5), progress=False)
     attained = max(_jacobian_norm_of(fn, (4, 5), seed) for seed in range(2))
     assert attained <= report.upper * (1 + 1e-14)
