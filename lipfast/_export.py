@@ -147,7 +147,7 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                 continue
             value = _folded(node, name, constants)
             if value is not None:  # computed from the program's constants alone: a constant itself
-                target = f"_lipfast_computed_{len(computed)}"
+                target = f"{_torchscript.COMPUTED_PREFIX}{len(computed)}"
                 computed[target], constants[node], env[node] = value, value, graph.get_attr(target)
                 continue
             args = _positional(node.target, get(node.args), get(node.kwargs))

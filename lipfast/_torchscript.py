@@ -230,7 +230,7 @@ def recurrent(graph: torch.fx.Graph, root: nn.Module, name: str, args: list, val
             return False
         if h.op == "call_function" and h.target is torch.zeros:
             return True
-        value = value_of(h) if h.op == "get_attr" and h.target.startswith("_lipfast_computed_") else None
+        value = value_of(h) if h.op == "get_attr" and h.target.startswith(COMPUTED_PREFIX) else None
         return isinstance(value, torch.Tensor) and not bool(value.any())
 
     if not all(zero(h) for h in states):
@@ -599,6 +599,19 @@ _BATCH_NORMS_WITH_STATISTICS = {"_native_batch_norm_legit_no_training": 3, "nati
                                 "_batch_norm_impl_index": 5, "cudnn_batch_norm": 4}
 
 
+def _factory_options(options: list) -> dict:
+    """A tensor factory's trailing aten arguments (dtype, layout, device, pin_memory; those after the
+    last one given may be left out) as torch's keywords: dtype (a TorchScript scalar type number
+    turned into its dtype) and device."""
+    dtype, _, device = (list(options) + [None] * 3)[:3]
+    dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
+    return {"dtype": dtype, "device": device}
+
+
+#: where an exported program's values computed ahead from its constants are stored (_export._folded)
+COMPUTED_PREFIX = "_lipfast_computed_"
+
+
 def _aten(graph: torch.fx.Graph, name: str, args: list):
     """The fx node computing aten::<name>(*args) (an in-place operation out of place), or the value
     itself where the operation only converts a size."""
@@ -639,13 +652,9 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         else:  # an exported program's, the options after the last one given left out
             count = next((i for i, a in enumerate(args[:3]) if isinstance(a, bool) or
                           not isinstance(a, (int, float, torch.fx.Node))), min(len(args), 3))
-        dtype, _, device = (list(args[count:]) + [None] * 3)[:3]
-        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
-        return graph.call_function(torch.arange, tuple(args[:count]), {"dtype": dtype, "device": device})
+        return graph.call_function(torch.arange, tuple(args[:count]), _factory_options(args[count:]))
     if name == "scalar_tensor" and args:  # (s, dtype, layout, device, pin_memory): keywords of torch's
-        dtype, _, device = (list(args[1:]) + [None] * 3)[:3]
-        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
-        return graph.call_function(torch.scalar_tensor, (args[0],), {"dtype": dtype, "device": device})
+        return graph.call_function(torch.scalar_tensor, (args[0],), _factory_options(args[1:]))
     if name == "mT" and len(args) == 1:  # the last two dims swapped
         return graph.call_function(torch.transpose, (args[0], -2, -1))
     if name in ("addmm", "addmv", "baddbmm") and 3 < len(args) <= 5:
@@ -700,9 +709,7 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     if name in ("zeros", "ones", "empty", "full") and args and isinstance(args[0], (list, tuple)):
         # (size[, fill_value], dtype, layout, device, pin_memory): a constant made in the forward
         values = 2 if name == "full" else 1
-        dtype, _, device = (list(args[values:]) + [None] * 3)[:3]
-        dtype = _SCALAR_TYPES.get(dtype) if isinstance(dtype, int) and not isinstance(dtype, bool) else dtype
-        return graph.call_function(getattr(torch, name), tuple(args[:values]), {"dtype": dtype, "device": device})
+        return graph.call_function(getattr(torch, name), tuple(args[:values]), _factory_options(args[values:]))
     if name in ("contiguous", "clone"):  # (self, memory_format): the layout does not change the values, but
         # a later view reads it (a channel shuffle's permute, clone to contiguous, then view)
         layout = args[1] if len(args) > 1 and isinstance(args[1], torch.memory_format) else None

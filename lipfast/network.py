@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -790,13 +790,19 @@ def _passed(args, bounds: dict) -> list[torch.fx.Node]:
     return [a for a in _nodes_in(args) if a in bounds]
 
 
+def _quadrature_up(terms: Iterable[float]) -> float:
+    """sqrt of the sum of the squares of terms (>= 0), computed exactly and rounded up once; inf if
+    any term is."""
+    terms = list(terms)
+    if any(math.isinf(t) for t in terms):
+        return math.inf
+    return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+
+
 def _concatenated(args, bounds: dict) -> float:
     """Lip of the values in args taken together: ‖(Δa, Δb, ...)‖ = sqrt(‖Δa‖^2 + ‖Δb‖^2 + ...) <=
     sqrt(L_a^2 + L_b^2 + ...) ‖Δx‖, a value passed twice counted twice."""
-    values = [bounds[a] for a in _passed(args, bounds)]
-    if any(math.isinf(v) for v in values):
-        return math.inf
-    return _sqrt_up(sum((Fraction(v) ** 2 for v in values), Fraction(0)))  # exact, then rounded up once
+    return _quadrature_up(bounds[a] for a in _passed(args, bounds))
 
 
 #: functions that apply a stored weight, by their arguments' names in order
@@ -1612,7 +1618,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
                  for i, a in enumerate(operands) if isinstance(a, torch.fx.Node) and a in bounds and bounds[a] > 0]
         if _disjoint_functions([a for a in operands if isinstance(a, torch.fx.Node)], bounds):
             # functions of disjoint entries of one value (_disjoint_functions): in quadrature
-            return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+            return _quadrature_up(terms)
         difference = _shifted_difference(node, bounds)
         if difference is not None:  # x[..., 1:] - x[..., :-1]: a finite difference, at most 2 where the sum gives 2
             source, norm = difference
@@ -1842,10 +1848,7 @@ def _scattered_bound(node: torch.fx.Node, bounds: dict) -> float:
     ‖Δy‖^2 <= ‖Δbase‖^2 + ‖Δsrc‖^2 and Lip <= sqrt(L_base^2 + L_src^2)."""
     arguments = {**dict(zip(("input", "src"), node.args)), **node.kwargs}
     base, src = arguments.get("input"), arguments.get("src")
-    terms = [bounds.get(v, 0.0) if isinstance(v, torch.fx.Node) else 0.0 for v in (base, src)]
-    if any(math.isinf(t) for t in terms):
-        return math.inf
-    return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+    return _quadrature_up(bounds.get(v, 0.0) if isinstance(v, torch.fx.Node) else 0.0 for v in (base, src))
 
 
 def _assigned_bound(node: torch.fx.Node, bounds: dict) -> float:
@@ -2318,7 +2321,7 @@ def _selected_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
         for key, a in operands:  # where: input where the condition holds; masked_fill: input where the mask does not
             chosen = mask if (key == "input") != (_rule_name(node) == "masked_fill") else ~mask
             terms.append(_product(bounds[a], _repeated_norm(torch.broadcast_to(chosen, out).double(), out, _shape(node, a))))
-        return _sqrt_up(sum((Fraction(t) ** 2 for t in terms), Fraction(0)))
+        return _quadrature_up(terms)
     return _sqrt_up(sum((Fraction(bounds[a]) ** 2 * _broadcast_copies(node, a) for _, a in operands), Fraction(0)))
 
 
