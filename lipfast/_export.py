@@ -13,6 +13,7 @@ import functools
 import operator
 
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree
 from torch import nn
 
@@ -169,6 +170,10 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
                     continue
                 if name == "index" and _torchscript._constant_index(values[1]) is not None:
                     args[1] = values[1]  # constant index tensors, which the translation turns into lists
+                    pad = _copying_pad(node.args[0], values[1])
+                    if pad is not None:  # a reflection or replication pad, as core ATen writes one
+                        env[node] = graph.call_function(F.pad, (args[0], *pad, None))
+                        continue
             rebuilt = _torchscript.recurrent(graph, root, name, args, lambda value: next(
                 (constants[n] for n, v in env.items() if v is value and n in constants), None))
             env[node] = rebuilt if rebuilt is not None else _torchscript._aten(graph, name, args)
@@ -191,6 +196,7 @@ def to_graph_module(source: nn.Module) -> torch.fx.GraphModule:
         else:
             raise ValueError(f"exported program: operator {node.target} has no translation (pass the Python module "
                              "instead)")
+    _recomposed(graph)
     for node in graph.nodes:
         if node.op == "get_attr":
             value = computed[node.target] if node.target in computed else \
@@ -233,3 +239,137 @@ def _folded(node: torch.fx.Node, name: str, constants: dict) -> torch.Tensor | N
     except Exception:
         return None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _copying_pad(x: object, index: object) -> tuple[tuple[int, ...], str] | None:
+    """(pad, mode) where x[index] is F.pad(x, pad, mode) with mode reflect, replicate or circular
+    along one spatial dim: index None for every dim but that one, where it is a constant 1-D integer
+    tensor j -> (n - 1) - |(n - 1) - |j - a||, clamp(j - a, 0, n - 1) or (j - a) mod n (the gathers
+    core ATen writes those pads as, one dim at a time), for x of 3 to 5 dims and n entries there."""
+    shape = getattr(getattr(x, "meta", {}).get("val"), "shape", None) if isinstance(x, torch.fx.Node) else None
+    if shape is None or not 3 <= len(shape) <= 5 or not isinstance(index, (list, tuple)) or len(index) > len(shape):
+        return None
+    given = [d for d, i in enumerate(index) if i is not None]
+    if len(given) != 1 or given[0] < 2:
+        return None
+    d, idx = given[0], index[given[0]]
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 1 and not idx.is_floating_point() and idx.dtype != torch.bool):
+        return None
+    n, m = int(shape[d]), idx.numel()
+    idx = idx.cpu().long()
+    if m == n:  # (every entry in place, or a permutation: no pad)
+        return None
+    for before in range(m - n + 1):
+        j = torch.arange(m) - before
+        after = m - n - before
+        forms = {"reflect": (n - 1) - ((n - 1) - j.abs()).abs(), "replicate": j.clamp(0, n - 1), "circular": j % n}
+        for mode, expected in forms.items():
+            if torch.equal(idx, expected) and (mode != "reflect" or max(before, after) < n) and \
+                    (mode != "circular" or max(before, after) <= n):
+                # (every spatial dim named: F.pad takes 2 (dims - 2) amounts for these modes)
+                return (0, 0) * (len(shape) - 1 - d) + (before, after) + (0, 0) * (d - 2), mode
+    return None
+
+
+def _merged_pads(node: torch.fx.Node) -> tuple | None:
+    """(x, pad, mode) where node is F.pad(F.pad(x, p, mode), q, mode) (no value) with the inner pad
+    read by it alone, on other dims than the outer: one pad of x by both (these pads act on each dim
+    apart, so padding one dim, then another, is padding both)."""
+    if not (_calls(node, F.pad, 4) and _calls(node.args[0], F.pad, 4)) or len(node.args[0].users) != 1:
+        return None
+    inner = node.args[0]
+    if inner.args[2] != node.args[2] or node.args[2] not in ("reflect", "replicate", "circular") or \
+            inner.args[3] is not None or node.args[3] is not None:
+        return None
+    p, q = list(inner.args[1]), list(node.args[1])
+    width = max(len(p), len(q))
+    p, q = p + [0] * (width - len(p)), q + [0] * (width - len(q))
+    if any(p[i] and q[i] for i in range(width)) or any((p[i] or p[i ^ 1]) and (q[i] or q[i ^ 1]) for i in range(width)):
+        return None
+    return inner.args[0], tuple(a + b for a, b in zip(p, q)), node.args[2]
+
+
+def _calls(value, fn, arity: int) -> bool:
+    """Whether value is a call of fn on `arity` positional arguments and no keywords."""
+    return isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target is fn and \
+        len(value.args) == arity and not value.kwargs
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _softplus_form(node: torch.fx.Node) -> tuple | None:
+    """(x, beta, threshold) where node computes F.softplus(x, beta, threshold) as core ATen writes
+    it: torch.where(torch.gt(s, threshold), x, torch.log1p(torch.exp(s)) [/ beta]), s = x [* beta]."""
+    if not (_calls(node, torch.where, 3) and _calls(node.args[0], torch.gt, 2)):
+        return None
+    (s, threshold), x, r = node.args[0].args, node.args[1], node.args[2]
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        return None
+    beta = 1.0
+    if s is not x:
+        if not (_calls(s, torch.mul, 2) and s.args[0] is x and _positive_number(s.args[1])):
+            return None
+        beta = s.args[1]
+        if not (_calls(r, torch.div, 2) and r.args[1] == beta):
+            return None
+        r = r.args[0]
+    if _calls(r, torch.log1p, 1) and _calls(r.args[0], torch.exp, 1) and r.args[0].args[0] is s:
+        return x, beta, threshold
+    return None
+
+
+def _logsumexp_form(node: torch.fx.Node) -> tuple | None:
+    """(x, dims, keepdim) where node computes torch.logsumexp(x, dims, keepdim) as core ATen writes
+    it: log(sum(exp(x - m), dims[, keepdim])) + m (m squeezed along dims without keepdim), with m =
+    where(c, zero, a) and a = amax(x, dims, keepdim=True): m is constant along each summed slice
+    (a's max, or a stored number where that max is infinite), and such a shift cancels exactly."""
+    if not (_calls(node, torch.add, 2) and _calls(node.args[0], torch.log, 1)):
+        return None
+    total, shift = node.args[0].args[0], node.args[1]
+    if not (isinstance(total, torch.fx.Node) and total.op == "call_function" and total.target is torch.sum and
+            len(total.args) in (2, 3) and not total.kwargs):
+        return None
+    exp, dims, keepdim = (list(total.args) + [False])[:3]
+    if not (_calls(exp, torch.exp, 1) and _calls(exp.args[0], torch.sub, 2) and isinstance(keepdim, bool)):
+        return None
+    x, m = exp.args[0].args
+    if not (_calls(m, torch.where, 3) and isinstance(m.args[1], torch.fx.Node) and m.args[1].op == "get_attr"):
+        return None
+    a = m.args[2]
+    if not (_calls(a, torch.amax, 3) and a.args[0] is x and list(a.args[1]) == list(dims) and a.args[2] is True):
+        return None
+    squeezed = _calls(shift, torch.squeeze, 2) and shift.args[0] is m and list(shift.args[1]) == list(dims)
+    if shift is not m if keepdim else not squeezed:
+        return None
+    return x, list(dims), keepdim
+
+
+def _recomposed(graph: torch.fx.Graph) -> None:
+    """Core ATen's decompositions of softplus and logsumexp (a test on the input picks a branch,
+    where no rule sees a constant) replaced by the functions themselves, which compute the same
+    (check_translation compares them), whose constants are 1; and its copying pads, one dim at a
+    time (_copying_pad), merged into one pad, which a conv after it is bracketed with.  The calls
+    that nothing else reads then are removed.  Mish, x * tanh(softplus(x)), then follows."""
+    for node in list(graph.nodes):
+        if node.graph is not graph:  # (removed with an earlier match)
+            continue
+        softplus, logsumexp, pads = _softplus_form(node), _logsumexp_form(node), _merged_pads(node)
+        if softplus is None and logsumexp is None and pads is None:
+            continue
+        with graph.inserting_before(node):
+            if softplus is not None:
+                whole = graph.call_function(F.softplus, softplus)
+            elif logsumexp is not None:
+                whole = graph.call_function(torch.logsumexp, logsumexp)
+            else:
+                whole = graph.call_function(F.pad, (*pads, None))
+        node.replace_all_uses_with(whole)
+        unused = [node]
+        while unused:
+            call = unused.pop()
+            if call.op == "call_function" and not call.users and call.graph is graph:
+                inputs = call.all_input_nodes
+                graph.erase_node(call)
+                unused.extend(inputs)

@@ -716,6 +716,12 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         if layout is not None and layout != torch.preserve_format:
             return graph.call_method("contiguous" if name == "clone" else name, (args[0],), {"memory_format": layout})
         return graph.call_method(name, (args[0],))
+    if name == "einsum" and 2 <= len(args) <= 3:  # (equation, tensors, path): torch's takes no path
+        return graph.call_function(torch.einsum, (args[0], list(args[1])))
+    if name == "tensordot" and len(args) == 4:  # (self, other, dims_self, dims_other)
+        return graph.call_function(torch.tensordot, tuple(args[:2]), {"dims": (list(args[2]), list(args[3]))})
+    if name == "linalg_vecdot" and 2 <= len(args) <= 3:  # (x, y, dim=-1): dim is a keyword of torch's
+        return graph.call_function(torch.linalg.vecdot, tuple(args[:2]), {"dim": (args + [-1])[2]})
     if name == "gather" and len(args) == 4:  # (self, dim, index, sparse_grad): a keyword of torch.gather
         return graph.call_function(torch.gather, tuple(args[:3]), {"sparse_grad": args[3]})
     if name in ("Int", "Float", "ScalarImplicit") and len(args) == 1:  # a traced size, kept as it is

@@ -23,6 +23,7 @@ import inspect
 import math
 import operator
 import re
+import string
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +36,7 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipfast import _recurrent, _util, conv, linalg
+from lipfast import _recurrent, _util, conv, linalg, reference
 from lipfast.certify import certified_radius
 from lipfast.models import eval_forward
 
@@ -1370,8 +1371,9 @@ def _drawn(node) -> bool:
 
 
 def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    """The constant tensors that scale (multiply, divide or matrix-multiply) an input-dependent one:
-    their values set the product's constant (_tensor_scale, _product_bound); and the conditions of
+    """The constant tensors that scale (multiply, divide, matrix-multiply, contract by einsum, weight
+    a lerp) an input-dependent one: their values set the product's constant (_tensor_scale,
+    _product_bound, _einsum_bound, _lerp_bound); and the conditions of
     where and masked_fill that do not depend on the input (_selected_bound counts copies on them)."""
     found = set()
     for node in traced.graph.nodes:
@@ -1391,6 +1393,14 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
                        if isinstance(a, torch.fx.Node)]  # (input, a, b): the product's factors
             if len(factors) == 2 and sum(a in depends for a in factors) == 1:
                 found.update(a for a in factors if a not in depends)
+        elif node.target in _EINSUM_LIKE or (node.op == "call_method" and name in _EINSUM_LIKE_METHODS):
+            tensors = _nodes_in((node.args, node.kwargs))  # the constants an einsum contracts with x
+            if any(a in depends for a in tensors):
+                found.update(a for a in tensors if a not in depends)
+        elif node.target is torch.lerp or (node.op == "call_method" and _rule_name(node) == "lerp"):
+            weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+            if isinstance(weight, torch.fx.Node) and weight not in depends:
+                found.add(weight)
     return found
 
 
@@ -1518,6 +1528,9 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
         return True  # what the index selects, and the value's shape
     if node.target in (torch.cat, torch.stack) and len(_nodes_in((node.args, node.kwargs))) > 1:
         return True  # branches of disjoint entries of one value (_disjoint_functions): the entries
+    if node.target in _EINSUM_LIKE or node.target is torch.lerp or \
+            (node.op == "call_method" and name in _EINSUM_LIKE_METHODS | {"lerp"}):
+        return True  # the operands' dims (einsum's letters, broadcasting)
     if node.op == "call_method" and node.target in _CONVERSION_METHODS and \
             (node.target == "type_as" or _nodes_in((node.args[1:], node.kwargs))):
         return True  # the type of another tensor
@@ -1660,6 +1673,10 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         return _matmul_bound(node, bounds, values or {})
     if target in (torch.addmm, torch.addmv, torch.baddbmm) or (node.op == "call_method" and name in _AFFINE_PRODUCTS):
         return _affine_product_bound(node, bounds, values or {})
+    if target in _EINSUM_LIKE or (node.op == "call_method" and name in _EINSUM_LIKE_METHODS):
+        return _einsum_bound(node, bounds, values or {})
+    if target is torch.lerp or (node.op == "call_method" and name == "lerp"):
+        return _lerp_bound(node, bounds, values or {})
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
@@ -1716,7 +1733,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
                                "Lipschitz constant")
         reduction = _REDUCING_FUNCTIONS.get(target, name)
         ratio = _copies(node)  # 1 / m
-        return _product(first, _sqrt_up(ratio) if reduction == "mean" else (_sqrt_up(1 / ratio) if ratio else 0.0))
+        bound = _product(first, _sqrt_up(ratio) if reduction == "mean" else (_sqrt_up(1 / ratio) if ratio else 0.0))
+        weighted = _weighted_sum_bound(node, bounds, values or {}, reduction == "mean")
+        return bound if weighted is None else min(bound, weighted)
     if target is F.pad and node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant":
         return first  # x with a constant around it: an isometry, plus a constant
     if target in _FUNCTIONAL_POOLS or target in _FUNCTIONAL_MAX_POOLS:
@@ -2273,16 +2292,272 @@ def _product_bound(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node, boun
         # a vector's norm: sqrt of a sum of squares, rounded up
         squares = float((weight**2).sum())
         return _product(bounds[x], _sqrt_up(squares * (1 + (weight.numel() + 2) * 2.0**-52)))
-    matrices = weight.reshape(-1, *weight.shape[-2:])
-    bracket = conv.dense_brackets(list(matrices), 1e-3, linalg.DEFAULT_MAX_ITERS)
-    uppers = torch.tensor([u for _, u in bracket], dtype=torch.float64) if bracket else \
-        linalg.spectral_norm_bounds(matrices)[1].cpu()
+    uppers = _matrix_uppers(weight.reshape(-1, *weight.shape[-2:]))
     if weight.dim() == 2:
         return _product(bounds[x], float(uppers[0]))
     x_shape = _shape(node, x)
     x_batch = tuple(x_shape[:-2]) if len(x_shape) >= 2 else ()
     out_batch = torch.broadcast_shapes(x_batch, weight.shape[:-2])
     return _product(bounds[x], _repeated_norm(uppers.reshape(weight.shape[:-2]), out_batch, x_batch))
+
+
+def _matrix_uppers(matrices: Tensor) -> Tensor:
+    """Certified upper ends of ‖M_k‖_2 for a float64 batch of matrices (B, r, c), shape (B,): a
+    Cholesky test as for nn.Linear (Gram iteration where it fails); where r or c is 1, the vectors'
+    norms, sqrt of a sum of squares rounded up (each square and the sum of n of them within
+    (n + 2) 2^-53 relative, the square root and its product within 2^-52 more)."""
+    if min(matrices.shape[-2:]) == 1:
+        squares = (matrices**2).sum(dim=(1, 2))
+        n = matrices.shape[1] * matrices.shape[2]
+        return torch.sqrt(squares * (1 + (n + 4) * 2.0**-52)) * (1 + 2.0**-50)
+    bracket = conv.dense_brackets(list(matrices), 1e-3, linalg.DEFAULT_MAX_ITERS)
+    if bracket:
+        return torch.tensor([u for _, u in bracket], dtype=torch.float64)
+    return linalg.spectral_norm_bounds(matrices)[1].cpu().double()
+
+
+#: functions and methods that contract their tensor operands as einsum does (_einsum_form)
+_EINSUM_LIKE = {torch.einsum, torch.tensordot, torch.inner, torch.outer, torch.ger, torch.dot, torch.vdot,
+                torch.linalg.vecdot}
+_EINSUM_LIKE_METHODS = {"inner", "outer", "ger", "dot", "vdot"}
+_EINSUM_ARGUMENTS = {"outer": ("input", "vec2"), "ger": ("input", "vec2"), "dot": ("input", "tensor"),
+                     "vdot": ("input", "other"), "inner": ("input", "other"), "tensordot": ("a", "b", "dims"),
+                     "vecdot": ("x", "y")}
+
+
+def _einsum_name(node: torch.fx.Node) -> str:
+    """An einsum-like call's name: the method's, or the function's (vecdot for torch.linalg.vecdot)."""
+    if node.op == "call_method":
+        return _rule_name(node)
+    return "vecdot" if node.target is torch.linalg.vecdot else getattr(node.target, "__name__", "")
+
+
+def _einsum_form(node: torch.fx.Node) -> tuple[list[str], set[str], list]:
+    """(subscripts, output letters, operands) of an einsum-like call: one string of letters per
+    operand, one letter per dim (an ellipsis spelled out in letters of its own, right-aligned as
+    broadcasting aligns them), and the set of the result's letters (the order of the result's dims
+    plays no part in a norm)."""
+    name = _einsum_name(node)
+    if node.target is torch.einsum:
+        equation = node.args[0] if node.args else None
+        operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else list(node.args[1:])
+        if node.kwargs or not isinstance(equation, str):
+            raise _Unsupported(f"{node.name}: einsum in its sublist form, or with keyword arguments")
+    else:
+        arguments = {**dict(zip(_EINSUM_ARGUMENTS[name], node.args)), **node.kwargs}
+        operands = [arguments.get(k) for k in _EINSUM_ARGUMENTS[name][:2]]
+        if name == "tensordot" and arguments.get("out", None) is None:
+            arguments.pop("out", None)
+        unknown = set(arguments) - set(_EINSUM_ARGUMENTS[name]) - ({"dim"} if name == "vecdot" else set())
+        if unknown or not all(isinstance(a, torch.fx.Node) for a in operands):
+            raise _Unsupported(f"{node.name}: {name} with arguments {node.args!r}, {node.kwargs!r}")
+        ranks = [len(_shape(node, a)) for a in operands]
+        letters = iter(string.ascii_letters)
+
+        def fresh(n: int) -> str:
+            return "".join(next(letters) for _ in range(n))
+
+        if name in ("outer", "ger"):
+            equation = "a,b->ab"
+        elif name in ("dot", "vdot"):
+            equation = "a,a->"
+        elif name == "inner":  # over the last dims; a 0-dim operand scales the other
+            if 0 in ranks:
+                a, b = fresh(ranks[0]), fresh(ranks[1])
+                equation = f"{a},{b}->{a}{b}"
+            else:
+                a, b, k = fresh(ranks[0] - 1), fresh(ranks[1] - 1), fresh(1)
+                equation = f"{a}{k},{b}{k}->{a}{b}"
+        elif name == "tensordot":  # dims: a number n (a's last n with b's first n) or two lists of dims
+            dims = arguments.get("dims", 2)
+            a = fresh(ranks[0])
+            if isinstance(dims, int) and not isinstance(dims, bool) and 0 <= dims <= min(ranks):
+                pairs = [(ranks[0] - dims + i, i) for i in range(dims)]
+            elif isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, (list, tuple)) for d in dims) \
+                    and len(dims[0]) == len(dims[1]) and all(isinstance(i, int) for d in dims for i in d):
+                pairs = [(i % ranks[0], j % ranks[1]) for i, j in zip(*dims)]
+            else:
+                raise _Unsupported(f"{node.name}: tensordot with dims={dims!r}")
+            b = list(fresh(ranks[1]))
+            for i, j in pairs:
+                b[j] = a[i]
+            b = "".join(b)
+            equation = f"{a},{b}->" + "".join(c for c in a + b if (a + b).count(c) == 1)
+        else:  # vecdot: broadcast, then summed over dim
+            dim = arguments.get("dim", -1)
+            rank = max(ranks)
+            if not isinstance(dim, int) or not -rank <= dim < rank:
+                raise _Unsupported(f"{node.name}: vecdot with dim={dim!r}")
+            all_letters = fresh(rank)
+            a, b = all_letters[rank - ranks[0]:], all_letters[rank - ranks[1]:]
+            summed = all_letters[dim % rank]
+            if summed not in a or summed not in b:
+                raise _Unsupported(f"{node.name}: vecdot over a dim that one operand lacks")
+            equation = f"{a},{b}->" + all_letters.replace(summed, "")
+    if not all(isinstance(a, torch.fx.Node) for a in operands):
+        raise _Unsupported(f"{node.name}: {name} of operands that are not tensors")
+    ranks = [len(_shape(node, a)) for a in operands]
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    spare = [c for c in string.ascii_letters if c not in equation]
+    if len(terms) != len(ranks):
+        raise _Unsupported(f"{node.name}: einsum {equation!r} on {len(ranks)} operands")
+    spans = [rank - (len(t) - 3) for t, rank in zip(terms, ranks) if "..." in t]
+    width = max(spans, default=0)
+    if width > len(spare):
+        raise _Unsupported(f"{node.name}: einsum {equation!r} with too many dims under its ellipsis")
+    dots = "".join(spare[:width])
+    subscripts = []
+    for term, rank in zip(terms, ranks):
+        if "..." in term:
+            span = rank - (len(term) - 3)
+            term = term.replace("...", dots[width - span:] if span > 0 else "")
+        if len(term) != rank or not all(c in string.ascii_letters for c in term):
+            raise _Unsupported(f"{node.name}: einsum {equation!r}: subscripts that do not match the operands' dims")
+        subscripts.append(term)
+    joined = "".join(subscripts)
+    if arrow:  # (implicit: the letters that appear once, and the ellipsis's)
+        output = set(rhs.replace("...", dots))
+    else:
+        output = {c for c in joined if joined.count(c) == 1} | set(dots)
+    return subscripts, output, operands
+
+
+def _einsum_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """An einsum (tensordot, inner, outer, dot, vecdot) of one input-dependent operand x with
+    constant tensors: linear in x, its norm _contraction_norm's."""
+    subscripts, output, operands = _einsum_form(node)
+    dependent = [k for k, a in enumerate(operands) if bounds.get(a, 0.0) > 0]
+    name = _einsum_name(node)
+    if len(dependent) > 1:
+        raise _Unsupported(f"{node.name}: {name} of two input-dependent tensors (a product of them) has no global "
+                           "Lipschitz constant")
+    x_index = dependent[0]
+    constants = []
+    for k, a in enumerate(operands):
+        if k != x_index:
+            constants.append(_constant_operand(node, a, values, name))
+    letters = [s for k, s in enumerate(subscripts) if k != x_index]
+    norm = _contraction_norm(subscripts[x_index], _shape(node, operands[x_index]), constants, letters, output)
+    return _product(bounds[operands[x_index]], norm)
+
+
+def _constant_operand(node: torch.fx.Node, a: torch.fx.Node, values: dict, name: str) -> Tensor:
+    """The value of a constant operand a of node, in float64 on the CPU."""
+    value = None if _drawn(a) else values.get(a)
+    if not isinstance(value, Tensor) or value.is_complex():
+        raise _Unsupported(f"{node.name}: {name} with a tensor that is not a known constant (or differs between runs)")
+    value = value.detach().double().cpu()
+    if not torch.isfinite(value).all():
+        raise _Unsupported(f"{node.name}: {name} with a constant whose entries are not finite")
+    return value
+
+
+def _contraction_norm(x_letters: str, x_shape: tuple[int, ...], constants: list[Tensor], constant_letters: list[str],
+                      output: set[str]) -> float:
+    """A certified upper end of the norm of x -> einsum(x, C_1, .., C_n) (subscripts x_letters and
+    constant_letters, one letter per dim; the result's letters `output`), linear in x.  The
+    constants contracted first make one tensor D over the letters that x or the result has (fl(D)
+    within gamma(n + m) of D entrywise, relative to the same contraction of the |C_i|, m the terms
+    summed: that error's Frobenius norm is added to each norm below).  The letters then split into
+    batch letters b (x, D and the result), contracted letters k (x and D only), x's own letters i (x
+    and the result: an identity over them), letters summed over x alone s, and the result's letters
+    j that x lacks (D's own, and those where x has size 1 and broadcasting copies x's one block to
+    every entry of D's).  For every b the map is x[b, i, k] -> sum_k x[b, i, k] D[b, k, j], an
+    identity over i times the matrix D_b (k x j): its norm is max_b ‖D_b‖_2, times sqrt(the entries
+    summed over the s) (a sum is a product by a vector of ones).  A repeated letter of x reads its
+    diagonal: a selection, norm 1.  A contracted letter of size 1 in x and larger in D sums D over it
+    (x's one entry meets all of them); a letter of size 1 in D and larger in x copies D along it."""
+    x_size = dict(zip(x_letters, x_shape))
+    in_constants = list(dict.fromkeys("".join(constant_letters)))
+    # D keeps the letters x or the result has, but a contracted one where x's size is 1 (D summed over it)
+    kept = [c for c in in_constants if c in output or (c in x_size and not (c not in output and x_size[c] == 1))]
+    spec = ",".join(constant_letters) + "->" + "".join(kept)
+    D = torch.einsum(spec, *constants) if constants else torch.ones((), dtype=torch.float64)
+    summed = math.prod(max(t.shape[s.index(c)] for t, s in zip(constants, constant_letters) if c in s)
+                       for c in in_constants if c not in kept)
+    error = 0.0
+    if len(constants) > 1 or summed > 1:  # products of the constants, sums of them: rounded
+        gamma = reference._gamma(len(constants) + summed)  # (the magnitude is itself rounded: within gamma)
+        magnitude = float(torch.einsum(spec, *[t.abs() for t in constants]).norm())
+        error = (gamma * magnitude + math.sqrt(D.numel()) * summed * 2.0**-1074) * (1 + 2 * gamma) * (1 + 2.0**-50)
+    d_size = dict(zip(kept, D.shape))
+    copied = {c for c in kept if c in x_size and x_size[c] == 1 and d_size[c] > 1}  # x's one block to each
+    batch = [c for c in kept if c in x_size and c in output and c not in copied]
+    contracted = [c for c in kept if c in x_size and c not in output]
+    own = [c for c in kept if c not in x_size or c in copied]
+    alone = [c for c in dict.fromkeys(x_letters) if c not in kept and c not in output]
+    targets = [d_size[c] for c in batch] + [x_size[c] for c in contracted] + [d_size[c] for c in own]
+    D = D.permute([kept.index(c) for c in batch + contracted + own]).expand(targets)
+    rows, cols = math.prod(x_size[c] for c in contracted), math.prod(d_size[c] for c in own)
+    if D.numel() == 0 or math.prod(x_shape) == 0:
+        return 0.0
+    block = float((_matrix_uppers(D.reshape(-1, rows, cols)) + error).max())
+    return _product(block, _sqrt_up(math.prod(x_size[c] for c in alone)))
+
+
+def _weighted_sum_bound(node: torch.fx.Node, bounds: dict, values: dict, mean: bool) -> float | None:
+    """(x * c).sum(dims) (or .mean) for a constant tensor c, a weighted sum (core ATen writes dot
+    and vecdot so): the einsum of x and c over the product's broadcast shape, its norm
+    _contraction_norm's (‖c‖ for a dot product, where the product's max |c| times the sum's sqrt(m)
+    can be far larger), over m for a mean.  None where the sum's operand is no such product, or the
+    product is changed in place."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    if not (isinstance(source, torch.fx.Node) and source.op in ("call_function", "call_method") and
+            (source.target in (operator.mul, torch.mul) or _rule_name(source) in ("mul", "__mul__"))):
+        return None
+    operands = [a for a in source.args if isinstance(a, torch.fx.Node)]
+    if len(source.args) != 2 or source.kwargs or len(operands) != 2 or _changed_in_place(source) or \
+            sum(bounds.get(a, 0.0) > 0 for a in operands) != 1:
+        return None
+    x, c = operands if bounds[operands[0]] > 0 else operands[::-1]
+    value = None if _drawn(c) else values.get(c)
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(value, Tensor) or value.is_complex() or not torch.isfinite(value).all():
+        return None
+    shape = _shape(node, source)
+    dims = [dims] if isinstance(dims, int) else list(dims or range(len(shape)))  # (none or [] : all of them)
+    if not all(isinstance(d, int) and -len(shape) <= d < len(shape) for d in dims):
+        return None
+    letters = string.ascii_letters[:len(shape)]
+    x_shape = _shape(node, x)
+    summed = {letters[d % len(shape)] for d in dims}
+    norm = _contraction_norm(letters[len(shape) - len(x_shape):], x_shape, [value.detach().double().cpu()],
+                             [letters[len(shape) - value.dim():]], set(letters) - summed)
+    entries = math.prod(shape[d % len(shape)] for d in set(dims))
+    return _product(bounds[x], norm, _float_up(Fraction(1, entries)) if mean and entries else 1.0)
+
+
+def _lerp_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
+    """torch.lerp(start, end, weight) = (1 - w) start + w end, for a weight that is a number or a
+    constant tensor: Lip <= ‖(1 - w) .‖ Lip(start) + ‖w .‖ Lip(end), the sum rule with each term a
+    scaling (_tensor_scale: its broadcast copies counted).  A weight that depends on the input makes
+    a product of input-dependent values: no constant."""
+    arguments = {**dict(zip(("input", "end", "weight"), node.args)), **node.kwargs}
+    if set(arguments) != {"input", "end", "weight"}:
+        raise _Unsupported(f"{node.name}: lerp with arguments {node.args!r}, {node.kwargs!r}")
+    start, end, weight = arguments["input"], arguments["end"], arguments["weight"]
+    if isinstance(weight, torch.fx.Node) and bounds.get(weight, 0.0) > 0:
+        raise _Unsupported(f"{node.name}: lerp with a weight that depends on the input (a product of input-dependent "
+                           "values) has no global Lipschitz constant")
+    if isinstance(weight, torch.fx.Node):
+        weight = None if _drawn(weight) else values.get(weight)
+        if not isinstance(weight, Tensor):
+            raise _Unsupported(f"{node.name}: lerp with a weight that is not a known constant (or differs between runs)")
+        weight = weight.detach().double()
+    elif not _number(weight):
+        raise _Unsupported(f"{node.name}: lerp with weight={weight!r}")
+    terms = []
+    for operand, factor in ((start, 1 - weight), (end, weight)):  # (1 - w in float64: within 2^-53 relative)
+        if isinstance(operand, torch.fx.Node) and bounds.get(operand, 0.0) > 0:
+            if isinstance(factor, Tensor):
+                scale = _tensor_scale(node, operand, factor, divide=False) * (1 + 2.0**-51)
+            else:
+                scale = abs(float(factor)) * (1 + 2.0**-51) * _sqrt_up(_broadcast_copies(node, operand))
+            terms.append(_product(bounds[operand], scale))
+    return _sum_up(terms)
 
 
 def _selection_arguments(node: torch.fx.Node) -> dict:

@@ -352,3 +352,61 @@ def test_core_aten_item_assignments_pads_and_clamps():
     assert math.isfinite(report.upper), report.notes
     eager = lipfast.lipschitz_bound(model, (4, 5, 5), progress=False)
     assert _jacobian_norm(model, (4, 5, 5)) <= eager.upper <= report.upper <= 3 * eager.upper
+
+
+class _Smooth(nn.Module):
+    """softplus (with and without beta and threshold), Mish and logsumexp, which core ATen writes with
+    a test on the input that picks a branch (torch.where on x > threshold, or on amax == inf)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn, self.lin = fn, nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+@pytest.mark.parametrize("fn, kinds", [
+    (lambda y: nn.functional.softplus(y), {"aten.log1p.default", "aten.where.self"}),
+    (lambda y: nn.functional.softplus(y, beta=2.0, threshold=3.0), {"aten.log1p.default", "aten.div.Tensor"}),
+    (lambda y: nn.functional.mish(y), {"aten.log1p.default", "aten.tanh.default"}),
+    (lambda y: torch.logsumexp(y.reshape(-1, 2, 3), dim=(1, 2)), {"aten.amax.default", "aten.squeeze.dims"}),
+    (lambda y: torch.logsumexp(y, 1, keepdim=True) - y, {"aten.amax.default", "aten.log.default"}),
+], ids=["softplus", "softplus-beta", "mish", "logsumexp", "logsumexp-keepdim"])
+def test_core_aten_softplus_mish_and_logsumexp_keep_their_constants(fn, kinds):
+    # recomposed into the functions themselves: the core-ATen program gets the python module's bound
+    torch.manual_seed(2)
+    model = _Smooth(fn).double().eval()
+    program = torch.export.export(model, (torch.randn(2, 6, dtype=torch.float64),)).run_decompositions()
+    assert kinds <= {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    report = lipfast.lipschitz_bound(program, (6,), progress=False)
+    eager = lipfast.lipschitz_bound(model, (6,), progress=False)
+    assert math.isfinite(eager.upper) and report.upper == eager.upper, report.notes
+    assert _jacobian_norm(model, (6,)) <= report.upper
+
+
+class _PaddedConv(nn.Module):
+    def __init__(self, mode: str, pad: tuple[int, ...]) -> None:
+        super().__init__()
+        self.mode, self.pad, self.conv = mode, pad, nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(nn.functional.pad(x, self.pad, mode=self.mode))
+
+
+@pytest.mark.parametrize("mode, pad", [("reflect", (1, 1, 1, 1)), ("reflect", (2, 0, 1, 2)), ("replicate", (1, 1, 1, 1)),
+                                       ("replicate", (0, 2, 0, 0))])
+def test_core_aten_reflection_and_replication_pads_are_bracketed_with_their_conv(mode, pad):
+    # core ATen gathers the padded rows, then the padded columns, by aranges: recognized as one pad,
+    # bracketed with the conv after it as the python module's is
+    torch.manual_seed(3)
+    model = _PaddedConv(mode, pad).double().eval()
+    program = torch.export.export(model, (torch.randn(1, 3, 6, 5, dtype=torch.float64),)).run_decompositions()
+    assert "aten.index.Tensor" in {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    report = lipfast.lipschitz_bound(program, (3, 6, 5), progress=False)
+    eager = lipfast.lipschitz_bound(model, (3, 6, 5), progress=False)
+    assert report.upper == eager.upper
+    # the same operator as the python module's: the conv with its pad where that pads as a conv's
+    # padding can (the same amounts on both sides), else the conv on the padded input after the pad
+    assert [layer.input_shape for layer in report.layers] == [layer.input_shape for layer in eager.layers]
+    assert (report.layers[0].input_shape == (3, 6, 5)) == (pad[0] == pad[1] and pad[2] == pad[3])

@@ -2689,3 +2689,80 @@ def test_calls_whose_results_nothing_uses_are_dropped():
     report = lipfast.lipschitz_bound(dead.eval(), (2, 5, 5), progress=False)
     assert report.upper == expected.upper and math.isfinite(report.upper)
     assert any("folded" in (layer.note or "") for layer in report.layers), [layer.note for layer in report.layers]
+
+
+class _Contracts(nn.Module):
+    """y = fn(self, x) for stored float64 constants A (4, 6), B (6, 3), C (3, 5, 4), D (5, 4, 3), v (6,)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        g = torch.Generator().manual_seed(11)
+        for name, shape in (("A", (4, 6)), ("B", (6, 3)), ("C", (3, 5, 4)), ("D", (5, 4, 3)), ("v", (6,))):
+            self.register_buffer(name, torch.randn(shape, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+_CONTRACTIONS = {  # fn, one example's shape, whether core ATen's decomposition keeps the bound exact
+    "matrix": (lambda m, x: torch.einsum("bi,ij->bj", x, m.A), (4,), True),
+    "per-head": (lambda m, x: torch.einsum("bhqd,hkd->bhqk", x, m.C), (3, 2, 4), True),  # max over heads
+    "copied-to-blocks": (lambda m, x: torch.einsum("bij,bjk->bik", x, m.D), (2, 4), True),  # x's block to 5
+    "ellipsis": (lambda m, x: torch.einsum("...i,ij->...j", x, m.A), (2, 3, 4), True),
+    "two-constants": (lambda m, x: torch.einsum("bi,ij,jk->bk", x, m.A, m.B), (4,), False),  # ‖AB‖, not ‖A‖‖B‖
+    "implicit-output": (lambda m, x: torch.einsum("bij,jk", x, m.B), (3, 6), True),
+    "diagonal-and-sum": (lambda m, x: torch.einsum("bii->b", x), (4, 4), True),  # a trace: sqrt(4)
+    "tensordot": (lambda m, x: torch.tensordot(x, m.C, dims=([1, 2], [1, 2])), (5, 4), True),
+    "inner": (lambda m, x: torch.inner(x, m.A), (3, 6), True),
+    "outer": (lambda m, x: torch.outer(x.reshape(-1), m.v), (4,), True),
+    "dot": (lambda m, x: torch.dot(x.reshape(-1), m.v), (6,), True),
+    "vecdot": (lambda m, x: torch.linalg.vecdot(x, m.A), (4, 6), True),
+    "weighted-sum": (lambda m, x: (x * m.v).sum(-1), (3, 6), True),  # ‖v‖, not max |v| sqrt(6)
+    "weighted-mean": (lambda m, x: torch.mean(m.A * x[:, :, None], dim=1), (4,), True),
+}
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export", "core-aten"])
+@pytest.mark.parametrize("case", list(_CONTRACTIONS))
+def test_contractions_with_constants_get_their_exact_norm(case, form):
+    # einsum and its relatives with one input-dependent operand are linear maps: the bound is their
+    # norm (to the Cholesky certificate's 1e-3), from the explicit Jacobian in float64
+    fn, shape, exact_in_core = _CONTRACTIONS[case]
+    model = _Contracts(fn).eval()
+    example = torch.randn(1, *shape, dtype=torch.float64)
+    report = lipfast.lipschitz_bound(_in_form(model, example, form), shape, progress=False)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert exact * (1 - 1e-12) <= report.upper, report.notes
+    if form != "core-aten" or exact_in_core:
+        assert report.upper <= exact * (1 + 1e-3), (report.upper, exact)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (lambda m, x: torch.einsum("bi,bj->bij", x, x), "two input-dependent"),  # a product of the input with itself
+    (lambda m, x: torch.einsum("bi,ij->bj", x, torch.randn(6, 6, dtype=torch.float64)), "not a known constant"),
+    (lambda m, x: torch.lerp(x, 2 * x, torch.sigmoid(x)), "weight that depends on the input"),
+], ids=["quadratic", "random-constant", "lerp-input-weight"])
+def test_contractions_and_interpolations_outside_the_linear_forms_get_no_finite_bound(fn, reason):
+    report = lipfast.lipschitz_bound(_Contracts(fn).eval(), (6,), progress=False)
+    assert report.upper == math.inf and any(reason in note for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export"])
+@pytest.mark.parametrize("fn, shape, expected", [
+    (lambda m, x: torch.lerp(x, m.v, 0.25), (6,), lambda m: 0.75),  # towards a constant: (1 - w)
+    (lambda m, x: x.lerp(torch.tanh(x) * 3, 0.5), (6,), lambda m: 0.5 + 1.5),  # the sum rule: |1 - w| + |w| 3
+    (lambda m, x: torch.lerp(m.v, x, m.v.abs()), (6,), lambda m: float(m.v.abs().max())),  # a stored weight
+    # x of shape (1, 6) copied to (6, 6) by a weight of shape (6, 1): every copy counts, each term apart
+    (lambda m, x: torch.lerp(x, -x, m.v[:, None]), (1, 6),
+     lambda m: float(((1 - m.v) ** 2).sum()) ** 0.5 + float((m.v**2).sum()) ** 0.5),
+], ids=["number", "method", "tensor-weight", "broadcast-weight"])
+def test_lerp_with_a_constant_weight(fn, shape, expected, form):
+    # (1 - w) start + w end: each term a scaling of its operand, bounded apart (the sum rule)
+    model = _Contracts(fn).eval()
+    example = torch.randn(1, *shape, dtype=torch.float64)
+    report = lipfast.lipschitz_bound(_in_form(model, example, form), shape, progress=False)
+    assert report.upper == pytest.approx(expected(model), rel=1e-12), report.notes
+    attained = max(_jacobian_norm_of(lambda t: model(t), shape, seed) for seed in range(3))
+    assert attained <= report.upper * (1 + 1e-12)
