@@ -1632,11 +1632,13 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if _disjoint_functions([a for a in operands if isinstance(a, torch.fx.Node)], bounds):
             # functions of disjoint entries of one value (_disjoint_functions): in quadrature
             return _quadrature_up(terms)
+        bound = _sum_up(terms)
         difference = _shifted_difference(node, bounds)
         if difference is not None:  # x[..., 1:] - x[..., :-1]: a finite difference, at most 2 where the sum gives 2
             source, norm = difference
-            return min(_product(bounds[source], norm), _sum_up(terms))
-        return _sum_up(terms)
+            bound = min(_product(bounds[source], norm), bound)
+        combined = _linear_combination_bound(node, bounds, values or {})  # one value along several paths
+        return bound if combined is None else min(bound, combined)
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in _PRODUCT_NAMES:
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
@@ -1716,7 +1718,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
     if target in (torch.where, torch.masked_fill) or (node.op == "call_method" and name in ("where", "masked_fill")):
-        return _selected_bound(node, bounds, values or {})
+        bound = _selected_bound(node, bounds, values or {})
+        combined = _linear_combination_bound(node, bounds, values or {})
+        return bound if combined is None else min(bound, combined)
     if target in (torch.gather, torch.index_select) or (node.op == "call_method" and name in ("gather", "index_select")):
         return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
@@ -2528,6 +2532,151 @@ def _weighted_sum_bound(node: torch.fx.Node, bounds: dict, values: dict, mean: b
                              [letters[len(shape) - value.dim():]], set(letters) - summed)
     entries = math.prod(shape[d % len(shape)] for d in set(dims))
     return _product(bounds[x], norm, _float_up(Fraction(1, entries)) if mean and entries else 1.0)
+
+
+#: the most (leaf, path) pairs and the deepest walk _linear_parts takes
+_COMBINATION_MAX_PATHS = 16
+_COMBINATION_MAX_DEPTH = 12
+
+
+def _unchanged(node: torch.fx.Node) -> bool:
+    """Whether no call writes in place into node's memory: node, the value it views, or any view."""
+    graph_module = node.graph.owning_module
+    return not any(_changed_in_place(member) for member in _memory_family(node, graph_module))
+
+
+def _linear_step(node: torch.fx.Node, bounds: dict, values: dict) -> list[tuple[torch.fx.Node, tuple]] | None:
+    """node as a sum of entrywise-scaled input-dependent operands: [(operand, factor)], a factor
+    ("number", c), ("tensor", C) (a stored tensor times), ("divide", C) or ("mask", M) (M a stored
+    boolean tensor or its complement), broadcast to node's shape; None where node is no such step
+    (then a leaf): a sum or difference (alpha too), a negation, a product or quotient by a number or
+    a stored tensor, torch.where / masked_fill on a stored mask.  Constant operands are left out."""
+    if node.op not in ("call_function", "call_method") or _in_place(node):
+        return None
+    steps = _linear_operands(node, bounds, values)
+    return steps if steps is not None and _unchanged(node) else None
+
+
+def _linear_operands(node: torch.fx.Node, bounds: dict, values: dict) -> list[tuple[torch.fx.Node, tuple]] | None:
+    """_linear_step's operands and factors, by the call's kind alone."""
+    name, target = _rule_name(node), node.target
+
+    def dependent(a) -> bool:
+        return isinstance(a, torch.fx.Node) and bounds.get(a, 0.0) > 0
+
+    def stored(a) -> Tensor | None:
+        value = None if _drawn(a) else values.get(a)
+        return value.detach().double().cpu() if isinstance(value, Tensor) and not value.is_complex() and \
+            bool(torch.isfinite(value).all()) else None
+
+    if target in (operator.add, torch.add, operator.sub, torch.sub) or name in _SUM_NAMES:
+        alpha = node.kwargs.get("alpha", 1)
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"} or not (_number(alpha) and math.isfinite(alpha)):
+            return None
+        sign = -1 if target in (operator.sub, torch.sub) or name in ("sub", "__sub__") else 1
+        return [(a, ("number", 1 if i == 0 else sign * alpha)) for i, a in enumerate(node.args) if dependent(a)]
+    if target in (operator.neg, torch.neg) or name in ("neg", "__neg__"):
+        return [(node.args[0], ("number", -1))] if len(node.args) == 1 and not node.kwargs and dependent(node.args[0]) \
+            else None
+    product = target in (operator.mul, torch.mul) or name in ("mul", "__mul__")
+    quotient = target in (operator.truediv, torch.div) or name in ("div", "truediv", "__truediv__")
+    if (product or quotient) and len(node.args) == 2 and not node.kwargs:
+        x, c = node.args if dependent(node.args[0]) else node.args[::-1]
+        if not dependent(x) or dependent(c) or (quotient and x is not node.args[0]):
+            return None
+        if _number(c) and math.isfinite(c) and not (quotient and c == 0):
+            return [(x, ("number", 1 / c if quotient else c))] if not quotient or c != 0 else None
+        value = stored(c) if isinstance(c, torch.fx.Node) else None
+        if value is None or (quotient and bool((value == 0).any())):
+            return None
+        return [(x, ("divide" if quotient else "tensor", value))]
+    if target in (torch.where, torch.masked_fill) or name in ("where", "masked_fill"):
+        arguments = _selection_arguments(node)
+        if len(node.args) + len(node.kwargs) != 3:
+            return None
+        condition = arguments.get("mask", arguments.get("condition"))
+        mask = stored(condition) if isinstance(condition, torch.fx.Node) and not dependent(condition) else None
+        if mask is None or values[condition].dtype != torch.bool:
+            return None
+        mask = values[condition].detach().cpu()
+        steps = []
+        for key in ("input", "other"):  # where: input where the condition holds; masked_fill: where it does not
+            keep = mask if (key == "input") != (name == "masked_fill") else ~mask
+            if dependent(arguments.get(key)):
+                steps.append((arguments[key], ("mask", keep)))
+        return steps
+    return None
+
+
+def _linear_parts(node: torch.fx.Node, bounds: dict, values: dict) -> list[tuple[torch.fx.Node, list]] | None:
+    """node as sum over paths of (factors along the path) times a leaf: [(leaf, [factor, ...])], the
+    walk through _linear_step from node down to values that are no such step; None where it is
+    deeper than _COMBINATION_MAX_DEPTH or has more than _COMBINATION_MAX_PATHS paths."""
+    parts, pending = [], [(node, [], 0)]
+    while pending:
+        value, factors, depth = pending.pop()
+        if value is node:  # (its own value, as it is computed: what later calls do to it plays no part)
+            steps = _linear_operands(node, bounds, values)
+        else:
+            steps = _linear_step(value, bounds, values) if depth < _COMBINATION_MAX_DEPTH else None
+        if steps is None:
+            if depth >= _COMBINATION_MAX_DEPTH and value is not node:
+                return None
+            parts.append((value, factors))
+        else:
+            pending.extend((a, factors + [factor], depth + 1) for a, factor in steps)
+        if len(parts) + len(pending) > _COMBINATION_MAX_PATHS:
+            return None
+    return parts
+
+
+def _linear_combination_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float | None:
+    """A sum (or where) of values that reach one input-dependent value along several paths, through
+    sums, negations, products and quotients by numbers or stored tensors, and selections on stored
+    masks: y = sum over leaves l of D_l(l) + constant, D_l scaling each entry of l (broadcast to y's
+    shape) by the sum over l's paths of the product of their factors.  Lip(y) <= sum_l ‖D_l‖ Lip(l),
+    ‖D_l‖ = sqrt(max over l's entries of the sum of coef^2 over their copies) (_repeated_norm): (1 -
+    w) x + w f(x) gets |1 - w| + |w| Lip(f) where the node-by-node rules give 1 + |w| (1 + Lip(f)),
+    and x - 0.5 x gets 0.5.  The coefficients are computed in float64: each path's product of at most
+    d factors is within gamma(d) of exact (relative), a sum of p of them within gamma(d + p) of the
+    sum of their magnitudes, which is added.  None where no leaf is reached twice (the node-by-node
+    rules give the same then), or where some value on the way, or a leaf, is changed in place (its
+    uses would read different values)."""
+    if _in_place(node):
+        return None
+    parts = _linear_parts(node, bounds, values)
+    if parts is None or len({leaf for leaf, _ in parts}) == len(parts):
+        return None
+    if not all(_unchanged(leaf) for leaf, _ in parts if leaf is not node):
+        return None
+    out = _shape(node, node)
+    if math.prod(out) > 1 << 22:
+        return None
+    coefficients: dict[torch.fx.Node, list[Tensor]] = {}
+    depth = max(len(factors) for _, factors in parts)
+    try:
+        for leaf, factors in parts:
+            coef = torch.ones(out, dtype=torch.float64)
+            for kind, factor in factors:
+                if kind == "number":
+                    coef = coef * float(factor)
+                elif kind == "mask":
+                    coef = coef * torch.broadcast_to(factor, out).double()
+                else:
+                    scale = torch.broadcast_to(factor, out)
+                    coef = coef / scale if kind == "divide" else coef * scale
+            coefficients.setdefault(leaf, []).append(coef)
+    except RuntimeError:  # (shapes that do not broadcast as recorded)
+        return None
+    gamma = reference._gamma(2 * depth + len(parts) + 2)
+    terms = []
+    for leaf, coefs in coefficients.items():
+        if bounds[leaf] == 0:
+            continue
+        total, magnitude = sum(coefs), sum(c.abs() for c in coefs)
+        upper = total.abs() + gamma * magnitude * (1 + 4 * gamma) + len(coefs) * 2.0**-1070
+        terms.append(_product(bounds[leaf], _repeated_norm(upper, out, _shape(node, leaf))))
+    return _sum_up(terms)
 
 
 def _lerp_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:

@@ -1042,8 +1042,10 @@ class _Masked(nn.Module):
 
 @pytest.mark.parametrize("use, bound", [
     (lambda m, x: torch.where(m.mask, x, m.b), 1.0),  # x's entries where the mask is set, constants elsewhere
-    (lambda m, x: torch.where(m.mask, x, 2 * x), math.sqrt(5)),  # sqrt(1 + 2^2): each entry from one operand
-    (lambda m, x: x.where(m.mask, 3 * x), math.sqrt(10)),
+    # one value along both: each entry of x scaled by 1 or 2 (the map's exact norm, where each entry
+    # taken from one operand or the other gives sqrt(1 + 2^2))
+    (lambda m, x: torch.where(m.mask, x, 2 * x), 2.0),
+    (lambda m, x: x.where(m.mask, 3 * x), 3.0),
     (lambda m, x: torch.masked_fill(3 * x, m.mask, 1.0), 3.0),
     # a (4, 4) result: x[:, :1] broadcast to 16 entries, x to 4 rows, but the mask's 2 set rows take
     # x[:, :1] 8 times and its 2 clear rows each entry of x twice: sqrt(8 + 2), not sqrt(16 + 4)
@@ -2766,3 +2768,61 @@ def test_lerp_with_a_constant_weight(fn, shape, expected, form):
     assert report.upper == pytest.approx(expected(model), rel=1e-12), report.notes
     attained = max(_jacobian_norm_of(lambda t: model(t), shape, seed) for seed in range(3))
     assert attained <= report.upper * (1 + 1e-12)
+
+
+class _Combines(nn.Module):
+    """y = fn(self, x) with a stored weight w (6,), a stored (3, 1) matrix C and a stored mask (6,)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        g = torch.Generator().manual_seed(7)
+        self.register_buffer("w", torch.rand(6, generator=g, dtype=torch.float64) * 2 - 0.5)
+        self.register_buffer("C", torch.randn(3, 1, generator=g, dtype=torch.float64))
+        self.register_buffer("mask", torch.tensor([True, False, True, True, False, False]))
+
+    def forward(self, x):
+        return self.fn(self, x.clone())
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export", "core-aten"])
+@pytest.mark.parametrize("fn, expected", [
+    (lambda m, x: x - 0.5 * x, lambda m: 0.5),  # one value along two paths: its coefficients add
+    (lambda m, x: x + 0.3 * (2 * torch.tanh(x) - x), lambda m: 0.7 + 0.6),  # (1 - t) x + t f(x)
+    (lambda m, x: torch.lerp(x, 2 * torch.tanh(x), 0.3), lambda m: 0.7 + 0.6),  # (core ATen: a where on w's size)
+    (lambda m, x: x * m.w + x * (1 - m.w), lambda m: 1.0),  # stored coefficients, entry by entry
+    (lambda m, x: torch.where(m.mask, 2 * x, -x), lambda m: 2.0),
+    (lambda m, x: (lambda v: v * m.C - v)(x[:, None]), lambda m: float(((m.C - 1) ** 2).sum()) ** 0.5),  # copies
+], ids=["difference", "interpolation", "lerp", "stored-weights", "where", "broadcast"])
+def test_one_value_reached_along_several_linear_paths(fn, expected, form):
+    # y = sum over values l of D_l(l), D_l an entrywise scaling summed over l's paths: the exact norm
+    # here (each model's map is linear, or its bound attained at 0 where tanh' = 1)
+    model = _Combines(fn).eval()
+    example = torch.randn(1, 6, dtype=torch.float64)
+    report = lipfast.lipschitz_bound(_in_form(model, example, form), (6,), progress=False)
+    assert report.upper == pytest.approx(expected(model), rel=1e-12), report.notes
+    attained = _jacobian_norm_of(lambda t: model(t), (6,), 0)
+    zero = float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        lambda t: model(t).reshape(-1), torch.zeros(1, 6, dtype=torch.float64)).reshape(-1, 6), 2))
+    assert max(attained, zero) <= report.upper * (1 + 1e-12)
+    assert zero == pytest.approx(expected(model), rel=1e-12)
+
+
+def _changed_between_uses(m, x):
+    u = x * -1
+    x.mul_(-1)  # x is -x0 from here: u + x = -2 x0, where the coefficients would cancel to 0
+    return u + x
+
+
+def _view_changed_between_uses(m, x):
+    v = x.view(1, 6)
+    u = v * -1
+    x.mul_(-1)  # through x, v changes too
+    return u + v
+
+
+@pytest.mark.parametrize("fn", [_changed_between_uses, _view_changed_between_uses], ids=["value", "view"])
+def test_paths_through_a_value_changed_in_place_are_not_combined(fn):
+    report = lipfast.lipschitz_bound(_Combines(fn).eval(), (6,), progress=False)
+    attained = _jacobian_norm_of(lambda t: _Combines(fn)(t), (6,), 0)
+    assert attained == pytest.approx(2.0) and attained <= report.upper * (1 + 1e-12), report.notes
