@@ -669,10 +669,12 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         if name == "pad":  # (input, pad, mode="constant", value=None)
             mode, value = (args[2] if len(args) > 2 else "constant"), (args[3] if len(args) > 3 else None)
         return graph.call_function(F.pad, (args[0], args[1], mode, value))
-    if name.startswith(("upsample_", "_upsample_nearest_exact")):  # (input, output_size[, align_corners], scale_factors)
-        mode = name.lstrip("_")[len("upsample_"):].rstrip("123d")
+    if name.startswith(("upsample_", "_upsample_nearest_exact", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")):
+        # (input, output_size[, align_corners], scale_factors); _aa: antialiased
+        antialias = name.endswith("_aa")
+        mode = name.lstrip("_").removesuffix("_aa")[len("upsample_"):].rstrip("123d")
         mode = "nearest-exact" if mode == "nearest_exact" else mode
-        options = {"size": args[1], "scale_factor": args[-1], "mode": mode}
+        options = {"size": args[1], "scale_factor": args[-1], "mode": mode, **({"antialias": True} if antialias else {})}
         if len(args) == 4:
             options["align_corners"] = args[2]
         return graph.call_function(F.interpolate, (args[0],), options)
