@@ -624,6 +624,11 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
     if name == "index" and len(args) == 2 and (index := _constant_index(args[1])) is not None:
         # x[i] with constant index lists: a getitem, whose copies of each entry the composition counts
         return graph.call_function(operator.getitem, (args[0], index))
+    if name == "index" and len(args) == 2 and isinstance(args[1], (list, tuple)) and \
+            all(i is None or isinstance(i, torch.fx.Node) for i in args[1]):
+        # x[..., a, b] with index tensors of the graph (of several dims, broadcast together): a getitem,
+        # whose copies the composition counts where the tensors are constants
+        return graph.call_function(operator.getitem, (args[0], tuple(slice(None) if i is None else i for i in args[1])))
     if name in ("add", "sub") and len(args) == 3:  # aten::add(self, other, alpha)
         return graph.call_function(getattr(torch, name), tuple(args[:2]), {"alpha": args[2]})
     if name in ("_convolution", "convolution"):  # a traced conv layer (or core ATen's): (input, weight, bias,
@@ -655,6 +660,8 @@ def _aten(graph: torch.fx.Graph, name: str, args: list):
         return graph.call_function(torch.arange, tuple(args[:count]), _factory_options(args[count:]))
     if name == "scalar_tensor" and args:  # (s, dtype, layout, device, pin_memory): keywords of torch's
         return graph.call_function(torch.scalar_tensor, (args[0],), _factory_options(args[1:]))
+    if name == "alias" and len(args) == 1:  # the same entries (a view): core ATen's x[:, :]
+        return graph.call_method("view_as", (args[0], args[0]))
     if name == "mT" and len(args) == 1:  # the last two dims swapped
         return graph.call_function(torch.transpose, (args[0], -2, -1))
     if name in ("addmm", "addmv", "baddbmm") and 3 < len(args) <= 5:

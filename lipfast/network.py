@@ -1471,6 +1471,9 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
             tensors = _nodes_in((node.args, node.kwargs))  # the constants an einsum contracts with x
             if any(a in depends for a in tensors):
                 found.update(a for a in tensors if a not in depends)
+        elif node.target is operator.getitem and len(node.args) == 2 and node.args[0] in depends:
+            # index tensors computed from constants (x[:, a[:, None], b]): _index_copies counts on them
+            found.update(a for a in _nodes_in(node.args[1]) if a not in depends and a.meta.get("type") is not int)
         elif node.target is torch.lerp or (node.op == "call_method" and _rule_name(node) == "lerp"):
             weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
             if isinstance(weight, torch.fx.Node) and weight not in depends:
@@ -1555,12 +1558,67 @@ def _gathered_copies(node: torch.fx.Node, name: str) -> int:
     return int(torch.unique(keys.flatten(), return_counts=True)[1].max())
 
 
-def _index_copies(index) -> int:
-    """An upper bound on how many times x[index] holds one entry of x (fx's getitem): 1 for ints,
-    slices, None and Ellipsis (a selection of distinct entries); a list of ints may name one entry
-    several times, and the lists of one index, broadcast together, at most the product of their
-    counts.  A tensor index (a graph value) is not followed."""
+def _advanced_index_copies(parts: tuple, values: dict, shape: tuple[int, ...]) -> int | None:
+    """How many times x[parts] holds one entry of x (x of the given shape) at most, exactly, where
+    its tensor and list indices are constants (stored, or values the forward computes from
+    constants alone): they are broadcast together, and the most times one tuple of positions
+    (negative ones taken modulo the dim's size) appears is the count; ints, slices and None select
+    distinct entries.  None where some index is not such a constant, or with an Ellipsis."""
+    dim, advanced = 0, []
+    for part in parts:
+        if part is None:
+            continue
+        if isinstance(part, (int, slice)) and not isinstance(part, bool):
+            dim += 1
+            continue
+        if isinstance(part, torch.fx.Node) and part.meta.get("type") is int:
+            dim += 1
+            continue
+        if isinstance(part, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in part):
+            value = torch.tensor(part, dtype=torch.int64)
+        elif isinstance(part, torch.fx.Node):
+            value = _constant_integers(part)
+            if value is None and not _drawn(part) and isinstance(values.get(part), Tensor):
+                value = values[part]
+            if value is None or value.is_floating_point() or value.is_complex():
+                return None
+        else:
+            return None
+        value = value.detach().cpu()
+        if value.dtype == torch.bool:  # a mask over as many dims as it has: the positions it sets
+            for column in value.nonzero().unbind(1):
+                advanced.append((dim, column))
+                dim += 1
+            if value.dim() == 0:
+                return None
+            continue
+        advanced.append((dim, value.long()))
+        dim += 1
+    if not advanced:
+        return 1
+    if dim > len(shape):
+        return None
+    try:
+        broadcast = torch.broadcast_tensors(*[t for _, t in advanced])
+    except RuntimeError:
+        return None
+    if broadcast[0].numel() == 0:
+        return 1
+    tuples = torch.stack([t.reshape(-1) % shape[d] for (d, _), t in zip(advanced, broadcast)], dim=1)
+    return int(torch.unique(tuples, dim=0, return_counts=True)[1].max())
+
+
+def _index_copies(index, values: dict | None = None, shape: tuple[int, ...] | None = None) -> int:
+    """An upper bound on how many times x[index] holds one entry of x (fx's getitem): exactly
+    _advanced_index_copies's where x's shape is known and every tensor index is a constant; else 1
+    for ints, slices, None and Ellipsis (a selection of distinct entries), a list of ints may name
+    one entry several times, and the lists of one index, broadcast together, at most the product of
+    their counts.  A tensor index that is no constant is not followed."""
     parts = index if isinstance(index, tuple) else (index,)
+    if shape is not None and Ellipsis not in parts:
+        exact = _advanced_index_copies(tuple(map(_literal_index, parts)), values or {}, shape)
+        if exact is not None:
+            return exact
     copies = 1
     for part in map(_literal_index, parts):
         if isinstance(part, (list, tuple)):
@@ -1584,8 +1642,9 @@ def _needs_sizes(node: torch.fx.Node) -> bool:
     """Whether node's rule reads sizes or types that only a forward through the graph tells."""
     if node.op not in ("call_function", "call_method"):
         return False
-    if node.target is operator.getitem:
-        return bool(_nodes_in(node.args[1:]))
+    if node.target is operator.getitem:  # (index lists: their copies are counted on the source's shape)
+        parts = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], tuple) else node.args[1:]
+        return bool(_nodes_in(node.args[1:])) or any(isinstance(p, list) for p in parts)
     if node.target in _FUNCTIONAL_LAYERS:
         return True  # a conv's norm depends on its input's size
     name = _rule_name(node)
@@ -1799,7 +1858,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
         # a selection of entries, each taken at most `copies` times: ‖Δy‖^2 <= copies ‖Δx‖^2
-        return _product(first, _sqrt_up(_index_copies(node.args[1])))
+        source = node.args[0]
+        shape = _propagated_shape(source) if isinstance(source, torch.fx.Node) else None
+        return _product(first, _sqrt_up(_index_copies(node.args[1], values, shape)))
     if target in _REPLICATING_FUNCTIONS or (node.op == "call_method" and name in _REPLICATING_METHODS):
         return _product(first, _sqrt_up(_copies(node)))
     if node.op == "call_method" and name == "unfold":

@@ -2862,3 +2862,37 @@ def test_linear_resampling_gets_its_exact_norm(fn, shape, form):
     J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
     exact = float(torch.linalg.matrix_norm(J, 2))
     assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-6), report.notes
+
+
+class _Indexes(nn.Module):
+    """x[index(self)] for stored index tensors a = [0, 1, 1, 2], b = [0, 2, -1] and a (3, 4) mask."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+        self.register_buffer("a", torch.tensor([0, 1, 1, 2]))
+        self.register_buffer("b", torch.tensor([0, 2, -1]))
+        self.register_buffer("mask", torch.tensor([[True, False, True, False], [False, False, True, True],
+                                                   [True, True, False, False]]))
+
+    def forward(self, x):
+        return x[self.index(self)]
+
+
+@pytest.mark.parametrize("form", ["python", "trace", "export", "core-aten"])
+@pytest.mark.parametrize("index, copies", [
+    (lambda m: (slice(None), slice(None), m.a[:, None], m.b[None, :]), 2),  # the pairs (1, b_j) twice each
+    (lambda m: (slice(None), slice(None), m.a[:, None], m.a[None, :]), 4),  # (1, 1) four times
+    (lambda m: (slice(None), slice(None), m.a[:3], m.b), 1),  # zipped: (0, 0), (1, 2), (1, 3): distinct
+    (lambda m: (slice(None), slice(None), m.b, m.b + 1), 1),  # -1 is the last entry: (0, 1), (2, 3), (3, 4 - 4)
+    (lambda m: (slice(None), 1, m.mask), 1),  # a mask over two dims: each set entry once
+    (lambda m: (slice(None), m.a[1:3, None], m.mask), 2),  # rows [1, 1], each with the mask's entries
+], ids=["outer", "outer-repeated", "zipped", "negative", "mask", "mask-broadcast"])
+def test_indexing_with_several_stored_index_tensors_counts_copies_exactly(index, copies, form):
+    model = _Indexes(index).double().eval()
+    example = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    report = lipfast.lipschitz_bound(_in_form(model, example, form), (2, 3, 4), progress=False)
+    J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    assert exact == pytest.approx(math.sqrt(copies), rel=1e-12)
+    assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-12), report.notes
