@@ -1586,11 +1586,11 @@ def _advanced_index_copies(parts: tuple, values: dict, shape: tuple[int, ...]) -
             return None
         value = value.detach().cpu()
         if value.dtype == torch.bool:  # a mask over as many dims as it has: the positions it sets
+            if value.dim() == 0:
+                return None
             for column in value.nonzero().unbind(1):
                 advanced.append((dim, column))
                 dim += 1
-            if value.dim() == 0:
-                return None
             continue
         advanced.append((dim, value.long()))
         dim += 1
