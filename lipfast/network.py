@@ -1811,7 +1811,9 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if target in _EINSUM_LIKE or (node.op == "call_method" and name in _EINSUM_LIKE_METHODS):
         return _einsum_bound(node, bounds, values or {})
     if target is torch.lerp or (node.op == "call_method" and name == "lerp"):
-        return _lerp_bound(node, bounds, values or {})
+        bound = _lerp_bound(node, bounds, values or {})
+        combined = _linear_combination_bound(node, bounds, values or {})  # x.lerp(2 * x, w): one value twice
+        return bound if combined is None else min(bound, combined)
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
@@ -2690,7 +2692,8 @@ def _linear_step(node: torch.fx.Node, bounds: dict, values: dict) -> list[tuple[
     ("number", c), ("tensor", C) (a stored tensor times), ("divide", C) or ("mask", M) (M a stored
     boolean tensor or its complement), broadcast to node's shape; None where node is no such step
     (then a leaf): a sum or difference (alpha too), a negation, a product or quotient by a number or
-    a stored tensor, torch.where / masked_fill on a stored mask.  Constant operands are left out."""
+    a stored tensor, torch.where / masked_fill on a stored mask, torch.lerp with a number or stored
+    weight.  Constant operands are left out."""
     if node.op not in ("call_function", "call_method") or _in_place(node):
         return None
     steps = _linear_operands(node, bounds, values)
@@ -2730,6 +2733,21 @@ def _linear_operands(node: torch.fx.Node, bounds: dict, values: dict) -> list[tu
         if value is None or (quotient and bool((value == 0).any())):
             return None
         return [(x, ("divide" if quotient else "tensor", value))]
+    if target is torch.lerp or name == "lerp":  # start + w (end - start): (1 - w) start + w end
+        arguments = {**dict(zip(("input", "end", "weight"), node.args)), **node.kwargs}
+        weight = arguments.get("weight")
+        if set(arguments) != {"input", "end", "weight"} or dependent(weight):
+            return None
+        if isinstance(weight, torch.fx.Node):
+            weight = stored(weight)
+            if weight is None:
+                return None
+            factors = (("tensor", 1 - weight), ("tensor", weight))
+        elif _number(weight) and math.isfinite(weight):
+            factors = (("number", 1 - weight), ("number", weight))
+        else:
+            return None
+        return [(a, f) for a, f in zip((arguments["input"], arguments["end"]), factors) if dependent(a)]
     if target in (torch.where, torch.masked_fill) or name in ("where", "masked_fill"):
         arguments = _selection_arguments(node)
         if len(node.args) + len(node.kwargs) != 3:

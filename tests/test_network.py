@@ -2758,9 +2758,9 @@ def test_contractions_and_interpolations_outside_the_linear_forms_get_no_finite_
     (lambda m, x: torch.lerp(x, m.v, 0.25), (6,), lambda m: 0.75),  # towards a constant: (1 - w)
     (lambda m, x: x.lerp(torch.tanh(x) * 3, 0.5), (6,), lambda m: 0.5 + 1.5),  # the sum rule: |1 - w| + |w| 3
     (lambda m, x: torch.lerp(m.v, x, m.v.abs()), (6,), lambda m: float(m.v.abs().max())),  # a stored weight
-    # x of shape (1, 6) copied to (6, 6) by a weight of shape (6, 1): every copy counts, each term apart
-    (lambda m, x: torch.lerp(x, -x, m.v[:, None]), (1, 6),
-     lambda m: float(((1 - m.v) ** 2).sum()) ** 0.5 + float((m.v**2).sum()) ** 0.5),
+    # x of shape (1, 6) copied to (6, 6) by a weight of shape (6, 1): every copy counts, and x is
+    # both ends, so its coefficients add, (1 - w) - w (each term apart: sqrt(sum (1 - w)^2) + sqrt(sum w^2))
+    (lambda m, x: torch.lerp(x, -x, m.v[:, None]), (1, 6), lambda m: float(((1 - 2 * m.v) ** 2).sum()) ** 0.5),
 ], ids=["number", "method", "tensor-weight", "broadcast-weight"])
 def test_lerp_with_a_constant_weight(fn, shape, expected, form):
     # (1 - w) start + w end: each term a scaling of its operand, bounded apart (the sum rule)
@@ -2792,10 +2792,11 @@ class _Combines(nn.Module):
     (lambda m, x: x - 0.5 * x, lambda m: 0.5),  # one value along two paths: its coefficients add
     (lambda m, x: x + 0.3 * (2 * torch.tanh(x) - x), lambda m: 0.7 + 0.6),  # (1 - t) x + t f(x)
     (lambda m, x: torch.lerp(x, 2 * torch.tanh(x), 0.3), lambda m: 0.7 + 0.6),  # (core ATen: a where on w's size)
+    (lambda m, x: x.lerp(2 * x, m.w), lambda m: float((1 + m.w).abs().max())),  # (1 - w) x + w 2x
     (lambda m, x: x * m.w + x * (1 - m.w), lambda m: 1.0),  # stored coefficients, entry by entry
     (lambda m, x: torch.where(m.mask, 2 * x, -x), lambda m: 2.0),
     (lambda m, x: (lambda v: v * m.C - v)(x[:, None]), lambda m: float(((m.C - 1) ** 2).sum()) ** 0.5),  # copies
-], ids=["difference", "interpolation", "lerp", "stored-weights", "where", "broadcast"])
+], ids=["difference", "interpolation", "lerp", "lerp-one-value", "stored-weights", "where", "broadcast"])
 def test_one_value_reached_along_several_linear_paths(fn, expected, form):
     # y = sum over values l of D_l(l), D_l an entrywise scaling summed over l's paths: the exact norm
     # here (each model's map is linear, or its bound attained at 0 where tanh' = 1)
