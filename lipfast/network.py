@@ -1475,7 +1475,7 @@ def _scaling_tensors(traced: torch.fx.GraphModule, depends: set[torch.fx.Node]) 
             # index tensors computed from constants (x[:, a[:, None], b]): _index_copies counts on them
             found.update(a for a in _nodes_in(node.args[1]) if a not in depends and a.meta.get("type") is not int)
         elif node.target is torch.lerp or (node.op == "call_method" and _rule_name(node) == "lerp"):
-            weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+            weight = (_lerp_arguments(node) or {}).get("weight")
             if isinstance(weight, torch.fx.Node) and weight not in depends:
                 found.add(weight)
     return found
@@ -1770,8 +1770,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
         if difference is not None:  # x[..., 1:] - x[..., :-1]: a finite difference, at most 2 where the sum gives 2
             source, norm = difference
             bound = min(_product(bounds[source], norm), bound)
-        combined = _linear_combination_bound(node, bounds, values or {})  # one value along several paths
-        return bound if combined is None else min(bound, combined)
+        return _with_combination(node, bounds, values or {}, bound)  # one value along several paths
     if target in (operator.mul, torch.mul, operator.truediv, torch.div) or name in _PRODUCT_NAMES:
         operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a in bounds]
         if len(operands) > 1 and all(bounds[a] > 0 for a in operands):
@@ -1811,9 +1810,8 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
     if target in _EINSUM_LIKE or (node.op == "call_method" and name in _EINSUM_LIKE_METHODS):
         return _einsum_bound(node, bounds, values or {})
     if target is torch.lerp or (node.op == "call_method" and name == "lerp"):
-        bound = _lerp_bound(node, bounds, values or {})
-        combined = _linear_combination_bound(node, bounds, values or {})  # x.lerp(2 * x, w): one value twice
-        return bound if combined is None else min(bound, combined)
+        # (x.lerp(2 * x, w): one value along both paths)
+        return _with_combination(node, bounds, values or {}, _lerp_bound(node, bounds, values or {}))
     if target in (torch.cat, torch.stack):
         source = _max_min_source(node)
         if source is not None:  # MaxMin written out: (max(a, b), min(a, b)) of disjoint pieces of one tensor
@@ -1853,9 +1851,7 @@ def _function_bound(node: torch.fx.Node, bounds: dict, values: dict | None = Non
             raise _Unsupported(f"{node.name}: the indices that {node.args[0].name} returns jump: no Lipschitz constant")
         return first
     if target in (torch.where, torch.masked_fill) or (node.op == "call_method" and name in ("where", "masked_fill")):
-        bound = _selected_bound(node, bounds, values or {})
-        combined = _linear_combination_bound(node, bounds, values or {})
-        return bound if combined is None else min(bound, combined)
+        return _with_combination(node, bounds, values or {}, _selected_bound(node, bounds, values or {}))
     if target in (torch.gather, torch.index_select) or (node.op == "call_method" and name in ("gather", "index_select")):
         return _product(first, _sqrt_up(_gathered_copies(node, name)))
     if target is operator.getitem:
@@ -2428,12 +2424,9 @@ def _product_bound(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node, boun
     if bounds[a] > 0 and bounds[b] > 0:
         raise _Unsupported(f"{node.name}: a product of two input-dependent tensors has no global Lipschitz constant")
     x, c = (a, b) if bounds[a] > 0 else (b, a)
-    value = None if _drawn(c) else values.get(c)
-    if not isinstance(value, Tensor) or value.is_complex() or value.dim() == 0:
-        raise _Unsupported(f"{node.name}: {name} by a tensor that is not a known constant (or differs between runs)")
-    weight = value.detach().double().cpu()
-    if not torch.isfinite(weight).all():
-        raise _Unsupported(f"{node.name}: {name} by a matrix with entries that are not finite")
+    weight = _constant_operand(node, c, values, name)
+    if weight.dim() == 0:
+        raise _Unsupported(f"{node.name}: {name} with a 0-dim tensor")
     if weight.dim() == 1 or (weight.dim() == 2 and min(weight.shape) == 1):
         # a vector's norm: sqrt of a sum of squares, rounded up
         squares = float((weight**2).sum())
@@ -2708,9 +2701,10 @@ def _linear_operands(node: torch.fx.Node, bounds: dict, values: dict) -> list[tu
         return isinstance(a, torch.fx.Node) and bounds.get(a, 0.0) > 0
 
     def stored(a) -> Tensor | None:
-        value = None if _drawn(a) else values.get(a)
-        return value.detach().double().cpu() if isinstance(value, Tensor) and not value.is_complex() and \
-            bool(torch.isfinite(value).all()) else None
+        try:
+            return _constant_operand(node, a, values, name)
+        except _Unsupported:
+            return None
 
     if target in (operator.add, torch.add, operator.sub, torch.sub) or name in _SUM_NAMES:
         alpha = node.kwargs.get("alpha", 1)
@@ -2734,10 +2728,10 @@ def _linear_operands(node: torch.fx.Node, bounds: dict, values: dict) -> list[tu
             return None
         return [(x, ("divide" if quotient else "tensor", value))]
     if target is torch.lerp or name == "lerp":  # start + w (end - start): (1 - w) start + w end
-        arguments = {**dict(zip(("input", "end", "weight"), node.args)), **node.kwargs}
-        weight = arguments.get("weight")
-        if set(arguments) != {"input", "end", "weight"} or dependent(weight):
+        arguments = _lerp_arguments(node)
+        if arguments is None or dependent(arguments["weight"]):
             return None
+        weight = arguments["weight"]
         if isinstance(weight, torch.fx.Node):
             weight = stored(weight)
             if weight is None:
@@ -2837,13 +2831,26 @@ def _linear_combination_bound(node: torch.fx.Node, bounds: dict, values: dict) -
     return _sum_up(terms)
 
 
+def _with_combination(node: torch.fx.Node, bounds: dict, values: dict, bound: float) -> float:
+    """bound (a node-by-node rule's), or _linear_combination_bound's where that is lower."""
+    combined = _linear_combination_bound(node, bounds, values)
+    return bound if combined is None else min(bound, combined)
+
+
+def _lerp_arguments(node: torch.fx.Node) -> dict | None:
+    """torch.lerp's (input, end, weight) by name (the method's input is its tensor), or None where
+    the call passes others."""
+    arguments = {**dict(zip(("input", "end", "weight"), node.args)), **node.kwargs}
+    return arguments if set(arguments) == {"input", "end", "weight"} else None
+
+
 def _lerp_bound(node: torch.fx.Node, bounds: dict, values: dict) -> float:
     """torch.lerp(start, end, weight) = (1 - w) start + w end, for a weight that is a number or a
     constant tensor: Lip <= ‖(1 - w) .‖ Lip(start) + ‖w .‖ Lip(end), the sum rule with each term a
     scaling (_tensor_scale: its broadcast copies counted).  A weight that depends on the input makes
     a product of input-dependent values: no constant."""
-    arguments = {**dict(zip(("input", "end", "weight"), node.args)), **node.kwargs}
-    if set(arguments) != {"input", "end", "weight"}:
+    arguments = _lerp_arguments(node)
+    if arguments is None:
         raise _Unsupported(f"{node.name}: lerp with arguments {node.args!r}, {node.kwargs!r}")
     start, end, weight = arguments["input"], arguments["end"], arguments["weight"]
     if isinstance(weight, torch.fx.Node) and bounds.get(weight, 0.0) > 0:
