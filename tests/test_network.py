@@ -2536,18 +2536,23 @@ def test_tensor_unfold_over_the_batch_dim_gets_no_bound():
     assert report.upper == math.inf and "unfold over dim 0" in report.notes[-1]
 
 
-class _Products(nn.Module):
-    """fn(self, x) with stored constants: matrices W (4, 4), M (5, 12), batches B (3, 4, 2), C (2, 4, 5)."""
+class _Stored(nn.Module):
+    """fn(self, x) with stored normal constants of the given shapes, drawn in order from one seed."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, seed: int, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]]):
         super().__init__()
         self.fn = fn
-        g = torch.Generator().manual_seed(5)
-        for name, shape in (("W", (4, 4)), ("M", (5, 12)), ("B", (3, 4, 2)), ("C", (2, 4, 5)), ("c", (5,))):
-            self.register_buffer(name, torch.randn(shape, generator=g))
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.randn(shape, generator=g, dtype=dtype))
 
     def forward(self, x):
         return self.fn(self, x)
+
+
+def _Products(fn) -> _Stored:
+    """Matrices W (4, 4), M (5, 12), batches B (3, 4, 2), C (2, 4, 5), a vector c (5,)."""
+    return _Stored(fn, 5, torch.float32, {"W": (4, 4), "M": (5, 12), "B": (3, 4, 2), "C": (2, 4, 5), "c": (5,)})
 
 
 _PRODUCT_CASES = {  # fn, the exact constant (None: the bound only has to hold)
@@ -2695,18 +2700,9 @@ def test_calls_whose_results_nothing_uses_are_dropped():
     assert any("folded" in (layer.note or "") for layer in report.layers), [layer.note for layer in report.layers]
 
 
-class _Contracts(nn.Module):
-    """y = fn(self, x) for stored float64 constants A (4, 6), B (6, 3), C (3, 5, 4), D (5, 4, 3), v (6,)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        g = torch.Generator().manual_seed(11)
-        for name, shape in (("A", (4, 6)), ("B", (6, 3)), ("C", (3, 5, 4)), ("D", (5, 4, 3)), ("v", (6,))):
-            self.register_buffer(name, torch.randn(shape, generator=g, dtype=torch.float64))
-
-    def forward(self, x):
-        return self.fn(self, x)
+def _Contracts(fn) -> _Stored:
+    """float64 constants A (4, 6), B (6, 3), C (3, 5, 4), D (5, 4, 3), v (6,)."""
+    return _Stored(fn, 11, torch.float64, {"A": (4, 6), "B": (6, 3), "C": (3, 5, 4), "D": (5, 4, 3), "v": (6,)})
 
 
 _CONTRACTIONS = {  # fn, one example's shape, whether core ATen's decomposition keeps the bound exact
@@ -2831,15 +2827,6 @@ def test_paths_through_a_value_changed_in_place_are_not_combined(fn):
     assert attained == pytest.approx(2.0) and attained <= report.upper * (1 + 1e-12), report.notes
 
 
-class _Resamples(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 @pytest.mark.parametrize("form", ["python", "trace", "export"])
 @pytest.mark.parametrize("fn, shape", [
     (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), (2, 6, 8)),
@@ -2857,7 +2844,7 @@ class _Resamples(nn.Module):
 def test_linear_resampling_gets_its_exact_norm(fn, shape, form):
     # each is a product of maps along the dims, one per channel: the norm is the product of the
     # dims' matrix norms, exactly (the row and column sums gave 2.157 for the first, 2.092 exact)
-    model = _Resamples(fn).double().eval()
+    model = _Applies(fn).double().eval()
     example = torch.randn(1, *shape, dtype=torch.float64)
     report = lipfast.lipschitz_bound(_in_form(model, example, form), shape, progress=False)
     J = torch.autograd.functional.jacobian(lambda t: model(t).reshape(-1), example).reshape(-1, example.numel())
