@@ -36,7 +36,7 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipfast import _recurrent, _util, conv, linalg, reference
+from lipfast import _chains, _recurrent, _util, conv, linalg, reference
 from lipfast.certify import certified_radius
 from lipfast.models import eval_forward
 
@@ -1218,11 +1218,17 @@ def _product(*factors: float) -> float:
 
 def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
              functional: dict[torch.fx.Node, tuple[float, dict]] | None = None,
-             values: dict[torch.fx.Node, Tensor | None] | None = None) -> float:
+             values: dict[torch.fx.Node, Tensor | None] | None = None,
+             chains: dict[torch.fx.Node, tuple[torch.fx.Node, float, str]] | None = None,
+             used: list[tuple[str, float, float]] | None = None) -> float:
     """L(node) bounds the Lipschitz constant of node's value as a function of the model's input;
     functional: the functional layers' (constant, arguments) (_functional_layer); values: the
-    values of constant tensors the rules read (_propagate; a scale or divisor tensor)."""
+    values of constant tensors the rules read (_propagate; a scale or divisor tensor); chains: per
+    node, (source, constant, label) of a chain of layers bounded as one map (_chain_refinements):
+    Lip(node) <= constant Lip(source) too, and the smaller bound is kept (each one holds); used
+    collects (label, the rules' bound, the chain's) where a labelled chain's is the smaller."""
     values = values or {}
+    chains = chains or {}
     bounds: dict[torch.fx.Node, float] = {}
     functional = functional or {}
     lp_pools, inside = {}, set()  # LPPools spelled out (_decomposed_lp_pool), and the nodes within them
@@ -1284,6 +1290,13 @@ def _compose(graph_module: torch.fx.GraphModule, constants: dict[str, float],
                 _overwrites(node, bounds, graph_module)
         elif node.op == "output":
             return _concatenated(node.args, bounds)  # a tuple of outputs: their concatenation
+        if node in chains and node in bounds:
+            source, constant, label = chains[node]
+            chained = _product(bounds[source], constant)
+            if chained < bounds[node]:
+                if label and used is not None and bounds[source] > 0:
+                    used.append((label, bounds[node] / bounds[source], constant))
+                bounds[node] = chained
     raise _Unsupported("the graph has no output")
 
 
@@ -3606,6 +3619,229 @@ def _merged_weight(first: Tensor, groups: int, second: Tensor, copies: int) -> t
     return merged, math.sqrt(copies) * float(per_tap.sum()) * (1 + 1e-9)
 
 
+#: elementwise activations by their slope interval [a, b] (the derivative's range, or the divided
+#: differences' for the piecewise-linear ones): modules, functions, methods
+_SLOPES_MODULES = {nn.ReLU: (0.0, 1.0), nn.ReLU6: (0.0, 1.0), nn.Tanh: (0.0, 1.0), nn.Softplus: (0.0, 1.0),
+                   nn.Sigmoid: (0.0, 0.25), nn.Hardtanh: (0.0, 1.0)}
+_SLOPES_FUNCTIONS = {torch.relu: (0.0, 1.0), F.relu: (0.0, 1.0), torch.relu_: (0.0, 1.0), F.relu_: (0.0, 1.0),
+                     F.relu6: (0.0, 1.0), torch.tanh: (0.0, 1.0), F.tanh: (0.0, 1.0),
+                     torch.sigmoid: (0.0, 0.25), F.sigmoid: (0.0, 0.25)}
+_SLOPES_METHODS = {"relu": (0.0, 1.0), "relu_": (0.0, 1.0), "tanh": (0.0, 1.0), "tanh_": (0.0, 1.0),
+                   "sigmoid": (0.0, 0.25), "sigmoid_": (0.0, 0.25)}
+
+
+def _slope_interval(node: torch.fx.Node, value: torch.fx.Node) -> tuple[float, float] | None:
+    """[a, b] containing every divided difference of the elementwise activation node applies to value
+    (nothing else of the input reaching it), or None where node is not such a call.  Softplus:
+    sigmoid-shaped derivative in (0, 1), linear above its threshold; Hardtanh: 0 or 1; LeakyReLU(s):
+    s or 1; ELU(alpha >= 0): alpha e^x in (0, alpha] below 0, 1 above."""
+    if node.args[:1] != (value,):
+        return None
+    if node.op == "call_module":
+        module = _stored_module(node)
+        if module is None or len(node.args) != 1 or node.kwargs or not _plain_torch_layer(module):
+            return None
+        if type(module) in _SLOPES_MODULES:
+            if isinstance(module, nn.Hardtanh) and not module.min_val < module.max_val:
+                return None
+            return _SLOPES_MODULES[type(module)]
+        if type(module) is nn.LeakyReLU:
+            s = float(module.negative_slope)
+            return (min(s, 1.0), max(s, 1.0)) if math.isfinite(s) else None
+        if type(module) is nn.ELU and module.alpha >= 0 and math.isfinite(module.alpha):
+            return 0.0, max(1.0, float(module.alpha))
+        return None
+    if node.op == "call_function" and node.target in _SLOPES_FUNCTIONS:
+        extra = dict(node.kwargs)
+        extra.pop("inplace", None)
+        return _SLOPES_FUNCTIONS[node.target] if len(node.args) == 1 and not extra else None
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        s = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        if len(node.args) > 3 or set(node.kwargs) - {"negative_slope", "inplace"} or not _number(s):
+            return None
+        return min(float(s), 1.0), max(float(s), 1.0)
+    if node.op == "call_method" and node.target in _SLOPES_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _SLOPES_METHODS[node.target]
+    return None
+
+
+def _residual_sum(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether node computes a + b (either order), nothing scaled."""
+    plain = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or \
+        (node.op == "call_method" and node.target in ("add", "add_"))
+    extra = dict(node.kwargs)
+    if extra.pop("alpha", 1) != 1 or isinstance(node.kwargs.get("alpha"), bool):
+        return False
+    return plain and not extra and len(node.args) == 2 and set(node.args) == {a, b} and a is not b
+
+
+def _running_norm(node: torch.fx.Node, value: torch.fx.Node, counts: collections.Counter) -> Tensor | None:
+    """The per-channel scale gamma / sqrt(running_var + eps) (float64) of a BatchNorm module called
+    once on value alone, on running statistics (eval mode); None for any other node."""
+    if node.op != "call_module" or node.args != (value,) or node.kwargs or counts[node.target] != 1:
+        return None
+    module = _stored_module(node)
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not _plain_torch_layer(module) or \
+            module.running_var is None:
+        return None
+    var = module.running_var.detach().double()
+    gamma = module.weight.detach().double() if module.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + module.eps)
+
+
+def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[torch.fx.Node, _Fold],
+                       constants: dict[str, float], rtol: float, calls: dict[torch.fx.Node, dict],
+                       computed: dict[torch.fx.Node, Tensor | None], uppers: dict[torch.fx.Node, float]
+                       ) -> dict[torch.fx.Node, tuple[torch.fx.Node, float, str]]:
+    """Chains of Linear or conv modules with elementwise activations between them, each value between
+    them used by the next step alone (a BatchNorm folded into its layer counts as the layer),
+    bounded as one map by _chains.chain_bounds (module calls, or functional ones: calls their
+    arguments, uppers their brackets' upper ends): per chain end (a layer after the first, or the sum of
+    the chain and its input: a residual block), (the chain's input, its constant, a label for the
+    report; only the last end is labelled).  Their inequalities are in lipfast/_chains.py."""
+    counts = _module_calls(traced)
+    shapes = {name: (in_shape, out_shape) for name, _, in_shape, out_shape in leaves}
+
+    def layer(node: torch.fx.Node):  # (weight, settings, in shape, out shape, upper) of a Linear or conv layer
+        if node.op == "call_module":
+            if node.target not in shapes or counts[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+                return None
+            module = traced.get_submodule(node.target)
+            if type(module) not in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) or not _plain_torch_layer(module):
+                return None
+            settings = None if isinstance(module, nn.Linear) else dict(
+                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
+                padding_mode=module.padding_mode)
+            return (module.weight.detach(), settings, *shapes[node.target], constants.get(node.target, math.inf))
+        if node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear) and node in uppers:
+            arguments = calls[node]
+            merged = node.args[0]  # or a copying pad merged into the conv's arguments (_with_copying_pad)
+            if arguments.get("input") is not merged and not (
+                    len(merged.users) == 1 and merged.args and merged.args[0] is arguments.get("input")):
+                return None
+            weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
+            settings = None if node.target is F.linear else {
+                key: arguments.get(key, default) for key, default in
+                (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1), ("padding_mode", "zeros"))}
+            return (weight.detach(), settings, _example_shape(arguments["input"]), _example_shape(node), uppers[node])
+        return None
+
+    def input_of(node: torch.fx.Node) -> torch.fx.Node:  # a layer's input (before a merged pad)
+        return calls[node]["input"] if node.op != "call_module" else node.args[0]
+
+    def running_norm(node: torch.fx.Node, value: torch.fx.Node) -> Tensor | None:
+        if node.op == "call_module":
+            return _running_norm(node, value, counts)
+        if node in calls and node.target is F.batch_norm and calls[node].get("input") is value:
+            arguments = calls[node]
+            eps = arguments.get("eps", 1e-5)
+            if arguments.get("training", False) is not False or not _number(eps):
+                return None
+            var = _tensor_value(traced, node, arguments["running_var"], computed, "running_var").detach().double()
+            gamma = arguments.get("weight")
+            gamma = _tensor_value(traced, node, gamma, computed, "weight").detach().double() if gamma is not None \
+                else torch.ones_like(var)
+            return gamma / torch.sqrt(var + eps) if var.dim() == 1 and gamma.shape == var.shape else None
+        return None
+
+    def piece(node: torch.fx.Node):  # (Piece, the node of its value (after a folded BatchNorm), in shape, out shape)
+        if not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        try:
+            found = layer(node)
+        except _Unsupported:
+            return None
+        if found is None:
+            return None
+        weight, settings, in_shape, out_shape, upper = found
+        margin, value = 0.0, node
+        fold = folds.get(node)
+        if fold is not None:
+            if fold.before or fold.also or fold.merged or fold.groups is not None or fold.norm.args[:1] != (node,):
+                return None
+            weight, margin, value = fold.weight, fold.margin, fold.norm
+        else:
+            try:
+                norm = running_norm(next(iter(node.users)), node) if len(node.users) == 1 else None
+            except _Unsupported:
+                return None
+            if norm is not None:
+                # a BatchNorm that _folds left alone (its scale is the same on every channel): folded here
+                if norm.numel() != weight.shape[0] or (settings is None and len(out_shape) != 1):
+                    return None
+                dims, padding = weight.dim() - 2, settings["padding"] if settings is not None else 0
+                copies = 1 if settings is None else _padding_copies(
+                    settings["padding_mode"], padding if isinstance(padding, str) else _as_tuple(padding, dims),
+                    _as_tuple(settings["dilation"], dims), tuple(weight.shape[2:]), in_shape[1:])
+                folded = _folded_weight(weight, norm.reshape(-1, *[1] * (weight.dim() - 1)), copies)
+                if folded is None:
+                    return None
+                (weight, margin), value = folded, next(iter(node.users))
+        if weight.dtype not in (torch.float32, torch.float64) or not math.isfinite(upper):
+            return None
+        op = None
+        if settings is not None:
+            try:
+                op = conv.conv_operator("lipschitz_bound", weight, in_shape[1:], settings["stride"], settings["padding"],
+                                        settings["dilation"], settings["groups"], settings["padding_mode"])
+            except (TypeError, ValueError):
+                return None
+        return _chains.Piece(weight, op, margin, upper), value, in_shape, out_shape
+
+    def onward(value: torch.fx.Node):  # (value past the identities that alone use it, its one user or None)
+        while len(value.users) == 1:
+            user = next(iter(value.users))
+            module = _stored_module(user) if user.op == "call_module" else None
+            if not (isinstance(module, _IDENTITIES) and user.args == (value,) and not user.kwargs and
+                    _plain_torch_layer(module)):
+                return value, user
+            value = user
+        return value, None
+
+    refined: dict[torch.fx.Node, tuple[torch.fx.Node, float, str]] = {}
+    inside: set[torch.fx.Node] = set()
+    for node in traced.graph.nodes:
+        if node in inside or (first := piece(node)) is None:
+            continue
+        source = input_of(node)
+        if _changed_in_place(source):
+            continue
+        steps, slopes = [first], []
+        while True:
+            value, act = onward(steps[-1][1])
+            interval = _slope_interval(act, value) if act is not None else None
+            if interval is None:
+                break
+            value, following = onward(act)
+            found = piece(following) if following is not None else None
+            if found is None and following is not None and len(following.users) == 1 and \
+                    calls.get(pad_user := next(iter(following.users)), {}).get("input") is value:
+                following, found = pad_user, piece(pad_user)  # (a copying pad, merged into the conv after it)
+            if found is None or input_of(following) is not value:
+                break
+            steps.append(found)
+            slopes.append(interval)
+            inside.add(following)
+        end, add = onward(steps[-1][1])
+        if add is None or not _residual_sum(add, end, source) or steps[0][2] != steps[-1][3]:
+            add = None
+        if len(steps) < 2 and add is None:
+            continue
+        try:
+            found = _chains.chain_bounds([s[0] for s in steps], slopes, add is not None, rtol)
+        except Exception:  # (a chain the bound does not fit after all: the rules' bound stands)
+            found = None
+        if found is None:
+            continue
+        G, R = found
+        label = f"{_node_label(node)} .. {_node_label(end)}" + (" + its input" if add is not None else "")
+        for j in range(1, len(steps)):
+            refined[steps[j][1]] = (source, G[j], "" if add is not None or j < len(steps) - 1 else label)
+        if add is not None:
+            refined[add] = (source, R, label)
+    return refined
+
+
 def _norm_scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor | None:
     """A BatchNorm's per-channel scale gamma / sqrt(running_var + eps) in float64; None where every
     |s| is equal, where folding could narrow nothing (‖diag(s) W‖ >= min |s| ‖W‖)."""
@@ -4162,7 +4398,13 @@ def lipschitz_bound(model: nn.Module, input_shape, *, rtol: float = 1e-3, progre
                     uncounted.add(id(layer))
                 layers.append(layer)
                 functional[node] = (1.0 if node in folded_norms else layer.upper, arguments)
-            upper = _compose(traced, constants, functional, computed)
+            chains = _chain_refinements(traced, leaves, folds, constants, rtol, calls, computed,
+                                        {node: functional[node][0] for node in functional})
+            used: list[tuple[str, float, float]] = []
+            upper = _compose(traced, constants, functional, computed, chains, used)
+            for label, before, after in used:
+                notes.append(f"{label}: bounded as one map (lipfast/_chains.py), {after:.6g} where the rules "
+                             f"compose {before:.6g}")
         except _Unsupported as exc:  # an operation with no global constant: no finite bound
             upper = math.inf
             notes.append(f"no finite bound: {exc}")

@@ -22,16 +22,50 @@ def _linear(W: torch.Tensor) -> nn.Linear:
     return layer
 
 
+def _orthogonal_with_first(u: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random orthogonal matrix whose first column is the unit vector u."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.cat([u[:, None], torch.randn(len(u), len(u) - 1, generator=g, dtype=torch.float64)], 1))
+    return Q * torch.sign(Q[:, :1].T @ u)  # (the first column's sign: u itself)
+
+
 def test_chain_with_known_norms():
+    """Top singular vectors chained through positive vectors (biases zero): along x = t v_1, t > 0
+    small, every ReLU passes and tanh has slope -> 1, so the network's constant is the product of
+    the layers' norms, and the bound must reach it."""
+    norms = [2.0, 0.5, 3.0]
+    widths = [5, 6, 7, 4]
+    g = torch.Generator().manual_seed(0)
+    bases = [_orthogonal_with_first(torch.rand(n, generator=g, dtype=torch.float64) + 0.1, seed=n) for n in widths]
+    layers = []
+    for i, s in enumerate(norms):
+        V, U = bases[i], bases[i + 1]
+        k = min(U.shape[0], V.shape[0])
+        sigma = torch.tensor([s, s / 2, s / 3, 0.1, 0.05, 0.01][:k], dtype=torch.float64)
+        layers.append(_linear((U[:, :k] * sigma) @ V[:, :k].T))
+        with torch.no_grad():
+            layers[-1].bias.zero_()
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.Tanh(), layers[2])
+    report = lipfast.lipschitz_bound(model, (5,), rtol=1e-4, progress=False)
+    exact = math.prod(norms)
+    x = 1e-6 * bases[0][:, 0]
+    attained = float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(model, x), 2))
+    assert attained == pytest.approx(exact, rel=1e-9)
+    assert report.method == "fx" and exact <= report.upper <= exact * (1 + 1e-4) ** 3
+    assert [layer.name for layer in report.layers] == ["0", "1", "2", "3", "4"]
+    assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
+
+
+def test_chain_with_unaligned_layers_is_bounded_below_the_product():
+    """Random singular vectors: the chain bounded as one map (lipfast/_chains.py) is below the product
+    of the layers' norms, and never below a Jacobian norm."""
     norms = [2.0, 0.5, 3.0]
     Ws = [with_singular_values(m, n, torch.tensor([s, s / 2, s / 3, 0.1, 0.05, 0.01]), seed=i)
           for i, ((m, n), s) in enumerate(zip([(6, 5), (7, 6), (4, 7)], norms))]
     model = nn.Sequential(_linear(Ws[0]), nn.ReLU(), _linear(Ws[1]), nn.Tanh(), _linear(Ws[2]))
     report = lipfast.lipschitz_bound(model, (5,), rtol=1e-4, progress=False)
-    exact = math.prod(norms)
-    assert report.method == "fx" and exact <= report.upper <= exact * (1 + 1e-4) ** 3
-    assert [layer.name for layer in report.layers] == ["0", "1", "2", "3", "4"]
-    assert "network bound" in str(report) and report.to_dict()["upper"] == report.upper
+    assert _max_jacobian_norm(model, (5,)) <= report.upper < 0.9 * math.prod(norms)
+    assert any("bounded as one map" in note for note in report.notes)
 
 
 @pytest.mark.parametrize("cholesky", [True, "lapack", False], ids=["dense_brackets", "lapack", "gram_iteration"])
@@ -2884,3 +2918,117 @@ def test_indexing_with_several_stored_index_tensors_counts_copies_exactly(index,
     exact = float(torch.linalg.matrix_norm(J, 2))
     assert exact == pytest.approx(math.sqrt(copies), rel=1e-12)
     assert exact * (1 - 1e-12) <= report.upper <= exact * (1 + 1e-12), report.notes
+
+
+# --- chains of layers bounded as one map (lipfast/_chains.py) ------------------------------------
+
+
+def _explicit_linear_map(fn, shape: tuple[int, ...]) -> torch.Tensor:
+    """The matrix of the affine map fn's linear part on inputs of shape (float64)."""
+    n = math.prod(shape)
+    with torch.no_grad():
+        return (fn(torch.eye(n, dtype=torch.float64).reshape(n, *shape)) -
+                fn(torch.zeros(1, *shape, dtype=torch.float64))).reshape(n, -1).T
+
+
+class _Block(nn.Module):
+    """x -> c2(act(bn(c1(x)))), plus x where residual: a ResNet basic block, or two layers in a chain."""
+
+    def __init__(self, c: int, k: int, mode: str, act: nn.Module, residual: bool, dilation: int = 1) -> None:
+        super().__init__()
+        pad = dilation * (k - 1) // 2
+        self.c1 = nn.Conv2d(c, c, k, padding=pad, padding_mode=mode, dilation=dilation).double()
+        self.bn = nn.BatchNorm2d(c).double()
+        self.c2 = nn.Conv2d(c, c, k, padding=pad, padding_mode=mode, dilation=dilation).double()
+        self.act, self.residual = act, residual
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(-2, 2)
+        self.eval()
+
+    def forward(self, x):
+        y = self.c2(self.act(self.bn(self.c1(x))))
+        return x + y if self.residual else y
+
+
+def _largest_over_slopes(A1: torch.Tensor, A2: torch.Tensor, a: float, b: float, residual: bool, seed: int) -> float:
+    """max over sampled diagonal D (entries a or b, or uniform in [a, b]) of ‖A2 D A1 (+ I)‖: every
+    change of the block between two inputs is such a map, so the bound must be above all of them."""
+    g = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for t in range(200):
+        r = torch.rand(A1.shape[0], generator=g, dtype=torch.float64)
+        d = torch.where(r < 0.5, a, b).double() if t < 100 else a + (b - a) * r
+        J = A2 @ (d[:, None] * A1)
+        if residual:
+            J = J + torch.eye(J.shape[0], dtype=torch.float64)
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    return best
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+@pytest.mark.parametrize("act,a,b", [(nn.ReLU(), 0.0, 1.0), (nn.LeakyReLU(0.3), 0.3, 1.0), (nn.Tanh(), 0.0, 1.0),
+                                     (nn.Sigmoid(), 0.0, 0.25)], ids=["relu", "leaky", "tanh", "sigmoid"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "chain"])
+def test_conv_chains_bounded_as_one_map_are_sound(mode, act, a, b, residual):
+    torch.manual_seed(3)
+    block = _Block(3, 3, mode, act, residual, dilation=2 if mode == "zeros" else 1)
+    shape = (3, 6, 6)
+    report = lipfast.lipschitz_bound(block, shape, progress=False)
+    A1 = _explicit_linear_map(lambda x: block.bn(block.c1(x)), shape)
+    A2 = _explicit_linear_map(block.c2, shape)
+    assert _largest_over_slopes(A1, A2, a, b, residual, seed=0) <= report.upper
+    assert report.upper >= _max_jacobian_norm(block, shape)
+
+
+@pytest.mark.parametrize("mode", ["circular", "linear"])
+def test_residual_block_with_identity_activation_is_exact(mode):
+    """LeakyReLU(1) is the identity: the block is the linear map I + A2 A1, whose norm the chain
+    bound must reach (the rules' 1 + ‖A2‖ ‖A1‖ is far above it)."""
+    torch.manual_seed(1)
+    if mode == "circular":
+        block, shape = _Block(4, 3, "circular", nn.LeakyReLU(1.0), True), (4, 5, 5)
+    else:
+        class Dense(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1, self.l2, self.act = nn.Linear(8, 12).double(), nn.Linear(12, 8).double(), nn.LeakyReLU(1.0)
+
+            def forward(self, x):
+                return x + self.l2(self.act(self.l1(x)))
+        block, shape = Dense().eval(), (8,)
+    report = lipfast.lipschitz_bound(block, shape, rtol=1e-4, progress=False)
+    exact = float(torch.linalg.matrix_norm(_explicit_linear_map(block, shape), 2))
+    assert exact <= report.upper <= exact * (1 + 1e-3)
+    assert any("+ its input: bounded as one map" in note for note in report.notes)
+
+
+def test_chain_source_changed_in_place_is_not_bounded_as_one_map():
+    """x + f(x) where x is scaled in place after f read it: the sum is 3 x + f(x), not x + f(x)."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(6, 6).double(), nn.Linear(6, 6).double()
+
+        def forward(self, x):
+            h = x * 1.0
+            y = self.l2(torch.relu(self.l1(h)))
+            h.mul_(3)
+            return y + h
+
+    torch.manual_seed(0)
+    model = Scaled().eval().requires_grad_(False)
+    report = lipfast.lipschitz_bound(model, (6,), progress=False)
+    assert not any("bounded as one map" in note for note in report.notes)
+    assert report.upper >= _max_jacobian_norm(model, (6,))
+
+
+def test_resnet18_blocks_bounded_as_one_map():
+    """The built-in ResNet-18: each of its five blocks with an identity skip is bounded as one map,
+    which brings the network's bound from 654.5 (the rules alone) below 300."""
+    from lipfast.models import resnet18_cifar
+
+    report = lipfast.lipschitz_bound(resnet18_cifar(), (3, 32, 32), progress=False)
+    chained = [note for note in report.notes if "bounded as one map" in note]
+    assert len(chained) == 5 and all("+ its input" in note for note in chained)
+    assert 200 < report.upper < 300

@@ -1,0 +1,353 @@
+"""Chains of linear layers and elementwise activations bounded as one map (lipschitz_bound).
+
+A chain is x -> A_m s_(m-1)(... s_1(A_1 x + b_1) ...) + b_m, optionally plus x itself (a residual
+block), with A_i linear layers (a Linear's matrix, or a conv's operator; a BatchNorm folded in) and
+s_i elementwise activations whose slopes lie in [a_i, b_i] (ReLU: [0, 1]).  The rule of
+composition bounds it by the product of the constants, 1 + prod_i ‖A_i‖ max(|a_i|, |b_i|) for the
+residual block; this module bounds the map as a whole, which is often much tighter.
+
+Why it holds.  For two inputs x, y, each activation's change is s_i(u) - s_i(v) = D_i (u - v), D_i
+diagonal with entries the divided differences (s(u_k) - s(v_k)) / (u_k - v_k), each in [a_i, b_i]
+(the mean value theorem; the same for piecewise-linear s).  So f(x) - f(y) = J (x - y) with
+
+    J = rho I + A_m D_(m-1) A_(m-1) ... D_1 A_1,    rho = 1 for a residual block, else 0.
+
+Write D_i = c_i I + r_i S_i with c_i = (a_i + b_i) / 2, r_i >= (b_i - a_i) / 2, so ‖S_i‖ <= 1, and
+expand the product over the subsets T of activations that take r_i S_i (Combettes and Pesquet,
+2020): each term is a product of segments A_j ... A_(i+1) (the layers between two cuts, the c's of
+the activations inside them factored out) separated by S's, so
+
+    ‖J‖ <= ‖rho I + (c_1 ... c_(m-1)) A_m ... A_1‖
+           + sum over T != {} of prod_(i in T) r_i prod_(i not in T) |c_i| prod_segments N(segment),
+
+N(i..j) >= ‖A_j ... A_i‖.  The sum is computed over the last cut (G below).  N of one layer is its
+norm; of two adjacent layers, the norm of their product where it can be certified cheaply (a dense
+product; a conv pair per frequency), else the product of their norms; longer segments split.
+
+Convolutions are handled in the Fourier domain: stride-1 convs that keep the input size, one
+groups, on one grid of N points per dim.  With circular padding and taps that make each one a
+circulant, every A_i is block-circulant on that grid, and A_j A_i and rho I + C A_m ... A_1 are too,
+one (out x in) complex matrix per frequency.  With zero padding, each A_i = P M_i E: E places the
+input in a box of n points of a grid of N >= n + max(pad) points, M_i is the block-circulant conv on
+that grid, P reads the box back; no tap of an output in the box reaches across the wrap.  Then
+A_(i+1) D_i A_i = P M_(i+1) D'_i M_i E with D'_i = D_i on the box and 0 outside it (which the box's
+zero padding is), and J = P (rho I + M_m D'_(m-1) ... D'_1 M_1) E: the same expansion holds for the
+M's, with 0 added to each activation's slope interval, and ‖P X E‖ <= ‖X‖.  So every N is the norm
+of a block-circulant operator, certified as the circulant bounds are (conv._CirculantBound).
+
+The computed matrices differ from the exact ones by rounding, bounded and added: the symbols
+(conv._symbol_error), each product (|fl(XY) - XY| <= gamma |X||Y| entrywise), the shift by rho I,
+and each layer's BatchNorm fold (its margin, ‖A_exact - A_stored‖)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lipfast import conv, linalg
+
+_UNIT = 2.0**-53
+#: The sums and products below are of a few dozen terms in float64, each within 2^-52 relative:
+#: one factor this large covers all their rounding (upward).
+_SLACK = 1 + 1e-12
+#: Skip a conv chain whose per-frequency work would take more than this many flops, or whose
+#: per-frequency matrices more than this many bytes (one stack).
+_MAX_FLOPS = 2e11
+_MAX_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One linear layer of a chain: ``weight`` its stored (folded) weight, a matrix (out, in) for a
+    Linear, or a conv weight with ``op`` its operator; ``margin`` >= ‖exact map - stored map‖ (a
+    BatchNorm fold's rounding); ``upper`` a certified bound on the exact map's norm."""
+
+    weight: Tensor
+    op: conv.ConvOperator | None
+    margin: float
+    upper: float
+
+
+def slope_split(a: float, b: float) -> tuple[float, float]:
+    """(c, r) with [c - r, c + r] containing [a, b]: the centre and a radius rounded up."""
+    c = (a + b) / 2
+    r = max(b - c, c - a, 0.0)
+    return c, math.nextafter(r, math.inf) * _SLACK
+
+
+def _gamma(k: float) -> float:
+    return k * _UNIT / (1 - k * _UNIT)
+
+
+def _up(x: float) -> float:
+    return x * _SLACK
+
+
+class _Dense:
+    """The pieces as float64 matrices (Linear layers; a matrix acting on the last dim of its input,
+    the same on every leading index, has the norm of the matrix)."""
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        self.pieces = pieces
+        self.W = [p.weight.detach().double() for p in pieces]  # exact copies of the stored entries
+
+    def single(self, i: int) -> float:
+        return self.pieces[i].upper
+
+    def _product(self, i: int, j: int) -> tuple[Tensor, float]:
+        """(fl(W_j ... W_i), a bound on ‖it - W_j ... W_i‖) for the stored matrices: with P the
+        exact product so far and E its error, fl(W P~) - W P = W E + (fl(W P~) - W P~), whose norm is
+        at most ‖W‖_F ‖E‖ + gamma(inner) ‖W‖_F ‖P~‖_F."""
+        P, error = self.W[i], 0.0
+        for k in range(i + 1, j + 1):
+            W = self.W[k]
+            fro = float(torch.linalg.matrix_norm(W)) * _SLACK
+            product = W @ P
+            error = fro * error + _gamma(W.shape[1] + 2) * fro * float(torch.linalg.matrix_norm(P)) * _SLACK
+            P = product
+        return P, error
+
+    def _margins(self, i: int, j: int, scale: float) -> float:
+        """The norm of (exact - stored) for the product of pieces i..j times scale: prod (U + m) - prod U
+        with U >= ‖stored‖ (the exact norm's bound plus the margin)."""
+        with_margin, without = 1.0, 1.0
+        for p in self.pieces[i : j + 1]:
+            U = p.upper + p.margin
+            with_margin *= U + p.margin
+            without *= U
+        return abs(scale) * max(with_margin - without, 0.0) * _SLACK if any(p.margin for p in self.pieces[i:j + 1]) else 0.0
+
+    def product(self, i: int, j: int, rtol: float) -> float | None:
+        P, error = self._product(i, j)
+        upper = float(linalg.spectral_norm_bounds(P, rtol=rtol)[1])
+        return _up(upper + error + self._margins(i, j, 1.0))
+
+    def shifted(self, C: float, rtol: float) -> float | None:
+        """A bound on ‖I + C A_m ... A_1‖ (the product square)."""
+        P, error = self._product(0, len(self.W) - 1)
+        if P.shape[0] != P.shape[1]:
+            return None
+        M = P * C
+        M.diagonal().add_(1.0)
+        # each entry of fl(I + fl(C p)) is within 2u of the exact one's |.| (two roundings), so the
+        # matrix within 2u (sqrt(n) + |C| ‖P~‖_F) in norm
+        shift = 2.1 * _UNIT * (math.sqrt(P.shape[0]) + abs(C) * float(torch.linalg.matrix_norm(P)))
+        upper = float(linalg.spectral_norm_bounds(M, rtol=rtol)[1])
+        return _up(upper + abs(C) * error + shift + self._margins(0, len(self.W) - 1, C))
+
+
+def conv_grid(pieces: Sequence[Piece]) -> tuple[list[conv._DimGrid], ...] | None:
+    """Per piece, the grid (one conv._DimGrid per dim) on which the chain's convs are block-circulant
+    operators (see the module docstring), or None where the chain does not fit one: each conv
+    stride 1, one group, output size = input size, all on the same size; circular padding that
+    makes a circulant, zero padding, or a one-tap kernel without padding.  Returns (grids, boxed):
+    boxed where some conv is zero-padded (then the activations' intervals must contain 0)."""
+    ops = [p.op for p in pieces]
+    if any(op is None for op in ops):
+        return None
+    size = ops[0].input_size
+    for op in ops:
+        if op.input_size != size or op.output_size != size or op.groups != 1 or any(s != 1 for s in op.stride):
+            return None
+    boxed, circular = False, False
+    for op in ops:
+        for k, lo, hi, d in zip(op.kernel, op.pad_lo, op.pad_hi, op.dilation):
+            if k == 1 and lo == hi == 0:
+                continue  # the same operator on any grid, with either padding
+            if op.padding_mode == "circular" and lo + hi == d * (k - 1):
+                circular = True
+            elif op.padding_mode == "zeros":
+                boxed = True
+            else:
+                return None
+    if boxed and circular:
+        return None
+    sizes = list(size)
+    if boxed:
+        sizes = [n + max(max(op.pad_lo[d], op.pad_hi[d]) for op in ops) for d, n in enumerate(size)]
+    grids = [[conv._DimGrid(N, 1, tuple(dl * j - lo for j in range(k)), 0)
+              for N, k, lo, dl in zip(sizes, op.kernel, op.pad_lo, op.dilation)] for op in ops]
+    return grids, boxed
+
+
+class _Spectral:
+    """The pieces as block-circulant operators on one grid: per kept frequency (one of each
+    conjugate pair, whose matrices are complex conjugates) a complex matrix (out, in) per piece."""
+
+    def __init__(self, pieces: Sequence[Piece], grids: list[list[conv._DimGrid]], rtol: float, boxed: bool) -> None:
+        self.pieces, self.rtol, self.boxed = pieces, rtol, boxed
+        self.K: list[Tensor] = []
+        self.errors: list[float] = []  # ‖K~ - K‖ for every frequency, in the scaled units
+        self.scales: list[int] = []  # weight scaled by 2^e
+        self.fro: list[Tensor] = []  # per frequency, ‖K~_f‖_F
+        for piece, grid in zip(pieces, grids):
+            w = piece.weight.detach().double()
+            peak = float(w.abs().max())
+            e = 0 if peak == 0 else -math.frexp(peak)[1]
+            w = torch.ldexp(w, torch.tensor(e))  # exact: a power of two
+            sym = conv._symbol_stack(w, 1, grid)
+            p = sym.p
+            K = torch.complex(sym.S[:, :p], sym.S[:, p:])
+            if sym.transposed:
+                K = K.mT
+            self.K.append(K)
+            self.fro.append(torch.linalg.matrix_norm(K) * _SLACK)
+            dims = len(grid)
+            self.errors.append(conv._symbol_error(conv._tap_abs_norm(w), dims, math.prod(w.shape[2:])))
+            self.scales.append(e)
+
+    @staticmethod
+    def cost(pieces: Sequence[Piece], grids: list[list[conv._DimGrid]]) -> tuple[float, float]:
+        """(flops, bytes of one per-frequency stack), roughly, of the singles, the adjacent products
+        and the shifted product."""
+        F = math.prod(g.frequencies for g in grids[0]) / 2 + 1
+        shapes = [(p.weight.shape[0], p.weight.shape[1]) for p in pieces]
+        flops = 0.0
+        for o, i in shapes:
+            flops += 8 * o * i * min(o, i) + 2 * min(o, i) ** 3
+        for (o2, _), (o1, i1) in zip(shapes[1:], shapes):
+            flops += 8 * o2 * o1 * i1 + 10 * min(o2, i1) ** 3
+        flops += 8 * sum(o * i * shapes[0][1] for o, i in shapes[1:]) + 10 * shapes[0][1] ** 3
+        big = max(max(o, i) for o, i in shapes)
+        return F * flops, F * big * big * 16
+
+    def _certify(self, K: Tensor) -> float:
+        """Certified max over the frequencies of sigma_max(K_f), K (F, p, q) complex128 as stored."""
+        if K.shape[-2] < K.shape[-1]:
+            K = K.mT
+        p = K.shape[-2]
+        S = torch.cat([K.real, K.imag], -2).contiguous()
+        fro2 = conv._frobenius_squared_upper(S)
+        Hr, Hi = conv._negated_gram(S, p)
+        q, inner = Hr.shape[-1], 2 * p
+        rounding = 8 * conv._gamma(2 * inner + 4) * fro2 + q * inner * 2.0**-1000  # as conv._direct_grams
+        grams = conv._Grams(Hr, Hi, fro2, rounding, False, torch.arange(K.shape[0]))
+        return conv._CirculantBound(grams, self.rtol, 1000, torch.float64).certify()
+
+    def single(self, i: int) -> float:
+        """‖M_i‖ on the grid (for a circulant conv, its norm; for a boxed one, at least its norm)."""
+        if not self.boxed:  # M_i is the layer itself (a unitary change of basis): its bracket's upper end
+            return self.pieces[i].upper
+        bound = self._certify(self.K[i]) + self.errors[i]
+        return _up(math.ldexp(bound, -self.scales[i]) + self.pieces[i].margin)
+
+    def _product(self, i: int, j: int) -> tuple[Tensor, float, float]:
+        """(fl(K_j ... K_i) per frequency in scaled units, a bound on its error there, the bound U on
+        ‖K~_k‖ products used): with X = K~ + E (‖E‖ <= e) and P = P~ + F the product so far,
+        X P - fl(K~ P~) = K~ F + E P~ + E F + (K~ P~ - fl(K~ P~)); the last within 2 gamma(2 inner + 2)
+        ‖K~‖_F ‖P~‖_F for a complex product of real ones."""
+        P, error = self.K[i], self.errors[i]
+        P_norm = float(self.fro[i].max())
+        for k in range(i + 1, j + 1):
+            K, e = self.K[k], self.errors[k]
+            K_norm = float(self.fro[k].max())
+            product = K @ P
+            new_norm = float((torch.linalg.matrix_norm(product) * _SLACK).max())
+            rounding = 2 * _gamma(2 * K.shape[-1] + 2) * K_norm * P_norm
+            error = _up(K_norm * error + e * P_norm + e * error + rounding)
+            P, P_norm = product, new_norm
+        return P, error, P_norm
+
+    def _margins(self, i: int, j: int, scale: float) -> float:
+        return _Dense._margins(self, i, j, scale)  # (the same for any representation of the maps)
+
+    def product(self, i: int, j: int, rtol: float) -> float | None:
+        P, error, _ = self._product(i, j)
+        shift = -sum(self.scales[i : j + 1])
+        bound = math.ldexp(self._certify(P) + error, shift)
+        return _up(bound + self._margins(i, j, 1.0))
+
+    def shifted(self, C: float, rtol: float) -> float | None:
+        P, error, P_norm = self._product(0, len(self.K) - 1)
+        if P.shape[-1] != P.shape[-2]:
+            return None
+        shift = -sum(self.scales)
+        M = torch.ldexp(P, torch.tensor(shift)) * C  # (complex ldexp: both parts, exact)
+        M.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        # as _Dense.shifted: two roundings of each entry
+        form = 2.1 * _UNIT * (math.sqrt(P.shape[-1]) + abs(C) * math.ldexp(P_norm, shift)) * 2
+        bound = self._certify(M) + abs(C) * math.ldexp(error, shift) + form
+        return _up(bound + self._margins(0, len(self.K) - 1, C))
+
+
+def segment_norms(m: int, single: Callable[[int], float], pair: Callable[[int], float | None]) -> list[list[float]]:
+    """N[i][j] >= ‖A_j ... A_i‖: singles, adjacent pairs (pair(i): A_(i+1) A_i, or None), and longer
+    segments as the best split, ‖XY‖ <= ‖X‖ ‖Y‖."""
+    N = [[math.inf] * m for _ in range(m)]
+    for i in range(m):
+        N[i][i] = single(i)
+    for i in range(m - 1):
+        split = _up(N[i][i] * N[i + 1][i + 1])
+        certified = pair(i)
+        N[i][i + 1] = split if certified is None else min(split, certified)
+    for length in range(3, m + 1):
+        for i in range(m - length + 1):
+            j = i + length - 1
+            N[i][j] = min(_up(N[i][k] * N[k + 1][j]) for k in range(i, j))
+    return N
+
+
+def expansion(N: list[list[float]], slopes: Sequence[tuple[float, float]], shifted: float | None,
+              residual: bool) -> tuple[list[float], float | None]:
+    """(G, R): G[j] bounds ‖A_j D_(j-1) ... D_1 A_1‖ (every prefix of the chain), R bounds ‖I + A_m
+    D ... A_1‖ (residual; shifted >= ‖I + C A_m ... A_1‖ with C = prod c_i, or None for 1 + |C| N).
+
+    G[j] = |c_1 ... c_(j-1)| N(1..j) + sum_(t < j) G[t] r_t |c_(t+1) ... c_(j-1)| N(t+1..j): the
+    expansion's terms grouped by their last cut t (the module docstring)."""
+    m = len(N)
+    c = [abs(s[0]) for s in slopes]
+    r = [s[1] for s in slopes]
+
+    def cs(lo: int, hi: int) -> float:  # |c_lo ... c_(hi-1)| (activations lo..hi-1; 1 for none)
+        return math.prod(c[lo:hi])
+
+    G: list[float] = []
+    for j in range(m):
+        terms = [cs(0, j) * N[0][j]] + [G[t] * r[t] * cs(t + 1, j) * N[t + 1][j] for t in range(j)]
+        G.append(_up(math.fsum(terms)))
+    R = None
+    if residual:
+        head = shifted if shifted is not None else 1 + cs(0, m - 1) * N[0][m - 1]
+        tail = [G[t] * r[t] * cs(t + 1, m - 1) * N[t + 1][m - 1] for t in range(m - 1)]
+        R = _up(math.fsum([head, *tail]))
+    return G, R
+
+
+def chain_bounds(pieces: Sequence[Piece], slopes: Sequence[tuple[float, float]], residual: bool,
+                 rtol: float) -> tuple[list[float], float | None] | None:
+    """(G, R) of expansion() for the chain, or None where its pieces do not fit (mixed Linear and
+    conv layers, convs that do not share a grid, or too much work).  slopes: per activation its
+    slope interval [a, b]."""
+    rtol = min(rtol, 1e-3)
+    if all(p.op is None for p in pieces):
+        if any(p.weight.dim() != 2 for p in pieces):
+            return None
+        space = _Dense(pieces)
+    else:
+        found = conv_grid(pieces)
+        if found is None:
+            return None
+        grids, boxed = found
+        flops, bytes_ = _Spectral.cost(pieces, grids)
+        if flops > _MAX_FLOPS or bytes_ > _MAX_BYTES:
+            return None
+        if boxed:  # outside the box the activations' values are 0 (see the module docstring)
+            slopes = [(min(a, 0.0), max(b, 0.0)) for a, b in slopes]
+        space = _Spectral(pieces, grids, rtol, boxed)
+    split = [slope_split(a, b) for a, b in slopes]
+    m = len(pieces)
+    # a residual block of two layers reads no pair's norm but through the prefix bound, which the
+    # block's own bound makes moot: its product is not certified (the split bounds it)
+    pairs = residual and m == 2
+    N = segment_norms(m, space.single, lambda i: None if pairs else space.product(i, i + 1, rtol))
+    shifted = None
+    if residual:
+        C = math.prod(c for c, _ in split)
+        shifted = space.shifted(C, rtol)
+        if shifted is not None:
+            # C was rounded: the exact product of the c's is within gamma(m) |C|, times ‖A_m ... A_1‖
+            shifted = _up(shifted + _gamma(m + 1) * abs(C) * N[0][m - 1])
+    return expansion(N, split, shifted, residual)
