@@ -1369,7 +1369,9 @@ def test_log_softmax_has_constant_sqrt_n(form, dim, n):
     x = torch.zeros(1, 3, 5, dtype=torch.float64)
     x.select(dim, 0).fill_(40.0)  # softmax at a corner along dim: the Jacobian's norm is sqrt(n) to 1e-15
     J = torch.autograd.functional.jacobian(lambda t: torch.log_softmax(t, dim).reshape(-1), x).reshape(15, 15)
-    assert math.sqrt(n) * (1 - 1e-9) <= float(torch.linalg.matrix_norm(J, 2)) <= report.upper
+    # (the float64 SVD of J is itself off by a few units in the last place: on an AVX-512 Xeon with
+    # MKL, 1.7320508075688776 for n = 3, two above sqrt(3), whose rounded-up bound is one above)
+    assert math.sqrt(n) * (1 - 1e-9) <= float(torch.linalg.matrix_norm(J, 2)) <= report.upper * (1 + 15 * 2.0**-52)
 
 
 def test_softmax_over_channels_and_softmin():
