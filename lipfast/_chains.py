@@ -86,12 +86,26 @@ def _up(x: float) -> float:
     return x * _SLACK
 
 
+def _margins(pieces: Sequence[Piece], scale: float) -> float:
+    """A bound on ‖scale (exact product - stored product)‖ of the pieces' maps: with A = F + E, ‖E‖
+    within the margin m and U >= ‖F‖ (the exact map's bound plus its margin), the difference of the
+    products is at most prod (U + m) - prod U."""
+    if not any(p.margin for p in pieces):
+        return 0.0
+    with_margin, without = 1.0, 1.0
+    for p in pieces:
+        U = p.upper + p.margin
+        with_margin *= U + p.margin
+        without *= U
+    return abs(scale) * max(with_margin - without, 0.0) * _SLACK
+
+
 class _Dense:
     """The pieces as float64 matrices (Linear layers; a matrix acting on the last dim of its input,
     the same on every leading index, has the norm of the matrix)."""
 
-    def __init__(self, pieces: Sequence[Piece]) -> None:
-        self.pieces = pieces
+    def __init__(self, pieces: Sequence[Piece], rtol: float) -> None:
+        self.pieces, self.rtol = pieces, rtol
         self.W = [p.weight.detach().double() for p in pieces]  # exact copies of the stored entries
 
     def single(self, i: int) -> float:
@@ -110,22 +124,12 @@ class _Dense:
             P = product
         return P, error
 
-    def _margins(self, i: int, j: int, scale: float) -> float:
-        """The norm of (exact - stored) for the product of pieces i..j times scale: prod (U + m) - prod U
-        with U >= ‖stored‖ (the exact norm's bound plus the margin)."""
-        with_margin, without = 1.0, 1.0
-        for p in self.pieces[i : j + 1]:
-            U = p.upper + p.margin
-            with_margin *= U + p.margin
-            without *= U
-        return abs(scale) * max(with_margin - without, 0.0) * _SLACK if any(p.margin for p in self.pieces[i:j + 1]) else 0.0
-
-    def product(self, i: int, j: int, rtol: float) -> float | None:
+    def product(self, i: int, j: int) -> float | None:
         P, error = self._product(i, j)
-        upper = float(linalg.spectral_norm_bounds(P, rtol=rtol)[1])
-        return _up(upper + error + self._margins(i, j, 1.0))
+        upper = float(linalg.spectral_norm_bounds(P, rtol=self.rtol)[1])
+        return _up(upper + error + _margins(self.pieces[i : j + 1], 1.0))
 
-    def shifted(self, C: float, rtol: float) -> float | None:
+    def shifted(self, C: float) -> float | None:
         """A bound on ‖I + C A_m ... A_1‖ (the product square)."""
         P, error = self._product(0, len(self.W) - 1)
         if P.shape[0] != P.shape[1]:
@@ -135,8 +139,8 @@ class _Dense:
         # each entry of fl(I + fl(C p)) is within 2u of the exact one's |.| (two roundings), so the
         # matrix within 2u (sqrt(n) + |C| ‖P~‖_F) in norm
         shift = 2.1 * _UNIT * (math.sqrt(P.shape[0]) + abs(C) * float(torch.linalg.matrix_norm(P)))
-        upper = float(linalg.spectral_norm_bounds(M, rtol=rtol)[1])
-        return _up(upper + abs(C) * error + shift + self._margins(0, len(self.W) - 1, C))
+        upper = float(linalg.spectral_norm_bounds(M, rtol=self.rtol)[1])
+        return _up(upper + abs(C) * error + shift + _margins(self.pieces, C))
 
 
 def conv_grid(pieces: Sequence[Piece]) -> tuple[list[conv._DimGrid], ...] | None:
@@ -251,16 +255,13 @@ class _Spectral:
             P, P_norm = product, new_norm
         return P, error, P_norm
 
-    def _margins(self, i: int, j: int, scale: float) -> float:
-        return _Dense._margins(self, i, j, scale)  # (the same for any representation of the maps)
-
-    def product(self, i: int, j: int, rtol: float) -> float | None:
+    def product(self, i: int, j: int) -> float | None:
         P, error, _ = self._product(i, j)
         shift = -sum(self.scales[i : j + 1])
         bound = math.ldexp(self._certify(P) + error, shift)
-        return _up(bound + self._margins(i, j, 1.0))
+        return _up(bound + _margins(self.pieces[i : j + 1], 1.0))
 
-    def shifted(self, C: float, rtol: float) -> float | None:
+    def shifted(self, C: float) -> float | None:
         P, error, P_norm = self._product(0, len(self.K) - 1)
         if P.shape[-1] != P.shape[-2]:
             return None
@@ -270,7 +271,7 @@ class _Spectral:
         # as _Dense.shifted: two roundings of each entry
         form = 2.1 * _UNIT * (math.sqrt(P.shape[-1]) + abs(C) * math.ldexp(P_norm, shift)) * 2
         bound = self._certify(M) + abs(C) * math.ldexp(error, shift) + form
-        return _up(bound + self._margins(0, len(self.K) - 1, C))
+        return _up(bound + _margins(self.pieces, C))
 
 
 def segment_norms(m: int, single: Callable[[int], float], pair: Callable[[int], float | None]) -> list[list[float]]:
@@ -325,7 +326,7 @@ def chain_bounds(pieces: Sequence[Piece], slopes: Sequence[tuple[float, float]],
     if all(p.op is None for p in pieces):
         if any(p.weight.dim() != 2 for p in pieces):
             return None
-        space = _Dense(pieces)
+        space = _Dense(pieces, rtol)
     else:
         found = conv_grid(pieces)
         if found is None:
@@ -342,11 +343,11 @@ def chain_bounds(pieces: Sequence[Piece], slopes: Sequence[tuple[float, float]],
     # a residual block of two layers reads no pair's norm but through the prefix bound, which the
     # block's own bound makes moot: its product is not certified (the split bounds it)
     pairs = residual and m == 2
-    N = segment_norms(m, space.single, lambda i: None if pairs else space.product(i, i + 1, rtol))
+    N = segment_norms(m, space.single, lambda i: None if pairs else space.product(i, i + 1))
     shifted = None
     if residual:
         C = math.prod(c for c, _ in split)
-        shifted = space.shifted(C, rtol)
+        shifted = space.shifted(C)
         if shifted is not None:
             # C was rounded: the exact product of the c's is within gamma(m) |C|, times ‖A_m ... A_1‖
             shifted = _up(shifted + _gamma(m + 1) * abs(C) * N[0][m - 1])

@@ -3621,12 +3621,12 @@ def _merged_weight(first: Tensor, groups: int, second: Tensor, copies: int) -> t
 
 #: elementwise activations by their slope interval [a, b] (the derivative's range, or the divided
 #: differences' for the piecewise-linear ones): modules, functions, methods
-_SLOPES_MODULES = {nn.ReLU: (0.0, 1.0), nn.ReLU6: (0.0, 1.0), nn.Tanh: (0.0, 1.0), nn.Softplus: (0.0, 1.0),
+_INTERVALS_MODULES = {nn.ReLU: (0.0, 1.0), nn.ReLU6: (0.0, 1.0), nn.Tanh: (0.0, 1.0), nn.Softplus: (0.0, 1.0),
                    nn.Sigmoid: (0.0, 0.25), nn.Hardtanh: (0.0, 1.0)}
-_SLOPES_FUNCTIONS = {torch.relu: (0.0, 1.0), F.relu: (0.0, 1.0), torch.relu_: (0.0, 1.0), F.relu_: (0.0, 1.0),
+_INTERVALS_FUNCTIONS = {torch.relu: (0.0, 1.0), F.relu: (0.0, 1.0), torch.relu_: (0.0, 1.0), F.relu_: (0.0, 1.0),
                      F.relu6: (0.0, 1.0), torch.tanh: (0.0, 1.0), F.tanh: (0.0, 1.0),
                      torch.sigmoid: (0.0, 0.25), F.sigmoid: (0.0, 0.25)}
-_SLOPES_METHODS = {"relu": (0.0, 1.0), "relu_": (0.0, 1.0), "tanh": (0.0, 1.0), "tanh_": (0.0, 1.0),
+_INTERVALS_METHODS = {"relu": (0.0, 1.0), "relu_": (0.0, 1.0), "tanh": (0.0, 1.0), "tanh_": (0.0, 1.0),
                    "sigmoid": (0.0, 0.25), "sigmoid_": (0.0, 0.25)}
 
 
@@ -3641,27 +3641,27 @@ def _slope_interval(node: torch.fx.Node, value: torch.fx.Node) -> tuple[float, f
         module = _stored_module(node)
         if module is None or len(node.args) != 1 or node.kwargs or not _plain_torch_layer(module):
             return None
-        if type(module) in _SLOPES_MODULES:
+        if type(module) in _INTERVALS_MODULES:
             if isinstance(module, nn.Hardtanh) and not module.min_val < module.max_val:
                 return None
-            return _SLOPES_MODULES[type(module)]
+            return _INTERVALS_MODULES[type(module)]
         if type(module) is nn.LeakyReLU:
             s = float(module.negative_slope)
             return (min(s, 1.0), max(s, 1.0)) if math.isfinite(s) else None
         if type(module) is nn.ELU and module.alpha >= 0 and math.isfinite(module.alpha):
             return 0.0, max(1.0, float(module.alpha))
         return None
-    if node.op == "call_function" and node.target in _SLOPES_FUNCTIONS:
+    if node.op == "call_function" and node.target in _INTERVALS_FUNCTIONS:
         extra = dict(node.kwargs)
         extra.pop("inplace", None)
-        return _SLOPES_FUNCTIONS[node.target] if len(node.args) == 1 and not extra else None
+        return _INTERVALS_FUNCTIONS[node.target] if len(node.args) == 1 and not extra else None
     if node.op == "call_function" and node.target is F.leaky_relu:
         s = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         if len(node.args) > 3 or set(node.kwargs) - {"negative_slope", "inplace"} or not _number(s):
             return None
         return min(float(s), 1.0), max(float(s), 1.0)
-    if node.op == "call_method" and node.target in _SLOPES_METHODS and len(node.args) == 1 and not node.kwargs:
-        return _SLOPES_METHODS[node.target]
+    if node.op == "call_method" and node.target in _INTERVALS_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _INTERVALS_METHODS[node.target]
     return None
 
 
@@ -3673,20 +3673,6 @@ def _residual_sum(node: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> bo
     if extra.pop("alpha", 1) != 1 or isinstance(node.kwargs.get("alpha"), bool):
         return False
     return plain and not extra and len(node.args) == 2 and set(node.args) == {a, b} and a is not b
-
-
-def _running_norm(node: torch.fx.Node, value: torch.fx.Node, counts: collections.Counter) -> Tensor | None:
-    """The per-channel scale gamma / sqrt(running_var + eps) (float64) of a BatchNorm module called
-    once on value alone, on running statistics (eval mode); None for any other node."""
-    if node.op != "call_module" or node.args != (value,) or node.kwargs or counts[node.target] != 1:
-        return None
-    module = _stored_module(node)
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not _plain_torch_layer(module) or \
-            module.running_var is None:
-        return None
-    var = module.running_var.detach().double()
-    gamma = module.weight.detach().double() if module.weight is not None else torch.ones_like(var)
-    return gamma / torch.sqrt(var + module.eps)
 
 
 def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[torch.fx.Node, _Fold],
@@ -3702,81 +3688,33 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
     counts = _module_calls(traced)
     shapes = {name: (in_shape, out_shape) for name, _, in_shape, out_shape in leaves}
 
-    def layer(node: torch.fx.Node):  # (weight, settings, in shape, out shape, upper) of a Linear or conv layer
-        if node.op == "call_module":
-            if node.target not in shapes or counts[node.target] != 1 or len(node.args) != 1 or node.kwargs:
-                return None
-            module = traced.get_submodule(node.target)
-            if type(module) not in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) or not _plain_torch_layer(module):
-                return None
-            settings = None if isinstance(module, nn.Linear) else dict(
-                stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
-                padding_mode=module.padding_mode)
-            return (module.weight.detach(), settings, *shapes[node.target], constants.get(node.target, math.inf))
-        if node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear) and node in uppers:
-            arguments = calls[node]
-            merged = node.args[0]  # or a copying pad merged into the conv's arguments (_with_copying_pad)
-            if arguments.get("input") is not merged and not (
-                    len(merged.users) == 1 and merged.args and merged.args[0] is arguments.get("input")):
-                return None
-            weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
-            settings = None if node.target is F.linear else {
-                key: arguments.get(key, default) for key, default in
-                (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1), ("padding_mode", "zeros"))}
-            return (weight.detach(), settings, _example_shape(arguments["input"]), _example_shape(node), uppers[node])
-        return None
-
-    def input_of(node: torch.fx.Node) -> torch.fx.Node:  # a layer's input (before a merged pad)
-        return calls[node]["input"] if node.op != "call_module" else node.args[0]
-
-    def running_norm(node: torch.fx.Node, value: torch.fx.Node) -> Tensor | None:
-        if node.op == "call_module":
-            return _running_norm(node, value, counts)
-        if node in calls and node.target is F.batch_norm and calls[node].get("input") is value:
-            arguments = calls[node]
-            eps = arguments.get("eps", 1e-5)
-            if arguments.get("training", False) is not False or not _number(eps):
-                return None
-            var = _tensor_value(traced, node, arguments["running_var"], computed, "running_var").detach().double()
-            gamma = arguments.get("weight")
-            gamma = _tensor_value(traced, node, gamma, computed, "weight").detach().double() if gamma is not None \
-                else torch.ones_like(var)
-            return gamma / torch.sqrt(var + eps) if var.dim() == 1 and gamma.shape == var.shape else None
-        return None
-
-    def piece(node: torch.fx.Node):  # (Piece, the node of its value (after a folded BatchNorm), in shape, out shape)
-        if not node.args or not isinstance(node.args[0], torch.fx.Node):
-            return None
+    def piece(node: torch.fx.Node):  # (Piece, its value's node (after a BatchNorm folded in), input, in and out shapes)
         try:
-            found = layer(node)
+            found = _layer_call(traced, node, calls, computed, counts, shapes)
+            if found is None:
+                return None
+            source, weight, settings, in_shape, out_shape = found
+            fold = folds.get(node)
+            # a BatchNorm that _folds left alone (its scale is the same on every channel) is folded here
+            norm = _running_norm(traced, next(iter(node.users)), calls, computed, counts, uniform=True) \
+                if fold is None and len(node.users) == 1 else None
         except _Unsupported:
             return None
-        if found is None:
-            return None
-        weight, settings, in_shape, out_shape, upper = found
+        upper = constants.get(node.target, math.inf) if node.op == "call_module" else uppers.get(node, math.inf)
         margin, value = 0.0, node
-        fold = folds.get(node)
         if fold is not None:
             if fold.before or fold.also or fold.merged or fold.groups is not None or fold.norm.args[:1] != (node,):
                 return None
             weight, margin, value = fold.weight, fold.margin, fold.norm
-        else:
-            try:
-                norm = running_norm(next(iter(node.users)), node) if len(node.users) == 1 else None
-            except _Unsupported:
+        elif norm is not None and norm[0] is node:
+            if norm[1].numel() != weight.shape[0] or (settings is None and len(out_shape) != 1):
                 return None
-            if norm is not None:
-                # a BatchNorm that _folds left alone (its scale is the same on every channel): folded here
-                if norm.numel() != weight.shape[0] or (settings is None and len(out_shape) != 1):
-                    return None
-                dims, padding = weight.dim() - 2, settings["padding"] if settings is not None else 0
-                copies = 1 if settings is None else _padding_copies(
-                    settings["padding_mode"], padding if isinstance(padding, str) else _as_tuple(padding, dims),
-                    _as_tuple(settings["dilation"], dims), tuple(weight.shape[2:]), in_shape[1:])
-                folded = _folded_weight(weight, norm.reshape(-1, *[1] * (weight.dim() - 1)), copies)
-                if folded is None:
-                    return None
-                (weight, margin), value = folded, next(iter(node.users))
+            copies = _layer_copies(weight, settings, in_shape)
+            folded = _folded_weight(weight, norm[1].reshape(-1, *[1] * (weight.dim() - 1)), copies) \
+                if copies is not None else None
+            if folded is None:
+                return None
+            (weight, margin), value = folded, next(iter(node.users))
         if weight.dtype not in (torch.float32, torch.float64) or not math.isfinite(upper):
             return None
         op = None
@@ -3786,7 +3724,7 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
                                         settings["dilation"], settings["groups"], settings["padding_mode"])
             except (TypeError, ValueError):
                 return None
-        return _chains.Piece(weight, op, margin, upper), value, in_shape, out_shape
+        return _chains.Piece(weight, op, margin, upper), value, source, in_shape, out_shape
 
     def onward(value: torch.fx.Node):  # (value past the identities that alone use it, its one user or None)
         while len(value.users) == 1:
@@ -3803,8 +3741,8 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
     for node in traced.graph.nodes:
         if node in inside or (first := piece(node)) is None:
             continue
-        source = input_of(node)
-        if _changed_in_place(source):
+        source = first[2]
+        if not isinstance(source, torch.fx.Node) or _changed_in_place(source):
             continue
         steps, slopes = [first], []
         while True:
@@ -3817,13 +3755,13 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
             if found is None and following is not None and len(following.users) == 1 and \
                     calls.get(pad_user := next(iter(following.users)), {}).get("input") is value:
                 following, found = pad_user, piece(pad_user)  # (a copying pad, merged into the conv after it)
-            if found is None or input_of(following) is not value:
+            if found is None or found[2] is not value:
                 break
             steps.append(found)
             slopes.append(interval)
             inside.add(following)
         end, add = onward(steps[-1][1])
-        if add is None or not _residual_sum(add, end, source) or steps[0][2] != steps[-1][3]:
+        if add is None or not _residual_sum(add, end, source) or steps[0][3] != steps[-1][4]:
             add = None
         if len(steps) < 2 and add is None:
             continue
@@ -3842,13 +3780,13 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
     return refined
 
 
-def _norm_scale(var: Tensor, gamma: Tensor | None, eps: float) -> Tensor | None:
+def _norm_scale(var: Tensor, gamma: Tensor | None, eps: float, *, uniform: bool = False) -> Tensor | None:
     """A BatchNorm's per-channel scale gamma / sqrt(running_var + eps) in float64; None where every
-    |s| is equal, where folding could narrow nothing (‖diag(s) W‖ >= min |s| ‖W‖)."""
+    |s| is equal, where folding could narrow nothing (‖diag(s) W‖ >= min |s| ‖W‖), unless uniform."""
     var = var.detach().double()
     gamma = gamma.detach().double() if gamma is not None else torch.ones_like(var)
     scale = gamma / torch.sqrt(var + eps)
-    return None if float(scale.abs().max()) <= float(scale.abs().min()) * (1 + 1e-4) else scale
+    return None if not uniform and float(scale.abs().max()) <= float(scale.abs().min()) * (1 + 1e-4) else scale
 
 
 def _with_margin(layer: LayerBound, fold: _Fold) -> LayerBound:
@@ -3859,6 +3797,87 @@ def _with_margin(layer: LayerBound, fold: _Fold) -> LayerBound:
     chain = ([labels[0], layer.name] + labels[1:]) if fold.before else [layer.name] + labels  # in the order applied
     return replace(layer, lower=max(layer.lower - fold.margin, 0.0), upper=_sum_up([layer.upper, fold.margin]),
                    note=f"{', '.join(labels)} folded in: the bracket is of {' after '.join(reversed(chain))}")
+
+
+def _called_once(traced: torch.fx.GraphModule, node: torch.fx.Node, counts: collections.Counter) -> nn.Module | None:
+    """The module a call_module node calls, where the graph calls it once and it computes as its
+    torch.nn class does (_plain_torch_layer); None otherwise.  counts: _module_calls(traced)."""
+    module = traced.get_submodule(node.target)
+    return module if counts[node.target] == 1 and _plain_torch_layer(module) else None
+
+
+def _layer_call(traced: torch.fx.GraphModule, node: torch.fx.Node, calls: dict[torch.fx.Node, dict],
+                computed: dict[torch.fx.Node, Tensor | None], counts: collections.Counter, shapes: dict):
+    """(input node, weight, settings, input shape, output shape) of a linear or conv layer's call: a
+    Linear or (not transposed) ConvNd module called once on one input (_called_once; shapes: its
+    leaf's, by name), or F.linear / F.conv1d/2d/3d (calls: their arguments, whose input is past a
+    copying pad merged into them); settings None for a linear layer, else the conv's padding_mode,
+    padding (a tuple, or "same" / "valid"), dilation (a tuple), stride and groups.  None for any
+    other node; _Unsupported where a functional layer's weight cannot be had."""
+    if node.op == "call_module" and node.target in shapes and (module := _called_once(traced, node, counts)) is not None:
+        if isinstance(module, nn.Linear):
+            settings = None
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            settings = dict(padding_mode=module.padding_mode, padding=module.padding, dilation=module.dilation,
+                            stride=module.stride, groups=module.groups)
+        else:
+            return None
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        return (node.args[0], module.weight.detach(), settings, *shapes[node.target])
+    if node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+        arguments = calls[node]
+        weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
+        dims = weight.dim() - 2
+        padding = arguments.get("padding", 0)
+        settings = None if node.target is F.linear else dict(
+            padding_mode=arguments.get("padding_mode", "zeros"),
+            padding=padding if isinstance(padding, str) else _as_tuple(padding, dims),
+            dilation=_as_tuple(arguments.get("dilation", 1), dims), stride=arguments.get("stride", 1),
+            groups=arguments.get("groups", 1))
+        return arguments["input"], weight, settings, _example_shape(arguments["input"]), _example_shape(node)
+    return None
+
+
+def _running_norm(traced: torch.fx.GraphModule, node: torch.fx.Node, calls: dict[torch.fx.Node, dict],
+                  computed: dict[torch.fx.Node, Tensor | None], counts: collections.Counter, *,
+                  uniform: bool = False) -> tuple[object, Tensor] | None:
+    """(input, per-channel scale) of a BatchNorm on running statistics (a module called once, or
+    F.batch_norm in eval mode); None for any other node, and (unless uniform) where every channel's
+    scale is the same (_norm_scale)."""
+    if node.op == "call_module":
+        module = _called_once(traced, node, counts)
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_var is None or \
+                len(node.args) != 1 or node.kwargs:
+            return None
+        var, gamma, eps, source = module.running_var, module.weight, module.eps, node.args[0]
+    elif node in calls and node.target is F.batch_norm:
+        arguments = calls[node]
+        eps = arguments.get("eps", 1e-5)
+        if arguments.get("training", False) is not False or not isinstance(eps, (int, float)) or \
+                isinstance(eps, bool):
+            return None
+        var = _tensor_value(traced, node, arguments["running_var"], computed, "running_var")
+        gamma = arguments.get("weight")
+        gamma = _tensor_value(traced, node, gamma, computed, "weight") if gamma is not None else None
+        source = arguments.get("input")
+    else:
+        return None
+    if var.dim() != 1 or (gamma is not None and gamma.shape != var.shape):
+        return None
+    scale = _norm_scale(var, gamma, eps, uniform=uniform)
+    return (source, scale) if scale is not None else None
+
+
+def _layer_copies(weight: Tensor, settings: dict | None, in_shape: tuple) -> int | None:
+    """The most times the layer's padding repeats one input entry (_padding_copies; 1 for a linear
+    layer); None where the weight does not fit the input's dims."""
+    if settings is None:
+        return 1 if weight.dim() == 2 else None
+    if len(in_shape) != weight.dim() - 1:
+        return None
+    return _padding_copies(settings["padding_mode"], settings["padding"], settings["dilation"],
+                           tuple(weight.shape[2:]), in_shape[1:])
 
 
 def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node, dict],
@@ -3873,64 +3892,14 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
     counts = _module_calls(traced)
     shapes = {name: (in_shape, out_shape) for name, _, in_shape, out_shape in leaves}
 
-    def plain(node: torch.fx.Node) -> nn.Module | None:  # a torch.nn layer called once, as it computes
-        module = traced.get_submodule(node.target)
-        if counts[node.target] != 1 or not _plain_torch_layer(module):
-            return None
-        return module
+    def plain(node: torch.fx.Node) -> nn.Module | None:
+        return _called_once(traced, node, counts)
 
-    def layer(node: torch.fx.Node):  # (input node, weight, padding settings or None, input and output shapes)
-        if node.op == "call_module" and node.target in shapes and (module := plain(node)) is not None:
-            if isinstance(module, nn.Linear):
-                settings = None
-            elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
-                settings = (module.padding_mode, module.padding, module.dilation)
-            else:
-                return None
-            if len(node.args) != 1 or node.kwargs:
-                return None
-            return (node.args[0], module.weight.detach(), settings, *shapes[node.target])
-        if node in calls and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
-            arguments = calls[node]
-            weight = _tensor_value(traced, node, arguments["weight"], computed, "weight")
-            dims = weight.dim() - 2
-            padding = arguments.get("padding", 0)
-            settings = None if node.target is F.linear else (
-                arguments.get("padding_mode", "zeros"), padding if isinstance(padding, str) else _as_tuple(padding, dims),
-                _as_tuple(arguments.get("dilation", 1), dims))
-            return arguments["input"], weight, settings, _example_shape(arguments["input"]), _example_shape(node)
-        return None
+    def layer(node: torch.fx.Node):
+        return _layer_call(traced, node, calls, computed, counts, shapes)
 
-    def norm(node: torch.fx.Node):  # (input node, scale) of a BatchNorm on running statistics
-        if node.op == "call_module":
-            module = plain(node)
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_var is None or \
-                    len(node.args) != 1 or node.kwargs:
-                return None
-            var, gamma, eps, source = module.running_var, module.weight, module.eps, node.args[0]
-        elif node in calls and node.target is F.batch_norm:
-            arguments = calls[node]
-            eps = arguments.get("eps", 1e-5)
-            if arguments.get("training", False) is not False or not isinstance(eps, (int, float)) or \
-                    isinstance(eps, bool):
-                return None
-            var = _tensor_value(traced, node, arguments["running_var"], computed, "running_var")
-            gamma = arguments.get("weight")
-            gamma = _tensor_value(traced, node, gamma, computed, "weight") if gamma is not None else None
-            source = arguments.get("input")
-        else:
-            return None
-        if var.dim() != 1 or (gamma is not None and gamma.shape != var.shape):
-            return None
-        scale = _norm_scale(var, gamma, eps)
-        return (source, scale) if scale is not None else None
-
-    def copies(weight: Tensor, settings, in_shape: tuple) -> int | None:
-        if settings is None:
-            return 1 if weight.dim() == 2 else None
-        if len(in_shape) != weight.dim() - 1:
-            return None
-        return _padding_copies(*settings, tuple(weight.shape[2:]), in_shape[1:])
+    def norm(node: torch.fx.Node):
+        return _running_norm(traced, node, calls, computed, counts)
 
     def flattened(node: torch.fx.Node) -> torch.fx.Node | None:  # x for a flatten of dims 1 to -1 of x
         name = _call_name(node)
@@ -3979,7 +3948,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
         _, weight, settings, in_shape, out_shape = found
         if after[1].numel() != weight.shape[0] or (settings is None and len(out_shape) != 1):
             continue  # (BatchNorm1d normalizes a linear layer's features only when its output is 1-D)
-        count = copies(weight, settings, in_shape)
+        count = _layer_copies(weight, settings, in_shape)
         result = _folded_weight(weight, after[1].reshape(-1, *[1] * (weight.dim() - 1)), count) \
             if count is not None else None
         if result is not None:
@@ -4029,7 +3998,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             index = (torch.arange(weight.shape[0])[:, None] // (weight.shape[0] // groups)) * weight.shape[1] + \
                 torch.arange(weight.shape[1])[None, :]
             scale = scale.cpu()[index].to(scale.device).reshape(*weight.shape[:2], *[1] * (weight.dim() - 2))
-        count = copies(weight, settings, in_shape)
+        count = _layer_copies(weight, settings, in_shape)
         result = _folded_weight(weight, scale.to(weight.device), count) if count is not None else None
         if result is not None:
             folds[node], folded = _Fold(source, *result, before=True), folded | {source}
@@ -4052,18 +4021,14 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             continue
         first, settings, in_shape = (fold.weight if fold is not None else found[1]), found[2], found[3]
         second, second_settings = (second_fold.weight if second_fold is not None else following[1]), following[2]
-        if user.op == "call_module":
-            module = traced.get_submodule(user.target)
-            stride, second_groups = getattr(module, "stride", 1), getattr(module, "groups", 1)
-        else:
-            stride, second_groups = calls[user].get("stride", 1), calls[user].get("groups", 1)
+        stride, second_groups = (second_settings["stride"], second_settings["groups"]) if second_settings else (1, 1)
         if settings is None:  # linear then linear: each row (the last dim) through both
             if second_settings is not None or first.dim() != 2 or second.dim() != 2:
                 continue
             groups = 1
         else:
             dims = first.dim() - 2
-            padding = second_settings[1] if second_settings is not None else None
+            padding = second_settings["padding"] if second_settings is not None else None
             if second.dim() != first.dim() or any(k != 1 for k in second.shape[2:]) or second_groups != 1 or \
                     _as_tuple(stride, dims) != (1,) * dims or not (padding in ("valid", "same") or not any(
                         _as_tuple(padding, dims))) or not in_shape or in_shape[0] % first.shape[1]:
@@ -4071,7 +4036,7 @@ def _folds(traced: torch.fx.GraphModule, leaves: list, calls: dict[torch.fx.Node
             groups = in_shape[0] // first.shape[1]
         if second.shape[1] != first.shape[0]:
             continue
-        count = copies(first, settings, in_shape)
+        count = _layer_copies(first, settings, in_shape)
         result = _merged_weight(first, groups, second, count) if count is not None else None
         if result is None:
             continue
