@@ -3715,6 +3715,9 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
             if folded is None:
                 return None
             (weight, margin), value = folded, next(iter(node.users))
+            # the layer's bracket is the unscaled layer's: ‖diag(s) W‖ <= max |s| ‖W‖, and the stored
+            # folded weight is within the margin of diag(s) W
+            upper = _sum_up([_mul_up(upper, float(norm[1].abs().max()) * (1 + 2.0**-50)), margin])
         if weight.dtype not in (torch.float32, torch.float64) or not math.isfinite(upper):
             return None
         op = None

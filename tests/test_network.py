@@ -3037,3 +3037,19 @@ def test_resnet18_blocks_bounded_as_one_map():
     chained = [note for note in report.notes if "bounded as one map" in note]
     assert len(chained) == 5 and all("+ its input" in note for note in chained)
     assert 200 < report.upper < 300
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+@pytest.mark.parametrize("act,a,b", [(nn.Sigmoid(), 0.0, 0.25), (nn.Tanh(), 0.0, 1.0)], ids=["sigmoid", "tanh"])
+def test_chain_folds_a_batchnorm_of_one_scale_with_its_constant(mode, act, a, b):
+    """One channel: the BatchNorm's scale is the same everywhere, so _folds leaves it to its own
+    constant, and the chain folds it into the layer itself; the layer's bracket (of the unscaled
+    weight) must then be scaled too (it was not: x + f(x) got 0.987 where 1 is attained)."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        block = _Block(1, 1, mode, act, True)
+        shape = (1, 4, 4)
+        report = lipfast.lipschitz_bound(block, shape, progress=False)
+        A1 = _explicit_linear_map(lambda x: block.bn(block.c1(x)), shape)
+        A2 = _explicit_linear_map(block.c2, shape)
+        assert _largest_over_slopes(A1, A2, a, b, True, seed=seed) <= report.upper
