@@ -185,23 +185,20 @@ class _Spectral:
         self.pieces, self.rtol, self.boxed = pieces, rtol, boxed
         self.K: list[Tensor] = []
         self.errors: list[float] = []  # ‖K~ - K‖ for every frequency, in the scaled units
-        self.scales: list[int] = []  # weight scaled by 2^e
+        self.scales: list[int] = []  # weight = scaled weight * 2^e
         self.fro: list[Tensor] = []  # per frequency, ‖K~_f‖_F
+        self.grids = grids
         for piece, grid in zip(pieces, grids):
-            w = piece.weight.detach().double()
-            peak = float(w.abs().max())
-            e = 0 if peak == 0 else -math.frexp(peak)[1]
-            w = torch.ldexp(w, torch.tensor(e))  # exact: a power of two
-            sym = conv._symbol_stack(w, 1, grid)
+            e, scaled, _, error = conv._scaled_weight(piece.weight.detach())
+            sym = conv._symbol_stack(scaled, 1, grid)
             p = sym.p
             K = torch.complex(sym.S[:, :p], sym.S[:, p:])
-            if sym.transposed:
-                K = K.mT
-            self.K.append(K)
+            self.K.append(K.mT if sym.transposed else K)
             self.fro.append(torch.linalg.matrix_norm(K) * _SLACK)
-            dims = len(grid)
-            self.errors.append(conv._symbol_error(conv._tap_abs_norm(w), dims, math.prod(w.shape[2:])))
+            self.errors.append(error)
             self.scales.append(e)
+        # the Lanczos estimates (which only choose where to test) in the weights' precision, as bracket's
+        self.estimate_dtype = torch.float64 if any(p.weight.dtype == torch.float64 for p in pieces) else torch.float32
 
     @staticmethod
     def cost(pieces: Sequence[Piece], grids: list[list[conv._DimGrid]]) -> tuple[float, float]:
@@ -229,14 +226,14 @@ class _Spectral:
         q, inner = Hr.shape[-1], 2 * p
         rounding = 8 * conv._gamma(2 * inner + 4) * fro2 + q * inner * 2.0**-1000  # as conv._direct_grams
         grams = conv._Grams(Hr, Hi, fro2, rounding, False, torch.arange(K.shape[0]))
-        return conv._CirculantBound(grams, self.rtol, 1000, torch.float64).certify()
+        return conv._CirculantBound(grams, self.rtol, 1000, self.estimate_dtype).certify()
 
     def single(self, i: int) -> float:
         """‖M_i‖ on the grid (for a circulant conv, its norm; for a boxed one, at least its norm)."""
         if not self.boxed:  # M_i is the layer itself (a unitary change of basis): its bracket's upper end
             return self.pieces[i].upper
-        bound = self._certify(self.K[i]) + self.errors[i]
-        return _up(math.ldexp(bound, -self.scales[i]) + self.pieces[i].margin)
+        return _up(conv.circulant_upper(self.pieces[i].weight.detach(), self.grids[i], self.rtol, 1000) +
+                   self.pieces[i].margin)
 
     def _product(self, i: int, j: int) -> tuple[Tensor, float, float]:
         """(fl(K_j ... K_i) per frequency in scaled units, a bound on its error there, the bound U on
@@ -257,20 +254,21 @@ class _Spectral:
 
     def product(self, i: int, j: int) -> float | None:
         P, error, _ = self._product(i, j)
-        shift = -sum(self.scales[i : j + 1])
-        bound = math.ldexp(self._certify(P) + error, shift)
+        bound = conv._in_units(self._certify(P) + error, sum(self.scales[i : j + 1]), up=True)
         return _up(bound + _margins(self.pieces[i : j + 1], 1.0))
 
     def shifted(self, C: float) -> float | None:
         P, error, P_norm = self._product(0, len(self.K) - 1)
         if P.shape[-1] != P.shape[-2]:
             return None
-        shift = -sum(self.scales)
-        M = torch.ldexp(P, torch.tensor(shift)) * C  # (complex ldexp: both parts, exact)
+        shift = sum(self.scales)
+        M = torch.ldexp(P, torch.tensor(shift)) * C  # (complex ldexp: both parts; exact but where subnormal)
         M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        # as _Dense.shifted: two roundings of each entry
-        form = 2.1 * _UNIT * (math.sqrt(P.shape[-1]) + abs(C) * math.ldexp(P_norm, shift)) * 2
-        bound = self._certify(M) + abs(C) * math.ldexp(error, shift) + form
+        # as _Dense.shifted: two roundings of each entry (the real and imaginary parts: twice that),
+        # and the unscaling's, at most 2^-1075 an entry where it lands among the subnormals
+        q = P.shape[-1]
+        form = 2 * 2.1 * _UNIT * (math.sqrt(q) + abs(C) * conv._in_units(P_norm, shift, up=True)) + q * 2.0**-1070
+        bound = self._certify(M) + abs(C) * conv._in_units(error, shift, up=True) + form
         return _up(bound + _margins(self.pieces, C))
 
 

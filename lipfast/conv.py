@@ -1300,6 +1300,34 @@ def _reduced(op: ConvOperator) -> ConvOperator:
     return _collapsed_axes(_reaching_taps(op))
 
 
+def _scaled_weight(weight: Tensor, phases: int = 1) -> tuple[int, Tensor, float, float]:
+    """(e, weight * 2^-e in float64 with max |entry| in [0.5, 1), its w1 (_tap_abs_norm), and a bound
+    on every frequency's symbol error in those units), phases: the stride's polyphase components.
+
+    The scaling is exact, but for float64 entries that become subnormal, each off by at most
+    2^-1075 (so each symbol entry by taps 2^-1075): that is added where e > 0."""
+    e = int(torch.frexp(weight.abs().max().double()).exponent)
+    scaled = reference._times_pow2_by(weight.double(), -e)
+    w1 = _tap_abs_norm(scaled)
+    taps = math.prod(weight.shape[2:])
+    error = _symbol_error(w1, weight.dim() - 2, taps)
+    if e > 0:
+        error += taps * math.sqrt(weight.shape[0] * weight.shape[1] * phases) * 2.0**-1074
+    return e, scaled, w1, error
+
+
+def circulant_upper(weight: Tensor, grids: Sequence[_DimGrid], rtol: float, max_iters: int) -> float:
+    """Certified max over the grid's frequencies of sigma_max(K_f), in the weight's units: the norm of
+    the block-circulant operator of a conv weight (groups 1) on grids, as bracket certifies it (the
+    Gram matrices by the cheaper of the autocorrelation and the symbols, Lanczos estimates in the
+    weight's precision, one Cholesky test per frequency)."""
+    e, scaled, w1, error = _scaled_weight(weight, math.prod(g.phases for g in grids))
+    estimate_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    (grams,) = _gram_stacks(scaled.cpu(), 1, [grids], w1)
+    bound = _CirculantBound(grams, rtol, max_iters, estimate_dtype).certify()
+    return _in_units(bound + error, e, up=True) * (1 + 4 * _UNIT)
+
+
 def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float]:
     """Certified (lower, upper) in float64 for the operator's norm."""
     op = _reduced(op)
@@ -1311,16 +1339,8 @@ def bracket(op: ConvOperator, rtol: float, max_iters: int) -> tuple[float, float
             return max(b[0] for b in brackets), max(b[1] for b in brackets)
         lower, upper = linalg._gram_iteration_bounds(matrices, rtol, max_iters)
         return float(lower.max()), float(upper.max())
-    dims = weight.dim() - 2
     grids, exact, factor = _grids(op)
-    # the symbols are built from weight * 2^-e, max |entry| in [0.5, 1): exact, but for float64
-    # entries that become subnormal, each off by at most 2^-1075 (so each K entry by taps 2^-1075)
-    e = int(torch.frexp(weight.abs().max().double()).exponent)
-    scaled = reference._times_pow2_by(weight.double(), -e)
-    w1 = _tap_abs_norm(scaled)
-    error = _symbol_error(w1, dims, math.prod(op.kernel))
-    if e > 0:
-        error += math.prod(op.kernel) * math.sqrt(weight.shape[0] * weight.shape[1] * math.prod(op.stride)) * 2.0**-1074
+    e, scaled, w1, error = _scaled_weight(weight, math.prod(op.stride))
     error = _in_units(error, e, up=True)  # in the weight's units from here on
     if not exact and op.padding_mode == "zeros" and _explicit_fits(op) and max(op.input_size) <= _EXPLICIT_FIRST_SIZE:
         # a grid this small: the circulant bound is 5-50% above the norm, and the explicit matrix
