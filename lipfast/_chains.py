@@ -86,6 +86,13 @@ def _up(x: float) -> float:
     return x * _SLACK
 
 
+def _fro_upper(X: Tensor) -> Tensor:
+    """An upper bound on the Frobenius norm of each matrix of X (real or complex, float64), its rounding
+    covered (conv._frobenius_squared_upper)."""
+    real = torch.view_as_real(X).flatten(-2) if X.is_complex() else X
+    return conv._frobenius_squared_upper(real).sqrt() * (1 + 4 * _UNIT)
+
+
 def _margins(pieces: Sequence[Piece], scale: float) -> float:
     """A bound on ‖scale (exact product - stored product)‖ of the pieces' maps: with A = F + E, ‖E‖
     within the margin m and U >= ‖F‖ (the exact map's bound plus its margin), the difference of the
@@ -104,12 +111,12 @@ class _Dense:
     """The pieces as float64 matrices (Linear layers; a matrix acting on the last dim of its input,
     the same on every leading index, has the norm of the matrix)."""
 
-    def __init__(self, pieces: Sequence[Piece], rtol: float) -> None:
-        self.pieces, self.rtol = pieces, rtol
+    def __init__(self, pieces: Sequence[Piece], rtol: float, shortcut: Piece | None = None) -> None:
+        self.pieces, self.rtol, self.shortcut = pieces, rtol, shortcut
         self.W = [p.weight.detach().double() for p in pieces]  # exact copies of the stored entries
 
     def single(self, i: int) -> float:
-        return self.pieces[i].upper
+        return self.pieces[i].upper if i < len(self.pieces) else self.shortcut.upper
 
     def _product(self, i: int, j: int) -> tuple[Tensor, float]:
         """(fl(W_j ... W_i), a bound on ‖it - W_j ... W_i‖) for the stored matrices: with P the
@@ -118,9 +125,9 @@ class _Dense:
         P, error = self.W[i], 0.0
         for k in range(i + 1, j + 1):
             W = self.W[k]
-            fro = float(torch.linalg.matrix_norm(W)) * _SLACK
+            fro = float(_fro_upper(W))
             product = W @ P
-            error = fro * error + _gamma(W.shape[1] + 2) * fro * float(torch.linalg.matrix_norm(P)) * _SLACK
+            error = fro * error + _gamma(W.shape[1] + 2) * fro * float(_fro_upper(P))
             P = product
         return P, error
 
@@ -130,32 +137,47 @@ class _Dense:
         return _up(upper + error + _margins(self.pieces[i : j + 1], 1.0))
 
     def shifted(self, C: float) -> float | None:
-        """A bound on ‖I + C A_m ... A_1‖ (the product square)."""
+        """A bound on ‖S + C A_m ... A_1‖, S the shortcut's matrix (the identity where there is none)."""
         P, error = self._product(0, len(self.W) - 1)
-        if P.shape[0] != P.shape[1]:
-            return None
         M = P * C
-        M.diagonal().add_(1.0)
-        # each entry of fl(I + fl(C p)) is within 2u of the exact one's |.| (two roundings), so the
-        # matrix within 2u (sqrt(n) + |C| ‖P~‖_F) in norm
-        shift = 2.1 * _UNIT * (math.sqrt(P.shape[0]) + abs(C) * float(torch.linalg.matrix_norm(P)))
+        if self.shortcut is None:
+            if P.shape[0] != P.shape[1]:
+                return None
+            M.diagonal().add_(1.0)
+            base = math.sqrt(P.shape[0])
+        else:
+            S = self.shortcut.weight.detach().double()
+            if S.shape != M.shape:
+                return None
+            M += S
+            base = float(_fro_upper(S))
+        # each entry of fl(S + fl(C p)) is within 2u of the exact one's |.| (two roundings), so the
+        # matrix within 2u (‖S‖_F + |C| ‖P~‖_F) in norm
+        shift = 2.1 * _UNIT * (base + abs(C) * float(_fro_upper(P)))
         upper = float(linalg.spectral_norm_bounds(M, rtol=self.rtol)[1])
-        return _up(upper + abs(C) * error + shift + _margins(self.pieces, C))
+        margins = _margins(self.pieces, C) + (self.shortcut.margin if self.shortcut is not None else 0.0)
+        return _up(upper + abs(C) * error + shift + margins)
 
 
-def conv_grid(pieces: Sequence[Piece]) -> tuple[list[conv._DimGrid], ...] | None:
-    """Per piece, the grid (one conv._DimGrid per dim) on which the chain's convs are block-circulant
-    operators (see the module docstring), or None where the chain does not fit one: each conv
-    stride 1, one group, output size = input size, all on the same size; circular padding that
-    makes a circulant, zero padding, or a one-tap kernel without padding.  Returns (grids, boxed):
-    boxed where some conv is zero-padded (then the activations' intervals must contain 0)."""
-    ops = [p.op for p in pieces]
+def conv_grid(pieces: Sequence[Piece], shortcut: Piece | None = None):
+    """Per piece (then the shortcut), the grid (one conv._DimGrid per dim) on which the chain's convs
+    are block-circulant operators (see the module docstring), or None where they do not fit one:
+    one group each; the first conv (and the shortcut, on the same input) of any stride s, the later
+    ones of stride 1 with the first's output size in and out; circular padding that makes each a
+    circulant (s dividing the size), zero padding, or a one-tap kernel without padding.  The first
+    conv's grid has s polyphase components per dim (conv._grids).  Returns (grids, boxed): boxed
+    where some conv is zero-padded (then the activations' intervals must contain 0)."""
+    ops = [p.op for p in pieces] + ([shortcut.op] if shortcut is not None else [])
     if any(op is None for op in ops):
         return None
-    size = ops[0].input_size
-    for op in ops:
-        if op.input_size != size or op.output_size != size or op.groups != 1 or any(s != 1 for s in op.stride):
-            return None
+    first, size = ops[0], ops[0].input_size
+    out, stride = first.output_size, first.stride
+    strided = [first] + ([ops[-1]] if shortcut is not None else [])
+    later = ops[1 : len(pieces)]
+    if any(op.groups != 1 for op in ops) or any(op.input_size != size or op.stride != stride or
+                                                 op.output_size != out for op in strided) or \
+            any(op.input_size != out or op.output_size != out or any(t != 1 for t in op.stride) for op in later):
+        return None
     boxed, circular = False, False
     for op in ops:
         for k, lo, hi, d in zip(op.kernel, op.pad_lo, op.pad_hi, op.dilation):
@@ -169,11 +191,16 @@ def conv_grid(pieces: Sequence[Piece]) -> tuple[list[conv._DimGrid], ...] | None
                 return None
     if boxed and circular:
         return None
-    sizes = list(size)
-    if boxed:
-        sizes = [n + max(max(op.pad_lo[d], op.pad_hi[d]) for op in ops) for d, n in enumerate(size)]
-    grids = [[conv._DimGrid(N, 1, tuple(dl * j - lo for j in range(k)), 0)
-              for N, k, lo, dl in zip(sizes, op.kernel, op.pad_lo, op.dilation)] for op in ops]
+    if not boxed:  # circulants on the input's grid, polyphase for the stride: s must divide n
+        if any(n % t or n // t != o for n, t, o in zip(size, stride, out)):
+            return None
+        frequencies = list(out)
+    else:  # the box [0, n) in a grid of N = s F points (conv._grids), F >= out + the later convs' pads
+        frequencies = [max(-(-(n + max(max(op.pad_lo[d], op.pad_hi[d]) for op in strided)) // t), o,
+                           o + max((max(op.pad_lo[d], op.pad_hi[d]) for op in later), default=0))
+                       for d, (n, t, o) in enumerate(zip(size, stride, out))]
+    grids = [[conv._DimGrid(F, t, tuple(dl * j - lo for j in range(k)), 0)
+              for F, t, k, lo, dl in zip(frequencies, op.stride, op.kernel, op.pad_lo, op.dilation)] for op in ops]
     return grids, boxed
 
 
@@ -181,37 +208,47 @@ class _Spectral:
     """The pieces as block-circulant operators on one grid: per kept frequency (one of each
     conjugate pair, whose matrices are complex conjugates) a complex matrix (out, in) per piece."""
 
-    def __init__(self, pieces: Sequence[Piece], grids: list[list[conv._DimGrid]], rtol: float, boxed: bool) -> None:
-        self.pieces, self.rtol, self.boxed = pieces, rtol, boxed
+    def __init__(self, pieces: Sequence[Piece], grids: list[list[conv._DimGrid]], rtol: float, boxed: bool,
+                 shortcut: Piece | None = None) -> None:
+        self.pieces, self.rtol, self.boxed, self.shortcut = pieces, rtol, boxed, shortcut
         self.K: list[Tensor] = []
         self.errors: list[float] = []  # ‖K~ - K‖ for every frequency, in the scaled units
         self.scales: list[int] = []  # weight = scaled weight * 2^e
         self.fro: list[Tensor] = []  # per frequency, ‖K~_f‖_F
         self.grids = grids
-        for piece, grid in zip(pieces, grids):
-            e, scaled, _, error = conv._scaled_weight(piece.weight.detach())
+        for piece, grid in zip([*pieces, *([shortcut] if shortcut is not None else [])], grids):
+            e, scaled, _, error = conv._scaled_weight(piece.weight.detach(), math.prod(g.phases for g in grid))
             sym = conv._symbol_stack(scaled, 1, grid)
             p = sym.p
             K = torch.complex(sym.S[:, :p], sym.S[:, p:])
             self.K.append(K.mT if sym.transposed else K)
-            self.fro.append(torch.linalg.matrix_norm(K) * _SLACK)
+            self.fro.append(_fro_upper(K))
             self.errors.append(error)
             self.scales.append(e)
         # the Lanczos estimates (which only choose where to test) in the weights' precision, as bracket's
         self.estimate_dtype = torch.float64 if any(p.weight.dtype == torch.float64 for p in pieces) else torch.float32
+        self.m = len(pieces)
 
     @staticmethod
-    def cost(pieces: Sequence[Piece], grids: list[list[conv._DimGrid]]) -> tuple[float, float]:
-        """(flops, bytes of one per-frequency stack), roughly, of the singles, the adjacent products
-        and the shifted product."""
+    def cost(pieces: Sequence[Piece], shortcut: Piece | None, grids: list[list[conv._DimGrid]], boxed: bool,
+             pairs: bool, residual: bool) -> tuple[float, float]:
+        """(flops, bytes of one per-frequency stack), roughly, of what chain_bounds will compute: the
+        layers' norms on the grid (boxed), the adjacent products (pairs), the product of them all
+        plus the identity or the shortcut (residual); grids: the pieces', then the shortcut's."""
         F = math.prod(g.frequencies for g in grids[0]) / 2 + 1
-        shapes = [(p.weight.shape[0], p.weight.shape[1]) for p in pieces]
-        flops = 0.0
-        for o, i in shapes:
-            flops += 8 * o * i * min(o, i) + 2 * min(o, i) ** 3
-        for (o2, _), (o1, i1) in zip(shapes[1:], shapes):
-            flops += 8 * o2 * o1 * i1 + 10 * min(o2, i1) ** 3
-        flops += 8 * sum(o * i * shapes[0][1] for o, i in shapes[1:]) + 10 * shapes[0][1] ** 3
+        everything = [*pieces, *([shortcut] if shortcut is not None else [])]
+        shapes = [(p.weight.shape[0], p.weight.shape[1] * math.prod(g.phases for g in grid))
+                  for p, grid in zip(everything, grids)]
+        chain = shapes[: len(pieces)]
+
+        def certified(o: int, i: int) -> float:  # the Gram matrix and its Cholesky test
+            return 8 * o * i * min(o, i) + 2 * min(o, i) ** 3
+
+        flops = sum(certified(o, i) for o, i in shapes) if boxed else 0.0
+        if pairs:
+            flops += sum(8 * o2 * o1 * i1 + certified(o2, i1) for (o2, _), (o1, i1) in zip(chain[1:], chain))
+        if residual:
+            flops += sum(8 * o * i * chain[0][1] for o, i in chain[1:]) + certified(chain[-1][0], chain[0][1])
         big = max(max(o, i) for o, i in shapes)
         return F * flops, F * big * big * 16
 
@@ -229,11 +266,12 @@ class _Spectral:
         return conv._CirculantBound(grams, self.rtol, 1000, self.estimate_dtype).certify()
 
     def single(self, i: int) -> float:
-        """‖M_i‖ on the grid (for a circulant conv, its norm; for a boxed one, at least its norm)."""
+        """‖M_i‖ on the grid (for a circulant conv, its norm; for a boxed one, at least its norm); i = m:
+        the shortcut's."""
+        piece = self.pieces[i] if i < self.m else self.shortcut
         if not self.boxed:  # M_i is the layer itself (a unitary change of basis): its bracket's upper end
-            return self.pieces[i].upper
-        return _up(conv.circulant_upper(self.pieces[i].weight.detach(), self.grids[i], self.rtol, 1000) +
-                   self.pieces[i].margin)
+            return piece.upper
+        return _up(conv.circulant_upper(piece.weight.detach(), self.grids[i], self.rtol, 1000) + piece.margin)
 
     def _product(self, i: int, j: int) -> tuple[Tensor, float, float]:
         """(fl(K_j ... K_i) per frequency in scaled units, a bound on its error there, the bound U on
@@ -246,7 +284,7 @@ class _Spectral:
             K, e = self.K[k], self.errors[k]
             K_norm = float(self.fro[k].max())
             product = K @ P
-            new_norm = float((torch.linalg.matrix_norm(product) * _SLACK).max())
+            new_norm = float(_fro_upper(product).max())
             rounding = 2 * _gamma(2 * K.shape[-1] + 2) * K_norm * P_norm
             error = _up(K_norm * error + e * P_norm + e * error + rounding)
             P, P_norm = product, new_norm
@@ -258,18 +296,30 @@ class _Spectral:
         return _up(bound + _margins(self.pieces[i : j + 1], 1.0))
 
     def shifted(self, C: float) -> float | None:
-        P, error, P_norm = self._product(0, len(self.K) - 1)
-        if P.shape[-1] != P.shape[-2]:
-            return None
-        shift = sum(self.scales)
-        M = torch.ldexp(P, torch.tensor(shift)) * C  # (complex ldexp: both parts; exact but where subnormal)
-        M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        # as _Dense.shifted: two roundings of each entry (the real and imaginary parts: twice that),
-        # and the unscaling's, at most 2^-1075 an entry where it lands among the subnormals
+        """A bound on ‖S + C A_m ... A_1‖, S the shortcut (the identity where there is none)."""
+        P, error, P_norm = self._product(0, self.m - 1)
+        shift = sum(self.scales[: self.m])
+        # M = fl(fl(P 2^shift C) + S): two roundings of each entry's parts (2^shift C is exact, a power
+        # of two times C), each off by at most 2^-1075 more where it lands among the subnormals; plus
+        # the shortcut's own errors
+        M = P * (math.ldexp(1.0, shift) * C)
         q = P.shape[-1]
-        form = 2 * 2.1 * _UNIT * (math.sqrt(q) + abs(C) * conv._in_units(P_norm, shift, up=True)) + q * 2.0**-1070
-        bound = self._certify(M) + abs(C) * conv._in_units(error, shift, up=True) + form
-        return _up(bound + _margins(self.pieces, C))
+        base_fro, base_error = math.sqrt(q), 0.0
+        if self.shortcut is None:
+            if P.shape[-1] != P.shape[-2]:
+                return None
+            M.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        else:
+            K = self.K[self.m] * math.ldexp(1.0, self.scales[self.m])
+            if K.shape != M.shape:
+                return None
+            M += K
+            base_fro = conv._in_units(float(self.fro[self.m].max()), self.scales[self.m], up=True)
+            base_error = conv._in_units(self.errors[self.m], self.scales[self.m], up=True) + q * M.shape[-2] * 2.0**-1070
+        form = 2 * 2.1 * _UNIT * (base_fro + abs(C) * conv._in_units(P_norm, shift, up=True)) + q * 2.0**-1070
+        bound = self._certify(M) + abs(C) * conv._in_units(error, shift, up=True) + form + base_error
+        margins = _margins(self.pieces, C) + (self.shortcut.margin if self.shortcut is not None else 0.0)
+        return _up(bound + margins)
 
 
 def segment_norms(m: int, single: Callable[[int], float], pair: Callable[[int], float | None]) -> list[list[float]]:
@@ -290,9 +340,10 @@ def segment_norms(m: int, single: Callable[[int], float], pair: Callable[[int], 
 
 
 def expansion(N: list[list[float]], slopes: Sequence[tuple[float, float]], shifted: float | None,
-              residual: bool) -> tuple[list[float], float | None]:
+              residual: bool, base: float = 1.0) -> tuple[list[float], float | None]:
     """(G, R): G[j] bounds ‖A_j D_(j-1) ... D_1 A_1‖ (every prefix of the chain), R bounds ‖I + A_m
-    D ... A_1‖ (residual; shifted >= ‖I + C A_m ... A_1‖ with C = prod c_i, or None for 1 + |C| N).
+    D ... A_1‖ (residual; shifted >= ‖I + C A_m ... A_1‖ with C = prod c_i, or None for 1 + |C| N;
+    with a shortcut S in place of I, base >= ‖S‖ in place of 1).
 
     G[j] = |c_1 ... c_(j-1)| N(1..j) + sum_(t < j) G[t] r_t |c_(t+1) ... c_(j-1)| N(t+1..j): the
     expansion's terms grouped by their last cut t (the module docstring)."""
@@ -309,44 +360,48 @@ def expansion(N: list[list[float]], slopes: Sequence[tuple[float, float]], shift
         G.append(_up(math.fsum(terms)))
     R = None
     if residual:
-        head = shifted if shifted is not None else 1 + cs(0, m - 1) * N[0][m - 1]
+        head = shifted if shifted is not None else base + cs(0, m - 1) * N[0][m - 1]
         tail = [G[t] * r[t] * cs(t + 1, m - 1) * N[t + 1][m - 1] for t in range(m - 1)]
         R = _up(math.fsum([head, *tail]))
     return G, R
 
 
 def chain_bounds(pieces: Sequence[Piece], slopes: Sequence[tuple[float, float]], residual: bool,
-                 rtol: float) -> tuple[list[float], float | None] | None:
+                 rtol: float, shortcut: Piece | None = None) -> tuple[list[float], float | None] | None:
     """(G, R) of expansion() for the chain, or None where its pieces do not fit (mixed Linear and
     conv layers, convs that do not share a grid, or too much work).  slopes: per activation its
-    slope interval [a, b]."""
+    slope interval [a, b]; residual: R bounds the chain plus its input, or plus shortcut (a layer on
+    the same input) where one is given."""
     rtol = min(rtol, 1e-3)
-    if all(p.op is None for p in pieces):
-        if any(p.weight.dim() != 2 for p in pieces):
-            return None
-        space = _Dense(pieces, rtol)
-    else:
-        found = conv_grid(pieces)
-        if found is None:
-            return None
-        grids, boxed = found
-        flops, bytes_ = _Spectral.cost(pieces, grids)
-        if flops > _MAX_FLOPS or bytes_ > _MAX_BYTES:
-            return None
-        if boxed:  # outside the box the activations' values are 0 (see the module docstring)
-            slopes = [(min(a, 0.0), max(b, 0.0)) for a, b in slopes]
-        space = _Spectral(pieces, grids, rtol, boxed)
-    split = [slope_split(a, b) for a, b in slopes]
     m = len(pieces)
     # a residual block of two layers reads no pair's norm but through the prefix bound, which the
     # block's own bound makes moot: its product is not certified (the split bounds it)
     pairs = residual and m == 2
+    everything = [*pieces, *([shortcut] if shortcut is not None else [])]
+    if all(p.op is None for p in everything):
+        if any(p.weight.dim() != 2 for p in everything):
+            return None
+        space = _Dense(pieces, rtol, shortcut)
+    else:
+        found = conv_grid(pieces, shortcut)
+        if found is None:
+            return None
+        grids, boxed = found
+        flops, bytes_ = _Spectral.cost(pieces, shortcut, grids, boxed, not pairs, residual)
+        if flops > _MAX_FLOPS or bytes_ > _MAX_BYTES:
+            return None
+        if boxed:  # outside the box the activations' values are 0 (see the module docstring)
+            slopes = [(min(a, 0.0), max(b, 0.0)) for a, b in slopes]
+        space = _Spectral(pieces, grids, rtol, boxed, shortcut)
+    split = [slope_split(a, b) for a, b in slopes]
     N = segment_norms(m, space.single, lambda i: None if pairs else space.product(i, i + 1))
-    shifted = None
+    shifted, base = None, 1.0
     if residual:
         C = math.prod(c for c, _ in split)
         shifted = space.shifted(C)
         if shifted is not None:
             # C was rounded: the exact product of the c's is within gamma(m) |C|, times ‖A_m ... A_1‖
             shifted = _up(shifted + _gamma(m + 1) * abs(C) * N[0][m - 1])
-    return expansion(N, split, shifted, residual)
+        elif shortcut is not None:
+            base = space.single(m)
+    return expansion(N, split, shifted, residual, base)

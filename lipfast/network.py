@@ -3764,18 +3764,34 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
             slopes.append(interval)
             inside.add(following)
         end, add = onward(steps[-1][1])
-        if add is None or not _residual_sum(add, end, source) or steps[0][3] != steps[-1][4]:
+        shortcut = None
+        if add is not None and not _residual_sum(add, end, source):
+            # or the sum with a shortcut: one layer (a BatchNorm folded in) on the same input
+            other = [a for a in add.args if a is not end] if isinstance(add.args, tuple) else []
+            layer_node = other[0] if len(other) == 1 and isinstance(other[0], torch.fx.Node) else None
+            if layer_node is not None and layer_node.args and layer_node not in calls and \
+                    not _layer_call(traced, layer_node, calls, computed, counts, shapes):
+                layer_node = layer_node.args[0]  # (its BatchNorm's node: the layer before it)
+            found = piece(layer_node) if isinstance(layer_node, torch.fx.Node) else None
+            if found is not None and found[2] is source and onward(found[1]) == (other[0], add) and \
+                    _residual_sum(add, end, other[0]) and found[4] == steps[-1][4]:
+                shortcut = found
+            else:
+                add = None
+        elif add is not None and steps[0][3] != steps[-1][4]:
             add = None
         if len(steps) < 2 and add is None:
             continue
         try:
-            found = _chains.chain_bounds([s[0] for s in steps], slopes, add is not None, rtol)
+            found = _chains.chain_bounds([s[0] for s in steps], slopes, add is not None, rtol,
+                                         shortcut[0] if shortcut is not None else None)
         except Exception:  # (a chain the bound does not fit after all: the rules' bound stands)
             found = None
         if found is None:
             continue
         G, R = found
-        label = f"{_node_label(node)} .. {_node_label(end)}" + (" + its input" if add is not None else "")
+        label = f"{_node_label(node)} .. {_node_label(end)}" + (
+            "" if add is None else " + its input" if shortcut is None else f" + {_node_label(shortcut[1])}")
         for j in range(1, len(steps)):
             refined[steps[j][1]] = (source, G[j], "" if add is not None or j < len(steps) - 1 else label)
         if add is not None:

@@ -3029,14 +3029,16 @@ def test_chain_source_changed_in_place_is_not_bounded_as_one_map():
 
 
 def test_resnet18_blocks_bounded_as_one_map():
-    """The built-in ResNet-18: each of its five blocks with an identity skip is bounded as one map,
-    which brings the network's bound from 654.5 (the rules alone) below 300."""
+    """The built-in ResNet-18: each of its eight blocks is bounded as one map (five with an identity
+    skip, three with a 1x1 shortcut conv), which brings the network's bound from 654.5 (the rules
+    alone) below 150."""
     from lipfast.models import resnet18_cifar
 
     report = lipfast.lipschitz_bound(resnet18_cifar(), (3, 32, 32), progress=False)
     chained = [note for note in report.notes if "bounded as one map" in note]
-    assert len(chained) == 5 and all("+ its input" in note for note in chained)
-    assert 200 < report.upper < 300
+    assert len(chained) == 8 and sum("+ its input" in note for note in chained) == 5
+    assert sum(".shortcut.1: bounded" in note for note in chained) == 3
+    assert 100 < report.upper < 150
 
 
 @pytest.mark.parametrize("mode", ["zeros", "circular"])
@@ -3053,3 +3055,47 @@ def test_chain_folds_a_batchnorm_of_one_scale_with_its_constant(mode, act, a, b)
         A1 = _explicit_linear_map(lambda x: block.bn(block.c1(x)), shape)
         A2 = _explicit_linear_map(block.c2, shape)
         assert _largest_over_slopes(A1, A2, a, b, True, seed=seed) <= report.upper
+
+
+class _Downsampling(nn.Module):
+    """A ResNet block that changes the shape: bn2(c2(act(bn1(c1 x)))) + shortcut(x), c1 and the 1x1
+    shortcut conv of stride 2 (or, dense: Linear layers, the shortcut one too)."""
+
+    def __init__(self, mode: str, act: nn.Module) -> None:
+        super().__init__()
+        if mode == "linear":
+            self.c1, self.b1, self.c2, self.b2 = nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 4), nn.BatchNorm1d(4)
+            self.shortcut = nn.Sequential(nn.Linear(6, 4, bias=False), nn.BatchNorm1d(4))
+        else:
+            self.c1 = nn.Conv2d(2, 3, 3, 2, 1, padding_mode=mode)
+            self.b1, self.c2, self.b2 = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, 1, 1, padding_mode=mode), nn.BatchNorm2d(3)
+            self.shortcut = nn.Sequential(nn.Conv2d(2, 3, 1, 2, bias=False), nn.BatchNorm2d(3))
+        self.act = act
+        with torch.no_grad():
+            for norm in (self.b1, self.b2, self.shortcut[1]):
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.weight.uniform_(-2, 2)
+        self.double().eval()
+
+    def forward(self, x):
+        return self.b2(self.c2(self.act(self.b1(self.c1(x))))) + self.shortcut(x)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular", "linear"])
+@pytest.mark.parametrize("act,a,b", [(nn.ReLU(), 0.0, 1.0), (nn.Tanh(), 0.0, 1.0)], ids=["relu", "tanh"])
+def test_blocks_with_a_shortcut_layer_bounded_as_one_map_are_sound(mode, act, a, b):
+    """S + A2 D A1 over sampled D, S the shortcut's map: never above the bound, which is the chain's."""
+    torch.manual_seed(2)
+    block = _Downsampling(mode, act)
+    shape = (6,) if mode == "linear" else (2, 6, 6)
+    report = lipfast.lipschitz_bound(block, shape, progress=False)
+    assert any("+ shortcut.1: bounded as one map" in note for note in report.notes)
+    mid = (5,) if mode == "linear" else (3, 3, 3)
+    A1 = _explicit_linear_map(lambda x: block.b1(block.c1(x)), shape)
+    A2 = _explicit_linear_map(lambda x: block.b2(block.c2(x)), mid)
+    S = _explicit_linear_map(block.shortcut, shape)
+    g = torch.Generator().manual_seed(0)
+    for t in range(200):
+        r = torch.rand(A1.shape[0], generator=g, dtype=torch.float64)
+        d = torch.where(r < 0.5, a, b).double() if t < 100 else a + (b - a) * r
+        assert float(torch.linalg.matrix_norm(S + A2 @ (d[:, None] * A1), 2)) <= report.upper
