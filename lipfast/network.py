@@ -3767,11 +3767,14 @@ def _chain_refinements(traced: torch.fx.GraphModule, leaves: list, folds: dict[t
         shortcut = None
         if add is not None and not _residual_sum(add, end, source):
             # or the sum with a shortcut: one layer (a BatchNorm folded in) on the same input
-            other = [a for a in add.args if a is not end] if isinstance(add.args, tuple) else []
+            other = [a for a in add.args if a is not end]
             layer_node = other[0] if len(other) == 1 and isinstance(other[0], torch.fx.Node) else None
-            if layer_node is not None and layer_node.args and layer_node not in calls and \
-                    not _layer_call(traced, layer_node, calls, computed, counts, shapes):
-                layer_node = layer_node.args[0]  # (its BatchNorm's node: the layer before it)
+            try:
+                if layer_node is not None and layer_node.args and \
+                        _layer_call(traced, layer_node, calls, computed, counts, shapes) is None:
+                    layer_node = layer_node.args[0]  # (a BatchNorm's node: the layer before it)
+            except _Unsupported:
+                layer_node = None
             found = piece(layer_node) if isinstance(layer_node, torch.fx.Node) else None
             if found is not None and found[2] is source and onward(found[1]) == (other[0], add) and \
                     _residual_sum(add, end, other[0]) and found[4] == steps[-1][4]:

@@ -410,3 +410,18 @@ def test_core_aten_reflection_and_replication_pads_are_bracketed_with_their_conv
     # padding can (the same amounts on both sides), else the conv on the padded input after the pad
     assert [layer.input_shape for layer in report.layers] == [layer.input_shape for layer in eager.layers]
     assert (report.layers[0].input_shape == (3, 6, 5)) == (pad[0] == pad[1] and pad[2] == pad[3])
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+def test_blocks_bounded_as_one_map_in_exported_programs(mode):
+    # a downsampling block's chain and its shortcut (F.conv2d, F.batch_norm) are found in the
+    # exported graph as in the python module's: the same bound
+    from test_network import _Downsampling
+
+    torch.manual_seed(2)
+    block = _Downsampling(mode, nn.ReLU())
+    program = torch.export.export(block, (torch.randn(1, 2, 6, 6, dtype=torch.float64),))
+    eager = lipfast.lipschitz_bound(block, (2, 6, 6), progress=False)
+    report = lipfast.lipschitz_bound(program, (2, 6, 6), progress=False)
+    assert any("bounded as one map" in note for note in report.notes)
+    assert report.upper == pytest.approx(eager.upper, rel=1e-12)
